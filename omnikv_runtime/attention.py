@@ -1,0 +1,140 @@
+"""The ``"omnikv"`` attention function, registered with transformers' AttentionInterface.
+
+It wraps a base implementation (sdpa, eager or flash-attention) and adds what OmniKV needs:
+
+- with no OmniKV cache involved (training, scoring, another cache) it is the base function;
+- a sparse layer during decode attends to ``selected ⊕ tail`` keys, so the mask's columns are
+  gathered to match them;
+- a filter layer runs full attention, remembers its recent queries, and during decode asks the
+  cache to select tokens for its segment (which starts their fetch).
+
+A mask function is registered under the same name (the base's), or transformers would build none.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from omnikv_runtime.cache import take_note
+from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.layout import Role
+
+BASE_MASK_FUNCTIONS: dict[str, Callable] = {
+    "sdpa": sdpa_mask,
+    "eager": eager_mask,
+    "flash_attention_2": flash_attention_mask,
+}
+
+
+def eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain matmul-softmax attention, as the Llama-family ``eager`` path computes it."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def attention_name(base: str) -> str:
+    """The registered name for OmniKV over base implementation ``base``."""
+    return "omnikv" if base == "sdpa" else f"omnikv_{base}"
+
+
+def _base_function(base: str) -> Callable:
+    if base == "eager":
+        return eager_attention
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def valid_columns(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """``[batch, length]`` bool: the columns the last query may attend to (False at padding)."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2:  # flash-attention style [batch, kv] padding mask
+        valid = attention_mask.bool()
+    else:
+        row = attention_mask[:, 0, -1]  # the last query's row of [batch, 1, q, kv]
+        if row.dtype == torch.bool:
+            valid = row
+        elif row.is_floating_point():
+            valid = row > torch.finfo(row.dtype).min / 2
+        else:
+            valid = row != 0
+    return valid[..., :length].expand(batch, length)
+
+
+def gather_mask_columns(attention_mask: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor | None:
+    """The mask restricted to cache ``columns`` ``[batch, n]``, for a sparse layer's reduced keys."""
+    if attention_mask is None:
+        return None
+    columns = columns.to(attention_mask.device)
+    if attention_mask.dim() == 2:
+        return torch.gather(attention_mask, 1, columns)
+    batch = columns.shape[0]
+    mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+    index = columns[:, None, None, :].expand(batch, mask.shape[1], mask.shape[2], columns.shape[1])
+    return torch.gather(mask, 3, index)
+
+
+def make_attention_function(base: str) -> Callable:
+    """The OmniKV attention function over base implementation ``base``."""
+    base_function = _base_function(base)
+
+    def omnikv_attention(module, query, key, value, attention_mask, **kwargs):
+        note = take_note(getattr(module, "layer_idx", -1), key)
+        if note is None:
+            return base_function(module, query, key, value, attention_mask, **kwargs)
+        if note.columns is not None:  # sparse layer, decode
+            mask = gather_mask_columns(attention_mask, note.columns)
+            return base_function(module, query, key, value, mask, **kwargs)
+        output = base_function(module, query, key, value, attention_mask, **kwargs)
+        cache = note.cache
+        if cache.plan.role(note.layer_idx) is Role.FILTER:
+            cache.remember_queries(note.layer_idx, query)
+            if cache.decoding:
+                valid = valid_columns(attention_mask, key.shape[0], key.shape[2], key.device)
+                scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+                cache.select(note.layer_idx, key, valid, scaling)
+        return output
+
+    omnikv_attention.__name__ = f"omnikv_attention_{base}"
+    return omnikv_attention
+
+
+def register_attention(base: str) -> str:
+    """Register OmniKV over ``base`` (and its mask function); returns the name to set on a model."""
+    if base not in BASE_MASK_FUNCTIONS:
+        raise ConfigError("model.attn_implementation", base, f"one of {sorted(BASE_MASK_FUNCTIONS)}")
+    if base.startswith("flash") and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation",
+            base,
+            "'sdpa' or 'eager' on this machine: flash-attn is not installed (`pip install omnikv-runtime[flash]`, CUDA only)",
+        )
+    name = attention_name(base)
+    AttentionInterface.register(name, make_attention_function(base))
+    AttentionMaskInterface.register(name, BASE_MASK_FUNCTIONS[base])
+    return name

@@ -1,0 +1,196 @@
+"""The engine: wraps a transformers causal LM with the OmniKV attention function and tiered cache."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from omnikv_runtime.attention import BASE_MASK_FUNCTIONS, register_attention
+from omnikv_runtime.cache import OmniKVCache
+from omnikv_runtime.config import OmniKVConfig, load_config
+from omnikv_runtime.errors import PromptError, UnsupportedModelError
+from omnikv_runtime.layout import LayerPlan, Role
+from omnikv_runtime.policies import make_selection_policy
+from omnikv_runtime.transfer import make_transfer_engine
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Raise UnsupportedModelError unless `model` is a decoder-only LM of a family we support."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' ({type(model).__name__}) is not supported: omnikv_runtime runs "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder-only models (attention through transformers' "
+            "AttentionInterface and a Cache). Load one of those, or run this model without the runtime."
+        )
+    if not hasattr(model, "generate"):
+        raise UnsupportedModelError(f"{type(model).__name__} has no generate(); load it with AutoModelForCausalLM")
+
+
+def _cache_keyword(model: PreTrainedModel) -> str:
+    """``cache`` on transformers that renamed ``past_key_values`` (5.2x), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class Engine:
+    """OmniKV generation for one model. Build it with :func:`initialize`."""
+
+    def __init__(
+        self, model: PreTrainedModel, config: OmniKVConfig, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> None:
+        check_supported(model)
+        text_config = model.config.get_text_config(decoder=True)
+        self.num_layers = text_config.num_hidden_layers
+        config.check_for_model(self.num_layers)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        section = config.omnikv
+        self.plan = LayerPlan.build(self.num_layers, section.filter_layers, section.wait_layers, section.enabled)
+        self.policy = make_selection_policy(section.selector.model_dump())
+        current = getattr(model.config, "_attn_implementation", None)
+        base = current if current in BASE_MASK_FUNCTIONS else config.model.attn_implementation
+        model.set_attn_implementation(register_attention(base))
+        self.device = next(model.parameters()).device
+        self.transfer = make_transfer_engine(self.device, config.offload.device, config.offload.pin_memory)
+        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+        self._cache_keyword = _cache_keyword(model)
+        self._last_cache: OmniKVCache | None = None
+        self._last_run: dict[str, Any] = {}
+        logger.info("OmniKV plan for %d layers: %s (D dense, F filter, W wait, s sparse)", self.num_layers, self.plan.describe())
+
+    def new_cache(self, reserve_tokens: int = 0) -> OmniKVCache:
+        """A fresh tiered cache; also usable as ``model.generate(..., past_key_values=cache)``."""
+        budget = self.config.omnikv.budget_tokens
+        cache = OmniKVCache(self.plan, self.policy, budget, self.transfer, reserve_tokens=reserve_tokens)
+        self._last_cache = cache
+        return cache
+
+    def check_prompt(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise PromptError for an empty prompt or one that cannot fit the model's context."""
+        if prompt_tokens == 0:
+            raise PromptError("the prompt is empty: give at least one token")
+        limits = []
+        if self.max_positions:
+            limits.append((self.max_positions, "the model's context (max_position_embeddings)"))
+        if self.config.model.max_context_len:
+            limits.append((self.config.model.max_context_len, "model.max_context_len in the config"))
+        for limit, what in limits:
+            if prompt_tokens + max_new_tokens > limit:
+                raise PromptError(
+                    f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens are asked for, "
+                    f"{prompt_tokens + max_new_tokens} in all, over {what} of {limit}: shorten the prompt "
+                    "or lower max_new_tokens"
+                )
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | list[int] | list[list[int]],
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Greedy (or any HF decoding) generation through the tiered cache; returns prompt + new ids."""
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask).reshape(input_ids.shape)
+        max_new_tokens = max_new_tokens or self.config.generation.max_new_tokens
+        self.check_prompt(input_ids.shape[1], max_new_tokens)
+        if "past_key_values" in generate_kwargs or "cache" in generate_kwargs:
+            raise ValueError("Engine.generate makes its own cache; call model.generate to pass one")
+        generate_kwargs.setdefault("do_sample", False)
+        if self.config.prefill.chunk_size and "prefill_chunk_size" not in generate_kwargs:
+            generate_kwargs["prefill_chunk_size"] = self.config.prefill.chunk_size
+        if self.tokenizer is not None and "pad_token_id" not in generate_kwargs:
+            generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        cache = self.new_cache(reserve_tokens=input_ids.shape[1] + max_new_tokens)
+        self.transfer.reset_stats()
+        generate_kwargs[self._cache_keyword] = cache
+        if attention_mask is not None:
+            generate_kwargs["attention_mask"] = attention_mask.to(self.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device), max_new_tokens=max_new_tokens, **generate_kwargs
+            )
+        end = time.perf_counter()
+        self._last_run = {"start": start, "end": end, "prompt_tokens": input_ids.shape[1], "batch": input_ids.shape[0]}
+        self._last_run["new_tokens"] = output.shape[1] - input_ids.shape[1]
+        return output
+
+    def stats(self) -> dict[str, Any]:
+        """What the last generate did: tokens selected per filter layer and step, bytes moved, timings."""
+        cache = self._last_cache
+        run = self._last_run
+        out: dict[str, Any] = {
+            "plan": self.plan.describe(),
+            "filter_layers": [s.filter_layer for s in self.plan.segments],
+            "sparse_layers": self.plan.sparse_layers,
+            "transfer": self.transfer.stats.as_dict(),
+        }
+        if cache is None:
+            return out
+        steps = cache.selected_log
+        out["selected_per_step"] = {str(s.filter_layer): [step.get(s.filter_layer, 0) for step in steps] for s in self.plan.segments}
+        out["context_tokens"] = cache.context_len
+        out["decode_steps"] = len(steps)
+        if run:
+            first_decode = next((t for t, decoding in cache.forward_starts if decoding), run["end"])
+            out.update(
+                prompt_tokens=run["prompt_tokens"],
+                batch=run["batch"],
+                new_tokens=run["new_tokens"],
+                prefill_seconds=first_decode - run["start"],
+                decode_seconds=run["end"] - first_decode,
+            )
+        return out
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes per KV tier of the last cache, GPU peak (CUDA only), host RSS, and weights."""
+        tiers = self._last_cache.tier_bytes() if self._last_cache is not None else {}
+        cuda = self.device.type == "cuda"
+        return {
+            "tiers": tiers,
+            "host_tier_device": str(self.transfer.host_device),
+            "compute_device": str(self.device),
+            "weights_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            "gpu_peak_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            "host_rss_bytes": psutil.Process().memory_info().rss,
+        }
+
+    def describe_layers(self) -> dict[str, list[int]]:
+        """Layer indices by role."""
+        return {role.value: [i for i, r in enumerate(self.plan.roles) if r is role] for role in Role}
+
+
+def initialize(
+    model: PreTrainedModel | None = None,
+    config: str | Path | dict[str, Any] | OmniKVConfig | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Engine:
+    """Wrap `model` (or the config's model, loaded) with the OmniKV runtime.
+
+    A model handed in wins over the config's ``model`` section; omitted config fields take defaults.
+    """
+    cfg = load_config(config)
+    if model is None:
+        from omnikv_runtime.models import load_model
+
+        model, tokenizer = load_model(
+            cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+            device=None if cfg.model.device == "auto" else cfg.model.device,
+        )
+    return Engine(model, cfg, tokenizer=tokenizer)

@@ -1,0 +1,69 @@
+"""Which layer does what: dense, filter, wait or sparse, and how sparse layers group into segments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Role(str, Enum):
+    DENSE = "dense"  # before the first filter layer: full KV on the GPU, full attention
+    FILTER = "filter"  # full attention, and selects tokens for its segment
+    WAIT = "wait"  # full attention; its compute hides the fetch for the segment
+    SPARSE = "sparse"  # KV in the host tier; attends to the selected tokens plus the tail
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A filter layer and the sparse layers that attend to its selection."""
+
+    index: int
+    filter_layer: int
+    sparse_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The role of each layer for one model and config."""
+
+    num_layers: int
+    roles: tuple[Role, ...]
+    segments: tuple[Segment, ...]
+    segment_of: dict[int, int] = field(default_factory=dict)  # sparse or filter layer -> segment index
+
+    @classmethod
+    def build(cls, num_layers: int, filter_layers: list[int], wait_layers: int, enabled: bool = True) -> LayerPlan:
+        """The plan for `filter_layers` (already validated against `num_layers`); all dense if not enabled."""
+        if not enabled:
+            return cls(num_layers, tuple(Role.DENSE for _ in range(num_layers)), ())
+        roles = [Role.DENSE] * num_layers
+        segments = []
+        segment_of: dict[int, int] = {}
+        bounds = [*filter_layers[1:], num_layers]
+        for index, (layer, bound) in enumerate(zip(filter_layers, bounds)):
+            roles[layer] = Role.FILTER
+            for wait in range(layer + 1, min(layer + 1 + wait_layers, bound)):
+                roles[wait] = Role.WAIT
+            sparse = tuple(range(layer + 1 + wait_layers, bound))
+            for sparse_layer in sparse:
+                roles[sparse_layer] = Role.SPARSE
+                segment_of[sparse_layer] = index
+            segment_of[layer] = index
+            segments.append(Segment(index, layer, sparse))
+        return cls(num_layers, tuple(roles), tuple(segments), segment_of)
+
+    def role(self, layer: int) -> Role:
+        return self.roles[layer]
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        return [layer for layer, role in enumerate(self.roles) if role is Role.SPARSE]
+
+    @property
+    def full_kv_layers(self) -> list[int]:
+        """Layers whose full KV stays on the compute device."""
+        return [layer for layer, role in enumerate(self.roles) if role is not Role.SPARSE]
+
+    def describe(self) -> str:
+        letters = {Role.DENSE: "D", Role.FILTER: "F", Role.WAIT: "W", Role.SPARSE: "s"}
+        return "".join(letters[role] for role in self.roles)

@@ -1,0 +1,108 @@
+"""The selection-policy interface: which context tokens a sparse layer attends to.
+
+A filter layer hands its policy a :class:`SelectionContext` (tensors only: recent queries after
+RoPE, the context keys, which positions are real tokens, the budget) and gets back sorted token
+indices ``[batch, k]`` on the same device. A policy never sees the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SelectionContext:
+    """What a filter layer knows when it selects.
+
+    Attributes:
+        queries: ``[batch, q_heads, window, head_dim]``, the most recent queries of this layer
+            (after RoPE), oldest first; the last one is the current step's.
+        query_positions: ``[window]`` cache column of each query (for causality).
+        keys: ``[batch, kv_heads, context_len, head_dim]``, keys of the selectable context.
+        valid: ``[batch, context_len]`` bool, False at padded positions.
+        budget: how many tokens to select (``0 <= budget <= context_len``).
+        scaling: the attention's softmax scale.
+    """
+
+    queries: torch.Tensor
+    query_positions: torch.Tensor
+    keys: torch.Tensor
+    valid: torch.Tensor
+    budget: int
+    scaling: float
+
+    @property
+    def context_len(self) -> int:
+        return self.keys.shape[-2]
+
+
+class SelectionPolicy:
+    """Base class: score every context token, keep the top ``budget`` valid ones.
+
+    Subclasses implement :meth:`scores` (higher = keep) or override :meth:`select` entirely.
+    ``window_size`` says how many recent queries the policy wants in ``ctx.queries``.
+    ``lossless`` is True for policies that never drop KV for good (all OmniKV policies).
+    """
+
+    name = "base"
+    lossless = True
+
+    def __init__(self, window_size: int = 1) -> None:
+        if window_size < 1:
+            raise ValueError(f"window_size must be at least 1, got {window_size}")
+        self.window_size = window_size
+
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        """``[batch, context_len]`` importance of each token (any real dtype)."""
+        raise NotImplementedError
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        """Sorted indices ``[batch, budget]`` of the tokens to keep; padded tokens come last, if at all."""
+        batch = ctx.keys.shape[0]
+        if ctx.budget >= ctx.context_len:
+            return all_indices(batch, ctx.context_len, ctx.keys.device)
+        scores = self.scores(ctx).float().masked_fill(~ctx.valid, float("-inf"))
+        indices = torch.topk(scores, ctx.budget, dim=-1, sorted=False).indices
+        return torch.sort(indices, dim=-1).values
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(window_size={self.window_size})"
+
+
+def all_indices(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """Every position ``0..length-1`` for each row of the batch."""
+    return torch.arange(length, device=device).expand(batch, length)
+
+
+def head_logits(ctx: SelectionContext, last_only: bool = False) -> torch.Tensor:
+    """Scaled q·k logits per query head: ``[batch, q_heads, window, context_len]`` (float32).
+
+    Query head ``h`` is scored against KV head ``h // (q_heads // kv_heads)``, as ``repeat_kv``
+    lays heads out. Positions a query cannot see causally are ``-inf``.
+    """
+    queries = ctx.queries[:, :, -1:] if last_only else ctx.queries
+    positions = ctx.query_positions[-1:] if last_only else ctx.query_positions
+    batch, q_heads, window, dim = queries.shape
+    kv_heads = ctx.keys.shape[1]
+    grouped = queries.float().reshape(batch, kv_heads, q_heads // kv_heads, window, dim)
+    logits = torch.einsum("bhgwd,bhtd->bhgwt", grouped, ctx.keys.float()) * ctx.scaling
+    logits = logits.reshape(batch, q_heads, window, ctx.context_len)
+    columns = torch.arange(ctx.context_len, device=logits.device)
+    future = columns[None, :] > positions.to(logits.device)[:, None]  # [window, context_len]
+    return logits.masked_fill(future, float("-inf"))
+
+
+def windowed_softmax_scores(ctx: SelectionContext, weights: torch.Tensor) -> torch.Tensor:
+    """Max over heads of the weighted mean (over the query window) of per-head softmax attention.
+
+    ``weights`` is ``[window]`` (oldest first) and is renormalised over the queries present.
+    """
+    logits = head_logits(ctx)
+    logits = logits.masked_fill(~ctx.valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query seeing nothing scores 0
+    window = logits.shape[2]
+    weights = weights[-window:].to(probs)
+    weights = weights / weights.sum()
+    return torch.einsum("bhwt,w->bht", probs, weights).amax(dim=1)

@@ -1,0 +1,41 @@
+"""omnikv-runtime: OmniKV dynamic context selection with a tiered KV cache for transformers 5.x."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="omnikv-runtime",
+    version="0.1.0",
+    description="OmniKV (ICLR 2025) dynamic context selection with a memory-tiered KV cache for HF transformers",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "omnikv_runtime",
+        "omnikv_runtime.transfer",
+        "omnikv_runtime.policies",
+        "omnikv_runtime.configs",
+    ],
+    package_dir={
+        "omnikv_runtime": "omnikv_runtime",
+        "omnikv_runtime.transfer": "transfer",
+        "omnikv_runtime.policies": "policies",
+        "omnikv_runtime.configs": "configs",
+    },
+    package_data={"omnikv_runtime.configs": ["*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.4,<6",
+        "pydantic>=2.5",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "smollm2": ["gguf>=0.10", "accelerate>=1.0"],
+        "test": ["pytest>=8", "ruff>=0.6", "gguf>=0.10", "accelerate>=1.0"],
+        "gpu": ["triton>=3.0"],
+        "flash": ["flash-attn>=2.6"],
+        "deepspeed": ["deepspeed>=0.15"],
+    },
+    entry_points={"console_scripts": ["omnikv=omnikv_runtime.cli:main"]},
+)

@@ -1,0 +1,87 @@
+"""The transfer interface: how KV rows move between the host tier and the compute device.
+
+One small interface, two implementations: :class:`~omnikv_runtime.transfer.torch_engine.TorchTransferEngine`
+(any machine; plain torch indexing and copies) and the GPU engine (pinned arena, Triton gather on
+its own CUDA stream, events per layer) that implements the same methods.
+
+All tensors in the host tier are token-major: ``[batch, tokens, layers, 2, kv_heads, head_dim]``,
+the sparse layers of one segment packed per token, so one selected token is one contiguous row.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TransferStats:
+    """Counters of what moved, reset per generate call."""
+
+    bytes_fetched: int = 0  # selected rows read from the host tier
+    bytes_written: int = 0  # KV rows written into the host tier (prefill offload + write-back)
+    bytes_prefill_read: int = 0  # host rows read back for full attention during chunked prefill
+    gathers: int = 0
+    pinned_fallbacks: int = 0  # pinned allocations that failed and fell back to pageable memory
+    per_layer_waits: dict[int, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "bytes_fetched": self.bytes_fetched,
+            "bytes_written": self.bytes_written,
+            "bytes_prefill_read": self.bytes_prefill_read,
+            "gathers": self.gathers,
+            "pinned_fallbacks": self.pinned_fallbacks,
+        }
+
+
+class TransferEngine(ABC):
+    """Moves KV rows between a host tier and the compute device.
+
+    Args:
+        compute_device: where attention runs (the "GPU tier"; CPU on a machine without CUDA).
+        host_device: where the host tier lives: CPU memory for offload, else the compute device.
+        pin_memory: pin host allocations (only meaningful with CUDA).
+    """
+
+    name = "abstract"
+
+    def __init__(self, compute_device: torch.device, host_device: torch.device, pin_memory: bool) -> None:
+        self.compute_device = torch.device(compute_device)
+        self.host_device = torch.device(host_device)
+        self.pin_memory = pin_memory
+        self.stats = TransferStats()
+
+    @property
+    def offloaded(self) -> bool:
+        """True when the host tier sits in another memory than the compute device."""
+        return self.host_device != self.compute_device
+
+    @abstractmethod
+    def allocate_host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Allocate a host-tier tensor (pinned when asked and possible)."""
+
+    @abstractmethod
+    def write_rows(self, arena: torch.Tensor, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys``/``values`` ``[batch, kv_heads, n, head_dim]`` at tokens ``start..start+n`` of layer ``slot``."""
+
+    @abstractmethod
+    def read_rows(self, arena: torch.Tensor, slot: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``0..stop`` of layer ``slot`` on the compute device, as ``[batch, kv_heads, stop, head_dim]``."""
+
+    @abstractmethod
+    def gather_rows(self, arena: torch.Tensor, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fetch the tokens ``indices`` ``[batch, k]`` of every layer slot into ``outputs``.
+
+        ``outputs[slot]`` is a pair of compute-device tensors ``[batch, kv_heads, k, head_dim]``
+        (views into the sparse layers' working buffers) that the call fills.
+        """
+
+    @abstractmethod
+    def wait(self, slot: int) -> None:
+        """Make the compute stream wait until the rows of layer ``slot`` have landed."""
+
+    def reset_stats(self) -> None:
+        self.stats = TransferStats(pinned_fallbacks=self.stats.pinned_fallbacks)
