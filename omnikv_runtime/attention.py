@@ -132,7 +132,7 @@ def register_attention(base: str) -> str:
         raise ConfigError(
             "model.attn_implementation",
             base,
-            "'sdpa' or 'eager' on this machine: flash-attn is not installed (`pip install omnikv-runtime[flash]`, CUDA only)",
+            "'sdpa' or 'eager' here: flash-attn is not installed (`pip install omnikv-runtime[flash]`, CUDA only)",
         )
     name = attention_name(base)
     AttentionInterface.register(name, make_attention_function(base))

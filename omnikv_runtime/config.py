@@ -214,7 +214,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError("<file>", str(path), f"valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})")
+        raise ConfigError(
+            "<file>", str(path), f"valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError("<file>", str(path), "a JSON object at the top level")
     return data

@@ -68,7 +68,9 @@ class Engine:
         self._cache_keyword = _cache_keyword(model)
         self._last_cache: OmniKVCache | None = None
         self._last_run: dict[str, Any] = {}
-        logger.info("OmniKV plan for %d layers: %s (D dense, F filter, W wait, s sparse)", self.num_layers, self.plan.describe())
+        logger.info(
+            "OmniKV plan for %d layers: %s (D dense, F filter, W wait, s sparse)", self.num_layers, self.plan.describe()
+        )
 
     def new_cache(self, reserve_tokens: int = 0) -> OmniKVCache:
         """A fresh tiered cache; also usable as ``model.generate(..., past_key_values=cache)``."""
@@ -144,7 +146,9 @@ class Engine:
         if cache is None:
             return out
         steps = cache.selected_log
-        out["selected_per_step"] = {str(s.filter_layer): [step.get(s.filter_layer, 0) for step in steps] for s in self.plan.segments}
+        out["selected_per_step"] = {
+            str(s.filter_layer): [step.get(s.filter_layer, 0) for step in steps] for s in self.plan.segments
+        }
         out["context_tokens"] = cache.context_len
         out["decode_steps"] = len(steps)
         if run:
@@ -190,7 +194,9 @@ def initialize(
         from omnikv_runtime.models import load_model
 
         model, tokenizer = load_model(
-            cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+            cfg.model.name_or_path,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
             device=None if cfg.model.device == "auto" else cfg.model.device,
         )
     return Engine(model, cfg, tokenizer=tokenizer)

@@ -51,7 +51,7 @@ def _parse_layers(value: Any) -> list[int]:
     try:
         return [int(part) for part in str(value).replace(" ", "").split(",") if part]
     except ValueError:
-        raise ConfigError("do_select_layers", value, "comma-separated layer indices such as \"2,8,18\"") from None
+        raise ConfigError("do_select_layers", value, 'comma-separated layer indices such as "2,8,18"') from None
 
 
 def _check_bitsandbytes(key: str) -> None:

@@ -65,14 +65,16 @@ class TransferEngine(ABC):
 
     @abstractmethod
     def write_rows(self, arena: torch.Tensor, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store ``keys``/``values`` ``[batch, kv_heads, n, head_dim]`` at tokens ``start..start+n`` of layer ``slot``."""
+        """Store ``keys``/``values`` ``[batch, kv_heads, n, head_dim]`` at tokens ``start..start+n`` of ``slot``."""
 
     @abstractmethod
     def read_rows(self, arena: torch.Tensor, slot: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``0..stop`` of layer ``slot`` on the compute device, as ``[batch, kv_heads, stop, head_dim]``."""
 
     @abstractmethod
-    def gather_rows(self, arena: torch.Tensor, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def gather_rows(
+        self, arena: torch.Tensor, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         """Fetch the tokens ``indices`` ``[batch, k]`` of every layer slot into ``outputs``.
 
         ``outputs[slot]`` is a pair of compute-device tensors ``[batch, kv_heads, k, head_dim]``

@@ -50,7 +50,9 @@ class HostArena:
         """Grow (by at least doubling) so that ``tokens`` tokens fit."""
         if tokens <= self.capacity:
             return
-        grown = self.engine.allocate_host((self.data.shape[0], max(tokens, 2 * self.capacity), *self.row_shape), self.dtype)
+        grown = self.engine.allocate_host(
+            (self.data.shape[0], max(tokens, 2 * self.capacity), *self.row_shape), self.dtype
+        )
         filled = max(self.lengths)
         grown[:, :filled].copy_(self.data[:, :filled])
         self.data = grown

@@ -47,7 +47,9 @@ class TorchTransferEngine(TransferEngine):
             self.stats.bytes_prefill_read += rows.numel() * rows.element_size()
         return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
 
-    def gather_rows(self, arena: torch.Tensor, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def gather_rows(
+        self, arena: torch.Tensor, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         batch_index = torch.arange(arena.shape[0], device=arena.device)[:, None]
         rows = arena[batch_index, indices.to(arena.device)]  # [batch, k, layers, 2, heads, dim]
         rows = rows.to(self.compute_device, non_blocking=True)
