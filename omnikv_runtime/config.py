@@ -249,6 +249,10 @@ def load_config(source: str | Path | dict[str, Any] | OmniKVConfig | None = None
     if is_legacy(data):
         data = from_legacy(data)
     try:
-        return OmniKVConfig.model_validate(data)
+        config = OmniKVConfig.model_validate(data)
     except ValidationError as exc:
         raise _config_error(exc) from None
+    from omnikv_runtime.policies import make_selection_policy
+
+    make_selection_policy(config.omnikv.selector.model_dump())  # unknown selector or bad arguments: ConfigError
+    return config
