@@ -54,6 +54,9 @@ class OmniKVCache(Cache):
         budget: maps a context length to the number of tokens a sparse layer sees.
         transfer: moves rows between the host tier and the compute device.
         reserve_tokens: capacity to allocate up front (prompt + new tokens), to avoid regrowth.
+        prompt_tokens: length of the prompt (padded), when known. A one-token forward is decode only
+            once this many tokens are in the cache, so a chunked prefill whose last chunk is a single
+            token stays a prefill. Without it, every one-token forward after the first is decode.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class OmniKVCache(Cache):
         budget: Callable[[int], int],
         transfer: TransferEngine,
         reserve_tokens: int = 0,
+        prompt_tokens: int = 0,
     ) -> None:
         layers: list[DenseLayerKV | SparseLayerKV] = []
         slots = {}
@@ -76,6 +80,7 @@ class OmniKVCache(Cache):
         self.budget = budget
         self.transfer = transfer
         self.reserve_tokens = reserve_tokens
+        self.prompt_tokens = prompt_tokens
         self.arenas: list[HostArena | None] = [None] * len(plan.segments)
         self.context_len = 0  # tokens a filter layer may select from (everything up to the last prefill)
         self.decoding = False
@@ -104,7 +109,7 @@ class OmniKVCache(Cache):
 
     def _begin_forward(self, query_len: int) -> None:
         past = self.get_seq_length()
-        self.decoding = query_len == 1 and past > 0
+        self.decoding = query_len == 1 and past > 0 and past >= self.prompt_tokens
         if not self.decoding:  # prefill (or a new turn): every token so far becomes selectable context
             self.context_len = past + query_len
             self.selections.clear()

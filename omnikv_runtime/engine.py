@@ -59,9 +59,7 @@ class Engine:
         section = config.omnikv
         self.plan = LayerPlan.build(self.num_layers, section.filter_layers, section.wait_layers, section.enabled)
         self.policy = make_selection_policy(section.selector.model_dump())
-        current = getattr(model.config, "_attn_implementation", None)
-        base = current if current in BASE_MASK_FUNCTIONS else config.model.attn_implementation
-        model.set_attn_implementation(register_attention(base))
+        model.set_attn_implementation(register_attention(self._base_attention(model, config)))
         self.device = next(model.parameters()).device
         self.transfer = make_transfer_engine(self.device, config.offload.device, config.offload.pin_memory)
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
@@ -72,10 +70,35 @@ class Engine:
             "OmniKV plan for %d layers: %s (D dense, F filter, W wait, s sparse)", self.num_layers, self.plan.describe()
         )
 
-    def new_cache(self, reserve_tokens: int = 0) -> OmniKVCache:
-        """A fresh tiered cache; also usable as ``model.generate(..., past_key_values=cache)``."""
+    @staticmethod
+    def _base_attention(model: PreTrainedModel, config: OmniKVConfig) -> str:
+        """The model's own attention implementation (unwrapping an earlier ``omnikv``), else the config's."""
+        current = getattr(model.config, "_attn_implementation", None) or ""
+        if current.startswith("omnikv"):
+            current = current.removeprefix("omnikv").removeprefix("_") or "sdpa"
+        if current not in BASE_MASK_FUNCTIONS:
+            return config.model.attn_implementation
+        asked = config.model.attn_implementation
+        if "attn_implementation" in config.model.model_fields_set and asked != current:
+            logger.warning(
+                "the model was loaded with attn_implementation=%r; the config's %r is ignored "
+                "(a model handed to initialize wins; load it with the implementation you want)",
+                current,
+                asked,
+            )
+        return current
+
+    def new_cache(self, reserve_tokens: int = 0, prompt_tokens: int = 0) -> OmniKVCache:
+        """A fresh tiered cache; also usable as ``model.generate(..., past_key_values=cache)``.
+
+        ``reserve_tokens`` sizes the buffers up front (prompt + new tokens). ``prompt_tokens`` (the
+        padded prompt length) keeps a chunked prefill whose last chunk is one token from being
+        mistaken for a decode step; pass it when you drive ``generate`` with ``prefill_chunk_size``.
+        """
         budget = self.config.omnikv.budget_tokens
-        cache = OmniKVCache(self.plan, self.policy, budget, self.transfer, reserve_tokens=reserve_tokens)
+        cache = OmniKVCache(
+            self.plan, self.policy, budget, self.transfer, reserve_tokens=reserve_tokens, prompt_tokens=prompt_tokens
+        )
         self._last_cache = cache
         return cache
 
@@ -118,7 +141,7 @@ class Engine:
             generate_kwargs["prefill_chunk_size"] = self.config.prefill.chunk_size
         if self.tokenizer is not None and "pad_token_id" not in generate_kwargs:
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
-        cache = self.new_cache(reserve_tokens=input_ids.shape[1] + max_new_tokens)
+        cache = self.new_cache(reserve_tokens=input_ids.shape[1] + max_new_tokens, prompt_tokens=input_ids.shape[1])
         self.transfer.reset_stats()
         generate_kwargs[self._cache_keyword] = cache
         if attention_mask is not None:

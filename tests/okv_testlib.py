@@ -1,0 +1,218 @@
+"""Shared helpers of the test suite: tiny random models, prompts, dense references, attention spies.
+
+Everything here is deterministic: a model of a family built with the same seed has the same
+weights, so a dense reference can be computed on a fresh instance that the runtime never touched.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.modeling_utils import AttentionInterface
+
+from omnikv_runtime.layout import Role
+
+VOCAB = 256
+PAD = 0
+PROMPT_LEN = 40
+PAD_TOKENS = 7  # left padding of the second row in batch-2 prompts
+NEW_TOKENS = 32
+NUM_LAYERS = 8
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# filter layers 1 and 4, one wait layer each: D F W s F W s s
+FILTER_LAYERS = [1, 4]
+SPARSE_LAYERS = [3, 6, 7]
+PLAN = "DFWsFWss"
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=NUM_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=None,
+    eos_token_id=None,  # no early stop: every run produces exactly the tokens asked for
+    pad_token_id=PAD,
+    initializer_range=0.2,  # HF's 0.02 gives near-constant greedy output; 0.2 makes tokens depend on context
+)
+
+_FAMILY_CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),  # head_dim != hidden / heads on purpose
+}
+
+
+def make_model(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any):
+    """A fresh tiny random float32 model of `family` in eval mode; same seed -> same weights."""
+    config_cls, model_cls, extra = _FAMILY_CLASSES[family]
+    config = config_cls(**{**_COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    if attn_implementation != "sdpa":
+        model.set_attn_implementation(attn_implementation)
+    assert model.config._attn_implementation == attn_implementation
+    return model
+
+
+def make_prompt(batch: int = 1, length: int = PROMPT_LEN, pad: int = PAD_TOKENS, seed: int = 1):
+    """Random ids (never the pad id) and an attention mask; row 1 (if any) is left-padded by `pad` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :pad] = 0
+    ids[mask == 0] = PAD
+    return ids, mask
+
+
+def omni(budget: int | float = 1.0, selector: Any = None, **sections: Any) -> dict[str, Any]:
+    """A config dict for the tiny models (filter layers 1 and 4, one wait layer)."""
+    section: dict[str, Any] = {"filter_layers": list(FILTER_LAYERS), "wait_layers": 1, "token_budget": budget}
+    if selector is not None:
+        section["selector"] = selector
+    return {"omnikv": section, **sections}
+
+
+def dense_generate(model, ids, mask, new_tokens: int = NEW_TOKENS, **kwargs):
+    """Plain HF greedy generation (default DynamicCache)."""
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD, **kwargs
+        )
+
+
+@functools.cache
+def dense_reference(
+    family: str,
+    batch: int,
+    new_tokens: int = NEW_TOKENS,
+    length: int = PROMPT_LEN,
+    pad: int = PAD_TOKENS,
+    attn_implementation: str = "sdpa",
+) -> torch.Tensor:
+    """Dense greedy output of a fresh, never-initialized model; cached (do not modify the result)."""
+    model = make_model(family, attn_implementation=attn_implementation)
+    ids, mask = make_prompt(batch, length, pad)
+    out = dense_generate(model, ids, mask, new_tokens)
+    assert out.shape == (batch, length + new_tokens)
+    return out
+
+
+def dense_cache(family: str, ids, mask, new_tokens: int, **kwargs):
+    """The DynamicCache a dense greedy generate of `new_tokens` tokens leaves (prompt + new - 1 tokens)."""
+    model = make_model(family)
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=PAD,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
+    return out.sequences, cache
+
+
+def arena_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All stored tokens of sparse `layer` from its segment's host arena, as ``[batch, kv_heads, n, head_dim]``."""
+    segment = cache.plan.segment_of[layer]
+    slot = cache.plan.segments[segment].sparse_layers.index(layer)
+    arena = cache.arenas[segment]
+    length = arena.lengths[slot]
+    rows = arena.data[:, :length, slot]
+    return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
+
+
+def arena_rows_at(cache, layer: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arena rows of sparse `layer` at per-row token `indices` ``[batch, k]``."""
+    keys, values = arena_kv(cache, layer)
+    index = indices[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+    return torch.gather(keys, 2, index), torch.gather(values, 2, index)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    layer: int
+    keys: int  # key.shape[2]
+    queries: int  # query.shape[2]
+
+
+@contextmanager
+def spy_attention(name: str = "omnikv", hook=None):
+    """Wrap the registered attention function `name`; yields the list of AttentionCall it records.
+
+    `hook(module, query, key, value, attention_mask)` runs before the wrapped function. The original
+    function is registered again on exit. Install it after ``okv.initialize`` (which registers).
+    """
+    original = AttentionInterface._global_mapping[name]
+    calls: list[AttentionCall] = []
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        calls.append(AttentionCall(module.layer_idx, key.shape[2], query.shape[2]))
+        if hook is not None:
+            hook(module, query, key, value, attention_mask)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    AttentionInterface.register(name, spy)
+    try:
+        yield calls
+    finally:
+        AttentionInterface.register(name, original)
+
+
+def split_forwards(calls: list[AttentionCall]) -> list[list[AttentionCall]]:
+    """Group attention calls into model forwards (each forward starts at layer 0)."""
+    forwards: list[list[AttentionCall]] = []
+    for call in calls:
+        if call.layer == 0 or not forwards:
+            forwards.append([])
+        forwards[-1].append(call)
+    return forwards
+
+
+def capture_caches(engine) -> list:
+    """Make `engine` record every cache it creates (Engine.generate builds its own)."""
+    caches: list = []
+    original = engine.new_cache
+
+    def new_cache(*args, **kwargs):
+        cache = original(*args, **kwargs)
+        caches.append(cache)
+        return cache
+
+    engine.new_cache = new_cache
+    return caches
+
+
+def is_sparse(engine, layer: int) -> bool:
+    return engine.plan.role(layer) is Role.SPARSE
+
+
+def cache_keyword(model) -> str:
+    """The name under which this transformers version's forward takes the cache."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -1,0 +1,116 @@
+"""OmniKVCache as a transformers Cache, and the model's behaviour outside OmniKV generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from okv_testlib import (
+    NUM_LAYERS,
+    PROMPT_LEN,
+    SPARSE_LAYERS,
+    cache_keyword,
+    make_model,
+    make_prompt,
+    omni,
+    split_forwards,
+)
+
+import omnikv_runtime as okv
+from omnikv_runtime.cache_layers import DenseLayerKV, SparseLayerKV
+
+BUDGET = 8
+
+
+def test_seq_length_counts_every_token_while_sparse_layers_return_fewer(attention_spy):
+    model = make_model("llama")
+    ids, mask = make_prompt(2)
+    engine = okv.initialize(model, omni(budget=BUDGET))
+    cache = engine.new_cache()
+    calls = attention_spy()
+    keyword = cache_keyword(model)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, **{keyword: cache}).logits
+        assert cache.get_seq_length() == PROMPT_LEN
+        for step in range(1, 4):
+            token = logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            logits = model(token, attention_mask=mask, **{keyword: cache}).logits
+            total = PROMPT_LEN + step
+            assert cache.get_seq_length() == total
+            assert [cache.get_seq_length(layer) for layer in range(NUM_LAYERS)] == [total] * NUM_LAYERS
+            returned = {c.layer: c.keys for c in split_forwards(calls)[-1]}
+            assert [returned[layer] for layer in SPARSE_LAYERS] == [BUDGET + step] * len(SPARSE_LAYERS)
+            assert all(cache.layers[layer].keys.shape[2] == BUDGET + step for layer in SPARSE_LAYERS)
+            assert cache.get_mask_sizes(1, 0)[0] == total + 1
+    assert len(cache.selected_log) == 3
+
+
+@pytest.mark.parametrize("style", ["plain", "kwargs", "positional"])
+def test_update_call_styles(tiny_llama, style):
+    engine = okv.initialize(tiny_llama, omni(budget=BUDGET))
+    cache = engine.new_cache()
+
+    def update(keys, values, layer):
+        if style == "plain":
+            return cache.update(keys, values, layer)
+        if style == "kwargs":
+            return cache.update(keys, values, layer, kwargs={})
+        return cache.update(keys, values, layer, {})
+
+    g = torch.Generator().manual_seed(0)
+    first = [(torch.randn(2, 2, 5, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)) for _ in range(8)]
+    second = [(torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)) for _ in range(8)]
+    for layer, (keys, values) in enumerate(first):
+        out_keys, out_values = update(keys, values, layer)
+        assert torch.equal(out_keys, keys) and torch.equal(out_values, values)
+    assert cache.get_seq_length() == 5
+    for layer, (keys, values) in enumerate(second):  # a second prefill chunk returns the whole history
+        out_keys, out_values = update(keys, values, layer)
+        assert torch.equal(out_keys, torch.cat([first[layer][0], keys], dim=2))
+        assert torch.equal(out_values, torch.cat([first[layer][1], values], dim=2))
+    assert [cache.get_seq_length(layer) for layer in range(8)] == [8] * 8
+    assert [type(layer) for layer in cache.layers] == [
+        SparseLayerKV if layer in SPARSE_LAYERS else DenseLayerKV for layer in range(8)
+    ]
+
+
+def _reference_forward(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits, model(ids, attention_mask=mask, use_cache=False).logits
+
+
+def test_forward_without_a_cache_is_unchanged(family):
+    model = make_model(family)
+    ids, mask = make_prompt(2)
+    before, before_no_cache = _reference_forward(model, ids, mask)
+    okv.initialize(model, omni(budget=BUDGET))
+    assert model.config._attn_implementation == "omnikv"
+    after, after_no_cache = _reference_forward(model, ids, mask)
+    assert torch.equal(after, before)
+    assert torch.equal(after_no_cache, before_no_cache)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, make_model(family)(ids).logits)  # no mask at all
+
+
+def _training_step(model, ids, mask):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    model.eval()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_training_step_gradients_are_unchanged(family):
+    model = make_model(family)
+    ids, mask = make_prompt(2)
+    loss_before, grads_before = _training_step(model, ids, mask)
+    okv.initialize(model, omni(budget=BUDGET))
+    loss_after, grads_after = _training_step(model, ids, mask)
+    assert torch.isfinite(loss_before) and loss_before > 0
+    assert torch.equal(loss_after, loss_before)
+    assert grads_after.keys() == grads_before.keys() and len(grads_before) == len(list(model.parameters()))
+    for name, grad in grads_before.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.equal(grads_after[name], grad), name

@@ -1,0 +1,81 @@
+"""GPU checks of the core runtime (run with ``pytest -m gpu`` on a CUDA machine).
+
+The same tiered cache with the compute device on CUDA: host tier in pinned CPU memory
+(``offload.device = "cpu"``) or on the GPU (``"none"``); greedy tokens at a 100% budget equal
+dense, and a small budget really keeps the sparse layers' KV off the GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import omnikv_runtime as okv
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_model():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    return LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+
+
+def _prompt(batch: int, length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 512, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :pad] = 0
+        ids[1, :pad] = 0
+    return ids.cuda(), mask.cuda()
+
+
+@pytest.mark.parametrize("offload", ["cpu", "none"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_full_budget_equals_dense_on_cuda(cuda_model, offload, batch):
+    ids, mask = _prompt(batch, 300, pad=37)
+    with torch.no_grad():
+        reference = cuda_model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    config = {
+        "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 1.0},
+        "offload": {"device": offload},
+        "prefill": {"chunk_size": 128},
+    }
+    engine = okv.initialize(cuda_model, config)
+    output = engine.generate(ids, attention_mask=mask, max_new_tokens=32, pad_token_id=0)
+    assert torch.equal(output, reference)
+
+
+def test_small_budget_keeps_host_tier_off_gpu(cuda_model):
+    ids, mask = _prompt(2, 300, pad=37)
+    config = {"omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 16}, "offload": {"device": "cpu"}}
+    engine = okv.initialize(cuda_model, config)
+    output = engine.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0)
+    assert output.shape == (2, 316)
+    cache = engine._last_cache
+    for arena in cache.arenas:
+        assert arena.data.device.type == "cpu"
+        assert arena.data.is_pinned()
+        assert arena.lengths == [300 + 15] * len(arena.lengths)
+    for layer in engine.plan.sparse_layers:
+        assert cache.layers[layer].keys.device.type == "cuda"
+        assert cache.layers[layer].keys.shape[2] == 16 + 15
+    stats = engine.stats()
+    assert all(steps == [16] * 15 for steps in stats["selected_per_step"].values())
+    assert stats["transfer"]["bytes_fetched"] > 0
+    report = engine.memory_report()
+    assert report["gpu_peak_bytes"] > 0
+    assert report["tiers"]["host"] == sum(a.used_bytes() for a in cache.arenas)

@@ -1,0 +1,47 @@
+"""User selection policies loaded by ``"user_policy_example:ClassName"`` (tests/ is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+import torch
+from omnikv_runtime.policies import SelectionContext, SelectionPolicy
+
+
+class FirstTokensPolicy(SelectionPolicy):
+    """Keeps the first `budget` real tokens of each row; counts its calls."""
+
+    name = "first_tokens"
+
+    def __init__(self, window_size: int = 1) -> None:
+        super().__init__(window_size=1)
+        self.calls = 0
+
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        self.calls += 1
+        earliest_first = -torch.arange(ctx.context_len, dtype=torch.float32, device=ctx.keys.device)
+        return earliest_first.expand(ctx.keys.shape[0], ctx.context_len)
+
+
+class VaryingCountPolicy(SelectionPolicy):
+    """Top tokens by key norm, `budget` of them on even decode positions and `budget - 3` on odd ones.
+
+    Changing the count between steps makes the sparse layers move their tail in the working buffer.
+    """
+
+    name = "varying_count"
+
+    def __init__(self, window_size: int = 1) -> None:
+        super().__init__(window_size=1)
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        position = int(ctx.query_positions[-1])
+        count = ctx.budget if position % 2 == 0 else max(ctx.budget - 3, 1)
+        scores = ctx.keys.float().norm(dim=-1).amax(dim=1).masked_fill(~ctx.valid, float("-inf"))
+        indices = torch.topk(scores, count, dim=-1).indices
+        return torch.sort(indices, dim=-1).values
+
+
+class NotAPolicy:
+    """Has a select method but is no SelectionPolicy."""
+
+    def select(self, ctx):  # pragma: no cover - must never be called
+        raise AssertionError("NotAPolicy must be rejected at config time")
