@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +63,7 @@ class OmniKVSection(_Section):
     filter_layers: list[StrictInt] = Field(default_factory=lambda: [2, 8, 18])
     wait_layers: StrictInt = Field(default=1, ge=0)
     token_budget: StrictInt | StrictFloat = 0.067
+    min_token_budget: StrictInt = Field(default=64, ge=1)
     selector: SelectorSection = Field(default_factory=SelectorSection)
 
     @field_validator("filter_layers")
@@ -94,7 +96,7 @@ class OmniKVSection(_Section):
     def budget_tokens(self, context_len: int) -> int:
         """How many context tokens a sparse layer sees for a context of `context_len` tokens."""
         if isinstance(self.token_budget, float):
-            wanted = int(-(-self.token_budget * context_len // 1))  # ceil
+            wanted = max(math.ceil(self.token_budget * context_len), self.min_token_budget)
         else:
             wanted = self.token_budget
         return max(0, min(wanted, context_len))

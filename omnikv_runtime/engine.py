@@ -220,6 +220,6 @@ def initialize(
             cfg.model.name_or_path,
             dtype=cfg.model.dtype,
             attn_implementation=cfg.model.attn_implementation,
-            device=None if cfg.model.device == "auto" else cfg.model.device,
+            device=cfg.model.device,
         )
     return Engine(model, cfg, tokenizer=tokenizer)

@@ -167,6 +167,19 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype, attn: str) -> tuple[PreTra
     return model, tokenizer
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``auto``/None: CUDA when visible, else CPU. Asking for CUDA where there is none is a ModelLoadError."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"model.device is {device!r} but no CUDA device is visible: set model.device to 'cpu' or 'auto', "
+            "or install a CUDA build of torch on a machine with a GPU"
+        )
+    return resolved
+
+
 def load_model(
     name_or_path: str = "smollm2-135m",
     dtype: str | torch.dtype = "float32",
@@ -179,6 +192,7 @@ def load_model(
     or a ``.gguf`` file. The tokenizer always has a pad token (EOS if it had none) and pads on the left.
     """
     torch_dtype = _resolve_dtype(dtype)
+    target = resolve_device(device)  # before the slow load: a missing GPU fails fast
     if name_or_path in BUNDLED_MODELS:
         path = bundled_gguf_path(name_or_path)
     else:
@@ -206,8 +220,8 @@ def load_model(
     tokenizer.padding_side = "left"
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if device is not None:
-        model = model.to(device)
+    if target.type != "cpu":
+        model = model.to(target)
     model.eval()
     logger.info("Loaded %s (%s, %s attention) on %s", path, torch_dtype, attn_implementation, model.device)
     return model, tokenizer

@@ -62,21 +62,25 @@ def test_valid_layout_builds_the_expected_plan(tiny_llama):
 
 
 @pytest.mark.parametrize(
-    ("budget", "context", "tokens"),
+    ("budget", "minimum", "context", "tokens"),
     [
-        (0.2, 40, 8),
-        (0.1, 30, 3),
-        (0.5, 41, 21),
-        (0.067, 1000, 67),
-        (0.067, 40, 3),
-        (1.0, 40, 40),
-        (8, 40, 8),
-        (8, 5, 5),
+        (0.2, 1, 40, 8),
+        (0.1, 1, 30, 3),
+        (0.5, 1, 41, 21),
+        (0.067, 1, 1000, 67),
+        (0.067, 1, 40, 3),
+        (0.067, 64, 1000, 67),  # the floor does not bind
+        (0.067, 64, 40, 40),  # a short prompt: the floor selects everything
+        (0.067, 64, 500, 64),
+        (1.0, 64, 40, 40),
+        (8, 64, 40, 8),  # a count is taken as given; the floor is for fractions
+        (8, 1, 5, 5),
     ],
 )
-def test_budget_tokens(budget, context, tokens):
-    """A fraction takes the ceiling of its share of the context; a count is capped by the context."""
-    assert okv.load_config({"omnikv": {"token_budget": budget}}).omnikv.budget_tokens(context) == tokens
+def test_budget_tokens(budget, minimum, context, tokens):
+    """A fraction takes the ceiling of its share, at least min_token_budget; a count is capped by the context."""
+    section = {"token_budget": budget, "min_token_budget": minimum}
+    assert okv.load_config({"omnikv": section}).omnikv.budget_tokens(context) == tokens
 
 
 # checks of the config alone ---------------------------------------------------------------------------
