@@ -1,6 +1,6 @@
 """Passkey retrieval grid on the bundled model: dense against OmniKV variants, in one process.
 
-    python benchmarks/passkey_grid.py --lengths 1000,2000,3000 --depths 0.1,0.5,0.9 --seeds 0,1 \
+    python benchmarks/accuracy.py --lengths 1000,2000,3000 --depths 0.1,0.5,0.9 --seeds 0,1 \
         --variants "2,8,18" "2,8,16" --budget 0.067
 
 Each variant is a set of filter layers (one wait layer unless ``--wait-layers``); dense (the same
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         result["cases"] = len(rows)
         result["seconds"] = round(sum(row["seconds"] for row in rows), 1)
     summary = {
-        "benchmark": "passkey_grid",
+        "benchmark": "accuracy (passkey grid)",
         "model": "smollm2-135m (bundled GGUF, float32, CPU)",
         "lengths": lengths,
         "depths": depths,
