@@ -153,3 +153,25 @@ def test_reinitialize_keeps_the_models_attention_implementation():
     okv.initialize(model, omni(budget=1.0))
     okv.initialize(model, omni(budget=8))
     assert model.config._attn_implementation == "omnikv_eager"
+
+
+def test_beam_search_and_sampling_reorder_the_tiered_cache():
+    """Beam search reorders every tier (dense buffers, working buffers, arenas, selections) like dense."""
+    ids, mask = make_prompt(2)
+    with torch.no_grad():
+        reference = make_model("llama").generate(
+            ids, attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=PAD
+        )
+    model = make_model("llama")
+    engine = okv.initialize(model, omni(budget=1.0))
+    output = engine.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, pad_token_id=PAD)
+    assert torch.equal(output, reference)
+    sparse = okv.initialize(model, omni(budget=8))
+    beams = sparse.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, pad_token_id=PAD)
+    assert beams.shape == (2, PROMPT_LEN + 12)
+    torch.manual_seed(0)
+    sampled = sparse.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=True, num_return_sequences=2, pad_token_id=PAD
+    )
+    assert sampled.shape == (4, PROMPT_LEN + 12)
+    assert sparse.stats()["batch"] == 2
