@@ -1,11 +1,12 @@
-"""Passkey retrieval grid on the bundled model: dense against OmniKV variants, in one process.
+"""Passkey retrieval grid on the bundled model: dense against OmniKV configs, in one process.
 
-    python benchmarks/accuracy.py --lengths 1000,2000,3000 --depths 0.1,0.5,0.9 --seeds 0,1 \
-        --variants "2,8,18" "2,8,16" --budget 0.067
+    python benchmarks/accuracy.py --config configs/default.json --lengths 1000,2000,3000 \
+        --depths 0.1,0.5,0.9 --seeds 0,1 [--variants 2,8,18 2,8,16]
 
-Each variant is a set of filter layers (one wait layer unless ``--wait-layers``); dense (the same
-engine with ``omnikv.enabled = false``) is the baseline. Prints one JSON object and a table: for
-each variant, passkeys found out of the cases, and how many of the cases dense answered.
+The grid is lengths x depths x keys (a seed draws the passkey and the filler). Dense (the same
+engine with ``omnikv.enabled = false``) is the baseline; ``--config`` is the OmniKV run, and each
+``--variants`` entry reruns it with other filter layers. Prints one JSON object on stdout and a
+table on stderr: for each run, passkeys found, and found among the cases dense answered.
 """
 
 from __future__ import annotations
@@ -50,37 +51,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="1000,2000,3000")
     parser.add_argument("--depths", default="0.1,0.5,0.9")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--variants", nargs="+", default=["2,8,18"], help="filter layer sets, e.g. 2,8,18")
-    parser.add_argument("--budget", default="0.067", help="token budget: int tokens or float fraction")
-    parser.add_argument("--wait-layers", type=int, default=1)
-    parser.add_argument("--selector", default="last")
+    parser.add_argument("--config", default="configs/default.json", help="the OmniKV config to measure")
+    parser.add_argument("--variants", nargs="*", default=[], help="other filter layer sets, e.g. 2,8,18")
+    parser.add_argument("--budget", help="override omnikv.token_budget: int tokens or float fraction")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
-    budget = float(args.budget) if "." in args.budget else int(args.budget)
+    base = okv.load_config(args.config)
+    if args.budget:
+        base.omnikv.token_budget = float(args.budget) if "." in args.budget else int(args.budget)
 
     model, tokenizer = okv.load_model("smollm2-135m")
     results: dict[str, dict] = {}
     dense = okv.initialize(model, {"omnikv": {"enabled": False}}, tokenizer=tokenizer)
     dense_rows = run_grid(dense, tokenizer, lengths, depths, seeds, args.max_new_tokens)
     results["dense"] = {"rows": dense_rows}
+    runs = {f"config {','.join(map(str, base.omnikv.filter_layers))}": base}
     for variant in args.variants:
-        layers = [int(x) for x in variant.split(",")]
-        config = {
-            "omnikv": {
-                "filter_layers": layers,
-                "wait_layers": args.wait_layers,
-                "token_budget": budget,
-                "selector": {"type": args.selector},
-            }
-        }
+        config = base.model_copy(deep=True)
+        config.omnikv.filter_layers = [int(x) for x in variant.split(",")]
+        runs[f"filter {variant}"] = config
+    for name, config in runs.items():
         engine = okv.initialize(model, config, tokenizer=tokenizer)
-        results[f"filter {variant}"] = {
-            "rows": run_grid(engine, tokenizer, lengths, depths, seeds, args.max_new_tokens)
-        }
+        results[name] = {"rows": run_grid(engine, tokenizer, lengths, depths, seeds, args.max_new_tokens)}
     for result in results.values():
         rows = result["rows"]
         result["correct"] = sum(row["correct"] for row in rows)
@@ -95,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         "lengths": lengths,
         "depths": depths,
         "seeds": seeds,
-        "budget": budget,
-        "wait_layers": args.wait_layers,
-        "selector": args.selector,
+        "config": args.config,
+        "omnikv": base.omnikv.model_dump(mode="json"),
         "dense_correct": results["dense"]["correct"],
         "results": results,
     }
