@@ -65,17 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         base.omnikv.token_budget = float(args.budget) if "." in args.budget else int(args.budget)
 
     model, tokenizer = okv.load_model("smollm2-135m")
-    results: dict[str, dict] = {}
-    dense = okv.initialize(model, {"omnikv": {"enabled": False}}, tokenizer=tokenizer)
-    dense_rows = run_grid(dense, tokenizer, lengths, depths, seeds, args.max_new_tokens)
-    results["dense"] = {"rows": dense_rows}
     runs = {f"config {','.join(map(str, base.omnikv.filter_layers))}": base}
     for variant in args.variants:
         config = base.model_copy(deep=True)
         config.omnikv.filter_layers = [int(x) for x in variant.split(",")]
         runs[f"filter {variant}"] = config
-    for name, config in runs.items():
-        engine = okv.initialize(model, config, tokenizer=tokenizer)
+    # every engine is built before anything runs, so a bad variant fails in seconds, not after the grid
+    engines = {name: okv.initialize(model, config, tokenizer=tokenizer) for name, config in runs.items()}
+    dense = okv.initialize(model, {"omnikv": {"enabled": False}}, tokenizer=tokenizer)
+    dense_rows = run_grid(dense, tokenizer, lengths, depths, seeds, args.max_new_tokens)
+    results: dict[str, dict] = {"dense": {"rows": dense_rows}}
+    for name, engine in engines.items():
         results[name] = {"rows": run_grid(engine, tokenizer, lengths, depths, seeds, args.max_new_tokens)}
     for result in results.values():
         rows = result["rows"]
