@@ -77,9 +77,9 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args.config)
     if config.model.cpu_num_threads:
         torch.set_num_threads(config.model.cpu_num_threads)
-    device = None if config.model.device == "auto" else config.model.device
+    section = config.model
     model, tokenizer = load_model(
-        config.model.name_or_path, config.model.dtype, config.model.attn_implementation, device
+        section.name_or_path, section.dtype, section.attn_implementation, section.device, section.quantization
     )
     engine = Engine(model, config, tokenizer=tokenizer)
     max_new = args.max_new_tokens or config.generation.max_new_tokens

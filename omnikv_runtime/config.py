@@ -6,6 +6,7 @@ reference). The seed OmniKV's flat format loads too (see :mod:`omnikv_runtime.le
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -38,6 +39,13 @@ class ModelSection(_Section):
     max_context_len: StrictInt | None = Field(default=None, gt=0)
     quantization: Literal["none", "8bit", "4bit"] = "none"
     cpu_num_threads: StrictInt | None = Field(default=None, gt=0)
+
+    @field_validator("quantization")
+    @classmethod
+    def _bitsandbytes_present(cls, value: str) -> str:
+        if value != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("8bit/4bit loading needs bitsandbytes (`pip install bitsandbytes`, CUDA only); or 'none'")
+        return value
 
     @field_validator("device")
     @classmethod

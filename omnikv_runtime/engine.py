@@ -221,5 +221,6 @@ def initialize(
             dtype=cfg.model.dtype,
             attn_implementation=cfg.model.attn_implementation,
             device=cfg.model.device,
+            quantization=cfg.model.quantization,
         )
     return Engine(model, cfg, tokenizer=tokenizer)

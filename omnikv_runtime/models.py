@@ -156,11 +156,28 @@ def _converted_folder(gguf: Path) -> Path | None:
     return folder
 
 
-def _load_hf_folder(folder: Path, dtype: torch.dtype, attn: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _quantization_config(quantization: str):
+    """A bitsandbytes config for ``8bit``/``4bit``, None for ``none``."""
+    if quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        raise ModelLoadError(f"quantization {quantization!r} needs bitsandbytes and a CUDA GPU; set it to 'none'")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit")
+
+
+def _load_hf_folder(
+    folder: Path, dtype: torch.dtype, attn: str, quantization: str = "none"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, attn_implementation=attn, local_files_only=True
+            folder,
+            dtype=dtype,
+            attn_implementation=attn,
+            local_files_only=True,
+            quantization_config=_quantization_config(quantization),
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"Could not load the HF model folder {folder}: {exc}") from exc
@@ -185,11 +202,13 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     attn_implementation: str = "sdpa",
     device: str | None = None,
+    quantization: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode, without any network access.
 
     ``name_or_path`` is a key of :data:`BUNDLED_MODELS`, a local HF folder (``config.json`` + weights)
     or a ``.gguf`` file. The tokenizer always has a pad token (EOS if it had none) and pads on the left.
+    ``quantization`` (``8bit``/``4bit``, bitsandbytes on CUDA) applies to HF folders only.
     """
     torch_dtype = _resolve_dtype(dtype)
     target = resolve_device(device)  # before the slow load: a missing GPU fails fast
@@ -203,6 +222,8 @@ def load_model(
                 "pass a local HF folder with config.json or a .gguf file."
             )
     if path.is_file() and path.suffix.lower() == ".gguf":
+        if quantization != "none":
+            raise ModelLoadError(f"quantization {quantization!r} applies to HF folders, not to the GGUF file {path}")
         _require_gguf_support()
         folder = _converted_folder(path)
         if folder is not None:
@@ -210,7 +231,7 @@ def load_model(
         else:
             model, tokenizer = _load_gguf_raw(path, torch_dtype, attn_implementation)
     elif path.is_dir() and (path / "config.json").is_file():
-        model, tokenizer = _load_hf_folder(path, torch_dtype, attn_implementation)
+        model, tokenizer = _load_hf_folder(path, torch_dtype, attn_implementation, quantization)
     else:
         raise ModelLoadError(f"{path} is neither a .gguf file nor an HF model folder containing config.json.")
 

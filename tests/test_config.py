@@ -238,6 +238,17 @@ def test_legacy_quantization_needs_bitsandbytes(key, mode):
         assert okv.load_config(config).model.quantization == mode
 
 
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_sectioned_quantization_needs_bitsandbytes(mode):
+    config = {"model": {"quantization": mode}}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(okv.ConfigError) as excinfo:
+            okv.load_config(config)
+        _assert_config_error(excinfo, "model.quantization", mode, "bitsandbytes")
+    else:
+        assert okv.load_config(config).model.quantization == mode
+
+
 # every way of handing a config ------------------------------------------------------------------------
 
 
