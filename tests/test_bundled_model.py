@@ -56,7 +56,7 @@ def test_default_config_finds_the_passkey_where_dense_does(bundled, length, dept
     # it really ran sparse: every decode step selected 6.7% of the prompt at each filter layer
     stats = engine.stats()
     budget = math.ceil(0.067 * ids.shape[1])
-    assert set(stats["selected_per_step"]) == {"2", "8", "18"}
+    assert set(stats["selected_per_step"]) == {"2", "6", "18"}
     assert all(steps and set(steps) == {budget} for steps in stats["selected_per_step"].values())
     # the host tier holds the full KV of the 22 sparse layers: tokens x kv_heads x head_dim x (k, v) x fp32
     config = model.config
@@ -75,7 +75,7 @@ def test_cli_passkey_demo_reports_both_answers(bundled, capsys, monkeypatch):
     assert result["dense"]["correct"] and result["omnikv"]["correct"], result
     omni = result["omnikv"]
     assert 2300 <= omni["prompt_tokens"] <= 2500
-    assert omni["plan"] == "DDFWssssFWssssssssFWssssssssss"
+    assert omni["plan"] == "DDFWssFWssssssssssFWssssssssss"
     assert set(omni["selected_tokens_per_step"].values()) == {math.ceil(0.067 * omni["prompt_tokens"])}
     assert omni["bytes"]["host"] > 0 and omni["bytes"]["bytes_fetched"] > 0
     assert result["dense"]["selected_tokens_per_step"] == {}

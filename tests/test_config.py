@@ -194,7 +194,7 @@ def test_legacy_example_maps_to_the_default_omnikv_section():
     legacy = okv.load_config(CONFIG_DIR / "legacy_example.json")
     default = okv.load_config(CONFIG_DIR / "default.json")
     assert legacy.omnikv == default.omnikv
-    assert legacy.omnikv.filter_layers == [2, 8, 18]
+    assert legacy.omnikv.filter_layers == [2, 6, 18]
     assert legacy.omnikv.wait_layers == 1
     assert legacy.omnikv.token_budget == 0.067
     assert (legacy.omnikv.selector.type, legacy.omnikv.selector.window_size) == ("last", 16)
@@ -271,7 +271,7 @@ def test_a_config_may_be_a_path_a_dict_an_object_or_a_name():
     assert by_path.omnikv.filter_layers == data["omnikv"]["filter_layers"]
     assert by_object is not by_path
     by_object.omnikv.filter_layers.append(30)
-    assert by_path.omnikv.filter_layers == [2, 8, 18]  # a deep copy
+    assert by_path.omnikv.filter_layers == [2, 6, 18]  # a deep copy
 
 
 def test_initialize_accepts_every_config_form(tmp_path, tiny_llama):
