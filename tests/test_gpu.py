@@ -79,3 +79,17 @@ def test_small_budget_keeps_host_tier_off_gpu(cuda_model):
     report = engine.memory_report()
     assert report["gpu_peak_bytes"] > 0
     assert report["tiers"]["host"] == sum(a.used_bytes() for a in cache.arenas)
+
+
+@pytest.mark.parametrize("row_elems", [128, 1024, 24576])
+def test_triton_gather_reads_pinned_host_rows_exactly(row_elems):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from omnikv_runtime.transfer.triton_gather import gather_rows
+
+    source = torch.randn(2, 3000, row_elems).to(torch.bfloat16).pin_memory()
+    indices = torch.stack([torch.randperm(3000)[:257].sort().values for _ in range(2)]).cuda()
+    out = torch.full((2, 257, row_elems), float("nan"), dtype=torch.bfloat16, device="cuda")
+    gather_rows(source, indices, out)
+    expected = source[torch.arange(2)[:, None], indices.cpu()]
+    assert torch.equal(out.cpu(), expected)
