@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 DEFAULT_PROGRAMS = 32
-MAX_BLOCK = 4096  # elements per load/store instruction group
+MAX_BLOCK = 4096  # elements of one row per inner step
+TILE_ELEMENTS = 8192  # elements in flight per CTA per step (rows x block)
 
 
 @triton.jit
@@ -30,19 +31,24 @@ def _gather_rows_kernel(
     k,
     row_elems,
     source_batch_stride,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,  # rows in flight per iteration: small rows need several to fill the link
+    BLOCK: tl.constexpr,  # elements per row per inner step
 ):
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    for job in range(program, rows_total, programs):
-        job64 = tl.cast(job, tl.int64)  # offsets past 2**31 elements are common in a host arena
-        token = tl.load(indices + job64).to(tl.int64)
-        source_row = source + (job64 // k) * source_batch_stride + token * row_elems
-        target_row = target + job64 * row_elems
+    row_offsets = tl.arange(0, ROWS)
+    columns = tl.arange(0, BLOCK)
+    for first in range(program * ROWS, rows_total, programs * ROWS):
+        jobs = tl.cast(first, tl.int64) + row_offsets  # int64: host arenas pass 2**31 elements
+        live = jobs < rows_total
+        tokens = tl.load(indices + jobs, mask=live, other=0).to(tl.int64)
+        source_rows = source + (jobs // k) * source_batch_stride + tokens * row_elems
+        target_rows = target + jobs * row_elems
         for start in range(0, row_elems, BLOCK):
-            offsets = start + tl.arange(0, BLOCK)
-            inside = offsets < row_elems
-            tl.store(target_row + offsets, tl.load(source_row + offsets, mask=inside), mask=inside)
+            offsets = start + columns
+            inside = live[:, None] & (offsets < row_elems)[None, :]
+            values = tl.load(source_rows[:, None] + offsets[None, :], mask=inside)
+            tl.store(target_rows[:, None] + offsets[None, :], values, mask=inside)
 
 
 def gather_rows(
@@ -67,8 +73,9 @@ def gather_rows(
     if batch * k == 0 or row_elems == 0:
         return out
     block = min(MAX_BLOCK, triton.next_power_of_2(row_elems))
-    programs = max(1, min(num_programs, batch * k))
+    rows = max(1, min(64, TILE_ELEMENTS // block))  # about 8K elements (16 KB of bf16) in flight per CTA
+    programs = max(1, min(num_programs, triton.cdiv(batch * k, rows)))
     _gather_rows_kernel[(programs,)](
-        source, indices.contiguous(), out, batch * k, k, row_elems, source.stride(0), BLOCK=block
+        source, indices.contiguous(), out, batch * k, k, row_elems, source.stride(0), ROWS=rows, BLOCK=block
     )
     return out
