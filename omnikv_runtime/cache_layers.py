@@ -133,6 +133,7 @@ class SparseLayerKV(_KVLayerBase):
         self._work_keys[:, :, end : end + key_states.shape[2]].copy_(key_states)
         self._work_values[:, :, end : end + key_states.shape[2]].copy_(value_states)
         self.tail += key_states.shape[2]
+        self.arena.wait(self.slot)  # the selected rows may still be landing on the transfer stream
         stop = self.selected + self.tail
         self.keys, self.values = self._work_keys[:, :, :stop], self._work_values[:, :, :stop]
         return self.keys, self.values

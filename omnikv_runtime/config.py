@@ -115,6 +115,7 @@ class OffloadSection(_Section):
 
     device: Literal["cpu", "none"] = "cpu"
     pin_memory: bool = True
+    transfer: Literal["auto", "torch", "triton"] = "auto"
 
 
 class PrefillSection(_Section):

@@ -61,7 +61,8 @@ class Engine:
         self.policy = make_selection_policy(section.selector.model_dump())
         model.set_attn_implementation(register_attention(self._base_attention(model, config)))
         self.device = next(model.parameters()).device
-        self.transfer = make_transfer_engine(self.device, config.offload.device, config.offload.pin_memory)
+        offload = config.offload
+        self.transfer = make_transfer_engine(self.device, offload.device, offload.pin_memory, offload.transfer)
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
         self._cache_keyword = _cache_keyword(model)
         self._last_cache: OmniKVCache | None = None

@@ -8,6 +8,7 @@ recent ones still vote. Lossless.
 from __future__ import annotations
 
 import torch
+
 from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, windowed_softmax_scores
 
 

@@ -7,6 +7,7 @@ attention): sparse layers see the whole context, so outputs equal dense. Lossles
 from __future__ import annotations
 
 import torch
+
 from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, all_indices
 
 

@@ -9,6 +9,7 @@ the full KV is kept; selection only decides what is read this step.
 from __future__ import annotations
 
 import torch
+
 from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, head_logits
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from omnikv_runtime.policies.base import SelectionPolicy
-
 from omnikv_runtime.errors import ConfigError, did_you_mean
+from omnikv_runtime.policies.base import SelectionPolicy
 
 SELECTION_POLICIES: dict[str, type[SelectionPolicy]] = {}
 FIELD = "omnikv.selector.type"

@@ -7,6 +7,7 @@ first, so a head with a flat distribution cannot outvote a sharp one by scale al
 from __future__ import annotations
 
 import torch
+
 from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, windowed_softmax_scores
 
 

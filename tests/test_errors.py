@@ -101,3 +101,10 @@ def test_engine_generate_refuses_a_cache_argument(engine):
     ids, mask = make_prompt(1)
     with pytest.raises(ValueError, match="makes its own cache"):
         engine.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=engine.new_cache())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_triton_transfer_without_cuda_is_a_config_error():
+    model = make_model("llama")
+    with pytest.raises(okv.ConfigError, match="offload.transfer"):
+        okv.initialize(model, {"omnikv": {"filter_layers": [1, 4]}, "offload": {"transfer": "triton"}})

@@ -43,18 +43,20 @@ def _prompt(batch: int, length: int, pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids.cuda(), mask.cuda()
 
 
+@pytest.mark.parametrize("transfer", ["triton", "torch"])
 @pytest.mark.parametrize("offload", ["cpu", "none"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_full_budget_equals_dense_on_cuda(cuda_model, offload, batch):
+def test_full_budget_equals_dense_on_cuda(cuda_model, offload, batch, transfer):
     ids, mask = _prompt(batch, 300, pad=37)
     with torch.no_grad():
         reference = cuda_model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
     config = {
         "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 1.0},
-        "offload": {"device": offload},
+        "offload": {"device": offload, "transfer": transfer},
         "prefill": {"chunk_size": 128},
     }
     engine = okv.initialize(cuda_model, config)
+    assert engine.transfer.name == transfer
     output = engine.generate(ids, attention_mask=mask, max_new_tokens=32, pad_token_id=0)
     assert torch.equal(output, reference)
 
@@ -73,6 +75,7 @@ def test_small_budget_keeps_host_tier_off_gpu(cuda_model):
     for layer in engine.plan.sparse_layers:
         assert cache.layers[layer].keys.device.type == "cuda"
         assert cache.layers[layer].keys.shape[2] == 16 + 15
+    assert engine.transfer.name == "triton"  # "auto" on CUDA
     stats = engine.stats()
     assert all(steps == [16] * 15 for steps in stats["selected_per_step"].values())
     assert stats["transfer"]["bytes_fetched"] > 0
@@ -93,3 +96,17 @@ def test_triton_gather_reads_pinned_host_rows_exactly(row_elems):
     gather_rows(source, indices, out)
     expected = source[torch.arange(2)[:, None], indices.cpu()]
     assert torch.equal(out.cpu(), expected)
+
+
+def test_transfer_stream_has_no_race_over_100_steps(cuda_model):
+    """100 decode steps with gathers on the side stream: the same tokens on every run and as the torch engine."""
+    ids, mask = _prompt(2, 600, pad=50)
+    runs = []
+    for transfer in ("triton", "triton", "triton", "torch"):
+        config = {
+            "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 32},
+            "offload": {"device": "cpu", "transfer": transfer},
+        }
+        engine = okv.initialize(cuda_model, config)
+        runs.append(engine.generate(ids, attention_mask=mask, max_new_tokens=100, pad_token_id=0))
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])

@@ -6,6 +6,8 @@ import pytest
 import torch
 import user_policy_example
 from okv_testlib import PAD, PROMPT_LEN, capture_caches, make_model, make_prompt, omni
+
+import omnikv_runtime as okv
 from omnikv_runtime.policies import (
     SELECTION_POLICIES,
     SelectionContext,
@@ -13,8 +15,6 @@ from omnikv_runtime.policies import (
     head_logits,
     make_selection_policy,
 )
-
-import omnikv_runtime as okv
 
 BUILTIN = ("last", "softmax_last", "uniform", "exp", "full")
 SCORING = tuple(name for name in sorted(SELECTION_POLICIES) if name != "full")

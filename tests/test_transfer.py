@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+
 from omnikv_runtime.transfer import HostArena, TorchTransferEngine, make_transfer_engine
 
 CPU = torch.device("cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from omnikv_runtime.policies import SelectionContext, SelectionPolicy
 
 

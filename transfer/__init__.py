@@ -6,7 +6,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
+
+from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.transfer.base import TransferEngine, TransferStats
 from omnikv_runtime.transfer.host_arena import HostArena
 from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
@@ -14,7 +18,24 @@ from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
 __all__ = ["HostArena", "TorchTransferEngine", "TransferEngine", "TransferStats", "make_transfer_engine"]
 
 
-def make_transfer_engine(compute_device: torch.device, offload_device: str, pin_memory: bool) -> TransferEngine:
-    """The transfer engine for a run: host tier in CPU memory (``"cpu"``) or on the compute device (``"none"``)."""
-    host_device = torch.device("cpu") if offload_device == "cpu" else torch.device(compute_device)
-    return TorchTransferEngine(torch.device(compute_device), host_device, pin_memory)
+def make_transfer_engine(
+    compute_device: torch.device, offload_device: str, pin_memory: bool, kind: str = "auto"
+) -> TransferEngine:
+    """The transfer engine for a run.
+
+    The host tier lives in CPU memory (``offload_device="cpu"``) or on the compute device
+    (``"none"``). ``kind``: ``"triton"`` (CUDA: Triton gather on a side stream), ``"torch"``
+    (anywhere), or ``"auto"`` (triton where CUDA and Triton are present, else torch).
+    """
+    compute_device = torch.device(compute_device)
+    host_device = torch.device("cpu") if offload_device == "cpu" else compute_device
+    triton_ready = compute_device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if kind == "triton" and not triton_ready:
+        raise ConfigError(
+            "offload.transfer", kind, "'auto' or 'torch' here: the Triton engine needs a CUDA device and triton"
+        )
+    if kind == "triton" or (kind == "auto" and triton_ready):
+        from omnikv_runtime.transfer.triton_engine import TritonTransferEngine
+
+        return TritonTransferEngine(compute_device, host_device, pin_memory)
+    return TorchTransferEngine(compute_device, host_device, pin_memory)

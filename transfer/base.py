@@ -82,8 +82,8 @@ class TransferEngine(ABC):
         """
 
     @abstractmethod
-    def wait(self, slot: int) -> None:
-        """Make the compute stream wait until the rows of layer ``slot`` have landed."""
+    def wait(self, arena: torch.Tensor, slot: int) -> None:
+        """Make the compute stream wait until the rows gathered from ``arena`` for layer ``slot`` have landed."""
 
     def reset_stats(self) -> None:
         self.stats = TransferStats(pinned_fallbacks=self.stats.pinned_fallbacks)

@@ -8,6 +8,7 @@ only when a request outgrows the reserved capacity.
 from __future__ import annotations
 
 import torch
+
 from omnikv_runtime.transfer.base import TransferEngine
 
 
@@ -72,6 +73,10 @@ class HostArena:
     def gather(self, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Fetch tokens ``indices`` ``[batch, k]`` of every layer into ``outputs[slot]``."""
         self.engine.gather_rows(self.data, indices, outputs)
+
+    def wait(self, slot: int) -> None:
+        """Order the compute stream after the last gather of layer ``slot`` (no host synchronisation)."""
+        self.engine.wait(self.data, slot)
 
     def select_batch(self, batch_index: torch.Tensor) -> None:
         """Keep (and reorder) batch rows, as beam search asks."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from omnikv_runtime.transfer.base import TransferEngine
 
 logger = logging.getLogger(__name__)
@@ -59,5 +60,5 @@ class TorchTransferEngine(TransferEngine):
         self.stats.bytes_fetched += rows.numel() * rows.element_size()
         self.stats.gathers += 1
 
-    def wait(self, slot: int) -> None:
+    def wait(self, arena: torch.Tensor, slot: int) -> None:
         """Nothing to wait for: every copy above is ordered on the current stream."""

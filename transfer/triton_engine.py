@@ -1,0 +1,68 @@
+"""The CUDA transfer engine: selected rows gathered on a side stream by the Triton UVA kernel.
+
+A filter layer's indices stay on the GPU. The gather of every sparse layer of the segment is
+queued on the transfer stream (after the compute stream's work so far), lands in a reused GPU
+staging buffer ``[batch, k, layers, 2, heads, dim]``, is split into each layer's working buffer,
+and each layer records an event. A sparse layer makes the compute stream wait on its event; the
+host never synchronises. Writes into the host tier stay on the compute stream (ordered with the
+KV they copy); reads of the full KV during chunked prefill use the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
+from omnikv_runtime.transfer.triton_gather import DEFAULT_PROGRAMS, gather_rows
+
+
+class TritonTransferEngine(TorchTransferEngine):
+    """Gathers with the persistent Triton kernel on its own CUDA stream; events per layer."""
+
+    name = "triton"
+
+    def __init__(
+        self,
+        compute_device: torch.device,
+        host_device: torch.device,
+        pin_memory: bool,
+        num_programs: int = DEFAULT_PROGRAMS,
+    ) -> None:
+        super().__init__(compute_device, host_device, pin_memory)
+        if self.compute_device.type != "cuda":
+            raise ValueError(f"the Triton transfer engine needs a CUDA compute device, got {self.compute_device}")
+        self.num_programs = num_programs
+        self.stream = torch.cuda.Stream(device=self.compute_device)
+        self._staging: torch.Tensor | None = None
+        self._events: dict[tuple[int, int], torch.cuda.Event] = {}
+
+    def _staging_for(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        needed = torch.Size(shape).numel()
+        if self._staging is None or self._staging.numel() < needed or self._staging.dtype != dtype:
+            with torch.cuda.stream(self.stream):
+                self._staging = torch.empty(needed, dtype=dtype, device=self.compute_device)
+        return self._staging[:needed].view(shape)
+
+    def gather_rows(
+        self, arena: torch.Tensor, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        batch, k = indices.shape
+        rows = self._staging_for((batch, k, *arena.shape[2:]), arena.dtype)
+        compute = torch.cuda.current_stream(self.compute_device)
+        self.stream.wait_stream(compute)  # indices are ready, and last step's readers of the buffers are done
+        with torch.cuda.stream(self.stream):
+            gather_rows(arena, indices.to(self.compute_device), rows, num_programs=self.num_programs)
+            for slot, (keys_out, values_out) in enumerate(outputs):
+                keys_out.copy_(rows[:, :, slot, 0].transpose(1, 2))
+                values_out.copy_(rows[:, :, slot, 1].transpose(1, 2))
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                self._events[(arena.data_ptr(), slot)] = event
+        indices.record_stream(self.stream)
+        self.stats.bytes_fetched += rows.numel() * rows.element_size()
+        self.stats.gathers += 1
+
+    def wait(self, arena: torch.Tensor, slot: int) -> None:
+        event = self._events.get((arena.data_ptr(), slot))
+        if event is not None:
+            torch.cuda.current_stream(self.compute_device).wait_event(event)
