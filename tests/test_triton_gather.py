@@ -36,6 +36,8 @@ print("ok")
 
 def test_triton_gather_kernel_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # import the installed package, not the cwd
+    command = [sys.executable, *isolated, "-c", CHECK]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
