@@ -85,6 +85,7 @@ class OmniKVCache(Cache):
         self.context_len = 0  # tokens a filter layer may select from (everything up to the last prefill)
         self.decoding = False
         self.selections: dict[int, torch.Tensor] = {}  # segment -> indices [batch, k]
+        self._segment_columns: dict[int, tuple[int, torch.Tensor]] = {}  # segment -> (tail, columns)
         self._recent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # filter layer -> (queries, positions)
         self.selected_log: list[dict[int, int]] = []  # per decode step: filter layer -> tokens selected
         self.forward_starts: list[tuple[float, bool]] = []  # (time, decoding) at the start of each forward
@@ -113,6 +114,7 @@ class OmniKVCache(Cache):
         if not self.decoding:  # prefill (or a new turn): every token so far becomes selectable context
             self.context_len = past + query_len
             self.selections.clear()
+            self._segment_columns.clear()
         else:
             self.selected_log.append({})
         self.forward_starts.append((time.perf_counter(), self.decoding))
@@ -130,15 +132,22 @@ class OmniKVCache(Cache):
                 self.layers[layer].arena = arena
 
     def _columns(self, layer_idx: int, tail: int) -> torch.Tensor:
-        """Cache columns of a sparse layer's returned keys: its selection, then the tail."""
+        """Cache columns of a sparse layer's returned keys: its selection, then the tail.
+
+        The same for every sparse layer of a segment within a step, so built once per segment and step.
+        """
         segment = self.plan.segment_of[layer_idx]
-        batch = self.layers[layer_idx].keys.shape[0]
-        device = self.layers[layer_idx].keys.device
-        tail_columns = torch.arange(self.context_len, self.context_len + tail, device=device).expand(batch, tail)
+        cached = self._segment_columns.get(segment)
+        if cached is not None and cached[0] == tail:
+            return cached[1]
+        keys = self.layers[layer_idx].keys
+        batch, device = keys.shape[0], keys.device
+        columns = torch.arange(self.context_len, self.context_len + tail, device=device).expand(batch, tail)
         selected = self.selections.get(segment)
-        if selected is None:
-            return tail_columns
-        return torch.cat([selected.to(device), tail_columns], dim=1)
+        if selected is not None:
+            columns = torch.cat([selected.to(device), columns], dim=1)
+        self._segment_columns[segment] = (tail, columns)
+        return columns
 
     # called by the attention function of a filter layer ----------------------------------
     def remember_queries(self, layer_idx: int, queries: torch.Tensor) -> None:
@@ -166,6 +175,7 @@ class OmniKVCache(Cache):
         )
         indices = self.policy.select(context)
         self.selections[segment] = indices
+        self._segment_columns.pop(segment, None)
         sparse_layers = self.plan.segments[segment].sparse_layers
         if sparse_layers and self.arenas[segment] is not None:
             outputs = [
@@ -204,6 +214,7 @@ class OmniKVCache(Cache):
                 arena.select_batch(beam_idx)
         for segment, indices in self.selections.items():
             self.selections[segment] = indices.index_select(0, beam_idx.to(indices.device))
+        self._segment_columns.clear()
         for layer, (queries, positions) in self._recent.items():
             self._recent[layer] = (queries.index_select(0, beam_idx.to(queries.device)), positions)
 

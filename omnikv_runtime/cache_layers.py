@@ -25,6 +25,11 @@ def _grow(buffer: torch.Tensor | None, like: torch.Tensor, length: int, needed: 
     return grown
 
 
+def _select_batch(buffer: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """``buffer`` with its batch rows picked (and reordered) by ``index``; None stays None."""
+    return None if buffer is None else buffer.index_select(0, index.to(buffer.device))
+
+
 class _KVLayerBase(CacheLayerMixin):
     """What both layer kinds share: the token count and transformers' bookkeeping methods."""
 
@@ -90,8 +95,8 @@ class DenseLayerKV(_KVLayerBase):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self._keys_buffer is not None:
-            self._keys_buffer = self._keys_buffer.index_select(0, beam_idx.to(self._keys_buffer.device))
-            self._values_buffer = self._values_buffer.index_select(0, beam_idx.to(self._values_buffer.device))
+            self._keys_buffer = _select_batch(self._keys_buffer, beam_idx)
+            self._values_buffer = _select_batch(self._values_buffer, beam_idx)
             self.keys = self._keys_buffer[:, :, : self.length]
             self.values = self._values_buffer[:, :, : self.length]
 
@@ -172,8 +177,7 @@ class SparseLayerKV(_KVLayerBase):
         return sum(b.numel() * b.element_size() for b in buffers if b is not None)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self._work_keys is not None:
-            self._work_keys = self._work_keys.index_select(0, beam_idx.to(self._work_keys.device))
-            self._work_values = self._work_values.index_select(0, beam_idx.to(self._work_values.device))
+        self._work_keys = _select_batch(self._work_keys, beam_idx)
+        self._work_values = _select_batch(self._work_values, beam_idx)
 
     batch_select_indices = reorder_cache

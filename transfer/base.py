@@ -11,7 +11,7 @@ the sparse layers of one segment packed per token, so one selected token is one 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +25,6 @@ class TransferStats:
     bytes_prefill_read: int = 0  # host rows read back for full attention during chunked prefill
     gathers: int = 0
     pinned_fallbacks: int = 0  # pinned allocations that failed and fell back to pageable memory
-    per_layer_waits: dict[int, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
