@@ -3,11 +3,16 @@
 ``omnikv generate --config C [--prompt-file F | stdin] [--max-new-tokens N] [--json]`` generates an
 answer with OmniKV and reports what the runtime did. With no prompt it runs the built-in demo: a
 passkey hidden in ~2,500 tokens of filler, answered by OmniKV and by dense side by side.
+
+Other subcommands live in their own modules, listed in ``COMMAND_MODULES``: each module has
+``register(commands)``, which adds its subparser and sets ``handler``. A handler returns an int
+(the exit code; the command printed its own output) or a dict (printed as the report or ``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -132,6 +137,9 @@ def _print_report(result: dict[str, Any]) -> None:
         print(f"  prefill / decode     {run['prefill_seconds']:.2f} s / {run['decode_seconds']:.2f} s")
 
 
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnikv", description="OmniKV tiered-KV runtime for transformers")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
@@ -142,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: from the config)")
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     generate.set_defaults(handler=cmd_generate)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(commands)
     return parser
 
 
@@ -155,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OmniKVError, OSError) as exc:
         print(f"omnikv: error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    if isinstance(result, int):
+        return result
+    if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     else:
         _print_report(result)
