@@ -110,12 +110,31 @@ class OmniKVSection(_Section):
         return max(0, min(wanted, context_len))
 
 
+class EvictionSection(BaseModel):
+    """The hot cache's eviction policy; extra keys go to the policy's constructor."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    type: str = "lru"
+
+
 class OffloadSection(_Section):
-    """Where the full KV of the sparse layers lives: host memory ("cpu") or the GPU ("none")."""
+    """Where the full KV of the sparse layers lives: host memory ("cpu") or the GPU ("none").
+
+    ``hot_cache_tokens`` > 0 keeps that many recently fetched rows per segment on the GPU, so a
+    step fetches only the selected rows it does not hold (2-4x the token budget is a good size).
+    """
 
     device: Literal["cpu", "none"] = "cpu"
     pin_memory: bool = True
     transfer: Literal["auto", "torch", "triton"] = "auto"
+    hot_cache_tokens: StrictInt = Field(default=0, ge=0)
+    eviction: EvictionSection = Field(default_factory=EvictionSection)
+
+    @field_validator("eviction", mode="before")
+    @classmethod
+    def _eviction_from_name(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
 
 
 class PrefillSection(_Section):
@@ -263,7 +282,8 @@ def load_config(source: str | Path | dict[str, Any] | OmniKVConfig | None = None
         config = OmniKVConfig.model_validate(data)
     except ValidationError as exc:
         raise _config_error(exc) from None
-    from omnikv_runtime.policies import make_selection_policy
+    from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 
     make_selection_policy(config.omnikv.selector.model_dump())  # unknown selector or bad arguments: ConfigError
+    make_eviction_policy(config.offload.eviction.model_dump())
     return config

@@ -1,0 +1,25 @@
+"""No eviction (``none``): the hot cache keeps the first rows it fetched and never replaces them.
+
+A baseline for the eviction policies (a static cache filled on first use, like the
+"pinned hot set" of paging systems): once full, rows it does not hold are fetched every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnikv_runtime.policies.eviction_base import EvictionPolicy
+
+
+class NoEviction(EvictionPolicy):
+    """Never evict: a filled slot keeps its row for the rest of the request (infinite priority)."""
+
+    name = "none"
+
+    def init_state(self, batch: int, slots: int, device: torch.device) -> dict[str, torch.Tensor]:
+        state = super().init_state(batch, slots, device)
+        state["never"] = torch.full((batch, slots), float("inf"), device=device)
+        return state
+
+    def priority(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return state["never"]
