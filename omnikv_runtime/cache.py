@@ -97,6 +97,7 @@ class OmniKVCache(Cache):
         self._recent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # filter layer -> (queries, positions)
         self.selected_log: list[dict[int, int]] = []  # per decode step: filter layer -> tokens selected
         self.forward_starts: list[tuple[float, bool]] = []  # (time, decoding) at the start of each forward
+        self.selection_trace: list[dict[str, object]] | None = None  # a list records every selection (host sync!)
 
     # transformers' entry point -------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -196,7 +197,30 @@ class OmniKVCache(Cache):
             self.arenas[segment].gather(indices, outputs, self.hot_caches[segment])
         if self.selected_log:
             self.selected_log[-1][layer_idx] = indices.shape[1]
+        if self.selection_trace is not None:
+            step = len(self.selected_log) - 1
+            self.selection_trace.append({"step": step, "layer": layer_idx, "indices": indices.detach().cpu()})
         return indices
+
+    # filling without the model ----------------------------------------------------------------
+    def append_prompt_kv(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store prompt KV ``[batch, kv_heads, n, head_dim]`` for one layer without running the model.
+
+        Benchmarks and capacity runs fill a long context this way (a 128K prefill costs minutes):
+        append the same number of tokens to every layer, chunk by chunk, then decode as usual.
+        """
+        layer = self.layers[layer_idx]
+        if isinstance(layer, SparseLayerKV):
+            self._ensure_arena(layer_idx, keys)
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys, values)
+            layer.length = layer.arena.append(layer.slot, keys, values)
+            layer.selected = layer.tail = 0
+        else:
+            layer.update(keys, values)
+        self.context_len = self.prompt_tokens = self.get_seq_length()
+        self.selections.clear()
+        self._segment_columns.clear()
 
     # reporting ------------------------------------------------------------------------------
     def hot_counters(self) -> dict[str, int]:

@@ -71,8 +71,8 @@ class TransferEngine(ABC):
         """Store ``keys``/``values`` ``[batch, kv_heads, n, head_dim]`` at tokens ``start..start+n`` of ``slot``."""
 
     @abstractmethod
-    def read_rows(self, arena: torch.Tensor, slot: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``0..stop`` of layer ``slot`` on the compute device, as ``[batch, kv_heads, stop, head_dim]``."""
+    def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``start..stop`` of layer ``slot`` on the compute device: ``[batch, kv_heads, n, head_dim]``."""
 
     @abstractmethod
     def gather_rows(

@@ -67,9 +67,9 @@ class HostArena:
         self.lengths[slot] = start + keys.shape[2]
         return self.lengths[slot]
 
-    def read(self, slot: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``0..stop`` of layer ``slot`` on the compute device."""
-        return self.engine.read_rows(self.data, slot, stop)
+    def read(self, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``start..stop`` of layer ``slot`` on the compute device."""
+        return self.engine.read_rows(self.data, slot, stop, start)
 
     def gather(
         self, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], hot: HotCache | None = None

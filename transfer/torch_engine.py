@@ -43,8 +43,8 @@ class TorchTransferEngine(TransferEngine):
         target[:, :, 1].copy_(values.transpose(1, 2), non_blocking=True)
         self.stats.bytes_written += 2 * keys.numel() * keys.element_size()
 
-    def read_rows(self, arena: torch.Tensor, slot: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = arena[:, :stop, slot].to(self.compute_device, non_blocking=True)
+    def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = arena[:, start:stop, slot].to(self.compute_device, non_blocking=True)
         if self.offloaded:
             self.stats.bytes_prefill_read += rows.numel() * rows.element_size()
         return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
