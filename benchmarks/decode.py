@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -242,8 +243,9 @@ class Bench:
                     moved = (self.config.num_hidden_layers - 1) * batch * context * self.per_token_layer
                     row["pcie_bytes_per_step"] = moved
                     row["pcie_bytes_note"] = "estimate: every layer's KV but one crosses to the GPU each step"
-            except torch.OutOfMemoryError as exc:
-                row["skipped"] = f"out of memory: {str(exc)[:120]}"
+            except Exception as exc:  # a baseline that fails is reported, the others still run
+                traceback.print_exc()
+                row["skipped"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             finally:
                 cache = forward = None
                 gc.collect()
@@ -415,7 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, model, config, device, dtype, links)
     for context in args.contexts:
         for batch in args.batches:
-            rows = bench.hf_rows(context, batch) + bench.ours_rows(context, batch)
+            rows = bench.hf_rows(context, batch)
+            try:
+                rows += bench.ours_rows(context, batch)
+            except Exception as exc:
+                traceback.print_exc()
+                rows.append(
+                    {"context": context, "batch": batch, "path": "omnikv", "skipped": f"{type(exc).__name__}: {exc}"}
+                )
             result["rows"].extend(rows)
             check_offload(result["rows"])
             print(table(rows), file=sys.stderr, flush=True)
