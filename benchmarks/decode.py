@@ -117,6 +117,28 @@ def decode_steps(forward, cache, batch, start, steps, device, cache_keyword) -> 
     return times
 
 
+def host_syncs(forward, cache, batch, start, device, cache_keyword) -> int | None:
+    """Host synchronisations in one decode step (torch's sync debug mode counts them as warnings)."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            tokens = torch.full((batch, 1), 5, device=device)
+            positions = torch.full((batch, 1), start, device=device)
+            with torch.inference_mode():
+                forward(input_ids=tokens, position_ids=positions, use_cache=True, **{cache_keyword: cache})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for warning in syncs[:3]:
+        print(f"host sync: {warning.filename}:{warning.lineno}: {str(warning.message)[:100]}", file=sys.stderr)
+    return len(syncs)
+
+
 def gpu_profile(forward, cache, batch, start, steps, device, cache_keyword) -> dict[str, float]:
     """GPU-busy ms, gather ms, hidden share of the gather and kernels per step, from a profiler trace."""
     if device.type != "cuda":
@@ -199,10 +221,11 @@ class Bench:
         steps, warmup = self.args.steps, self.args.warmup
         decode_steps(forward, cache, batch, context, warmup, self.device, self.keyword)
         times = decode_steps(forward, cache, batch, context + warmup, steps, self.device, self.keyword)
-        row = {"wall_ms": round(statistics.median(times), 3)}
+        row = {"wall_ms": round(statistics.median(times), 3), "wall_min_ms": round(min(times), 3)}
+        row["host_syncs"] = host_syncs(forward, cache, batch, context + warmup + steps, self.device, self.keyword)
         row.update(
             gpu_profile(
-                forward, cache, batch, context + warmup + steps, self.args.profile_steps, self.device, self.keyword
+                forward, cache, batch, context + warmup + steps + 1, self.args.profile_steps, self.device, self.keyword
             )
         )
         return row
@@ -307,7 +330,7 @@ class Bench:
                             )
                     engine.transfer.reset_stats()
                     row.update(self.measure(self.model, cache, batch, position))
-                    steps = self.args.warmup + self.args.steps + self.args.profile_steps
+                    steps = self.args.warmup + self.args.steps + self.args.profile_steps + 1
                     position += steps
                     fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
                     written = engine.transfer.stats.bytes_written
@@ -381,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="gpu,offload", help="OmniKV host-tier modes: gpu (offload none), offload")
     parser.add_argument("--hot-multiples", default="2", help="hot cache sizes as multiples of the budget")
     parser.add_argument("--transfer", default="auto")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="small geometry, to check the script")
