@@ -335,7 +335,7 @@ class Bench:
                     fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
                     written = engine.transfer.stats.bytes_written
                     row["pcie_bytes_per_step"] = int((fetched + written) / steps) if offload == "cpu" else 0
-                    if offload == "cpu":
+                    if offload == "cpu" and self.links["pcie_gbps"]:
                         row["pcie_floor_ms"] = round(
                             row["pcie_bytes_per_step"] / (self.links["pcie_gbps"] * 1e9) * 1e3, 3
                         )
