@@ -133,7 +133,7 @@ def host_syncs(forward, cache, batch, start, device, cache_keyword) -> int | Non
                 forward(input_ids=tokens, position_ids=positions, use_cache=True, **{cache_keyword: cache})
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    syncs = [w for w in caught if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
     for warning in syncs[:3]:
         print(f"host sync: {warning.filename}:{warning.lineno}: {str(warning.message)[:100]}", file=sys.stderr)
     return len(syncs)
@@ -157,7 +157,13 @@ def gpu_profile(forward, cache, batch, start, steps, device, cache_keyword) -> d
     others = union([(e["ts"], e["ts"] + e["dur"]) for e in gpu if GATHER_KERNEL not in e.get("name", "")])
     gather_time = sum(end - begin for begin, end in gathers)
     hidden = sum(overlap(interval, others) for interval in gathers)
+    runtime: dict[str, float] = {}  # CUDA runtime calls on the host: where a step blocks
+    for event in events:
+        if event.get("cat") == "cuda_runtime" and "dur" in event:
+            runtime[event["name"]] = runtime.get(event["name"], 0.0) + event["dur"] / 1e3 / steps
+    slowest = dict(sorted(runtime.items(), key=lambda item: -item[1])[:4])
     return {
+        "runtime_api_ms": {name: round(ms, 2) for name, ms in slowest.items()},
         "gpu_busy_ms": round(total(union(intervals)) / 1e3 / steps, 3),
         "gather_ms": round(gather_time / 1e3 / steps, 3),
         "gather_hidden_share": round(hidden / gather_time, 3) if gather_time else None,
@@ -217,11 +223,26 @@ class Bench:
             return None
         return round((self.weights + read_bytes) / (self.links["hbm_gbps"] * 1e9) * 1e3, 3)
 
-    def measure(self, forward, cache, batch, context) -> dict[str, Any]:
+    def measure(self, forward, cache, batch, context, label: str = "") -> dict[str, Any]:
         steps, warmup = self.args.steps, self.args.warmup
         decode_steps(forward, cache, batch, context, warmup, self.device, self.keyword)
-        times = decode_steps(forward, cache, batch, context + warmup, steps, self.device, self.keyword)
+        allocs = torch.cuda.memory_stats(self.device).get("num_device_alloc", 0) if self.device.type == "cuda" else 0
+        if self.args.cprofile:
+            import cProfile
+            import pstats
+
+            profile = cProfile.Profile()
+            times = profile.runcall(
+                decode_steps, forward, cache, batch, context + warmup, steps, self.device, self.keyword
+            )
+            with open(os.path.join(self.args.cprofile, f"{label}.txt"), "w", encoding="utf-8") as handle:
+                pstats.Stats(profile, stream=handle).sort_stats("tottime").print_stats(30)
+        else:
+            times = decode_steps(forward, cache, batch, context + warmup, steps, self.device, self.keyword)
         row = {"wall_ms": round(statistics.median(times), 3), "wall_min_ms": round(min(times), 3)}
+        if self.device.type == "cuda":
+            allocs = torch.cuda.memory_stats(self.device).get("num_device_alloc", 0) - allocs
+            row["device_allocs_per_step"] = round(allocs / steps, 2)
         row["host_syncs"] = host_syncs(forward, cache, batch, context + warmup + steps, self.device, self.keyword)
         row.update(
             gpu_profile(
@@ -259,7 +280,7 @@ class Bench:
                     cache = StaticCache(config=self.config, max_cache_len=context + 64)
                     forward = torch.compile(self.model, mode="reduce-overhead")
                 fill(cache, self.config, batch, context, self.device, self.dtype)
-                row.update(self.measure(forward, cache, batch, context))
+                row.update(self.measure(forward, cache, batch, context, f"{name}_{context}_{batch}"))
                 row["roofline_ms"] = self.roofline_ms(dense_kv)
                 row["setup_s"] = round(time.perf_counter() - started, 1)
                 if name == "hf_offload":
@@ -329,7 +350,8 @@ class Bench:
                                 arena.capacity,
                             )
                     engine.transfer.reset_stats()
-                    row.update(self.measure(self.model, cache, batch, position))
+                    label = f"{row['path']}_{context}_{batch}_{budget}"
+                    row.update(self.measure(self.model, cache, batch, position, label))
                     steps = self.args.warmup + self.args.steps + self.args.profile_steps + 1
                     position += steps
                     fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
@@ -410,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small geometry, to check the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="also write the JSON here after every cell")
+    parser.add_argument("--cprofile", help="folder for a cProfile of each path's timed steps (Python hot spots)")
     args = parser.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
