@@ -432,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small geometry, to check the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="also write the JSON here after every cell")
+    parser.add_argument(
+        "--sdpa-backends",
+        help="restrict SDPA backends for every path, e.g. 'flash,efficient' (default: torch's choice)",
+    )
     parser.add_argument("--cprofile", help="folder for a cProfile of each path's timed steps (Python hot spots)")
     args = parser.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",")]
@@ -442,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     args.modes = [x for x in args.modes.split(",") if x]
     args.hot_multiples = [int(x) for x in args.hot_multiples.split(",") if x]
 
+    if args.sdpa_backends:
+        enabled = set(args.sdpa_backends.split(","))
+        torch.backends.cuda.enable_cudnn_sdp("cudnn" in enabled)
+        torch.backends.cuda.enable_flash_sdp("flash" in enabled)
+        torch.backends.cuda.enable_mem_efficient_sdp("efficient" in enabled)
+        torch.backends.cuda.enable_math_sdp("math" in enabled)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = model_config(args.tiny)
