@@ -390,6 +390,8 @@ class Bench:
                     rows.append(row)
             del cache, engine
             gc.collect()
+            if hasattr(torch._C, "_host_emptyCache"):  # hand cached pinned blocks back to the OS
+                torch._C._host_emptyCache()
             torch.cuda.empty_cache() if self.device.type == "cuda" else None
         return rows
 

@@ -72,6 +72,7 @@ def gather_rows(
     num_programs: int = DEFAULT_PROGRAMS,
     hot: torch.Tensor | None = None,
     hot_slots: torch.Tensor | None = None,
+    tile_elements: int = TILE_ELEMENTS,
 ) -> torch.Tensor:
     """``out[b, j] = source[b, indices[b, j]]`` for rows of any shape, by the persistent kernel.
 
@@ -84,6 +85,7 @@ def gather_rows(
             ``indices`` is -1 the row is read from ``hot[b, hot_slots[b, j]]`` instead of
             ``source``; every row read from ``source`` is also stored at ``hot[b, hot_slots[b, j]]``
             (point uncached misses at the scratch slot).
+        tile_elements: elements in flight per CTA and step (rows x block); small rows need more rows.
     """
     batch, k = indices.shape
     if out.shape[:2] != (batch, k) or out.shape[2:] != source.shape[2:] or out.dtype != source.dtype:
@@ -99,7 +101,7 @@ def gather_rows(
     if batch * k == 0 or row_elems == 0:
         return out
     block = min(MAX_BLOCK, triton.next_power_of_2(row_elems))
-    rows = max(1, min(64, TILE_ELEMENTS // block))  # about 8K elements (16 KB of bf16) in flight per CTA
+    rows = max(1, min(64, tile_elements // block))  # about 8K elements (16 KB of bf16) in flight per CTA
     programs = max(1, min(num_programs, triton.cdiv(batch * k, rows)))
     indices = indices.contiguous()
     _gather_rows_kernel[(programs,)](
