@@ -163,6 +163,7 @@ class Engine:
             output = self.model.generate(
                 input_ids=input_ids.to(self.device), max_new_tokens=max_new_tokens, **generate_kwargs
             )
+        self.transfer.synchronize()  # the host tier holds every token when generate returns
         end = time.perf_counter()
         self._last_run = {"start": start, "end": end, "prompt_tokens": input_ids.shape[1], "batch": input_ids.shape[0]}
         self._last_run["new_tokens"] = output.shape[1] - input_ids.shape[1]

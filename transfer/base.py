@@ -99,5 +99,12 @@ class TransferEngine(ABC):
             keys_out.copy_(rows[:, :, slot, 0].transpose(1, 2))
             values_out.copy_(rows[:, :, slot, 1].transpose(1, 2))
 
+    def synchronize(self) -> None:
+        """Block the host until every transfer queued so far has finished (before the host touches the arena).
+
+        Nothing to do for engines whose copies are ordered on the current stream.
+        """
+        return None
+
     def reset_stats(self) -> None:
         self.stats = TransferStats(pinned_fallbacks=self.stats.pinned_fallbacks)

@@ -52,6 +52,7 @@ class HostArena:
         """Grow (by at least doubling) so that ``tokens`` tokens fit."""
         if tokens <= self.capacity:
             return
+        self.engine.synchronize()  # writes in flight must land before the host copies the old arena
         grown = self.engine.allocate_host(
             (self.data.shape[0], max(tokens, 2 * self.capacity), *self.row_shape), self.dtype
         )
@@ -83,4 +84,5 @@ class HostArena:
 
     def select_batch(self, batch_index: torch.Tensor) -> None:
         """Keep (and reorder) batch rows, as beam search asks."""
+        self.engine.synchronize()
         self.data = self.data.index_select(0, batch_index.to(self.data.device))

@@ -59,6 +59,9 @@ class TritonTransferEngine(TorchTransferEngine):
         values.record_stream(self.stream)
         self.stats.bytes_written += 2 * keys.numel() * keys.element_size()
 
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
     def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         torch.cuda.current_stream(self.compute_device).wait_stream(self.stream)  # writes in flight land first
         return super().read_rows(arena, slot, stop, start)
