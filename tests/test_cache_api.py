@@ -114,3 +114,29 @@ def test_training_step_gradients_are_unchanged(family):
     for name, grad in grads_before.items():
         assert grad.abs().sum() > 0, name
         assert torch.equal(grads_after[name], grad), name
+
+
+@pytest.mark.parametrize("budget", [1.0, BUDGET])
+def test_a_cache_filled_without_the_model_decodes_like_one_filled_by_prefill(budget):
+    """append_prompt_kv (benchmarks, capacity runs) gives the same decode steps as a real prefill."""
+    model = make_model("llama")
+    ids, _ = make_prompt(1)
+    engine = okv.initialize(model, omni(budget=budget))
+    keyword = cache_keyword(model)
+    dense = engine.new_cache(prompt_tokens=PROMPT_LEN)
+    filled = engine.new_cache(prompt_tokens=PROMPT_LEN)
+    with torch.no_grad():
+        logits = model(ids, **{keyword: dense}).logits
+        reference = model(ids, use_cache=True).past_key_values
+        for chunk in (slice(0, 7), slice(7, PROMPT_LEN)):  # two chunks, every layer each time
+            for layer in range(NUM_LAYERS):
+                keys, values = reference.layers[layer].keys, reference.layers[layer].values
+                filled.append_prompt_kv(layer, keys[:, :, chunk], values[:, :, chunk])
+        assert filled.get_seq_length() == PROMPT_LEN and filled.context_len == PROMPT_LEN
+        token = logits[:, -1:].argmax(-1)
+        for step in range(4):
+            positions = torch.tensor([[PROMPT_LEN + step]])
+            expected = model(token, position_ids=positions, **{keyword: dense}).logits
+            got = model(token, position_ids=positions, **{keyword: filled}).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            token = expected[:, -1:].argmax(-1)
