@@ -148,3 +148,26 @@ def test_triton_hot_gather_matches_the_source_exactly_on_cuda():
         gather_rows(source, host_rows, out, hot=hot.data, hot_slots=hot_slots)
         assert torch.equal(out.cpu(), source[torch.arange(2)[:, None], indices])
     assert 0 < int(hot.hits) < 6 * 400
+
+
+def test_pageable_host_tier_still_gives_the_same_tokens(cuda_model, monkeypatch):
+    """A failed pin falls back to pageable memory (a warning, a counter); the Triton engine gathers with torch."""
+    ids, mask = _prompt(2, 400, pad=30)
+    config = {
+        "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 32},
+        "offload": {"device": "cpu", "transfer": "triton", "hot_cache_tokens": 64},
+    }
+    expected = okv.initialize(cuda_model, config).generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
+    real_empty = torch.empty
+
+    def no_pinning(*args, **kwargs):
+        if kwargs.get("pin_memory"):
+            raise RuntimeError("simulated: cannot lock memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_pinning)
+    engine = okv.initialize(cuda_model, config)
+    output = engine.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
+    assert torch.equal(output, expected)
+    assert engine.stats()["transfer"]["pinned_fallbacks"] >= 1
+    assert all(not arena.data.is_pinned() for arena in engine._last_cache.arenas)

@@ -28,7 +28,8 @@ class TorchTransferEngine(TransferEngine):
                 return torch.empty(shape, dtype=dtype, device=self.host_device, pin_memory=True)
             except RuntimeError as exc:
                 self.stats.pinned_fallbacks += 1
-                logger.warning(
+                log = logger.warning if self.stats.pinned_fallbacks == 1 else logger.debug  # warn once
+                log(
                     "pinned allocation of %.1f MB failed (%s); using pageable memory, transfers will be slower. "
                     "Raise the locked-memory limit (ulimit -l) or lower the context/batch to get pinned memory.",
                     torch.Size(shape).numel() * dtype.itemsize / 1e6,

@@ -73,6 +73,9 @@ class TritonTransferEngine(TorchTransferEngine):
         outputs: list[tuple[torch.Tensor, torch.Tensor]],
         hot: HotCache | None = None,
     ) -> None:
+        if arena.device.type == "cpu" and not arena.is_pinned():  # pageable (a pin failed): the GPU cannot read it
+            super().gather_rows(arena, indices, outputs, hot)
+            return
         batch, k = indices.shape
         rows = self._staging_for((batch, k, *arena.shape[2:]), arena.dtype)
         compute = torch.cuda.current_stream(self.compute_device)
