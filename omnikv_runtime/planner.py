@@ -145,7 +145,8 @@ def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = Non
             data = json.loads(path.read_text(encoding="utf-8"))
             return ModelGeometry.from_hf_config(data)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError("--model-config", str(path), f"an HF config.json with the model's geometry ({exc!r})")
+            allowed = f"an HF config.json with the model's geometry ({exc!r})"
+            raise ConfigError("--model-config", str(path), allowed) from None
     raise ConfigError(
         "--model-config" if model_config is not None else "model.name_or_path",
         source,

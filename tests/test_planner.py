@@ -9,7 +9,7 @@ from okv_testlib import FAMILIES, PAD, capture_caches, make_model, make_prompt, 
 import omnikv_runtime as okv
 from omnikv_runtime.cli import main
 from omnikv_runtime.planner import KNOWN_GEOMETRIES, ModelGeometry, parse_bytes, plan_memory, working_rows
-from omnikv_runtime.planner_fit import describe_shortfall, dense_twin, fits, longest_context
+from omnikv_runtime.planner_fit import dense_twin, describe_shortfall, fits, longest_context
 
 TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_working_allocated", "host", "host_allocated")
 
