@@ -72,6 +72,9 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             "longest_context": longest_context(
                 geometry, variant, args.batch, new_tokens, gpu_memory, host_memory, args.headroom, args.dtype
             ),
+            "longest_context_decode_only": longest_context(
+                geometry, variant, args.batch, new_tokens, gpu_memory, host_memory, args.headroom, args.dtype, False
+            ),
         }
     return report
 
@@ -112,10 +115,12 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"{'fits':28}" + "".join(f"{str(report[name]['fits']['all']):>14}" for name in names))
     for name in names:
         longest = report[name]["longest_context"]
+        decode = report[name]["longest_context_decode_only"]
         offload = f", offload {report[name]['offload']}" if report[name]["omnikv"] else ""
         print(
             f"longest context that fits, {name}{offload}: {longest['context']:,} tokens "
-            f"(limited by {longest['limited_by']})"
+            f"(limited by {longest['limited_by']}); decode only, cache filled without prefill: "
+            f"{decode['context']:,} (limited by {decode['limited_by']})"
         )
     if model.get("max_positions"):
         print(f"(the model's own position limit is {model['max_positions']:,} tokens)")

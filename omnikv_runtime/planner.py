@@ -204,6 +204,7 @@ def plan_memory(
     batch: int = 1,
     new_tokens: int | None = None,
     dtype: str | None = None,
+    prefill: bool = True,
 ) -> MemoryPlan:
     """The bytes a ``generate`` of ``context`` prompt tokens + ``new_tokens`` would need, per tier.
 
@@ -211,6 +212,7 @@ def plan_memory(
     ``gpu_selected`` / ``gpu_tail`` (rows in use at the end: budget and ``new - 1`` per sparse layer),
     ``gpu_working_allocated`` (their buffers, grown by doubling), ``gpu_hot_cache`` and ``host`` /
     ``host_allocated`` (arenas of the sparse layers; on the GPU when ``offload.device`` is ``none``).
+    ``prefill=False`` plans a cache filled directly (no prefill activations), as the capacity benchmark does.
     """
     new_tokens = config.generation.max_new_tokens if new_tokens is None else new_tokens
     if context < 1 or batch < 1 or new_tokens < 1:
@@ -254,6 +256,8 @@ def plan_memory(
         staging=staging,
         activations=_activations(geometry, config, context, batch, dtype_bytes, plan, budget),
     )
+    if not prefill:
+        result.activations["prefill"] = 0
     gpu_kv = tiers["gpu_dense"] + tiers["gpu_working_allocated"] + tiers["gpu_hot_cache"]
     on_gpu_host = config.offload.device == "none"
     if on_gpu_host:

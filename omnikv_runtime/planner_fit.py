@@ -47,11 +47,14 @@ def longest_context(
     host_memory: int,
     headroom: float = DEFAULT_HEADROOM,
     dtype: str | None = None,
+    prefill: bool = True,
 ) -> dict[str, Any]:
-    """The longest prompt (tokens) that fits, found by bisection, and which memory limits it."""
+    """The longest prompt (tokens) that fits, found by bisection, and which memory limits it.
+
+    ``prefill=False``: for a cache filled directly (decode only, no prefill activations)."""
 
     def check(context: int) -> dict[str, bool]:
-        plan = plan_memory(geometry, config, context, batch, new_tokens, dtype)
+        plan = plan_memory(geometry, config, context, batch, new_tokens, dtype, prefill)
         return fits(plan, gpu_memory, host_memory, headroom)
 
     def ok(context: int) -> bool:
