@@ -132,18 +132,20 @@ KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = None) -> ModelGeometry:
-    """Geometry from ``model_config`` (a JSON file, an HF folder, or a known name), else the config's model."""
+def hf_config_dict(config: OmniKVConfig, model_config: str | Path | None = None) -> dict[str, Any]:
+    """The HF config (as a dict) of ``model_config`` (a JSON file, an HF folder, or a known name), else of
+    the config's model. No weights are read."""
     source = str(model_config) if model_config is not None else config.model.name_or_path
     if source in KNOWN_GEOMETRIES:
-        return ModelGeometry.from_hf_config(KNOWN_GEOMETRIES[source])
+        return dict(KNOWN_GEOMETRIES[source])
     path = Path(source).expanduser()
     if path.is_dir():
         path = path / "config.json"
     if path.is_file() and path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return ModelGeometry.from_hf_config(data)
+            ModelGeometry.from_hf_config(data)
+            return data
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             allowed = f"an HF config.json with the model's geometry ({exc!r})"
             raise ConfigError("--model-config", str(path), allowed) from None
@@ -152,6 +154,11 @@ def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = Non
         source,
         f"a known model {sorted(KNOWN_GEOMETRIES)}, an HF folder with config.json, or a config.json file",
     )
+
+
+def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = None) -> ModelGeometry:
+    """Geometry from ``model_config`` (a JSON file, an HF folder, or a known name), else the config's model."""
+    return ModelGeometry.from_hf_config(hf_config_dict(config, model_config))
 
 
 def _grown(capacity: int, needed: int) -> int:
