@@ -103,6 +103,7 @@ def print_report(report: dict[str, Any]) -> None:
         ("KV gpu working allocated", lambda p: p["tiers"]["gpu_working_allocated"]),
         ("KV gpu hot cache", lambda p: p["tiers"]["gpu_hot_cache"]),
         ("KV host tier (allocated)", lambda p: p["tiers"]["host_allocated"]),
+        ("KV host tier (pinned, pow2)", lambda p: p["tiers"]["host_reserved"]),
         ("staging buffers", lambda p: p["staging"]),
         ("activations, prefill chunk", lambda p: p["activations"]["prefill"]),
         ("activations, decode step", lambda p: p["activations"]["decode"]),

@@ -174,6 +174,10 @@ def working_rows(budget: int, decode_steps: int) -> int:
     return capacity
 
 
+def _pow2_ceil(value: int) -> int:
+    return 1 << (value - 1).bit_length() if value > 1 else value
+
+
 def arena_rows(context: int, new_tokens: int, chunk_size: int | None) -> int:
     """Token capacity of a host arena: the reserve (prompt + new), or more when the first prefill chunk
     found the earlier layers of its forward already counted (the cache sizes it from ``get_seq_length``)."""
@@ -218,7 +222,9 @@ def plan_memory(
     Tier figures mirror the cache: ``gpu_dense`` (allocated, ``prompt + new`` rows per dense layer),
     ``gpu_selected`` / ``gpu_tail`` (rows in use at the end: budget and ``new - 1`` per sparse layer),
     ``gpu_working_allocated`` (their buffers, grown by doubling), ``gpu_hot_cache`` and ``host`` /
-    ``host_allocated`` (arenas of the sparse layers; on the GPU when ``offload.device`` is ``none``).
+    ``host_allocated`` (arenas of the sparse layers; on the GPU when ``offload.device`` is ``none``), and
+    ``host_reserved``: the pinned memory they take, each arena rounded up to a power of two as torch's
+    caching host allocator does (what ``host`` totals, and what must fit the host's memory).
     ``prefill=False`` plans a cache filled directly (no prefill activations), as the capacity benchmark does.
     """
     new_tokens = config.generation.max_new_tokens if new_tokens is None else new_tokens
@@ -243,6 +249,11 @@ def plan_memory(
         "host": sparse * stored * row,
         "host_allocated": sparse * arena_rows(context, new_tokens, config.prefill.chunk_size) * row,
     }
+    arena_tokens = arena_rows(context, new_tokens, config.prefill.chunk_size)
+    arenas = [batch * arena_tokens * len(s.sparse_layers) * geometry.kv_row_bytes(dtype_bytes) for s in plan.segments]
+    pinned = config.offload.device == "cpu" and config.offload.pin_memory
+    # torch's caching host allocator rounds each pinned block up to a power of two
+    tiers["host_reserved"] = sum(_pow2_ceil(a) if pinned else a for a in arenas if a)
     hot = config.offload.hot_cache_tokens
     if sparse and hot and config.offload.device == "cpu":
         segments = [s for s in plan.segments if s.sparse_layers]
@@ -270,7 +281,7 @@ def plan_memory(
     if on_gpu_host:
         gpu_kv += tiers["host_allocated"]
     result.gpu = result.weights + gpu_kv + staging + max(result.activations.values())
-    result.host = 0 if on_gpu_host else tiers["host_allocated"]
+    result.host = 0 if on_gpu_host else tiers["host_reserved"]
     return result
 
 
