@@ -48,7 +48,8 @@ def _model_and_prompt(args: argparse.Namespace, config: Any) -> tuple[Any, Any, 
     if args.random_weights:
         from omnikv_runtime.random_model import random_model
 
-        model = random_model(config, args.model_config, device)
+        new_tokens = args.max_new_tokens or config.generation.max_new_tokens
+        model = random_model(config, args.model_config, device, min_positions=args.prompt_tokens + new_tokens)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_tokens), generator=generator)
         return model, None, ids

@@ -17,10 +17,15 @@ def random_model(
     model_config: str | Path | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    min_positions: int = 0,
 ) -> PreTrainedModel:
     """A model of the config's (or ``model_config``'s) geometry with seeded random weights, in eval mode,
-    built directly on ``device`` in ``config.model.dtype``. Never stops early (no EOS)."""
+    built directly on ``device`` in ``config.model.dtype``. Never stops early (no EOS).
+
+    ``min_positions`` raises ``max_position_embeddings`` (random weights have no trained context
+    limit; default RoPE does not depend on it), so long-context runs pass the engine's prompt check."""
     data = hf_config_dict(config, model_config)
+    data["max_position_embeddings"] = max(data.get("max_position_embeddings") or 0, min_positions)
     data.update(eos_token_id=None, bos_token_id=None, pad_token_id=0)
     model_type = data.pop("model_type", "llama")
     for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
