@@ -167,10 +167,17 @@ def _grown(capacity: int, needed: int) -> int:
 
 
 def working_rows(budget: int, decode_steps: int) -> int:
-    """Rows a sparse layer's working buffer (selected ⊕ tail) ends up with after ``decode_steps`` steps."""
-    capacity = 0
-    for step in range(decode_steps):
-        capacity = _grown(_grown(capacity, budget + step), budget + step + 1)
+    """Rows a sparse layer's working buffer (selected ⊕ tail) ends up with after ``decode_steps`` steps.
+
+    The first selection sizes it to ``max(budget, 16)``; each step asks for one more row and a full
+    buffer doubles (cache_layers' growth), until it holds ``budget + decode_steps`` rows.
+    """
+    if decode_steps <= 0:
+        return 0
+    capacity = _grown(0, budget)
+    needed = budget + decode_steps
+    while capacity < needed:
+        capacity = _grown(capacity, capacity + 1)
     return capacity
 
 
