@@ -213,7 +213,7 @@ class MemoryProfiler:
                 self.files["timeline_png"] = str(png)
         self.files["report"] = str(out / "report.json")
         report["files"] = dict(self.files)
-        (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+        (out / "report.json").write_text(json.dumps(report, separators=(",", ":")), encoding="utf-8")
         return self.files
 
     def _write_trace(self, out: Path) -> Path:
