@@ -144,7 +144,8 @@ class Engine:
             generate_kwargs["prefill_chunk_size"] = self.config.prefill.chunk_size
         if self.tokenizer is not None and "pad_token_id" not in generate_kwargs:
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
-        self.check_memory(input_ids.shape[0] * generate_kwargs.get("num_beams", 1), input_ids.shape[1], max_new_tokens)
+        beams = generate_kwargs.get("num_beams") or 1
+        self.check_memory(input_ids.shape[0] * beams, input_ids.shape[1], max_new_tokens)
         cache = self.new_cache(reserve_tokens=input_ids.shape[1] + max_new_tokens, prompt_tokens=input_ids.shape[1])
         self.transfer.reset_stats()
         generate_kwargs[self._cache_keyword] = cache
