@@ -20,8 +20,8 @@ from transformers.cache_utils import Cache
 
 from omnikv_runtime.cache_layers import DenseLayerKV, SparseLayerKV
 from omnikv_runtime.layout import LayerPlan, Role
-from omnikv_runtime.policies import SelectionContext, SelectionPolicy
-from omnikv_runtime.transfer import HostArena, TransferEngine
+from omnikv_runtime.policies import EvictionPolicy, LRUEviction, SelectionContext, SelectionPolicy
+from omnikv_runtime.transfer import HostArena, HotCache, TransferEngine
 
 _NOTES = threading.local()
 
@@ -57,6 +57,9 @@ class OmniKVCache(Cache):
         prompt_tokens: length of the prompt (padded), when known. A one-token forward is decode only
             once this many tokens are in the cache, so a chunked prefill whose last chunk is a single
             token stays a prefill. Without it, every one-token forward after the first is decode.
+        hot_cache_tokens: rows of the GPU hot cache per segment (0: none); each step then fetches
+            only the selected rows the hot cache lacks. Meant for an offloaded host tier.
+        eviction: which hot-cache rows make room for new ones (default LRU).
     """
 
     def __init__(
@@ -67,6 +70,8 @@ class OmniKVCache(Cache):
         transfer: TransferEngine,
         reserve_tokens: int = 0,
         prompt_tokens: int = 0,
+        hot_cache_tokens: int = 0,
+        eviction: EvictionPolicy | None = None,
     ) -> None:
         layers: list[DenseLayerKV | SparseLayerKV] = []
         slots = {}
@@ -82,6 +87,9 @@ class OmniKVCache(Cache):
         self.reserve_tokens = reserve_tokens
         self.prompt_tokens = prompt_tokens
         self.arenas: list[HostArena | None] = [None] * len(plan.segments)
+        self.hot_cache_tokens = hot_cache_tokens
+        self.eviction = eviction if eviction is not None else LRUEviction()
+        self.hot_caches: list[HotCache | None] = [None] * len(plan.segments)
         self.context_len = 0  # tokens a filter layer may select from (everything up to the last prefill)
         self.decoding = False
         self.selections: dict[int, torch.Tensor] = {}  # segment -> indices [batch, k]
@@ -89,6 +97,7 @@ class OmniKVCache(Cache):
         self._recent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # filter layer -> (queries, positions)
         self.selected_log: list[dict[int, int]] = []  # per decode step: filter layer -> tokens selected
         self.forward_starts: list[tuple[float, bool]] = []  # (time, decoding) at the start of each forward
+        self.selection_trace: list[dict[str, object]] | None = None  # a list records every selection (host sync!)
 
     # transformers' entry point -------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -130,6 +139,10 @@ class OmniKVCache(Cache):
             self.arenas[segment] = arena
             for layer in self.plan.segments[segment].sparse_layers:
                 self.layers[layer].arena = arena
+            if self.hot_cache_tokens:
+                self.hot_caches[segment] = HotCache(
+                    self.eviction, batch, self.hot_cache_tokens, arena.row_shape, like.dtype, like.device, capacity
+                )
 
     def _columns(self, layer_idx: int, tail: int) -> torch.Tensor:
         """Cache columns of a sparse layer's returned keys: its selection, then the tail.
@@ -181,12 +194,46 @@ class OmniKVCache(Cache):
             outputs = [
                 self.layers[layer].selection_slots(indices.shape[1], self.context_len, keys) for layer in sparse_layers
             ]
-            self.arenas[segment].gather(indices, outputs)
+            self.arenas[segment].gather(indices, outputs, self.hot_caches[segment])
         if self.selected_log:
             self.selected_log[-1][layer_idx] = indices.shape[1]
+        if self.selection_trace is not None:
+            step = len(self.selected_log) - 1
+            self.selection_trace.append({"step": step, "layer": layer_idx, "indices": indices.detach().cpu()})
         return indices
 
+    # filling without the model ----------------------------------------------------------------
+    def append_prompt_kv(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store prompt KV ``[batch, kv_heads, n, head_dim]`` for one layer without running the model.
+
+        Benchmarks and capacity runs fill a long context this way (a 128K prefill costs minutes):
+        append the same number of tokens to every layer, chunk by chunk, then decode as usual.
+        """
+        layer = self.layers[layer_idx]
+        if isinstance(layer, SparseLayerKV):
+            self._ensure_arena(layer_idx, keys)
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys, values)
+            layer.length = layer.arena.append(layer.slot, keys, values)
+            layer.selected = layer.tail = 0
+        else:
+            layer.update(keys, values)
+        self.context_len = self.prompt_tokens = self.get_seq_length()
+        self.selections.clear()
+        self._segment_columns.clear()
+
     # reporting ------------------------------------------------------------------------------
+    def hot_counters(self) -> dict[str, int]:
+        """Hot-cache hits, misses and bytes saved over all segments (reads device counters)."""
+        totals = {"hot_hits": 0, "hot_misses": 0, "hot_bytes_saved": 0, "hot_bytes_fetched": 0}
+        for hot in self.hot_caches:
+            if hot is not None:
+                counters = hot.counters()
+                for name in ("hot_hits", "hot_misses", "hot_bytes_saved"):
+                    totals[name] += counters[name]
+                totals["hot_bytes_fetched"] += counters["hot_misses"] * hot.row_bytes
+        return totals
+
     def tier_bytes(self) -> dict[str, int]:
         """Bytes allocated per tier: GPU dense, GPU selected, GPU tail, host (allocated and used)."""
         dense = sum(layer.nbytes() for layer in self.layers if isinstance(layer, DenseLayerKV))
@@ -201,6 +248,7 @@ class OmniKVCache(Cache):
             "gpu_selected": selected,
             "gpu_tail": tail,
             "gpu_working_allocated": work,
+            "gpu_hot": sum(hot.nbytes() for hot in self.hot_caches if hot is not None),
             "host": sum(arena.used_bytes() for arena in arenas),
             "host_allocated": sum(arena.nbytes() for arena in arenas),
         }
@@ -209,9 +257,9 @@ class OmniKVCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
             layer.reorder_cache(beam_idx)
-        for arena in self.arenas:
-            if arena is not None:
-                arena.select_batch(beam_idx)
+        for store in (*self.arenas, *self.hot_caches):
+            if store is not None:
+                store.select_batch(beam_idx)
         for segment, indices in self.selections.items():
             self.selections[segment] = indices.index_select(0, beam_idx.to(indices.device))
         self._segment_columns.clear()

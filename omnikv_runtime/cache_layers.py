@@ -152,9 +152,7 @@ class SparseLayerKV(_KVLayerBase):
         """Make room for ``count`` selected rows in front of the tail and return those views to fill."""
         if count != self.selected and self.tail:
             # the tail moves; copy it back from the arena (it holds every token)
-            keys, values = self.arena.read(self.slot, self.length)
-            tail_keys = keys[:, :, context_len : context_len + self.tail].to(like.device)
-            tail_values = values[:, :, context_len : context_len + self.tail].to(like.device)
+            tail_keys, tail_values = self.arena.read(self.slot, context_len + self.tail, start=context_len)
             self.selected = 0
             self._ensure_work(like, count + self.tail)
             self._work_keys[:, :, count : count + self.tail].copy_(tail_keys)

@@ -17,7 +17,7 @@ from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.errors import PromptError, UnsupportedModelError
 from omnikv_runtime.layout import LayerPlan, Role
-from omnikv_runtime.policies import make_selection_policy
+from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class Engine:
         section = config.omnikv
         self.plan = LayerPlan.build(self.num_layers, section.filter_layers, section.wait_layers, section.enabled)
         self.policy = make_selection_policy(section.selector.model_dump())
+        self.eviction = make_eviction_policy(config.offload.eviction.model_dump())
+        self.hot_cache_tokens = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
+        if config.offload.hot_cache_tokens and not self.hot_cache_tokens:
+            logger.info("offload.hot_cache_tokens is ignored with offload.device='none': every row is on the GPU")
         model.set_attn_implementation(register_attention(self._base_attention(model, config)))
         self.device = next(model.parameters()).device
         offload = config.offload
@@ -100,7 +104,14 @@ class Engine:
         """
         budget = self.config.omnikv.budget_tokens
         cache = OmniKVCache(
-            self.plan, self.policy, budget, self.transfer, reserve_tokens=reserve_tokens, prompt_tokens=prompt_tokens
+            self.plan,
+            self.policy,
+            budget,
+            self.transfer,
+            reserve_tokens=reserve_tokens,
+            prompt_tokens=prompt_tokens,
+            hot_cache_tokens=self.hot_cache_tokens,
+            eviction=self.eviction,
         )
         self._last_cache = cache
         return cache
@@ -187,6 +198,10 @@ class Engine:
         }
         if cache is None:
             return out
+        if cache.hot_cache_tokens:
+            hot = cache.hot_counters()
+            out["transfer"]["bytes_fetched"] += hot.pop("hot_bytes_fetched")
+            out["transfer"].update(hot)
         steps = cache.selected_log
         out["selected_per_step"] = {
             str(s.filter_layer): [step.get(s.filter_layer, 0) for step in steps] for s in self.plan.segments

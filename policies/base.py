@@ -86,8 +86,11 @@ def head_logits(ctx: SelectionContext, last_only: bool = False) -> torch.Tensor:
     positions = ctx.query_positions[-1:] if last_only else ctx.query_positions
     batch, q_heads, window, dim = queries.shape
     kv_heads = ctx.keys.shape[1]
-    grouped = queries.float().reshape(batch, kv_heads, q_heads // kv_heads, window, dim)
-    logits = torch.einsum("bhgwd,bhtd->bhgwt", grouped, ctx.keys.float()) * ctx.scaling
+    # half-precision keys stay in their dtype (the matmul accumulates in float32): converting a long
+    # context's keys to float32 would cost more memory traffic than the attention itself
+    compute_dtype = ctx.keys.dtype if ctx.keys.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    grouped = queries.to(compute_dtype).reshape(batch, kv_heads, q_heads // kv_heads, window, dim)
+    logits = torch.einsum("bhgwd,bhtd->bhgwt", grouped, ctx.keys.to(compute_dtype)).float() * ctx.scaling
     logits = logits.reshape(batch, q_heads, window, ctx.context_len)
     columns = torch.arange(ctx.context_len, device=logits.device)
     future = columns[None, :] > positions.to(logits.device)[:, None]  # [window, context_len]

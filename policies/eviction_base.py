@@ -21,20 +21,19 @@ class EvictionPolicy:
 
     name = "base"
 
-    def init_state(self, batch: int, slots: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Fresh per-slot state for a hot cache of ``[batch, slots]``."""
+    def init_state(self, batch: int, columns: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Fresh state for ``[batch, columns]`` slots. The last column is a scratch slot that absorbs
+        the writes of rows that use no slot, so every update is a plain scatter of fixed shape."""
         return {"step": torch.zeros((), dtype=torch.float32, device=device)}
 
     def priority(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[batch, slots]`` float, lower leaves first; the caller overrides empty slots (first) and
+        """``[batch, columns]`` float, lower leaves first; the caller overrides empty slots (first) and
         slots used this step (never)."""
         raise NotImplementedError
 
-    def touch(
-        self, state: dict[str, torch.Tensor], slots: torch.Tensor, used: torch.Tensor, filled: torch.Tensor
-    ) -> None:
-        """Record one step: ``slots`` ``[batch, k]`` slot per selected row (any value where ``used`` is False),
-        ``used`` marks rows that read a slot this step, ``filled`` the subset that was just (re)filled."""
+    def touch(self, state: dict[str, torch.Tensor], slots: torch.Tensor, filled: torch.Tensor) -> None:
+        """Record one step: ``slots`` ``[batch, k]`` is the slot each selected row read or filled (the
+        scratch column for a row that used none), ``filled`` marks rows whose slot was just (re)filled."""
         state["step"] += 1
 
     def __repr__(self) -> str:

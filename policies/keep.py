@@ -16,9 +16,9 @@ class NoEviction(EvictionPolicy):
 
     name = "none"
 
-    def init_state(self, batch: int, slots: int, device: torch.device) -> dict[str, torch.Tensor]:
-        state = super().init_state(batch, slots, device)
-        state["never"] = torch.full((batch, slots), float("inf"), device=device)
+    def init_state(self, batch: int, columns: int, device: torch.device) -> dict[str, torch.Tensor]:
+        state = super().init_state(batch, columns, device)
+        state["never"] = torch.full((batch, columns), float("inf"), device=device)
         return state
 
     def priority(self, state: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,22 +17,18 @@ class LFUEviction(EvictionPolicy):
 
     name = "lfu"
 
-    def init_state(self, batch: int, slots: int, device: torch.device) -> dict[str, torch.Tensor]:
-        state = super().init_state(batch, slots, device)
-        state["uses"] = torch.zeros(batch, slots, dtype=torch.float32, device=device)
-        state["last_used"] = torch.zeros(batch, slots, dtype=torch.float32, device=device)
+    def init_state(self, batch: int, columns: int, device: torch.device) -> dict[str, torch.Tensor]:
+        state = super().init_state(batch, columns, device)
+        state["uses"] = torch.zeros(batch, columns, dtype=torch.float32, device=device)
+        state["last_used"] = torch.zeros(batch, columns, dtype=torch.float32, device=device)
         return state
 
     def priority(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         # uses dominate; the last-use step (always < 2**20 apart here) breaks ties towards the older row
         return state["uses"] * 2.0**20 + state["last_used"]
 
-    def touch(
-        self, state: dict[str, torch.Tensor], slots: torch.Tensor, used: torch.Tensor, filled: torch.Tensor
-    ) -> None:
-        super().touch(state, slots, used, filled)
-        uses, last_used = state["uses"], state["last_used"]
-        old_uses = uses.gather(1, slots)
-        new_uses = torch.where(filled, 1.0, torch.where(used, old_uses + 1.0, old_uses))
-        uses.scatter_(1, slots, new_uses)
-        last_used.scatter_(1, slots, torch.where(used, state["step"], last_used.gather(1, slots)))
+    def touch(self, state: dict[str, torch.Tensor], slots: torch.Tensor, filled: torch.Tensor) -> None:
+        super().touch(state, slots, filled)
+        uses = state["uses"]
+        uses.scatter_(1, slots, torch.where(filled, 1.0, uses.gather(1, slots) + 1.0))
+        state["last_used"].scatter_(1, slots, state["step"].expand(slots.shape))

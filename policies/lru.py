@@ -17,18 +17,14 @@ class LRUEviction(EvictionPolicy):
 
     name = "lru"
 
-    def init_state(self, batch: int, slots: int, device: torch.device) -> dict[str, torch.Tensor]:
-        state = super().init_state(batch, slots, device)
-        state["last_used"] = torch.zeros(batch, slots, dtype=torch.float32, device=device)
+    def init_state(self, batch: int, columns: int, device: torch.device) -> dict[str, torch.Tensor]:
+        state = super().init_state(batch, columns, device)
+        state["last_used"] = torch.zeros(batch, columns, dtype=torch.float32, device=device)
         return state
 
     def priority(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         return state["last_used"]
 
-    def touch(
-        self, state: dict[str, torch.Tensor], slots: torch.Tensor, used: torch.Tensor, filled: torch.Tensor
-    ) -> None:
-        super().touch(state, slots, used, filled)
-        last_used = state["last_used"]
-        stamp = torch.where(used, state["step"], last_used.gather(1, slots))
-        last_used.scatter_(1, slots, stamp)
+    def touch(self, state: dict[str, torch.Tensor], slots: torch.Tensor, filled: torch.Tensor) -> None:
+        super().touch(state, slots, filled)
+        state["last_used"].scatter_(1, slots, state["step"].expand(slots.shape))

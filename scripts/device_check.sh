@@ -3,12 +3,7 @@
 # without network: carried wheels in .whl/, the package laid out under /tmp/pkg.
 set -uo pipefail
 REPO=$(pwd)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r omnikv_runtime /tmp/pkg/ && \
-  cp -r transfer policies configs /tmp/pkg/omnikv_runtime/
-export PYTHONPATH=/tmp/site:/tmp/pkg
+source "$REPO/scripts/device_env.sh"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 python3 -P -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider 2>&1 | tee "${OUT:-/tmp}/gpu_tests.log"
 python3 -P -m pytest "$REPO/tests" -q -p no:cacheprovider --deselect "$REPO/tests/test_bundled_model.py" 2>&1 | tail -15 | tee "${OUT:-/tmp}/cpu_tests.log"

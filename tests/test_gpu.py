@@ -110,3 +110,41 @@ def test_transfer_stream_has_no_race_over_100_steps(cuda_model):
         engine = okv.initialize(cuda_model, config)
         runs.append(engine.generate(ids, attention_mask=mask, max_new_tokens=100, pad_token_id=0))
     assert all(torch.equal(run, runs[0]) for run in runs[1:])
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "none"])
+def test_hot_cache_on_cuda_gives_the_same_tokens_and_fetches_less(cuda_model, eviction):
+    """Delta fetch through the GPU hot cache: same tokens as without it (triton and torch), fewer bytes."""
+    ids, mask = _prompt(2, 600, pad=50)
+    runs, fetched = [], []
+    for transfer, hot in (("triton", 0), ("triton", 64), ("torch", 64), ("triton", 64)):
+        config = {
+            "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 32},
+            "offload": {"device": "cpu", "transfer": transfer, "hot_cache_tokens": hot, "eviction": eviction},
+        }
+        engine = okv.initialize(cuda_model, config)
+        runs.append(engine.generate(ids, attention_mask=mask, max_new_tokens=60, pad_token_id=0))
+        fetched.append(engine.stats()["transfer"])
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+    assert fetched[1]["hot_hits"] > 0
+    assert fetched[1]["bytes_fetched"] + fetched[1]["hot_bytes_saved"] == fetched[0]["bytes_fetched"]
+    assert fetched[1]["hot_hits"] == fetched[2]["hot_hits"] == fetched[3]["hot_hits"]
+
+
+def test_triton_hot_gather_matches_the_source_exactly_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from omnikv_runtime.policies import LRUEviction
+    from omnikv_runtime.transfer import HotCache
+    from omnikv_runtime.transfer.triton_gather import gather_rows
+
+    source = torch.randn(2, 4000, 24, 2, 8, 16).to(torch.bfloat16).pin_memory()
+    hot = HotCache(LRUEviction(), 2, 300, source.shape[2:], torch.bfloat16, torch.device("cuda"), 4000)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        indices = torch.stack([torch.randperm(600, generator=generator)[:200].sort().values for _ in range(2)])
+        host_rows, hot_slots = hot.plan(indices.cuda(), 4000)
+        out = torch.full((2, 200, *source.shape[2:]), float("nan"), dtype=torch.bfloat16, device="cuda")
+        gather_rows(source, host_rows, out, hot=hot.data, hot_slots=hot_slots)
+        assert torch.equal(out.cpu(), source[torch.arange(2)[:, None], indices])
+    assert 0 < int(hot.hits) < 6 * 400

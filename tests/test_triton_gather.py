@@ -22,6 +22,24 @@ for shape, k, programs in [((2, 50, 3, 2, 2, 8), 7, 4), ((1, 20, 5000), 3, 2), (
     gather_rows(source, indices, out, num_programs=programs)
     expected = source[torch.arange(shape[0])[:, None], indices]
     assert torch.equal(out, expected), shape
+# delta fetch through a hot cache: -1 reads the slot, a host read also fills its slot (scratch = last)
+source = torch.randn(2, 30, 3, 2, 2, 8).to(torch.bfloat16)
+hot = torch.randn(2, 5, 3, 2, 2, 8).to(torch.bfloat16)
+host_rows = torch.tensor([[4, -1, 17, 29, -1], [-1, -1, 0, 8, 3]])
+hot_slots = torch.tensor([[0, 2, 4, 1, 3], [1, 0, 4, 4, 2]])
+expected_hot = hot.clone()
+expected = torch.empty(2, 5, 3, 2, 2, 8, dtype=torch.bfloat16)
+for b in range(2):
+    for j in range(5):
+        if host_rows[b, j] >= 0:
+            expected[b, j] = source[b, host_rows[b, j]]
+            expected_hot[b, hot_slots[b, j]] = source[b, host_rows[b, j]]
+        else:
+            expected[b, j] = hot[b, hot_slots[b, j]]
+out = torch.full_like(expected, float("nan"))
+gather_rows(source, host_rows, out, num_programs=3, hot=hot, hot_slots=hot_slots)
+assert torch.equal(out, expected)
+assert torch.equal(hot[:, :4], expected_hot[:, :4])  # the scratch slot (4) may hold anything
 empty = torch.full((2, 0, 3), 7.0)
 gather_rows(torch.randn(2, 5, 3), torch.empty(2, 0, dtype=torch.long), empty)
 try:

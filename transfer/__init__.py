@@ -13,9 +13,10 @@ import torch
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.transfer.base import TransferEngine, TransferStats
 from omnikv_runtime.transfer.host_arena import HostArena
+from omnikv_runtime.transfer.hot_cache import HotCache
 from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
 
-__all__ = ["HostArena", "TorchTransferEngine", "TransferEngine", "TransferStats", "make_transfer_engine"]
+__all__ = ["HostArena", "HotCache", "TorchTransferEngine", "TransferEngine", "TransferStats", "make_transfer_engine"]
 
 
 def make_transfer_engine(

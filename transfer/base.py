@@ -12,15 +12,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from omnikv_runtime.transfer.hot_cache import HotCache
 
 
 @dataclass
 class TransferStats:
     """Counters of what moved, reset per generate call."""
 
-    bytes_fetched: int = 0  # selected rows read from the host tier
+    bytes_fetched: int = 0  # selected rows read from the host tier (without a hot cache; see HotCache.counters)
     bytes_written: int = 0  # KV rows written into the host tier (prefill offload + write-back)
     bytes_prefill_read: int = 0  # host rows read back for full attention during chunked prefill
     gathers: int = 0
@@ -67,22 +71,33 @@ class TransferEngine(ABC):
         """Store ``keys``/``values`` ``[batch, kv_heads, n, head_dim]`` at tokens ``start..start+n`` of ``slot``."""
 
     @abstractmethod
-    def read_rows(self, arena: torch.Tensor, slot: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``0..stop`` of layer ``slot`` on the compute device, as ``[batch, kv_heads, stop, head_dim]``."""
+    def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``start..stop`` of layer ``slot`` on the compute device: ``[batch, kv_heads, n, head_dim]``."""
 
     @abstractmethod
     def gather_rows(
-        self, arena: torch.Tensor, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        arena: torch.Tensor,
+        indices: torch.Tensor,
+        outputs: list[tuple[torch.Tensor, torch.Tensor]],
+        hot: HotCache | None = None,
     ) -> None:
         """Fetch the tokens ``indices`` ``[batch, k]`` of every layer slot into ``outputs``.
 
         ``outputs[slot]`` is a pair of compute-device tensors ``[batch, kv_heads, k, head_dim]``
-        (views into the sparse layers' working buffers) that the call fills.
+        (views into the sparse layers' working buffers) that the call fills. With a ``hot``
+        cache, rows it holds are read from it and only the others come from ``arena``.
         """
 
     @abstractmethod
     def wait(self, arena: torch.Tensor, slot: int) -> None:
         """Make the compute stream wait until the rows gathered from ``arena`` for layer ``slot`` have landed."""
+
+    def _split_rows(self, rows: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy packed rows ``[batch, k, layers, 2, heads, dim]`` into each layer's key and value views."""
+        for slot, (keys_out, values_out) in enumerate(outputs):
+            keys_out.copy_(rows[:, :, slot, 0].transpose(1, 2))
+            values_out.copy_(rows[:, :, slot, 1].transpose(1, 2))
 
     def reset_stats(self) -> None:
         self.stats = TransferStats(pinned_fallbacks=self.stats.pinned_fallbacks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from omnikv_runtime.transfer.base import TransferEngine
+from omnikv_runtime.transfer.hot_cache import HotCache
 
 
 class HostArena:
@@ -66,13 +67,15 @@ class HostArena:
         self.lengths[slot] = start + keys.shape[2]
         return self.lengths[slot]
 
-    def read(self, slot: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``0..stop`` of layer ``slot`` on the compute device."""
-        return self.engine.read_rows(self.data, slot, stop)
+    def read(self, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``start..stop`` of layer ``slot`` on the compute device."""
+        return self.engine.read_rows(self.data, slot, stop, start)
 
-    def gather(self, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Fetch tokens ``indices`` ``[batch, k]`` of every layer into ``outputs[slot]``."""
-        self.engine.gather_rows(self.data, indices, outputs)
+    def gather(
+        self, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], hot: HotCache | None = None
+    ) -> None:
+        """Fetch tokens ``indices`` ``[batch, k]`` of every layer into ``outputs[slot]`` (through ``hot``)."""
+        self.engine.gather_rows(self.data, indices, outputs, hot)
 
     def wait(self, slot: int) -> None:
         """Order the compute stream after the last gather of layer ``slot`` (no host synchronisation)."""

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from omnikv_runtime.transfer.base import TransferEngine
+from omnikv_runtime.transfer.hot_cache import HotCache
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +43,41 @@ class TorchTransferEngine(TransferEngine):
         target[:, :, 1].copy_(values.transpose(1, 2), non_blocking=True)
         self.stats.bytes_written += 2 * keys.numel() * keys.element_size()
 
-    def read_rows(self, arena: torch.Tensor, slot: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = arena[:, :stop, slot].to(self.compute_device, non_blocking=True)
+    def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = arena[:, start:stop, slot].to(self.compute_device, non_blocking=True)
         if self.offloaded:
             self.stats.bytes_prefill_read += rows.numel() * rows.element_size()
         return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
 
     def gather_rows(
-        self, arena: torch.Tensor, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        arena: torch.Tensor,
+        indices: torch.Tensor,
+        outputs: list[tuple[torch.Tensor, torch.Tensor]],
+        hot: HotCache | None = None,
     ) -> None:
         batch_index = torch.arange(arena.shape[0], device=arena.device)[:, None]
-        rows = arena[batch_index, indices.to(arena.device)]  # [batch, k, layers, 2, heads, dim]
-        rows = rows.to(self.compute_device, non_blocking=True)
-        for slot, (keys_out, values_out) in enumerate(outputs):
-            keys_out.copy_(rows[:, :, slot, 0].transpose(1, 2))
-            values_out.copy_(rows[:, :, slot, 1].transpose(1, 2))
-        self.stats.bytes_fetched += rows.numel() * rows.element_size()
+        if hot is None:
+            rows = arena[batch_index, indices.to(arena.device)]  # [batch, k, layers, 2, heads, dim]
+            rows = rows.to(self.compute_device, non_blocking=True)
+            self.stats.bytes_fetched += rows.numel() * rows.element_size()
+        else:
+            rows = self._gather_through(hot, arena, indices, batch_index)
+        self._split_rows(rows, outputs)
         self.stats.gathers += 1
+
+    def _gather_through(
+        self, hot: HotCache, arena: torch.Tensor, indices: torch.Tensor, batch_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Hot-cache semantics with plain indexing (this fallback reads every row; the counters
+        and the Triton engine fetch only misses)."""
+        host_rows, hot_slots = hot.plan(indices, arena.shape[1])
+        from_host = (host_rows >= 0).view(*host_rows.shape, *([1] * (arena.dim() - 2)))
+        fetched = arena[batch_index, host_rows.clamp(min=0).to(arena.device)].to(self.compute_device)
+        compute_batch = batch_index.to(self.compute_device)
+        rows = torch.where(from_host, fetched, hot.data[compute_batch, hot_slots])
+        hot.data[compute_batch, torch.where(host_rows >= 0, hot_slots, hot.slots)] = rows
+        return rows
 
     def wait(self, arena: torch.Tensor, slot: int) -> None:
         """Nothing to wait for: every copy above is ordered on the current stream."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from omnikv_runtime.transfer.hot_cache import HotCache
 from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
 from omnikv_runtime.transfer.triton_gather import DEFAULT_PROGRAMS, gather_rows
 
@@ -44,14 +45,25 @@ class TritonTransferEngine(TorchTransferEngine):
         return self._staging[:needed].view(shape)
 
     def gather_rows(
-        self, arena: torch.Tensor, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        arena: torch.Tensor,
+        indices: torch.Tensor,
+        outputs: list[tuple[torch.Tensor, torch.Tensor]],
+        hot: HotCache | None = None,
     ) -> None:
         batch, k = indices.shape
         rows = self._staging_for((batch, k, *arena.shape[2:]), arena.dtype)
         compute = torch.cuda.current_stream(self.compute_device)
+        indices = indices.to(self.compute_device)
+        if hot is not None:  # bookkeeping on the compute stream: small kernels, ordered with the selection
+            indices, hot_slots = hot.plan(indices, arena.shape[1])
         self.stream.wait_stream(compute)  # indices are ready, and last step's readers of the buffers are done
         with torch.cuda.stream(self.stream):
-            gather_rows(arena, indices.to(self.compute_device), rows, num_programs=self.num_programs)
+            if hot is None:
+                gather_rows(arena, indices, rows, num_programs=self.num_programs)
+                self.stats.bytes_fetched += rows.numel() * rows.element_size()
+            else:
+                gather_rows(arena, indices, rows, self.num_programs, hot=hot.data, hot_slots=hot_slots)
             for slot, (keys_out, values_out) in enumerate(outputs):
                 keys_out.copy_(rows[:, :, slot, 0].transpose(1, 2))
                 values_out.copy_(rows[:, :, slot, 1].transpose(1, 2))
@@ -59,7 +71,8 @@ class TritonTransferEngine(TorchTransferEngine):
                 event.record(self.stream)
                 self._events[(arena.data_ptr(), slot)] = event
         indices.record_stream(self.stream)
-        self.stats.bytes_fetched += rows.numel() * rows.element_size()
+        if hot is not None:
+            hot_slots.record_stream(self.stream)
         self.stats.gathers += 1
 
     def wait(self, arena: torch.Tensor, slot: int) -> None:

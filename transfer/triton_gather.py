@@ -25,14 +25,18 @@ TILE_ELEMENTS = 8192  # elements in flight per CTA per step (rows x block)
 @triton.jit
 def _gather_rows_kernel(
     source,  # [batch, tokens, row_elems], host (pinned) or device
-    indices,  # [batch, k] int64, device
+    indices,  # [batch, k] int64, device: token to read from source (-1: read the hot slot instead)
     target,  # [batch, k, row_elems], device, contiguous
+    hot,  # [batch, slots + 1, row_elems], device (HOT only)
+    hot_slots,  # [batch, k] int64, device (HOT only): slot a hit reads or a miss fills
     rows_total,  # batch * k
     k,
     row_elems,
     source_batch_stride,
+    hot_batch_stride,
     ROWS: tl.constexpr,  # rows in flight per iteration: small rows need several to fill the link
     BLOCK: tl.constexpr,  # elements per row per inner step
+    HOT: tl.constexpr,  # delta fetch through a hot cache
 ):
     program = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -42,17 +46,32 @@ def _gather_rows_kernel(
         jobs = tl.cast(first, tl.int64) + row_offsets  # int64: host arenas pass 2**31 elements
         live = jobs < rows_total
         tokens = tl.load(indices + jobs, mask=live, other=0).to(tl.int64)
-        source_rows = source + (jobs // k) * source_batch_stride + tokens * row_elems
+        from_source = live & (tokens >= 0)
+        source_rows = source + (jobs // k) * source_batch_stride + tl.maximum(tokens, 0) * row_elems
         target_rows = target + jobs * row_elems
+        if HOT:
+            slots = tl.load(hot_slots + jobs, mask=live, other=0).to(tl.int64)
+            hot_rows = hot + (jobs // k) * hot_batch_stride + slots * row_elems
+            from_hot = live & (tokens < 0)
         for start in range(0, row_elems, BLOCK):
             offsets = start + columns
-            inside = live[:, None] & (offsets < row_elems)[None, :]
-            values = tl.load(source_rows[:, None] + offsets[None, :], mask=inside)
-            tl.store(target_rows[:, None] + offsets[None, :], values, mask=inside)
+            inside = (offsets < row_elems)[None, :]
+            values = tl.load(source_rows[:, None] + offsets[None, :], mask=from_source[:, None] & inside)
+            if HOT:
+                cached = tl.load(hot_rows[:, None] + offsets[None, :], mask=from_hot[:, None] & inside)
+                values = tl.where(from_hot[:, None], cached, values)
+                # a miss lands in its slot too (uncached misses and hits write nowhere useful: the scratch row)
+                tl.store(hot_rows[:, None] + offsets[None, :], values, mask=from_source[:, None] & inside)
+            tl.store(target_rows[:, None] + offsets[None, :], values, mask=live[:, None] & inside)
 
 
 def gather_rows(
-    source: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, num_programs: int = DEFAULT_PROGRAMS
+    source: torch.Tensor,
+    indices: torch.Tensor,
+    out: torch.Tensor,
+    num_programs: int = DEFAULT_PROGRAMS,
+    hot: torch.Tensor | None = None,
+    hot_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[b, j] = source[b, indices[b, j]]`` for rows of any shape, by the persistent kernel.
 
@@ -61,6 +80,10 @@ def gather_rows(
         indices: ``[batch, k]`` integer token indices (on the GPU; never copied to the host).
         out: ``[batch, k, *row]`` contiguous output, same dtype as ``source``.
         num_programs: CTAs of the persistent launch; few enough to leave SMs to compute.
+        hot, hot_slots: delta fetch through a hot cache ``[batch, slots + 1, *row]``: where
+            ``indices`` is -1 the row is read from ``hot[b, hot_slots[b, j]]`` instead of
+            ``source``; every row read from ``source`` is also stored at ``hot[b, hot_slots[b, j]]``
+            (point uncached misses at the scratch slot).
     """
     batch, k = indices.shape
     if out.shape[:2] != (batch, k) or out.shape[2:] != source.shape[2:] or out.dtype != source.dtype:
@@ -69,13 +92,29 @@ def gather_rows(
         )
     if not out.is_contiguous() or source[0, 0].numel() * source.shape[1] != source[0].numel():
         raise ValueError("gather_rows needs a contiguous output and token-contiguous rows in the source")
+    use_hot = hot is not None
+    if use_hot and (hot.shape[2:] != source.shape[2:] or not hot.is_contiguous() or hot_slots.shape != (batch, k)):
+        raise ValueError(f"hot cache {tuple(hot.shape)} does not fit rows of {tuple(source.shape)}")
     row_elems = source[0, 0].numel()
     if batch * k == 0 or row_elems == 0:
         return out
     block = min(MAX_BLOCK, triton.next_power_of_2(row_elems))
     rows = max(1, min(64, TILE_ELEMENTS // block))  # about 8K elements (16 KB of bf16) in flight per CTA
     programs = max(1, min(num_programs, triton.cdiv(batch * k, rows)))
+    indices = indices.contiguous()
     _gather_rows_kernel[(programs,)](
-        source, indices.contiguous(), out, batch * k, k, row_elems, source.stride(0), ROWS=rows, BLOCK=block
+        source,
+        indices,
+        out,
+        hot if use_hot else out,
+        hot_slots.contiguous() if use_hot else indices,
+        batch * k,
+        k,
+        row_elems,
+        source.stride(0),
+        hot.stride(0) if use_hot else 0,
+        ROWS=rows,
+        BLOCK=block,
+        HOT=use_hot,
     )
     return out

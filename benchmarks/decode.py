@@ -1,0 +1,486 @@
+"""Decode-step benchmark: Llama-3-8B geometry (random bf16 weights), long contexts, HF baselines
+and OmniKV (GPU mode, offload, offload + hot cache) in one process.
+
+The caches are filled directly with random KV (no 128K prefill: speed does not depend on the
+values), then each path runs decode steps. For each: wall ms per step (median, host included),
+GPU-busy ms per step (union of kernel and copy intervals in a torch.profiler trace), bytes over
+PCIe per step, the PCIe floor (bytes / pinned-copy bandwidth measured here), the HBM roofline
+(bytes the step must read / device-copy bandwidth measured here), the share of the gather time
+hidden behind other kernels, and kernel launches per step.
+
+    python benchmarks/decode.py --contexts 32768,131072 --batches 1,4 --budgets 2048,0.067 > decode.json
+
+Prints one JSON object on stdout and a table on stderr. ``--tiny`` runs a small geometry on CPU
+or GPU to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+
+import omnikv_runtime as okv
+from omnikv_runtime.engine import _cache_keyword
+from omnikv_runtime.transfer import HotCache
+
+FILTER_LAYERS = [2, 8, 18]
+GATHER_KERNEL = "_gather_rows_kernel"
+
+
+def model_config(tiny: bool) -> LlamaConfig:
+    if tiny:
+        geometry = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=24, num_attention_heads=8)
+        geometry.update(num_key_value_heads=2, vocab_size=1000)
+    else:  # Llama-3-8B
+        geometry = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
+        geometry.update(num_key_value_heads=8, vocab_size=128256)
+    config = LlamaConfig(
+        **geometry, max_position_embeddings=1 << 21, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bandwidths(device: torch.device) -> dict[str, float]:
+    """GB/s of a pinned host-to-device copy and of a device-to-device copy (read + write counted once each)."""
+    if device.type != "cuda":
+        return {"pcie_gbps": None, "hbm_gbps": None}
+    size = 1 << 30
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    on_device = torch.empty(size, dtype=torch.uint8, device=device)
+    other = torch.empty(size, dtype=torch.uint8, device=device)
+
+    def timed(fn) -> float:
+        fn()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            fn()
+        sync(device)
+        return (time.perf_counter() - start) / 5
+
+    pcie = size / timed(lambda: on_device.copy_(host, non_blocking=True)) / 1e9
+    hbm = 2 * size / timed(lambda: other.copy_(on_device)) / 1e9
+    return {"pcie_gbps": round(pcie, 1), "hbm_gbps": round(hbm, 1)}
+
+
+def random_kv(config: LlamaConfig, batch: int, tokens: int, device: torch.device, dtype: torch.dtype):
+    head_dim = config.hidden_size // config.num_attention_heads
+    keys = torch.randn(batch, config.num_key_value_heads, tokens, head_dim, device=device, dtype=dtype)
+    return keys, torch.randn_like(keys)
+
+
+def fill(cache, config, batch, tokens, device, dtype, chunk: int = 32768) -> None:
+    """Append `tokens` random prompt tokens to every layer (HF caches via update, ours directly)."""
+    for start in range(0, tokens, chunk):
+        count = min(chunk, tokens - start)
+        for layer in range(config.num_hidden_layers):
+            keys, values = random_kv(config, batch, count, device, dtype)
+            if isinstance(cache, okv.OmniKVCache):
+                cache.append_prompt_kv(layer, keys, values)
+            elif isinstance(cache, StaticCache):
+                positions = torch.arange(start, start + count, device=device)
+                cache.update(keys, values, layer, {"cache_position": positions})
+            else:
+                cache.update(keys, values, layer)
+    sync(device)
+
+
+def decode_steps(forward, cache, batch, start, steps, device, cache_keyword) -> list[float]:
+    """Wall ms of each of `steps` decode steps (synchronised before and after each)."""
+    times = []
+    tokens = torch.full((batch, 1), 5, device=device)
+    for i in range(steps):
+        positions = torch.full((batch, 1), start + i, device=device)
+        sync(device)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            forward(input_ids=tokens, position_ids=positions, use_cache=True, **{cache_keyword: cache})
+        sync(device)
+        times.append((time.perf_counter() - began) * 1e3)
+    return times
+
+
+def host_syncs(forward, cache, batch, start, device, cache_keyword) -> int | None:
+    """Host synchronisations in one decode step (torch's sync debug mode counts them as warnings)."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            tokens = torch.full((batch, 1), 5, device=device)
+            positions = torch.full((batch, 1), start, device=device)
+            with torch.inference_mode():
+                forward(input_ids=tokens, position_ids=positions, use_cache=True, **{cache_keyword: cache})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
+    for warning in syncs[:3]:
+        print(f"host sync: {warning.filename}:{warning.lineno}: {str(warning.message)[:100]}", file=sys.stderr)
+    return len(syncs)
+
+
+def gpu_profile(forward, cache, batch, start, steps, device, cache_keyword) -> dict[str, float]:
+    """GPU-busy ms, gather ms, hidden share of the gather and kernels per step, from a profiler trace."""
+    if device.type != "cuda":
+        return {}
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        decode_steps(forward, cache, batch, start, steps, device, cache_keyword)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        profiler.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as handle:
+            events = json.load(handle)["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    intervals = [(e["ts"], e["ts"] + e["dur"]) for e in gpu]
+    gathers = [(e["ts"], e["ts"] + e["dur"]) for e in gpu if GATHER_KERNEL in e.get("name", "")]
+    others = union([(e["ts"], e["ts"] + e["dur"]) for e in gpu if GATHER_KERNEL not in e.get("name", "")])
+    gather_time = sum(end - begin for begin, end in gathers)
+    hidden = sum(overlap(interval, others) for interval in gathers)
+    runtime: dict[str, float] = {}  # CUDA runtime calls on the host: where a step blocks
+    for event in events:
+        if event.get("cat") == "cuda_runtime" and "dur" in event:
+            runtime[event["name"]] = runtime.get(event["name"], 0.0) + event["dur"] / 1e3 / steps
+    slowest = dict(sorted(runtime.items(), key=lambda item: -item[1])[:4])
+    return {
+        "runtime_api_ms": {name: round(ms, 2) for name, ms in slowest.items()},
+        "gpu_busy_ms": round(total(union(intervals)) / 1e3 / steps, 3),
+        "gather_ms": round(gather_time / 1e3 / steps, 3),
+        "gather_hidden_share": round(hidden / gather_time, 3) if gather_time else None,
+        "kernels_per_step": round(sum(1 for e in gpu if e.get("cat") == "kernel") / steps, 1),
+    }
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for begin, end in sorted(intervals):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(begin, end) for begin, end in merged]
+
+
+def total(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - begin for begin, end in intervals)
+
+
+def overlap(interval: tuple[float, float], merged: list[tuple[float, float]]) -> float:
+    begin, end = interval
+    return sum(max(0.0, min(end, b) - max(begin, a)) for a, b in merged if a < end and b > begin)
+
+
+def kv_bytes_per_token_layer(config: LlamaConfig, dtype: torch.dtype) -> int:
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def fits(needed_bytes: int, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed_bytes < 0.92 * free
+
+
+class Bench:
+    """One (context, batch) cell: runs every variant and collects rows."""
+
+    def __init__(self, args, model, config, device, dtype, links):
+        self.args, self.model, self.config, self.device, self.dtype, self.links = (
+            args,
+            model,
+            config,
+            device,
+            dtype,
+            links,
+        )
+        self.weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.per_token_layer = kv_bytes_per_token_layer(config, dtype)
+        self.keyword = _cache_keyword(model)
+
+    def roofline_ms(self, read_bytes: int) -> float | None:
+        if not self.links["hbm_gbps"]:
+            return None
+        return round((self.weights + read_bytes) / (self.links["hbm_gbps"] * 1e9) * 1e3, 3)
+
+    def measure(self, forward, cache, batch, context, label: str = "") -> dict[str, Any]:
+        steps, warmup = self.args.steps, self.args.warmup
+        decode_steps(forward, cache, batch, context, warmup, self.device, self.keyword)
+        allocs = torch.cuda.memory_stats(self.device).get("num_device_alloc", 0) if self.device.type == "cuda" else 0
+        if self.args.cprofile:
+            import cProfile
+            import pstats
+
+            profile = cProfile.Profile()
+            times = profile.runcall(
+                decode_steps, forward, cache, batch, context + warmup, steps, self.device, self.keyword
+            )
+            with open(os.path.join(self.args.cprofile, f"{label}.txt"), "w", encoding="utf-8") as handle:
+                pstats.Stats(profile, stream=handle).sort_stats("tottime").print_stats(30)
+        else:
+            times = decode_steps(forward, cache, batch, context + warmup, steps, self.device, self.keyword)
+        row = {"wall_ms": round(statistics.median(times), 3), "wall_min_ms": round(min(times), 3)}
+        if self.device.type == "cuda":
+            allocs = torch.cuda.memory_stats(self.device).get("num_device_alloc", 0) - allocs
+            row["device_allocs_per_step"] = round(allocs / steps, 2)
+        row["host_syncs"] = host_syncs(forward, cache, batch, context + warmup + steps, self.device, self.keyword)
+        row.update(
+            gpu_profile(
+                forward, cache, batch, context + warmup + steps + 1, self.args.profile_steps, self.device, self.keyword
+            )
+        )
+        return row
+
+    def hf_rows(self, context: int, batch: int) -> list[dict[str, Any]]:
+        rows = []
+        self.model.set_attn_implementation("sdpa")
+        dense_kv = self.config.num_hidden_layers * batch * context * self.per_token_layer
+        base = {"context": context, "batch": batch, "budget": "all"}
+        for name in self.args.hf:
+            row = {**base, "path": name}
+            if name in ("hf_dynamic", "hf_static_compile") and not fits(dense_kv, self.device):
+                rows.append({**row, "skipped": f"{dense_kv / 2**30:.0f} GiB of KV does not fit the GPU"})
+                continue
+            if name == "hf_static_compile" and batch not in self.args.static_batches:
+                rows.append({**row, "skipped": "not run at this batch (compile time; --static-batches)"})
+                continue
+            if name == "hf_offload" and context > self.args.hf_offload_max_context:
+                rows.append(
+                    {**row, "skipped": f"not run above {self.args.hf_offload_max_context} tokens (seconds per step)"}
+                )
+                continue
+            try:
+                started = time.perf_counter()
+                forward = self.model
+                if name == "hf_dynamic":
+                    cache = DynamicCache(config=self.config)
+                elif name == "hf_offload":
+                    cache = DynamicCache(config=self.config, offloading=True)
+                else:
+                    cache = StaticCache(config=self.config, max_cache_len=context + 64)
+                    forward = torch.compile(self.model, mode="reduce-overhead")
+                fill(cache, self.config, batch, context, self.device, self.dtype)
+                row.update(self.measure(forward, cache, batch, context, f"{name}_{context}_{batch}"))
+                row["roofline_ms"] = self.roofline_ms(dense_kv)
+                row["setup_s"] = round(time.perf_counter() - started, 1)
+                if name == "hf_offload":
+                    moved = (self.config.num_hidden_layers - 1) * batch * context * self.per_token_layer
+                    row["pcie_bytes_per_step"] = moved
+                    row["pcie_bytes_note"] = "estimate: every layer's KV but one crosses to the GPU each step"
+            except Exception as exc:  # a baseline that fails is reported, the others still run
+                traceback.print_exc()
+                row["skipped"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            finally:
+                cache = forward = None
+                gc.collect()
+                torch.cuda.empty_cache() if self.device.type == "cuda" else None
+            rows.append(row)
+        return rows
+
+    def ours_rows(self, context: int, batch: int) -> list[dict[str, Any]]:
+        rows = []
+        layers = self.config.num_hidden_layers
+        for mode in self.args.modes:
+            offload = "none" if mode == "gpu" else "cpu"
+            plan = okv.LayerPlan.build(layers, FILTER_LAYERS, 1, True)
+            sparse = len(plan.sparse_layers)
+            host_tier = sparse * batch * context * self.per_token_layer
+            dense_tier = (layers - sparse) * batch * context * self.per_token_layer
+            gpu_needed = dense_tier + (host_tier if offload == "none" else 0)
+            base = {"context": context, "batch": batch, "path": f"omnikv_{mode}"}
+            if not fits(gpu_needed, self.device):
+                for budget in self.args.budgets:
+                    rows.append(
+                        {
+                            **base,
+                            "budget": budget,
+                            "skipped": f"{gpu_needed / 2**30:.0f} GiB of KV does not fit the GPU",
+                        }
+                    )
+                continue
+            hot_settings = [0] if offload == "none" else [0, *self.args.hot_multiples]
+            config = {
+                "omnikv": {"filter_layers": FILTER_LAYERS, "wait_layers": 1, "token_budget": 2048},
+                "offload": {"device": offload, "transfer": self.args.transfer},
+            }
+            engine = okv.initialize(self.model, config)
+            cache = engine.new_cache(reserve_tokens=context + 1024, prompt_tokens=context)
+            started = time.perf_counter()
+            fill(cache, self.config, batch, context, self.device, self.dtype)
+            fill_s = round(time.perf_counter() - started, 1)
+            position = context
+            for budget in self.args.budgets:
+                k = budget if isinstance(budget, int) else max(64, int(budget * context + 0.999))
+                for multiple in hot_settings:
+                    row = {**base, "budget": budget, "selected": k, "fill_s": fill_s}
+                    if multiple:
+                        row["path"] += f"_hot{multiple}x"
+                    cache.budget = lambda _context, k=k: min(k, _context)
+                    cache.hot_cache_tokens = multiple * k
+                    cache.hot_caches = [None] * len(plan.segments)
+                    for segment, arena in enumerate(cache.arenas):
+                        if multiple and arena is not None:
+                            cache.hot_caches[segment] = HotCache(
+                                engine.eviction,
+                                batch,
+                                multiple * k,
+                                arena.row_shape,
+                                self.dtype,
+                                self.device,
+                                arena.capacity,
+                            )
+                    engine.transfer.reset_stats()
+                    label = f"{row['path']}_{context}_{batch}_{budget}"
+                    row.update(self.measure(self.model, cache, batch, position, label))
+                    steps = self.args.warmup + self.args.steps + self.args.profile_steps + 1
+                    position += steps
+                    fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
+                    written = engine.transfer.stats.bytes_written
+                    row["pcie_bytes_per_step"] = int((fetched + written) / steps) if offload == "cpu" else 0
+                    if offload == "cpu" and self.links["pcie_gbps"]:
+                        row["pcie_floor_ms"] = round(
+                            row["pcie_bytes_per_step"] / (self.links["pcie_gbps"] * 1e9) * 1e3, 3
+                        )
+                    row["roofline_ms"] = self.roofline_ms(dense_tier + sparse * batch * k * self.per_token_layer)
+                    if multiple:
+                        hot = cache.hot_counters()
+                        row["hot_hit_rate"] = round(hot["hot_hits"] / max(1, hot["hot_hits"] + hot["hot_misses"]), 3)
+                    rows.append(row)
+            del cache, engine
+            gc.collect()
+            torch.cuda.empty_cache() if self.device.type == "cuda" else None
+        return rows
+
+
+def check_offload(rows: list[dict[str, Any]]) -> None:
+    """Offload step within 1.15x of max(PCIe floor, the GPU-mode step) of the same cell."""
+    gpu = {(r["context"], r["batch"], r["budget"]): r for r in rows if r["path"] == "omnikv_gpu" and "wall_ms" in r}
+    for row in rows:
+        if row["path"].startswith("omnikv_offload") and "wall_ms" in row:
+            reference = gpu.get((row["context"], row["batch"], row["budget"]))
+            bound = max(row.get("pcie_floor_ms", 0.0), reference["wall_ms"] if reference else 0.0)
+            if bound:
+                row["vs_bound"] = round(row["wall_ms"] / bound, 3)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    columns = [
+        "context",
+        "batch",
+        "budget",
+        "path",
+        "wall_ms",
+        "gpu_busy_ms",
+        "kernels_per_step",
+        "pcie_bytes_per_step",
+        "pcie_floor_ms",
+        "roofline_ms",
+        "gather_ms",
+        "gather_hidden_share",
+        "hot_hit_rate",
+        "vs_bound",
+    ]
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(" | ".join(str(row.get(c, "")) for c in columns[:4]) + f" | skipped: {row['skipped']}")
+        else:
+            lines.append(" | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    return "\n".join(lines)
+
+
+def parse_budget(text: str) -> int | float:
+    return float(text) if "." in text else int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="32768,131072")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--budgets", default="2048,0.067")
+    parser.add_argument(
+        "--hf", default="hf_dynamic,hf_static_compile,hf_offload", help="HF baselines to run ('' for none)"
+    )
+    parser.add_argument("--static-batches", default="1", help="batches at which StaticCache + torch.compile runs")
+    parser.add_argument("--hf-offload-max-context", type=int, default=32768)
+    parser.add_argument("--modes", default="gpu,offload", help="OmniKV host-tier modes: gpu (offload none), offload")
+    parser.add_argument("--hot-multiples", default="2", help="hot cache sizes as multiples of the budget")
+    parser.add_argument("--transfer", default="auto")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="small geometry, to check the script")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="also write the JSON here after every cell")
+    parser.add_argument("--cprofile", help="folder for a cProfile of each path's timed steps (Python hot spots)")
+    args = parser.parse_args(argv)
+    args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.batches = [int(x) for x in args.batches.split(",")]
+    args.budgets = [parse_budget(x) for x in args.budgets.split(",")]
+    args.hf = [x for x in args.hf.split(",") if x]
+    args.static_batches = [int(x) for x in args.static_batches.split(",") if x]
+    args.modes = [x for x in args.modes.split(",") if x]
+    args.hot_multiples = [int(x) for x in args.hot_multiples.split(",") if x]
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = model_config(args.tiny)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    links = bandwidths(device)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "command": "python benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "geometry": "tiny" if args.tiny else "Llama-3-8B (random bf16 weights)",
+        "filled": "caches filled directly with random KV, no prefill",
+        "filter_layers": FILTER_LAYERS,
+        **links,
+        "rows": [],
+    }
+    bench = Bench(args, model, config, device, dtype, links)
+    for context in args.contexts:
+        for batch in args.batches:
+            rows = bench.hf_rows(context, batch)
+            try:
+                rows += bench.ours_rows(context, batch)
+            except Exception as exc:
+                traceback.print_exc()
+                rows.append(
+                    {"context": context, "batch": batch, "path": "omnikv", "skipped": f"{type(exc).__name__}: {exc}"}
+                )
+            result["rows"].extend(rows)
+            check_offload(result["rows"])
+            print(table(rows), file=sys.stderr, flush=True)
+            if args.out:
+                with open(args.out, "w", encoding="utf-8") as handle:
+                    json.dump(result, handle, indent=1)
+    print(json.dumps(result, indent=1))
+    print(table(result["rows"]), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
