@@ -32,7 +32,6 @@ from typing import Any
 import psutil
 import torch
 
-from omnikv_runtime.cache_layers import SparseLayerKV
 from omnikv_runtime.config import load_config
 from omnikv_runtime.engine import Engine
 from omnikv_runtime.planner import ModelGeometry, hf_config_dict, parse_bytes, plan_memory
@@ -54,27 +53,19 @@ TINY_CONFIG = {
     "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 8},
     "prefill": {"chunk_size": 16},
 }
-TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_working_allocated", "host", "host_allocated")
+TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_working_allocated", "gpu_hot", "host", "host_allocated")
 
 
 def fill_cache(cache: Any, tokens: int, batch: int, kv_heads: int, head_dim: int, dtype, device, chunk: int) -> None:
-    """Write ``tokens`` random tokens of K/V into every layer of ``cache``, chunk by chunk and layer by
-    layer in a prefill's order (dense layers' buffers, sparse layers' host arenas), then mark them as
-    the selectable context. No model forward runs."""
+    """Write ``tokens`` random tokens of K/V into every layer of ``cache`` with ``cache.append_prompt_kv``,
+    chunk by chunk in a prefill's order (dense layers' buffers, sparse layers' host arenas). No forward."""
     chunk = min(chunk or tokens, tokens)
     for start in range(0, tokens, chunk):
         count = min(chunk, tokens - start)
-        for layer_idx, layer in enumerate(cache.layers):
+        for layer_idx in range(len(cache.layers)):
             keys = torch.randn(batch, kv_heads, count, head_dim, dtype=dtype, device=device)
             values = torch.randn(batch, kv_heads, count, head_dim, dtype=dtype, device=device)
-            if isinstance(layer, SparseLayerKV):
-                cache._ensure_arena(layer_idx, keys)
-                if not layer.is_initialized:
-                    layer.lazy_initialization(keys, values)
-                layer.length = layer.arena.append(layer.slot, keys, values)
-            else:
-                layer.update(keys, values)
-    cache.context_len = tokens
+            cache.append_prompt_kv(layer_idx, keys, values)
 
 
 def _host_allocator_stats() -> dict[str, int]:

@@ -101,7 +101,7 @@ def print_report(report: dict[str, Any]) -> None:
         ("KV gpu selected (budget)", lambda p: p["tiers"]["gpu_selected"]),
         ("KV gpu tail (new tokens)", lambda p: p["tiers"]["gpu_tail"]),
         ("KV gpu working allocated", lambda p: p["tiers"]["gpu_working_allocated"]),
-        ("KV gpu hot cache", lambda p: p["tiers"]["gpu_hot_cache"]),
+        ("KV gpu hot cache", lambda p: p["tiers"]["gpu_hot"] + p["tiers"]["gpu_hot_state"]),
         ("KV host tier (allocated)", lambda p: p["tiers"]["host_allocated"]),
         ("KV host tier (pinned, pow2)", lambda p: p["tiers"]["host_reserved"]),
         ("staging buffers", lambda p: p["staging"]),

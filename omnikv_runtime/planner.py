@@ -26,7 +26,7 @@ from omnikv_runtime.layout import LayerPlan
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
-HOT_CACHE_BOOKKEEPING_BYTES = 8  # per hot-cache slot and batch row: int32 token id + float32 eviction state
+HOT_CACHE_STATE_BYTES = 8  # eviction state per hot-cache slot and batch row (LFU: two float32)
 
 
 def parse_bytes(text: str | int | float, what: str = "memory") -> int:
@@ -228,7 +228,8 @@ def plan_memory(
 
     Tier figures mirror the cache: ``gpu_dense`` (allocated, ``prompt + new`` rows per dense layer),
     ``gpu_selected`` / ``gpu_tail`` (rows in use at the end: budget and ``new - 1`` per sparse layer),
-    ``gpu_working_allocated`` (their buffers, grown by doubling), ``gpu_hot_cache`` and ``host`` /
+    ``gpu_working_allocated`` (their buffers, grown by doubling), ``gpu_hot`` (the hot caches with their
+    token maps; ``gpu_hot_state`` adds the eviction policy's per-slot state) and ``host`` /
     ``host_allocated`` (arenas of the sparse layers; on the GPU when ``offload.device`` is ``none``), and
     ``host_reserved``: the pinned memory they take, each arena rounded up to a power of two as torch's
     caching host allocator does (what ``host`` totals, and what must fit the host's memory).
@@ -252,7 +253,6 @@ def plan_memory(
         "gpu_selected": sparse * budget * row if decode_steps else 0,
         "gpu_tail": sparse * decode_steps * row,
         "gpu_working_allocated": sparse * working_rows(budget, decode_steps) * row,
-        "gpu_hot_cache": 0,
         "host": sparse * stored * row,
         "host_allocated": sparse * arena_rows(context, new_tokens, config.prefill.chunk_size) * row,
     }
@@ -261,10 +261,15 @@ def plan_memory(
     pinned = config.offload.device == "cpu" and config.offload.pin_memory
     # torch's caching host allocator rounds each pinned block up to a power of two
     tiers["host_reserved"] = sum(_pow2_ceil(a) if pinned else a for a in arenas if a)
-    hot = config.offload.hot_cache_tokens
-    if sparse and hot and config.offload.device == "cpu":
-        segments = [s for s in plan.segments if s.sparse_layers]
-        tiers["gpu_hot_cache"] = sparse * hot * row + len(segments) * batch * hot * HOT_CACHE_BOOKKEEPING_BYTES
+    hot = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
+    hot_segments = [len(s.sparse_layers) for s in plan.segments if s.sparse_layers] if hot else []
+    # per segment: packed rows [batch, slots + 1, layers, 2, kv_heads, head_dim], int64 token of each slot,
+    # int64 slot of each arena token; the eviction policy's float32 state per slot (up to two, LFU)
+    tiers["gpu_hot"] = sum(
+        batch * (hot + 1) * (layers * geometry.kv_row_bytes(dtype_bytes) + 8) + batch * (arena_tokens + 1) * 8
+        for layers in hot_segments
+    )
+    tiers["gpu_hot_state"] = len(hot_segments) * batch * (hot + 1) * HOT_CACHE_STATE_BYTES
     widest = max((len(s.sparse_layers) for s in plan.segments), default=0)
     staging = batch * budget * widest * geometry.kv_row_bytes(dtype_bytes) if decode_steps else 0
     result = MemoryPlan(
@@ -283,7 +288,7 @@ def plan_memory(
     )
     if not prefill:
         result.activations["prefill"] = 0
-    gpu_kv = tiers["gpu_dense"] + tiers["gpu_working_allocated"] + tiers["gpu_hot_cache"]
+    gpu_kv = tiers["gpu_dense"] + tiers["gpu_working_allocated"] + tiers["gpu_hot"] + tiers["gpu_hot_state"]
     on_gpu_host = config.offload.device == "none"
     if on_gpu_host:
         gpu_kv += tiers["host_allocated"]
@@ -307,7 +312,8 @@ def _activations(
     then the larger of the MLP (gate, up, product: ``3 c × intermediate``) and attention: with a
     past, the ``[c, L]`` bool mask and its float copy, K/V repeated to every query head, and for a
     sparse layer its full KV read back from the host tier. A single-chunk prefill has no mask and
-    keeps grouped heads. Decode: a filter layer scores every context key in float32, plus logits.
+    keeps grouped heads. Decode: a filter layer's logits over every context key (in the keys' dtype for
+    half precision, then float32 copies), plus the LM head's logits.
     """
     g, b, d = geometry, batch, dtype_bytes
     chunk = min(config.prefill.chunk_size or context, context)
@@ -322,6 +328,6 @@ def _activations(
     decode_core = b * (g.hidden * d * 4 + 3 * g.intermediate * d + g.vocab * (d + 8))
     selection = 0
     if plan.sparse_layers:
-        selection = b * (g.kv_heads * context * g.head_dim * 4 + 2 * g.num_heads * context * 4 + 2 * context * 4)
-        selection += b * budget * 16
+        keys_copy = 0 if d == 2 else g.kv_heads * context * g.head_dim * 4
+        selection = b * (keys_copy + g.num_heads * context * (d + 12) + 2 * context * 4 + budget * 16)
     return {"prefill": prefill, "decode": decode_core + selection}

@@ -118,13 +118,16 @@ def describe_shortfall(plan: MemoryPlan, config: OmniKVConfig, gpu_free: int, ho
     tiers = plan.tiers
     parts = []
     if gpu_short:
-        parts.append(
-            f"GPU needs {_gb(plan.gpu)} (weights {_gb(plan.weights)}, dense-layer KV {_gb(tiers['gpu_dense'])}, "
-            f"selected+tail buffers {_gb(tiers['gpu_working_allocated'])}, hot cache {_gb(tiers['gpu_hot_cache'])}, "
-            + (f"sparse-layer KV {_gb(tiers['host_allocated'])}, " if plan.offload == "none" and plan.omnikv else "")
-            + f"staging {_gb(plan.staging)}, activations {_gb(max(plan.activations.values()))}) "
-            f"but {_gb(gpu_free)} are available"
-        )
+        pieces = [
+            f"weights {_gb(plan.weights)}",
+            f"dense-layer KV {_gb(tiers['gpu_dense'])}",
+            f"selected+tail buffers {_gb(tiers['gpu_working_allocated'])}",
+            f"hot cache {_gb(tiers['gpu_hot'] + tiers['gpu_hot_state'])}",
+        ]
+        if plan.offload == "none" and plan.omnikv:
+            pieces.append(f"sparse-layer KV {_gb(tiers['host_allocated'])}")
+        pieces += [f"staging {_gb(plan.staging)}", f"activations {_gb(max(plan.activations.values()))}"]
+        parts.append(f"GPU needs {_gb(plan.gpu)} ({', '.join(pieces)}) but {_gb(gpu_free)} are available")
     if host_short:
         parts.append(f"host needs {_gb(plan.host)} (pinned KV of the sparse layers) but {_gb(host_free)} are available")
     what = f"{plan.batch} x {plan.context} prompt tokens + {plan.new_tokens} new tokens"

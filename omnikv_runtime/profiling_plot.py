@@ -16,7 +16,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot_cache", "host")
+_TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host")
 
 
 def plot_report(report: dict[str, Any] | str | Path, path: str | Path) -> bool:

@@ -11,7 +11,7 @@ from omnikv_runtime.cli import main
 from omnikv_runtime.planner import KNOWN_GEOMETRIES, ModelGeometry, parse_bytes, plan_memory, working_rows
 from omnikv_runtime.planner_fit import dense_twin, describe_shortfall, fits, longest_context
 
-TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_working_allocated", "host", "host_allocated")
+TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_working_allocated", "gpu_hot", "host", "host_allocated")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -27,12 +27,12 @@ def test_llama3_8b_geometry():
 
 
 @pytest.mark.parametrize(
-    ("batch", "new_tokens", "budget", "chunk"),
-    [(1, 6, 10, None), (2, 9, 0.25, 16), (2, 1, 12, 7), (1, 40, 5, 16)],
+    ("batch", "new_tokens", "budget", "chunk", "hot"),
+    [(1, 6, 10, None, 0), (2, 9, 0.25, 16, 0), (2, 1, 12, 7, 0), (1, 40, 5, 16, 0), (2, 7, 6, 16, 12)],
 )
-def test_tiers_equal_what_the_cache_allocates(batch, new_tokens, budget, chunk):
+def test_tiers_equal_what_the_cache_allocates(batch, new_tokens, budget, chunk, hot):
     model = make_model("llama")
-    config = okv.load_config(omni(budget, prefill={"chunk_size": chunk}))
+    config = okv.load_config(omni(budget, prefill={"chunk_size": chunk}, offload={"hot_cache_tokens": hot}))
     engine = okv.initialize(model, config)
     caches = capture_caches(engine)
     ids, mask = make_prompt(batch)
@@ -40,7 +40,7 @@ def test_tiers_equal_what_the_cache_allocates(batch, new_tokens, budget, chunk):
     assert out.shape[1] == ids.shape[1] + new_tokens
     allocated = caches[-1].tier_bytes()
     plan = plan_memory(ModelGeometry.from_hf_config(model.config), config, ids.shape[1], batch, new_tokens)
-    assert allocated["host"] > 0 and allocated["gpu_dense"] > 0
+    assert allocated["host"] > 0 and allocated["gpu_dense"] > 0 and (allocated["gpu_hot"] > 0) == (hot > 0)
     assert {key: plan.tiers[key] for key in TIER_KEYS} == {key: allocated[key] for key in TIER_KEYS}
     # and from geometry by hand: 5 dense layers x (prompt + new) tokens x 2 KV heads x 16 x K,V x float32
     assert plan.tiers["gpu_dense"] == 5 * batch * (ids.shape[1] + new_tokens) * 2 * 16 * 2 * 4
