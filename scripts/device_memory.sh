@@ -9,12 +9,7 @@ set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r omnikv_runtime /tmp/pkg/ && \
-  cp -r transfer policies configs /tmp/pkg/omnikv_runtime/
-export PYTHONPATH=/tmp/site:/tmp/pkg
+source "$REPO/scripts/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; free -g | head -2
 case "${1:-}" in
   capacity)
