@@ -4,7 +4,7 @@
 #   scripts/device_memory.sh longest    # (b) longest context dense / OmniKV, decode at the OmniKV figure
 #   scripts/device_memory.sh profile    # PNG (if matplotlib) + Perfetto trace of one 8B-geometry run
 #   scripts/device_memory.sh tests      # GPU tests of the planner and profiler
-# HOST_MEMORY (default 120GiB) bounds the pinned host tier for `longest`; results go to $OUT.
+# HOST_MEMORY (default 110GiB; 120GiB reaches ~1M tokens but pins 112 GiB of a 128 GiB host) bounds the pinned host tier for `longest`; results go to $OUT.
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/out}
@@ -17,7 +17,7 @@ case "${1:-}" in
       --decode-steps 4 --omnikv-context 0 --out "$OUT/capacity_h100.json" 2>&1 | tail -40 ;;
   longest)
     python3 -P benchmarks/capacity.py --config llama3_8b --contexts "" --decode-steps 4 \
-      --host-memory "${HOST_MEMORY:-120GiB}" --omnikv-context "${CONTEXT:-auto}" \
+      --host-memory "${HOST_MEMORY:-110GiB}" --omnikv-context "${CONTEXT:-auto}" \
       --out "$OUT/capacity_longest_h100.json" 2>&1 | tail -40 ;;
   profile)
     python3 -P -m omnikv_runtime.cli profile --config llama3_8b --random-weights --prompt-tokens 32768 \
