@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import sys
 import time
@@ -85,6 +86,7 @@ def measure(model, config, geometry, context: int, batch: int, steps: int, devic
     engine = Engine(model, config)
     cuda = device.type == "cuda"
     plan = plan_memory(geometry, config, context, batch, steps + 1, prefill=False)
+    gc.collect()  # the previous run's cache and engine (reference cycles) must be gone before measuring
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -145,6 +147,7 @@ def measure(model, config, geometry, context: int, batch: int, steps: int, devic
         ratios = [v for k, v in result.items() if k.startswith("ratio_")]
         result["within_5_percent"] = all(abs(r - 1) <= 0.05 for r in ratios)
     del cache, engine
+    gc.collect()
     return result
 
 
@@ -168,7 +171,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     geometry = ModelGeometry.from_hf_config(hf_config_dict(config, model_config))
     gpu_memory, host_memory = _default_memories(args, device)
     steps = args.decode_steps
-    model = random_model(config, model_config, device)
+    longest_asked = 0 if args.omnikv_context == "auto" else int(args.omnikv_context)
+    positions = max([*args.contexts, longest_asked, 1 << 22]) + steps + 1  # random weights: no trained limit
+    model = random_model(config, model_config, device, min_positions=positions)
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
