@@ -17,6 +17,7 @@ or GPU to check the script itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -28,6 +29,7 @@ import traceback
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import omnikv_runtime as okv
@@ -50,6 +52,22 @@ def model_config(tiny: bool) -> LlamaConfig:
     )
     config._attn_implementation = "sdpa"
     return config
+
+
+@contextlib.contextmanager
+def sdpa_backends(names: str):
+    """Restrict SDPA to the named backends (flash, efficient, math, cudnn) inside the block."""
+    if not names:
+        yield
+        return
+    table = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+    with sdpa_kernel([table[name] for name in names.split(",")]):
+        yield
 
 
 def sync(device: torch.device) -> None:
@@ -252,6 +270,10 @@ class Bench:
         return row
 
     def hf_rows(self, context: int, batch: int) -> list[dict[str, Any]]:
+        with sdpa_backends(self.args.hf_sdpa_backends):
+            return self._hf_rows(context, batch)
+
+    def _hf_rows(self, context: int, batch: int) -> list[dict[str, Any]]:
         rows = []
         self.model.set_attn_implementation("sdpa")
         dense_kv = self.config.num_hidden_layers * batch * context * self.per_token_layer
@@ -368,6 +390,8 @@ class Bench:
                     rows.append(row)
             del cache, engine
             gc.collect()
+            if hasattr(torch._C, "_host_emptyCache"):  # hand cached pinned blocks back to the OS
+                torch._C._host_emptyCache()
             torch.cuda.empty_cache() if self.device.type == "cuda" else None
         return rows
 
@@ -432,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small geometry, to check the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="also write the JSON here after every cell")
+    parser.add_argument(
+        "--hf-sdpa-backends",
+        default="flash,efficient,math",
+        help="SDPA backends for the HF paths ('' for torch's choice, which includes cuDNN); OmniKV picks its own",
+    )
     parser.add_argument("--cprofile", help="folder for a cProfile of each path's timed steps (Python hot spots)")
     args = parser.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",")]

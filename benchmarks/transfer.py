@@ -50,7 +50,7 @@ def _wall_ms(fn, iters: int = 5) -> float:
     return (time.perf_counter() - start) * 1e3 / iters
 
 
-def measure(row_bytes: int, rows: int, host_bytes: int, programs: int) -> dict:
+def measure(row_bytes: int, rows: int, host_bytes: int, programs: int, tiles: list[int]) -> dict:
     from omnikv_runtime.transfer.triton_gather import gather_rows
 
     row_elems = row_bytes // 2
@@ -65,6 +65,12 @@ def measure(row_bytes: int, rows: int, host_bytes: int, programs: int) -> dict:
     copy_ms = _median_ms(lambda: copy_target.copy_(contiguous, non_blocking=True))
     ours_ms = _median_ms(lambda: gather_rows(source, indices, out, num_programs=programs))
     exact = torch.equal(out.cpu(), source[0, indices[0].cpu()][None])
+    by_tile = {}
+    for tile in tiles:  # elements in flight per CTA: the kernel's knob for small rows
+        tile_ms = _median_ms(
+            lambda tile=tile: gather_rows(source, indices, out, num_programs=programs, tile_elements=tile)
+        )
+        by_tile[tile] = round(copy_ms / tile_ms, 3)
 
     host_indices = indices[0].cpu()
     staging = torch.empty(rows, row_elems, dtype=torch.bfloat16).pin_memory()
@@ -85,6 +91,7 @@ def measure(row_bytes: int, rows: int, host_bytes: int, programs: int) -> dict:
         "ours_vs_pinned_copy": copy_ms / ours_ms,
         "ours_over_seed": seed_ms / ours_ms,
         "ours_exact": exact,
+        "ours_vs_pinned_copy_by_tile": by_tile,
     }
 
 
@@ -94,12 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-gib", type=float, default=4.0, help="size of the pinned host tier to gather from")
     parser.add_argument("--programs", type=int, default=32, help="CTAs of the persistent gather")
     parser.add_argument("--row-bytes", default="256,2048,16384,49152")
+    parser.add_argument("--tiles", default="", help="also time these tile sizes (elements in flight per CTA)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/transfer.py needs a CUDA GPU: it measures host-to-GPU transfers", file=sys.stderr)
         return 2
     results = [
-        measure(int(size), args.rows, int(args.host_gib * 2**30), args.programs) for size in args.row_bytes.split(",")
+        measure(
+            int(size),
+            args.rows,
+            int(args.host_gib * 2**30),
+            args.programs,
+            [int(t) for t in args.tiles.split(",") if t],
+        )
+        for size in args.row_bytes.split(",")
     ]
     summary = {
         "benchmark": "transfer",

@@ -13,10 +13,12 @@ A mask function is registered under the same name (the base's), or transformers 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -30,6 +32,18 @@ BASE_MASK_FUNCTIONS: dict[str, Callable] = {
     "eager": eager_mask,
     "flash_attention_2": flash_attention_mask,
 }
+
+
+# cuDNN's SDPA builds an execution plan for every new key length: about 3 ms of host time per call
+# on the H100 machine (benchmarks/decode.py, docs/BENCHMARKS.md), and a decode step brings a new
+# length every step. So decode attention over an OmniKV cache runs on the other SDPA backends.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _decode_backends(base: str, query: torch.Tensor, decoding: bool) -> contextlib.AbstractContextManager:
+    if base == "sdpa" and decoding and query.is_cuda:
+        return sdpa_kernel(DECODE_SDPA_BACKENDS)
+    return contextlib.nullcontext()
 
 
 def eager_attention(
@@ -107,11 +121,12 @@ def make_attention_function(base: str) -> Callable:
         note = take_note(getattr(module, "layer_idx", -1), key)
         if note is None:
             return base_function(module, query, key, value, attention_mask, **kwargs)
-        if note.columns is not None:  # sparse layer, decode
-            mask = gather_mask_columns(attention_mask, note.columns)
-            return base_function(module, query, key, value, mask, **kwargs)
-        output = base_function(module, query, key, value, attention_mask, **kwargs)
         cache = note.cache
+        with _decode_backends(base, query, cache.decoding):
+            if note.columns is not None:  # sparse layer, decode
+                mask = gather_mask_columns(attention_mask, note.columns)
+                return base_function(module, query, key, value, mask, **kwargs)
+            output = base_function(module, query, key, value, attention_mask, **kwargs)
         if cache.plan.role(note.layer_idx) is Role.FILTER:
             cache.remember_queries(note.layer_idx, query)
             if cache.decoding:

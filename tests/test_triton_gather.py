@@ -40,6 +40,17 @@ out = torch.full_like(expected, float("nan"))
 gather_rows(source, host_rows, out, num_programs=3, hot=hot, hot_slots=hot_slots)
 assert torch.equal(out, expected)
 assert torch.equal(hot[:, :4], expected_hot[:, :4])  # the scratch slot (4) may hold anything
+# the side-stream write-back: keys/values of any strides into one layer slot of a token-major arena
+from omnikv_runtime.transfer.triton_gather import scatter_rows
+
+arena = torch.full((2, 12, 3, 2, 2, 8), float("nan"))
+keys = torch.randn(2, 5, 2, 8).transpose(1, 2)  # [batch, heads, n, dim], not contiguous
+values = torch.randn(2, 2, 5, 8)
+scatter_rows(arena, 1, 4, keys, values)
+assert torch.equal(arena[:, 4:9, 1, 0], keys.transpose(1, 2))
+assert torch.equal(arena[:, 4:9, 1, 1], values.transpose(1, 2))
+assert torch.isnan(arena[:, :4]).all() and torch.isnan(arena[:, 9:]).all()
+assert torch.isnan(arena[:, 4:9, [0, 2]]).all()
 empty = torch.full((2, 0, 3), 7.0)
 gather_rows(torch.randn(2, 5, 3), torch.empty(2, 0, dtype=torch.long), empty)
 try:

@@ -4,8 +4,12 @@ A filter layer's indices stay on the GPU. The gather of every sparse layer of th
 queued on the transfer stream (after the compute stream's work so far), lands in a reused GPU
 staging buffer ``[batch, k, layers, 2, heads, dim]``, is split into each layer's working buffer,
 and each layer records an event. A sparse layer makes the compute stream wait on its event; the
-host never synchronises. Writes into the host tier stay on the compute stream (ordered with the
-KV they copy); reads of the full KV during chunked prefill use the torch path.
+host never synchronises.
+
+Writes into a pinned host tier (prefill chunks and each decode step's new token) also run on the
+transfer stream, by a small Triton kernel that stores straight into host memory, so a prefill
+chunk's offload overlaps the next chunk's compute; the transfer stream orders them before any
+later gather, and a full read of the host tier (chunked prefill) first waits for them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 
 from omnikv_runtime.transfer.hot_cache import HotCache
 from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
-from omnikv_runtime.transfer.triton_gather import DEFAULT_PROGRAMS, gather_rows
+from omnikv_runtime.transfer.triton_gather import DEFAULT_PROGRAMS, gather_rows, scatter_rows
 
 
 class TritonTransferEngine(TorchTransferEngine):
@@ -43,6 +47,21 @@ class TritonTransferEngine(TorchTransferEngine):
             with torch.cuda.stream(self.stream):
                 self._staging = torch.empty(needed, dtype=dtype, device=self.compute_device)
         return self._staging[:needed].view(shape)
+
+    def write_rows(self, arena: torch.Tensor, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if not (arena.is_pinned() and keys.is_cuda):  # device arena, or pageable after a failed pin: plain copies
+            super().write_rows(arena, slot, start, keys, values)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.compute_device))  # the new KV is computed
+        with torch.cuda.stream(self.stream):
+            scatter_rows(arena, slot, start, keys, values)
+        keys.record_stream(self.stream)  # keep the KV alive until the write has run
+        values.record_stream(self.stream)
+        self.stats.bytes_written += 2 * keys.numel() * keys.element_size()
+
+    def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.cuda.current_stream(self.compute_device).wait_stream(self.stream)  # writes in flight land first
+        return super().read_rows(arena, slot, stop, start)
 
     def gather_rows(
         self,

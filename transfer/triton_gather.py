@@ -72,6 +72,7 @@ def gather_rows(
     num_programs: int = DEFAULT_PROGRAMS,
     hot: torch.Tensor | None = None,
     hot_slots: torch.Tensor | None = None,
+    tile_elements: int = TILE_ELEMENTS,
 ) -> torch.Tensor:
     """``out[b, j] = source[b, indices[b, j]]`` for rows of any shape, by the persistent kernel.
 
@@ -84,6 +85,7 @@ def gather_rows(
             ``indices`` is -1 the row is read from ``hot[b, hot_slots[b, j]]`` instead of
             ``source``; every row read from ``source`` is also stored at ``hot[b, hot_slots[b, j]]``
             (point uncached misses at the scratch slot).
+        tile_elements: elements in flight per CTA and step (rows x block); small rows need more rows.
     """
     batch, k = indices.shape
     if out.shape[:2] != (batch, k) or out.shape[2:] != source.shape[2:] or out.dtype != source.dtype:
@@ -99,7 +101,7 @@ def gather_rows(
     if batch * k == 0 or row_elems == 0:
         return out
     block = min(MAX_BLOCK, triton.next_power_of_2(row_elems))
-    rows = max(1, min(64, TILE_ELEMENTS // block))  # about 8K elements (16 KB of bf16) in flight per CTA
+    rows = max(1, min(64, tile_elements // block))  # about 8K elements (16 KB of bf16) in flight per CTA
     programs = max(1, min(num_programs, triton.cdiv(batch * k, rows)))
     indices = indices.contiguous()
     _gather_rows_kernel[(programs,)](
@@ -118,3 +120,69 @@ def gather_rows(
         HOT=use_hot,
     )
     return out
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    keys,  # [batch, heads, n, dim], any strides, device
+    values,  # same shape, any strides, device
+    arena,  # [batch, capacity, layers, 2, heads, dim], contiguous, host (pinned) or device
+    n,
+    heads,
+    dim,
+    start,
+    slot,
+    key_strides_b,
+    key_strides_h,
+    key_strides_t,
+    value_strides_b,
+    value_strides_h,
+    value_strides_t,
+    arena_batch_stride,
+    arena_token_stride,
+    BLOCK: tl.constexpr,  # >= heads * dim
+):
+    job = tl.program_id(0)  # one token of one batch row
+    b = job // n
+    t = job % n
+    offsets = tl.arange(0, BLOCK)
+    inside = offsets < heads * dim
+    h = offsets // dim
+    d = offsets % dim
+    key_row = tl.load(keys + b * key_strides_b + t * key_strides_t + h * key_strides_h + d, mask=inside)
+    value_row = tl.load(values + b * value_strides_b + t * value_strides_t + h * value_strides_h + d, mask=inside)
+    target = arena + b.to(tl.int64) * arena_batch_stride + (start + t).to(tl.int64) * arena_token_stride
+    target += slot * 2 * heads * dim
+    tl.store(target + offsets, key_row, mask=inside)
+    tl.store(target + heads * dim + offsets, value_row, mask=inside)
+
+
+def scatter_rows(arena: torch.Tensor, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """``arena[b, start + t, slot] = (keys[b, :, t], values[b, :, t])``, written by the GPU (UVA stores
+    into pinned host memory), one program per token; keys and values may have any strides."""
+    batch, heads, n, dim = keys.shape
+    if arena.shape[0] != batch or arena.shape[-2:] != (heads, dim) or not arena.is_contiguous():
+        raise ValueError(f"rows of {tuple(keys.shape)} do not fit the arena {tuple(arena.shape)}")
+    if start + n > arena.shape[1] or values.shape != keys.shape or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("scatter_rows needs matching key/value shapes, unit-stride head_dim and room in the arena")
+    if batch * n == 0:
+        return
+    _scatter_rows_kernel[(batch * n,)](
+        keys,
+        values,
+        arena,
+        n,
+        heads,
+        dim,
+        start,
+        slot,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        arena.stride(0),
+        arena.stride(1),
+        BLOCK=triton.next_power_of_2(heads * dim),
+    )
