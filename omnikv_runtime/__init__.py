@@ -17,6 +17,7 @@ from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.engine import SUPPORTED_MODEL_TYPES, Engine, initialize
 from omnikv_runtime.errors import ConfigError, ModelLoadError, OmniKVError, PromptError, UnsupportedModelError
 from omnikv_runtime.layout import LayerPlan, Role
+from omnikv_runtime.profiling import MemoryProfiler, profile_memory
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -35,6 +36,7 @@ __all__ = [
     "ConfigError",
     "Engine",
     "LayerPlan",
+    "MemoryProfiler",
     "ModelLoadError",
     "OmniKVCache",
     "OmniKVConfig",
@@ -46,4 +48,5 @@ __all__ = [
     "initialize",
     "load_config",
     "load_model",
+    "profile_memory",
 ]

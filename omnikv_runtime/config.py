@@ -151,6 +151,14 @@ class GenerationSection(_Section):
     cot: bool = False
 
 
+class ProfilingSection(_Section):
+    """The memory profiler (``omnikv profile``, ``omnikv run --profile-memory``, ``okv.profile_memory``)."""
+
+    interval_ms: StrictFloat | StrictInt = Field(default=10, gt=0)
+    trace: bool = True  # a torch.profiler Chrome trace next to report.json
+    png: bool = True  # the timeline plot (needs matplotlib)
+
+
 class OmniKVConfig(_Section):
     """The whole config. Build it with :func:`load_config`."""
 
@@ -159,6 +167,7 @@ class OmniKVConfig(_Section):
     offload: OffloadSection = Field(default_factory=OffloadSection)
     prefill: PrefillSection = Field(default_factory=PrefillSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    profiling: ProfilingSection = Field(default_factory=ProfilingSection)
 
     def check_for_model(self, num_layers: int) -> None:
         """Raise ConfigError if the filter and wait layers do not fit a model of `num_layers` layers."""

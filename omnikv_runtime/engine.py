@@ -71,6 +71,8 @@ class Engine:
         self._cache_keyword = _cache_keyword(model)
         self._last_cache: OmniKVCache | None = None
         self._last_run: dict[str, Any] = {}
+        if config.model.max_context_len:  # refuse at initialize what can never fit (CUDA)
+            self.check_memory(1, config.model.max_context_len, 1)
         logger.info(
             "OmniKV plan for %d layers: %s (D dense, F filter, W wait, s sparse)", self.num_layers, self.plan.describe()
         )
@@ -153,6 +155,8 @@ class Engine:
             generate_kwargs["prefill_chunk_size"] = self.config.prefill.chunk_size
         if self.tokenizer is not None and "pad_token_id" not in generate_kwargs:
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        beams = generate_kwargs.get("num_beams") or 1
+        self.check_memory(input_ids.shape[0] * beams, input_ids.shape[1], max_new_tokens)
         cache = self.new_cache(reserve_tokens=input_ids.shape[1] + max_new_tokens, prompt_tokens=input_ids.shape[1])
         self.transfer.reset_stats()
         generate_kwargs[self._cache_keyword] = cache
@@ -168,6 +172,20 @@ class Engine:
         self._last_run = {"start": start, "end": end, "prompt_tokens": input_ids.shape[1], "batch": input_ids.shape[0]}
         self._last_run["new_tokens"] = output.shape[1] - input_ids.shape[1]
         return output
+
+    def check_memory(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
+        """On CUDA, raise PromptError (naming what to change) when the memory planner says the run cannot fit."""
+        if self.device.type != "cuda":
+            return
+        from omnikv_runtime.planner import ModelGeometry
+        from omnikv_runtime.planner_fit import check_run
+
+        config = self.config.model_copy(deep=True)
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        if dtype in ("float32", "bfloat16", "float16"):
+            config.model.dtype = dtype
+        geometry = ModelGeometry.from_hf_config(self.model.config.get_text_config(decoder=True))
+        check_run(geometry, config, self.device, batch, prompt_tokens, new_tokens)
 
     def stats(self) -> dict[str, Any]:
         """What the last generate did: tokens selected per filter layer and step, bytes moved, timings."""

@@ -1,0 +1,273 @@
+"""Capacity: the memory planner against what the engine really allocates, and decoding at the longest context.
+
+    python benchmarks/capacity.py [--config llama3_8b] [--contexts 32768,131072] [--batches 1,4]
+        [--decode-steps 4] [--gpu-memory 80GB] [--host-memory 110GiB] [--omnikv-context auto|N|0]
+        [--device cuda] [--tiny] [--out capacity.json]
+
+(a) For each context and batch the planner says fits, OmniKV and dense: build the engine on a
+random-weight model of the config's geometry (Llama-3-8B for ``llama3_8b``), fill the cache
+directly (random K/V written chunk by chunk through the cache's own layers and host arenas, as a
+chunked prefill would leave them; no prefill forward, so no prefill activations), decode
+``--decode-steps`` tokens, and compare ``torch.cuda.max_memory_allocated`` (decode peak),
+``memory_allocated`` (steady state) and the pinned host bytes with the planner's figures (ratio
+measured / planned), and the cache's ``tier_bytes`` with the planned tiers (exact).
+
+(b) The planner's longest context (cache filled directly, decode only) for dense and OmniKV on
+``--gpu-memory`` (default: this card) with ``--host-memory`` (default: available RAM), then a run
+that fills OmniKV's cache to that figure (or ``--omnikv-context N``; 0 skips it) and decodes.
+Also printed: the planner's figures for one 80 GB card with 512 GB of host memory (no run).
+
+Prints one JSON object and a table. ``--device cpu --tiny`` runs the same logic on a tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import time
+from typing import Any
+
+import psutil
+import torch
+
+from omnikv_runtime.config import load_config
+from omnikv_runtime.engine import Engine
+from omnikv_runtime.planner import ModelGeometry, hf_config_dict, parse_bytes, plan_memory
+from omnikv_runtime.planner_fit import dense_twin, fits, longest_context
+from omnikv_runtime.random_model import random_model
+
+TINY_MODEL = dict(
+    model_type="llama",
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    vocab_size=256,
+    max_position_embeddings=512,
+)
+TINY_CONFIG = {
+    "model": {"dtype": "float32"},
+    "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 8},
+    "prefill": {"chunk_size": 16},
+}
+TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_working_allocated", "gpu_hot", "host", "host_allocated")
+
+
+def fill_cache(cache: Any, tokens: int, batch: int, kv_heads: int, head_dim: int, dtype, device, chunk: int) -> None:
+    """Write ``tokens`` random tokens of K/V into every layer of ``cache`` with ``cache.append_prompt_kv``,
+    chunk by chunk in a prefill's order (dense layers' buffers, sparse layers' host arenas). No forward."""
+    chunk = min(chunk or tokens, tokens)
+    for start in range(0, tokens, chunk):
+        count = min(chunk, tokens - start)
+        for layer_idx in range(len(cache.layers)):
+            keys = torch.randn(batch, kv_heads, count, head_dim, dtype=dtype, device=device)
+            values = torch.randn(batch, kv_heads, count, head_dim, dtype=dtype, device=device)
+            cache.append_prompt_kv(layer_idx, keys, values)
+
+
+def _host_allocator_stats() -> dict[str, int]:
+    """torch's pinned-memory allocator counters (bytes), where this torch has them."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None:
+        return {}
+    return {key: value for key, value in stats().items() if "bytes" in key and key.endswith("current")}
+
+
+def _pinned_bytes(cache: Any) -> int:
+    return sum(a.nbytes() for a in cache.arenas if a is not None and a.data.device.type == "cpu" and a.data.is_pinned())
+
+
+def measure(model, config, geometry, context: int, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Fill, decode ``steps`` tokens, and compare memory with the plan (cache filled: no prefill)."""
+    engine = Engine(model, config)
+    cuda = device.type == "cuda"
+    plan = plan_memory(geometry, config, context, batch, steps + 1, prefill=False)
+    gc.collect()  # the previous run's cache and engine (reference cycles) must be gone before measuring
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # pinned blocks of the previous run go back to the OS
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = psutil.Process().memory_info().rss
+    cache = engine.new_cache(reserve_tokens=context + steps + 1, prompt_tokens=context)
+    dtype = next(model.parameters()).dtype
+    start = time.perf_counter()
+    fill_cache(cache, context, batch, geometry.kv_heads, geometry.head_dim, dtype, device, config.prefill.chunk_size)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    fill_seconds = time.perf_counter() - start
+    token = torch.randint(3, geometry.vocab, (batch, 1), device=device)
+    step_ms = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            begin = time.perf_counter()
+            logits = model(input_ids=token, **{engine._cache_keyword: cache}, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+            if cuda:
+                torch.cuda.synchronize()
+            step_ms.append((time.perf_counter() - begin) * 1e3)
+    tiers = cache.tier_bytes()
+    result: dict[str, Any] = {
+        "mode": "omnikv" if config.omnikv.enabled else "dense",
+        "context": context,
+        "batch": batch,
+        "decode_steps": steps,
+        "fill_seconds": round(fill_seconds, 2),
+        "decode_ms_median": round(sorted(step_ms)[len(step_ms) // 2], 2),
+        "tiers_exact": all(plan.tiers[key] == tiers[key] for key in TIERS),
+        "tiers": tiers,
+        "planned_tiers": {key: plan.tiers[key] for key in TIERS},
+        "planned_gpu_peak": plan.gpu,
+        "planned_gpu_steady": plan.gpu - max(plan.activations.values()),
+        "planned_host": plan.host,
+    }
+    if cuda:
+        result.update(
+            measured_gpu_peak=torch.cuda.max_memory_allocated(device),
+            measured_gpu_steady=torch.cuda.memory_allocated(device),
+            measured_pinned=_pinned_bytes(cache),
+            measured_host_allocator=_host_allocator_stats(),
+            measured_rss_growth=psutil.Process().memory_info().rss - rss_before,
+            planned_pinned_reserved=plan.tiers["host_reserved"],
+        )
+        result["ratio_gpu_peak"] = round(result["measured_gpu_peak"] / plan.gpu, 4)
+        result["ratio_gpu_steady"] = round(result["measured_gpu_steady"] / result["planned_gpu_steady"], 4)
+        if plan.host:
+            result["ratio_pinned"] = round(result["measured_pinned"] / plan.tiers["host_allocated"], 4)
+            counters = result["measured_host_allocator"]
+            reserved = counters.get("allocated_bytes.current") or counters.get("reserved_bytes.current")
+            if reserved:
+                result["ratio_pinned_reserved"] = round(reserved / plan.tiers["host_reserved"], 4)
+        ratios = [v for k, v in result.items() if k.startswith("ratio_")]
+        result["within_5_percent"] = all(abs(r - 1) <= 0.05 for r in ratios)
+    del cache, engine
+    gc.collect()
+    return result
+
+
+def _default_memories(args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
+    if args.gpu_memory:
+        gpu = parse_bytes(args.gpu_memory, "--gpu-memory")
+    elif device.type == "cuda":
+        gpu = torch.cuda.get_device_properties(device).total_memory
+    else:
+        gpu = 80 * 10**9
+    host = parse_bytes(args.host_memory, "--host-memory") if args.host_memory else psutil.virtual_memory().available
+    return gpu, host
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    config = load_config(TINY_CONFIG if args.tiny else args.config)
+    model_config = None
+    if args.tiny:
+        model_config = args.tiny_config_path
+    geometry = ModelGeometry.from_hf_config(hf_config_dict(config, model_config))
+    gpu_memory, host_memory = _default_memories(args, device)
+    steps = args.decode_steps
+    longest_asked = 0 if args.omnikv_context == "auto" else int(args.omnikv_context)
+    positions = max([*args.contexts, longest_asked, 1 << 22]) + steps + 1  # random weights: no trained limit
+    model = random_model(config, model_config, device, min_positions=positions)
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "geometry": geometry.__dict__,
+        "gpu_memory": gpu_memory,
+        "host_memory": host_memory,
+        "filled_directly": "the cache is filled with random K/V through its own layers (no prefill forward)",
+        "runs": [],
+    }
+    variants = {"omnikv": config, "dense": dense_twin(config)}
+    for context in args.contexts:
+        for batch in args.batches:
+            for name, variant in variants.items():
+                plan = plan_memory(geometry, variant, context, batch, steps + 1, prefill=False)
+                if not fits(plan, gpu_memory, host_memory)["all"]:
+                    report["runs"].append({"mode": name, "context": context, "batch": batch, "skipped": "plan: no fit"})
+                    continue
+                report["runs"].append(measure(model, variant, geometry, context, batch, steps, device))
+    longest = {}
+    for name, variant in variants.items():
+        here = longest_context(geometry, variant, 1, steps + 1, gpu_memory, host_memory, prefill=False)
+        card = longest_context(geometry, variant, 1, steps + 1, 80 * 10**9, 512 * 10**9, prefill=False)
+        with_prefill = longest_context(geometry, variant, 1, steps + 1, 80 * 10**9, 512 * 10**9)
+        longest[name] = {"this_machine": here, "80GB_card_512GB_host": card, "80GB_card_with_prefill": with_prefill}
+    report["longest_context"] = longest
+    target = longest["omnikv"]["this_machine"]["context"] if args.omnikv_context == "auto" else int(args.omnikv_context)
+    if target:
+        report["longest_run"] = measure(model, config, geometry, target, 1, steps, device)
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    gb = 1e9
+    print(f"\n{report['device']}, {report['date']}; cache filled directly (no prefill)")
+    columns = [("mode", 7), ("context", 9), ("b", 2), ("plan GB", 9), ("peak GB", 9), ("ratio", 7)]
+    columns += [("pinned GB", 10), ("ratio", 7), ("tiers", 6), ("ms/step", 8)]
+    print(" ".join(f"{name:>{width}}" for name, width in columns))
+    runs = list(report["runs"]) + ([report["longest_run"]] if "longest_run" in report else [])
+    for run_ in runs:
+        if "skipped" in run_:
+            print(f"{run_['mode']:7} {run_['context']:>9} {run_['batch']:>2}  skipped ({run_['skipped']})")
+            continue
+        peak = run_.get("measured_gpu_peak")
+        print(
+            f"{run_['mode']:7} {run_['context']:>9} {run_['batch']:>2} {run_['planned_gpu_peak'] / gb:9.2f} "
+            f"{(peak or 0) / gb:9.2f} {run_.get('ratio_gpu_peak', float('nan')):7.3f} "
+            f"{run_.get('measured_pinned', 0) / gb:10.2f} {run_.get('ratio_pinned', float('nan')):7.3f} "
+            f"{str(run_['tiers_exact']):>6} {run_['decode_ms_median']:8.1f}"
+        )
+    for name, figures in report["longest_context"].items():
+        here, card = figures["this_machine"], figures["80GB_card_512GB_host"]
+        print(
+            f"longest context {name}: this machine {here['context']:,} ({here['limited_by']}); "
+            f"80 GB card + 512 GB host {card['context']:,} "
+            f"(with prefill: {figures['80GB_card_with_prefill']['context']:,})"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="llama3_8b")
+    parser.add_argument("--contexts", default="32768,131072")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--decode-steps", type=int, default=4)
+    parser.add_argument("--gpu-memory")
+    parser.add_argument("--host-memory")
+    parser.add_argument("--omnikv-context", default="auto")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random llama (CPU check of the logic)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.contexts = [int(x) for x in args.contexts.split(",") if x]
+    args.batches = [int(x) for x in args.batches.split(",") if x]
+    args.tiny_config_path = None
+    if args.tiny:
+        import tempfile
+        from pathlib import Path
+
+        path = Path(tempfile.mkdtemp()) / "config.json"
+        path.write_text(json.dumps(TINY_MODEL))
+        args.tiny_config_path = str(path)
+    report = run(args)
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    print_table(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""``omnikv run``: run an unmodified Python script with the OmniKV runtime.
+
+    omnikv run [--config C] [--profile-memory DIR] [--stats-json F] script.py [args...]
+
+Every causal LM the script loads with ``from_pretrained`` (supported families) generates through
+OmniKV; forwards without a cache (training, scoring) are unchanged. The script's arguments, output,
+exceptions and exit code pass through. See :mod:`omnikv_runtime.launcher`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(commands: Any) -> None:
+    run = commands.add_parser("run", help="run a script; its models generate through OmniKV")
+    run.add_argument("--config", default="default", help="runtime config path or bundled name (default: default)")
+    run.add_argument("--profile-memory", metavar="DIR", help="profile memory over the run; report written to DIR")
+    run.add_argument("--stats-json", metavar="FILE", help="write each wrapped model's generate stats here")
+    run.add_argument("script", help="the Python script to run")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    run.set_defaults(handler=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from omnikv_runtime.launcher import Launcher
+
+    launcher = Launcher(args.config, stats_path=args.stats_json, profile_dir=args.profile_memory)
+    return launcher.run(args.script, list(args.args))

@@ -1,0 +1,333 @@
+"""The memory planner: bytes of weights, KV tiers, staging and activations before anything is allocated.
+
+OmniKV (Hao et al., "OmniKV: Dynamic Context Selection for Efficient Long-Context LLMs", ICLR 2025)
+keeps the full KV of every token but only the filter, wait and early layers hold it on the GPU; the
+sparse layers' KV lives in a host tier and a budget of selected rows is fetched each step. This
+module turns a model's geometry and a runtime config into the bytes each tier needs, mirroring what
+:class:`~omnikv_runtime.cache.OmniKVCache` allocates (dense buffers of ``prompt + new`` tokens, sparse
+working buffers grown by doubling, host arenas ``[batch, capacity, segment layers, 2, kv_heads,
+head_dim]``, a hot cache of ``offload.hot_cache_tokens`` rows per segment in the same packed layout),
+plus an estimate of transformers' sdpa activations. :mod:`omnikv_runtime.planner_fit` answers whether
+a run fits and the longest context that does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omnikv_runtime.config import OmniKVConfig
+from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.layout import LayerPlan
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+HOT_CACHE_STATE_BYTES = 8  # eviction state per hot-cache slot and batch row (LFU: two float32)
+
+
+def parse_bytes(text: str | int | float, what: str = "memory") -> int:
+    """``"80GB"`` (10^9), ``"80GiB"`` (2^30), ``"512MB"`` or a plain number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise ConfigError(what, text, "a size such as 80GB, 80GiB, 512MB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What the planner needs of a decoder-only model (Llama, Mistral, Qwen2, Qwen3)."""
+
+    num_layers: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    tie_embeddings: bool = False
+    model_type: str = "llama"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    max_positions: int | None = None
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelGeometry:
+        """From a transformers config object or its dict (``config.json``)."""
+        data = config if isinstance(config, dict) else config.to_dict()
+        data = data.get("text_config") or data
+        heads = data["num_attention_heads"]
+        model_type = data.get("model_type", "llama")
+        attention_bias = bool(data.get("attention_bias", False))
+        return cls(
+            num_layers=data["num_hidden_layers"],
+            num_heads=heads,
+            kv_heads=data.get("num_key_value_heads") or heads,
+            head_dim=data.get("head_dim") or data["hidden_size"] // heads,
+            hidden=data["hidden_size"],
+            intermediate=data["intermediate_size"],
+            vocab=data["vocab_size"],
+            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(data.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            max_positions=data.get("max_position_embeddings"),
+        )
+
+    def param_count(self) -> int:
+        """Parameters computed from the geometry (embeddings, attention, MLP, norms, head)."""
+        h, d = self.hidden, self.head_dim
+        attention = h * self.num_heads * d + 2 * h * self.kv_heads * d + self.num_heads * d * h
+        attention += (self.num_heads * d + 2 * self.kv_heads * d) if self.qkv_bias else 0
+        attention += h if self.o_bias else 0
+        attention += 2 * d if self.qk_norm else 0
+        mlp = 3 * h * self.intermediate + ((2 * self.intermediate + h) if self.mlp_bias else 0)
+        per_layer = attention + mlp + 2 * h
+        head = 0 if self.tie_embeddings else self.vocab * h
+        return self.vocab * h + self.num_layers * per_layer + h + head
+
+    def kv_row_bytes(self, dtype_bytes: int) -> int:
+        """Bytes of one token of one layer, keys and values, one batch row."""
+        return 2 * self.kv_heads * self.head_dim * dtype_bytes
+
+
+_LLAMA3_8B = dict(
+    model_type="llama",
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_size=4096,
+    intermediate_size=14336,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+)
+_SMOLLM2_135M = dict(
+    model_type="llama",
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    hidden_size=576,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": _SMOLLM2_135M,
+    "llama3-8b": _LLAMA3_8B,
+    "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
+    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
+}
+
+
+def hf_config_dict(config: OmniKVConfig, model_config: str | Path | None = None) -> dict[str, Any]:
+    """The HF config (as a dict) of ``model_config`` (a JSON file, an HF folder, or a known name), else of
+    the config's model. No weights are read."""
+    source = str(model_config) if model_config is not None else config.model.name_or_path
+    if source in KNOWN_GEOMETRIES:
+        return dict(KNOWN_GEOMETRIES[source])
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file() and path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            ModelGeometry.from_hf_config(data)
+            return data
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            allowed = f"an HF config.json with the model's geometry ({exc!r})"
+            raise ConfigError("--model-config", str(path), allowed) from None
+    raise ConfigError(
+        "--model-config" if model_config is not None else "model.name_or_path",
+        source,
+        f"a known model {sorted(KNOWN_GEOMETRIES)}, an HF folder with config.json, or a config.json file",
+    )
+
+
+def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = None) -> ModelGeometry:
+    """Geometry from ``model_config`` (a JSON file, an HF folder, or a known name), else the config's model."""
+    return ModelGeometry.from_hf_config(hf_config_dict(config, model_config))
+
+
+def _grown(capacity: int, needed: int) -> int:
+    """Capacity after a buffer of ``capacity`` rows is asked to hold ``needed`` (cache_layers' doubling)."""
+    return capacity if capacity >= needed else max(needed, 2 * capacity, 16)
+
+
+def working_rows(budget: int, decode_steps: int) -> int:
+    """Rows a sparse layer's working buffer (selected ⊕ tail) ends up with after ``decode_steps`` steps.
+
+    The first selection sizes it to ``max(budget, 16)``; each step asks for one more row and a full
+    buffer doubles (cache_layers' growth), until it holds ``budget + decode_steps`` rows.
+    """
+    if decode_steps <= 0:
+        return 0
+    capacity = _grown(0, budget)
+    needed = budget + decode_steps
+    while capacity < needed:
+        capacity = _grown(capacity, capacity + 1)
+    return capacity
+
+
+def _pow2_ceil(value: int) -> int:
+    return 1 << (value - 1).bit_length() if value > 1 else value
+
+
+def arena_rows(context: int, new_tokens: int, chunk_size: int | None) -> int:
+    """Token capacity of a host arena: the reserve (prompt + new), or more when the first prefill chunk
+    found the earlier layers of its forward already counted (the cache sizes it from ``get_seq_length``)."""
+    first_chunk = min(chunk_size or context, context)
+    return max(context + new_tokens, 2 * first_chunk, 1)
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes of one run. ``gpu`` and ``host`` are what each memory must hold at its peak."""
+
+    context: int
+    new_tokens: int
+    batch: int
+    omnikv: bool
+    offload: str
+    dtype_bytes: int
+    layers: dict[str, int]
+    budget: int
+    weights: int
+    tiers: dict[str, int] = field(default_factory=dict)
+    staging: int = 0
+    activations: dict[str, int] = field(default_factory=dict)
+    gpu: int = 0
+    host: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_memory(
+    geometry: ModelGeometry,
+    config: OmniKVConfig,
+    context: int,
+    batch: int = 1,
+    new_tokens: int | None = None,
+    dtype: str | None = None,
+    prefill: bool = True,
+) -> MemoryPlan:
+    """The bytes a ``generate`` of ``context`` prompt tokens + ``new_tokens`` would need, per tier.
+
+    Tier figures mirror the cache: ``gpu_dense`` (allocated, ``prompt + new`` rows per dense layer),
+    ``gpu_selected`` / ``gpu_tail`` (rows in use at the end: budget and ``new - 1`` per sparse layer),
+    ``gpu_working_allocated`` (their buffers, grown by doubling), ``gpu_hot`` (the hot caches with their
+    token maps; ``gpu_hot_state`` adds the eviction policy's per-slot state) and ``host`` /
+    ``host_allocated`` (arenas of the sparse layers; on the GPU when ``offload.device`` is ``none``), and
+    ``host_reserved``: the pinned memory they take, each arena rounded up to a power of two as torch's
+    caching host allocator does (what ``host`` totals, and what must fit the host's memory).
+    ``prefill=False`` plans a cache filled directly (no prefill activations), as the capacity benchmark does.
+    """
+    new_tokens = config.generation.max_new_tokens if new_tokens is None else new_tokens
+    if context < 1 or batch < 1 or new_tokens < 1:
+        raise ConfigError("plan", (context, batch, new_tokens), "context, batch and new tokens of at least 1")
+    dtype_bytes = DTYPE_BYTES[dtype or config.model.dtype]
+    section = config.omnikv
+    plan = LayerPlan.build(geometry.num_layers, section.filter_layers, section.wait_layers, section.enabled)
+    row = batch * geometry.kv_row_bytes(dtype_bytes)  # one token, one layer, whole batch
+    reserve = context + new_tokens
+    stored = context + new_tokens - 1  # generate feeds every token but the last
+    sparse = len(plan.sparse_layers)
+    dense = geometry.num_layers - sparse
+    budget = section.budget_tokens(context) if sparse else 0
+    decode_steps = new_tokens - 1
+    tiers = {
+        "gpu_dense": dense * max(reserve, 16) * row,
+        "gpu_selected": sparse * budget * row if decode_steps else 0,
+        "gpu_tail": sparse * decode_steps * row,
+        "gpu_working_allocated": sparse * working_rows(budget, decode_steps) * row,
+        "host": sparse * stored * row,
+        "host_allocated": sparse * arena_rows(context, new_tokens, config.prefill.chunk_size) * row,
+    }
+    arena_tokens = arena_rows(context, new_tokens, config.prefill.chunk_size)
+    arenas = [batch * arena_tokens * len(s.sparse_layers) * geometry.kv_row_bytes(dtype_bytes) for s in plan.segments]
+    pinned = config.offload.device == "cpu" and config.offload.pin_memory
+    # torch's caching host allocator rounds each pinned block up to a power of two
+    tiers["host_reserved"] = sum(_pow2_ceil(a) if pinned else a for a in arenas if a)
+    hot = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
+    hot_segments = [len(s.sparse_layers) for s in plan.segments if s.sparse_layers] if hot else []
+    # per segment: packed rows [batch, slots + 1, layers, 2, kv_heads, head_dim], int64 token of each slot,
+    # int64 slot of each arena token; the eviction policy's float32 state per slot (up to two, LFU)
+    tiers["gpu_hot"] = sum(
+        batch * (hot + 1) * (layers * geometry.kv_row_bytes(dtype_bytes) + 8) + batch * (arena_tokens + 1) * 8
+        for layers in hot_segments
+    )
+    tiers["gpu_hot_state"] = len(hot_segments) * batch * (hot + 1) * HOT_CACHE_STATE_BYTES
+    widest = max((len(s.sparse_layers) for s in plan.segments), default=0)
+    staging = batch * budget * widest * geometry.kv_row_bytes(dtype_bytes) if decode_steps else 0
+    result = MemoryPlan(
+        context=context,
+        new_tokens=new_tokens,
+        batch=batch,
+        omnikv=section.enabled,
+        offload=config.offload.device,
+        dtype_bytes=dtype_bytes,
+        layers={"dense": dense, "sparse": sparse, "total": geometry.num_layers},
+        budget=budget,
+        weights=geometry.param_count() * dtype_bytes,
+        tiers=tiers,
+        staging=staging,
+        activations=_activations(geometry, config, context, batch, dtype_bytes, plan, budget),
+    )
+    if not prefill:
+        result.activations["prefill"] = 0
+    gpu_kv = tiers["gpu_dense"] + tiers["gpu_working_allocated"] + tiers["gpu_hot"] + tiers["gpu_hot_state"]
+    on_gpu_host = config.offload.device == "none"
+    if on_gpu_host:
+        gpu_kv += tiers["host_allocated"]
+    result.gpu = result.weights + gpu_kv + staging + max(result.activations.values())
+    result.host = 0 if on_gpu_host else tiers["host_reserved"]
+    return result
+
+
+def _activations(
+    geometry: ModelGeometry,
+    config: OmniKVConfig,
+    context: int,
+    batch: int,
+    dtype_bytes: int,
+    plan: LayerPlan,
+    budget: int,
+) -> dict[str, int]:
+    """Peak transient bytes of one prefill chunk and of one decode step (transformers' sdpa path, CUDA).
+
+    Prefill, last chunk of ``c`` tokens over ``L`` cached ones: hidden states and q/k/v/RoPE copies,
+    then the larger of the MLP (gate, up, product: ``3 c × intermediate``) and attention: with a
+    past, the ``[c, L]`` bool mask and its float copy, K/V repeated to every query head, and for a
+    sparse layer its full KV read back from the host tier. A single-chunk prefill has no mask and
+    keeps grouped heads. Decode: a filter layer's logits over every context key (in the keys' dtype for
+    half precision, then float32 copies), plus the LM head's logits.
+    """
+    g, b, d = geometry, batch, dtype_bytes
+    chunk = min(config.prefill.chunk_size or context, context)
+    past = context - chunk
+    attention = chunk * (g.num_heads + 2 * g.kv_heads) * g.head_dim * d * 2
+    if past:
+        attention += chunk * context * (1 + d)
+        attention += 2 * g.num_heads * context * g.head_dim * d
+        if plan.sparse_layers and config.offload.device == "cpu":
+            attention += context * g.kv_row_bytes(d)
+    prefill = b * (chunk * g.hidden * d * 4 + max(3 * chunk * g.intermediate * d, attention))
+    decode_core = b * (g.hidden * d * 4 + 3 * g.intermediate * d + g.vocab * (d + 8))
+    selection = 0
+    if plan.sparse_layers:
+        keys_copy = 0 if d == 2 else g.kv_heads * context * g.head_dim * 4
+        selection = b * (keys_copy + g.num_heads * context * (d + 12) + 2 * context * 4 + budget * 16)
+    return {"prefill": prefill, "decode": decode_core + selection}

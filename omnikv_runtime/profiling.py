@@ -1,0 +1,274 @@
+"""Memory profiling of OmniKV runs: ``with okv.profile_memory(engine, out_dir) as prof: engine.generate(...)``.
+
+OmniKV (Hao et al., "OmniKV: Dynamic Context Selection for Efficient Long-Context LLMs", ICLR 2025)
+trades GPU memory for host memory and PCIe traffic; this shows the trade over time. A sampling
+thread records GPU memory (torch allocator, per device), host RSS and pinned bytes (psutil; pinned
+= the host tier when it is pinned), bytes per KV tier (``cache.tier_bytes()``) and the transfer
+counters; marks record each prefill chunk, each decode step and each filter layer's fetch (forward
+hooks on the model and a wrapper around ``OmniKVCache.select`` of the caches the engine makes: no
+change to the cache). On exit it writes ``report.json``, ``timeline.png`` (matplotlib, optional)
+and a torch.profiler Chrome trace (``trace.json.gz``, opens in Perfetto) with the memory samples
+added as counter tracks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import gzip
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from omnikv_runtime.config import ProfilingSection
+
+logger = logging.getLogger(__name__)
+
+_START_MARK = "omnikv.profile_start"
+
+
+class MemoryProfiler:
+    """Samples memory and records marks for the engines it watches; see :func:`profile_memory`."""
+
+    def __init__(self, out_dir: str | Path | None = None, config: ProfilingSection | None = None) -> None:
+        self.config = config or ProfilingSection()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.engines: list[Any] = []
+        self.samples: list[dict[str, Any]] = []
+        self.marks: list[dict[str, Any]] = []
+        self.files: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._torch_profiler: Any = None
+        self._hooks: list[Any] = []
+        self._open: dict[int, tuple[dict[str, Any], Any]] = {}
+        self._caches: dict[int, Any] = {}  # engine -> the latest cache it made while profiled
+        self.t0 = time.perf_counter()
+        self._process = psutil.Process()
+        self._cuda = torch.cuda.is_available()
+
+    # watching -------------------------------------------------------------------------------
+    def watch(self, engine: Any) -> None:
+        """Record this engine's tiers, its model's forwards and its caches' fetches."""
+        self.engines.append(engine)
+        original = engine.new_cache
+
+        @functools.wraps(original)
+        def new_cache(*args: Any, **kwargs: Any) -> Any:
+            cache = original(*args, **kwargs)
+            self._instrument(cache)
+            self._caches[id(engine)] = cache
+            return cache
+
+        engine.new_cache = new_cache
+        self._hooks.append(engine.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._hooks.append(engine.model.register_forward_hook(self._after_forward, with_kwargs=True))
+
+    def _instrument(self, cache: Any) -> None:
+        select = cache.select
+        transfer = cache.transfer
+
+        def timed_select(layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+            before = transfer.stats.bytes_fetched
+            start = time.perf_counter()
+            with torch.profiler.record_function(f"omnikv.fetch.layer{layer_idx}"):
+                indices = select(layer_idx, *args, **kwargs)
+            end = time.perf_counter()
+            mark = {"kind": "fetch", "layer": layer_idx, "start": start - self.t0, "end": end - self.t0}
+            mark.update(tokens=int(indices.shape[1]), bytes=transfer.stats.bytes_fetched - before)
+            with self._lock:
+                self.marks.append(mark)
+            return indices
+
+        cache.select = timed_select
+
+    @staticmethod
+    def _cache_of(kwargs: dict[str, Any]) -> Any:
+        from omnikv_runtime.cache import OmniKVCache
+
+        for key in ("cache", "past_key_values"):
+            if isinstance(kwargs.get(key), OmniKVCache):
+                return kwargs[key]
+        return None
+
+    def _before_forward(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        cache = self._cache_of(kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        tokens = int(ids.shape[1]) if torch.is_tensor(ids) else 0
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache is None:
+            kind = "forward"
+        elif tokens == 1 and past > 0 and past >= cache.prompt_tokens:
+            kind = "decode"
+        else:
+            kind = "prefill"
+        mark = {"kind": kind, "tokens": tokens, "past": past, "start": time.perf_counter() - self.t0}
+        function = torch.profiler.record_function(f"omnikv.{kind}")
+        function.__enter__()
+        self._open[id(module)] = (mark, function)
+        self.sample()
+
+    def _after_forward(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        mark, function = self._open.pop(id(module), (None, None))
+        if mark is None:
+            return
+        function.__exit__(None, None, None)
+        if self._cuda:
+            torch.cuda.synchronize()  # the step's end, not its launch; marks bound real GPU work
+        mark["end"] = time.perf_counter() - self.t0
+        with self._lock:
+            self.marks.append(mark)
+        self.sample()
+
+    # sampling -------------------------------------------------------------------------------
+    def sample(self) -> dict[str, Any]:
+        """Take one sample now (the thread calls this every ``interval_ms``)."""
+        entry: dict[str, Any] = {"t": time.perf_counter() - self.t0, "host_rss": self._process.memory_info().rss}
+        if self._cuda:
+            entry["gpu"] = {
+                str(index): {
+                    "allocated": torch.cuda.memory_allocated(index),
+                    "reserved": torch.cuda.memory_reserved(index),
+                    "max_allocated": torch.cuda.max_memory_allocated(index),
+                }
+                for index in range(torch.cuda.device_count())
+            }
+        tiers: dict[str, int] = {}
+        transfer = {"bytes_fetched": 0, "bytes_written": 0, "gathers": 0}
+        pinned = 0
+        for engine in list(self.engines):
+            cache = self._caches.get(id(engine))
+            if cache is not None:
+                for key, value in cache.tier_bytes().items():
+                    tiers[key] = tiers.get(key, 0) + value
+                pinned += sum(a.nbytes() for a in cache.arenas if a is not None and _pinned(a.data))
+            for key in transfer:
+                transfer[key] += getattr(engine.transfer.stats, key)
+        entry.update(tiers=tiers, pinned=pinned, transfer=transfer)
+        with self._lock:
+            self.samples.append(entry)
+        return entry
+
+    def _loop(self) -> None:
+        interval = self.config.interval_ms / 1000
+        while not self._stop.wait(interval):
+            self.sample()
+
+    # lifecycle ------------------------------------------------------------------------------
+    def start(self) -> MemoryProfiler:
+        if self.out_dir is not None and self.config.trace:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self._cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._torch_profiler = torch.profiler.profile(activities=activities)
+            self._torch_profiler.__enter__()
+        self.t0 = time.perf_counter()
+        with torch.profiler.record_function(_START_MARK):
+            self.sample()
+        self._thread = threading.Thread(target=self._loop, name="omnikv-memory-profiler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+        for hook in self._hooks:
+            hook.remove()
+        if self._torch_profiler is not None:
+            self._torch_profiler.__exit__(None, None, None)
+        if self.out_dir is not None:
+            self.write(self.out_dir)
+
+    # output ---------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        from omnikv_runtime.profiling_report import build_report
+
+        return build_report(self)
+
+    def write(self, out_dir: str | Path) -> dict[str, str]:
+        """Write report.json, timeline.png (if matplotlib is there) and the Chrome trace into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self._torch_profiler is not None:
+            self.files["chrome_trace"] = str(self._write_trace(out))
+        report = self.report()
+        if self.config.png:
+            from omnikv_runtime.profiling_plot import plot_report
+
+            png = out / "timeline.png"
+            if plot_report(report, png):
+                self.files["timeline_png"] = str(png)
+        self.files["report"] = str(out / "report.json")
+        report["files"] = dict(self.files)
+        (out / "report.json").write_text(json.dumps(report, separators=(",", ":")), encoding="utf-8")
+        return self.files
+
+    def _write_trace(self, out: Path) -> Path:
+        raw = out / "trace.json"
+        self._torch_profiler.export_chrome_trace(str(raw))
+        trace = json.loads(raw.read_text(encoding="utf-8"))
+        events = trace["traceEvents"] if isinstance(trace, dict) else trace
+        start = next((e for e in events if e.get("name") == _START_MARK and "ts" in e), None)
+        if start is not None:  # memory samples as Perfetto counter tracks, on the profiler's clock
+            base = float(start["ts"])
+            pid = start.get("pid", 0)
+            for entry in self.samples:
+                ts = base + entry["t"] * 1e6
+                events.append({"name": "KV tiers (bytes)", "ph": "C", "ts": ts, "pid": pid, "args": entry["tiers"]})
+                host = {"rss": entry["host_rss"], "pinned": entry["pinned"]}
+                events.append({"name": "host memory (bytes)", "ph": "C", "ts": ts, "pid": pid, "args": host})
+                for device, stats in entry.get("gpu", {}).items():
+                    args = {"allocated": stats["allocated"], "reserved": stats["reserved"]}
+                    events.append(
+                        {"name": f"GPU {device} memory (bytes)", "ph": "C", "ts": ts, "pid": pid, "args": args}
+                    )
+        target = out / "trace.json.gz"
+        with gzip.open(target, "wt", encoding="utf-8") as handle:
+            json.dump(trace, handle)
+        raw.unlink()
+        return target
+
+
+def _pinned(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and torch.cuda.is_available() and tensor.is_pinned()
+
+
+@contextlib.contextmanager
+def profile_memory(
+    engine: Any = None, out_dir: str | Path | None = None, config: ProfilingSection | dict | None = None
+) -> Iterator[MemoryProfiler]:
+    """Profile memory while the block runs; ``engine`` (or a list of engines, or None) is watched.
+
+    With ``out_dir`` the report, the PNG timeline and the Chrome trace are written there on exit;
+    without it, read ``prof.report()``.
+    """
+    if isinstance(config, dict):
+        config = ProfilingSection(**config)
+    if config is None and engine is not None and not isinstance(engine, (list, tuple)):
+        config = engine.config.profiling
+    profiler = MemoryProfiler(out_dir, config)
+    engines = engine if isinstance(engine, (list, tuple)) else ([engine] if engine is not None else [])
+    for item in engines:
+        profiler.watch(item)
+    profiler.start()
+    try:
+        yield profiler
+    finally:
+        profiler.stop()
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,41 @@
+"""benchmarks/capacity.py on CPU with a tiny model: filling the cache directly, decoding, planner agreement."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+BENCHMARK = Path(__file__).parent.parent / "benchmarks" / "capacity.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("capacity_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_capacity_logic_on_cpu(capsys):
+    threads = torch.get_num_threads()
+    try:
+        report = _load().main(
+            ["--device", "cpu", "--tiny", "--contexts", "40", "--batches", "1,2", "--decode-steps", "3"]
+            + ["--omnikv-context", "70", "--gpu-memory", "80GB", "--host-memory", "1GB"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    runs = report["runs"]
+    assert [(r["mode"], r["batch"]) for r in runs] == [("omnikv", 1), ("dense", 1), ("omnikv", 2), ("dense", 2)]
+    assert all(r["tiers_exact"] for r in runs)
+    omni = runs[2]
+    # 3 sparse layers x 2 rows x (40 filled + 3 decoded) tokens x 2 KV heads x 16 x K,V x float32
+    assert omni["tiers"]["host"] == 3 * 2 * 43 * 2 * 16 * 2 * 4
+    assert omni["tiers"]["gpu_selected"] == 3 * 2 * 8 * 2 * 16 * 2 * 4  # budget 8
+    assert runs[1]["tiers"]["host"] == 0 and runs[1]["tiers"]["gpu_dense"] == 8 * 44 * 2 * 16 * 2 * 4
+    assert report["longest_run"]["context"] == 70 and report["longest_run"]["tiers_exact"]
+    longest = report["longest_context"]
+    assert longest["omnikv"]["this_machine"]["limited_by"] == "host"  # 1 GB of host memory
+    assert longest["omnikv"]["80GB_card_512GB_host"]["context"] > longest["dense"]["80GB_card_512GB_host"]["context"]
+    assert "longest context omnikv" in capsys.readouterr().out
