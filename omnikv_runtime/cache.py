@@ -132,7 +132,7 @@ class OmniKVCache(Cache):
         segment = self.plan.segment_of[layer_idx]
         if self.arenas[segment] is None:
             batch, heads, count, dim = like.shape
-            capacity = max(self.reserve_tokens, self.get_seq_length() + count)
+            capacity = max(self.reserve_tokens, self.layers[layer_idx].get_seq_length() + count)
             arena = HostArena(
                 self.transfer, batch, len(self.plan.segments[segment].sparse_layers), heads, dim, like.dtype, capacity
             )

@@ -186,10 +186,9 @@ def _pow2_ceil(value: int) -> int:
 
 
 def arena_rows(context: int, new_tokens: int, chunk_size: int | None) -> int:
-    """Token capacity of a host arena: the reserve (prompt + new), or more when the first prefill chunk
-    found the earlier layers of its forward already counted (the cache sizes it from ``get_seq_length``)."""
+    """Token capacity of a host arena: the reserve (prompt + new), or the first prefill chunk if larger."""
     first_chunk = min(chunk_size or context, context)
-    return max(context + new_tokens, 2 * first_chunk, 1)
+    return max(context + new_tokens, first_chunk, 1)
 
 
 @dataclass
