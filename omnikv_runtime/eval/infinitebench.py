@@ -87,6 +87,20 @@ METRIC_NAMES = {
     "code_debug": "code_debug",
 }
 CHOICE_TASKS = ("longbook_choice_eng", "code_debug")
+# the closing words of each template that start the answer (see TaskSpec.cue)
+CUES = {
+    "passkey": "The pass key is",
+    "number_string": "The sequence of digits is",
+    "longbook_sum_eng": "Summary:",
+    "longbook_choice_eng": "The letter of the correct answer is",
+    "longbook_qa_eng": "Answer:",
+    "longbook_qa_chn": "答案：",
+    "longdialogue_qa_eng": "The name that has been replaced with $$MASK$$ is likely",
+    "math_calc": "Values:",
+    "code_run": "The value of {func_call} is",
+    "code_debug": "The correct option is:",
+}
+KV_CUE = "The value associated with the specified key is:"
 ALL_TASKS = tuple(TASKS)
 
 
@@ -256,6 +270,13 @@ def _score(metric: str, prediction: str, sample: Sample) -> float:
     return max(scorer(prediction, answer) for answer in sample.answers)
 
 
+def _cue(task: str, sample: Sample) -> str:
+    if task == "kv_retrieval":  # the official inputs end with the cue themselves
+        last = sample.fields["input"].rstrip().split("\n")[-1]
+        return sample.fields["input"][sample.fields["input"].rfind(last) :] if last.startswith(KV_CUE) else ""
+    return CUES.get(task, "").format(**sample.fields)
+
+
 def task_spec(name: str, loader=None) -> TaskSpec:
     """The TaskSpec of an InfiniteBench task; ``loader`` replaces the file reader (synthetic data)."""
     template, max_new = TASKS[name]
@@ -268,4 +289,5 @@ def task_spec(name: str, loader=None) -> TaskSpec:
         prompt=lambda sample: template.format(**sample.fields),
         score=partial(_score, metric),
         load=loader or partial(_load, name),
+        cue=partial(_cue, name),
     )

@@ -6,6 +6,10 @@ context limit minus the tokens to be generated (and the chat template's own), so
 refuses a prompt for length. With ``generation.cot`` the model first writes its reasoning after
 "Let's think step by step." and is then asked, in a second turn, for the final answer only; the
 final answer is scored and the reasoning is kept in the record.
+
+With a chat template, a task's answer cue (InfiniteBench's "... The pass key is") opens the
+assistant's turn rather than closing the user's, so that a chat model completes it as the
+plain-text templates intend.
 """
 
 from __future__ import annotations
@@ -56,17 +60,18 @@ class Predictor:
         self.cot = cot
         self.cap = max_new_tokens
 
-    def _wrap(self, messages: list[dict[str, str]] | str, chat: bool) -> list[int]:
+    def _wrap(self, messages: list[dict[str, str]] | str, chat: bool, cue: str = "") -> list[int]:
+        """Encode a prompt (or chat messages): the chat template with ``cue`` opening the answer, or plain text."""
         if chat:
             if isinstance(messages, str):
                 messages = [{"role": "user", "content": messages}]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(messages, add_special_tokens=True)["input_ids"]
+            return self.tokenizer(text + cue, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(messages + cue, add_special_tokens=True)["input_ids"]
 
-    def fit(self, prompt: str, chat: bool, reserve: int) -> tuple[str, list[int], bool]:
+    def fit(self, prompt: str, chat: bool, reserve: int, cue: str = "") -> tuple[str, list[int], bool]:
         """The prompt cut in the middle so that its encoding plus ``reserve`` tokens fits the limit."""
-        ids = self._wrap(prompt, chat)
+        ids = self._wrap(prompt, chat, cue)
         if len(ids) + reserve <= self.limit:
             return prompt, ids, False
         raw = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -78,7 +83,7 @@ class Predictor:
             cut = self.tokenizer.decode(head, skip_special_tokens=True) + self.tokenizer.decode(
                 tail, skip_special_tokens=True
             )
-            ids = self._wrap(cut, chat)
+            ids = self._wrap(cut, chat, cue)
             excess = len(ids) + reserve - self.limit
             if excess <= 0:
                 return cut, ids, True
@@ -107,7 +112,12 @@ class Predictor:
         if self.cot and self.cap:
             reasoning_new = min(reasoning_new, self.cap)
         cue_tokens = 48 if self.cot else 0  # the second turn's question and template
-        prompt, ids, truncated = self.fit(spec.prompt(sample), chat, max_new + reasoning_new + cue_tokens)
+        prompt, cue = spec.prompt(sample), ""
+        if chat and spec.cue is not None and prompt.endswith(spec.cue(sample)):
+            cue = spec.cue(sample)
+            prompt = prompt.removesuffix(cue).rstrip()
+        reserve = max_new + reasoning_new + cue_tokens
+        prompt, ids, truncated = self.fit(prompt, chat, reserve, "" if self.cot else cue)
         record: dict[str, Any] = {"prompt_tokens": len(ids), "truncated": truncated}
         if not self.cot:
             record["pred"] = self._generate(ids, max_new, spec.stop_at_newline)
@@ -126,7 +136,7 @@ class Predictor:
                     {"role": "assistant", "content": f"{COT_PREFIX} {reasoning.strip()}"},
                     {"role": "user", "content": COT_QUESTION},
                 ]
-                second = self._wrap(messages, True)
+                second = self._wrap(messages, True, cue)
             else:
                 second = self.tokenizer(f"{prompt}\n{COT_PREFIX}{reasoning}{COT_PLAIN_CUE}", add_special_tokens=True)[
                     "input_ids"

@@ -200,6 +200,7 @@ def task_spec(
             score=lambda pred, s: score_first_int(pred, s.answers[0]),
             load=load,
             prepare=prepare,
+            cue=lambda s: "The pass key of the {name} door is".format(**s.fields),
         )
     return TaskSpec(
         name=name,
@@ -210,4 +211,5 @@ def task_spec(
         score=score_recall,
         load=load,
         prepare=prepare,
+        cue=lambda s: "The special magic numbers for {name} are:".format(**s.fields),
     )

@@ -19,6 +19,7 @@ class TaskSpec:
     renders one, ``score(prediction, sample)`` gives a value in [0, 1]. ``chat`` False keeps the
     prompt out of the chat template whatever the config says (LongBench's few-shot and code
     tasks); ``stop_at_newline`` ends generation at a newline (LongBench's samsum).
+    ``cue``: see the field comment.
     """
 
     name: str
@@ -33,3 +34,6 @@ class TaskSpec:
     length_buckets: bool = False  # LongBench-E: also report 0-4k / 4-8k / 8k+ scores
     # synthetic tasks: fills a sample's fields and answers in the worker, which has the tokenizer
     prepare: Callable[[Sample, PreTrainedTokenizerBase], Sample] | None = None
+    # the prompt's closing words that start the answer ("The pass key is"); with a chat template
+    # they open the assistant's turn instead of ending the user's
+    cue: Callable[[Sample], str] | None = None
