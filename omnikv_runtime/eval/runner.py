@@ -241,6 +241,20 @@ def run_eval(config: Any, options: EvalOptions, model: Any = None, tokenizer: An
     specs = task_specs(options)
     out = Path(options.out)
     _check_run_dir(out, cfg, options)
+    loaded, failed, assignments = plan_shards(specs, options)
+    if any(any(ids) for ids in assignments):
+        _run_workers(cfg, options, assignments, model, tokenizer)
+    return _collect(specs, loaded, failed, options, cfg)
+
+
+def plan_shards(
+    specs: list[TaskSpec], options: EvalOptions
+) -> tuple[dict[str, list[Sample]], dict[str, str], list[dict[str, list[str]]]]:
+    """Load each task's samples (recording failures) and deal the pending ids out to the workers.
+
+    Returns ``(samples by task, failure message by task, per-rank {task: [sample ids]})``.
+    """
+    out = Path(options.out)
     failed: dict[str, str] = {}
     loaded: dict[str, list[Sample]] = {}
     assignments: list[dict[str, list[str]]] = [{} for _ in range(options.world_size)]
@@ -257,9 +271,7 @@ def run_eval(config: Any, options: EvalOptions, model: Any = None, tokenizer: An
         logger.info("%s: %d samples, %d done, %d to run", spec.name, len(samples), len(done), len(pending))
         for rank in range(options.world_size):
             assignments[rank][spec.name] = pending[rank :: options.world_size]
-    if any(any(ids) for ids in assignments):
-        _run_workers(cfg, options, assignments, model, tokenizer)
-    return _collect(specs, loaded, failed, options, cfg)
+    return loaded, failed, assignments
 
 
 def _run_workers(cfg: OmniKVConfig, options: EvalOptions, assignments, model, tokenizer) -> None:
