@@ -209,3 +209,38 @@ def test_two_worker_processes_match_one(bundled, tmp_path):
     one = run_eval(DENSE, _sharded_options(tmp_path / "w1", 1), model, tokenizer)
     two = run_eval(DENSE, _sharded_options(tmp_path / "w2", 2))
     _assert_same_as_one_worker(one, two, tmp_path)
+
+
+def test_middle_truncation_keeps_both_ends_and_fits(bundled):
+    _, tokenizer = bundled
+    head, tail = "Instructions at the start. ", " Question at the end?"
+    prompt = head + " ".join(f"filler{i}" for i in range(300)) + tail
+    for chat in (False, True):
+        predictor = Predictor(None, tokenizer, limit=120, use_chat_template=chat, cot=False)
+        cut, ids, truncated = predictor.fit(prompt, chat, reserve=20)
+        assert truncated and cut.startswith(head) and cut.endswith(tail)
+        assert 100 - 4 <= len(ids) <= 100  # limit - reserve, give or take the re-encoding at the cut
+        assert "filler150" not in cut  # the middle went
+    short = Predictor(None, tokenizer, limit=4096, use_chat_template=True, cot=False)
+    assert short.fit(prompt, True, reserve=20)[2] is False
+
+
+def test_chain_of_thought_asks_twice(bundled, tmp_path, monkeypatch):
+    model, tokenizer = bundled
+    prompts = []
+    original = Predictor._generate
+
+    def spy(self, ids, max_new, stop_at_newline):
+        prompts.append(tokenizer.decode(ids))
+        return original(self, ids, max_new, stop_at_newline)
+
+    monkeypatch.setattr(Predictor, "_generate", spy)
+    config = {**DENSE, "generation": {"cot": True}}
+    options = EvalOptions(
+        "longbench", ["hotpotqa"], str(FIXTURES / "longbench"), limit=1, out=str(tmp_path), max_new_tokens=3
+    )
+    run_eval(config, options, model, tokenizer)
+    record = _records(tmp_path, "hotpotqa")[0]
+    assert len(prompts) == 2 and prompts[0].endswith("Let's think step by step.")
+    assert record["reasoning"] and record["reasoning"].strip() in prompts[1]
+    assert "Now give only the final answer" in prompts[1]
