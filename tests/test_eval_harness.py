@@ -85,7 +85,7 @@ def test_longbench_and_infinitebench_fixtures_end_to_end(bundled, tmp_path):
 
 def test_resumed_run_writes_the_same_results(bundled, tmp_path, monkeypatch):
     model, tokenizer = bundled
-    tasks = ["hotpotqa", "trec", "qasper_e"]
+    tasks = ["hotpotqa", "trec"]
 
     def options(out: Path) -> EvalOptions:
         return EvalOptions("longbench", tasks, str(FIXTURES / "longbench"), out=str(out), max_new_tokens=3)
@@ -96,7 +96,7 @@ def test_resumed_run_writes_the_same_results(bundled, tmp_path, monkeypatch):
     original = Predictor.predict
 
     def interrupted(self, spec, sample):
-        if len(calls) == 2:
+        if len(calls) == 1:  # stop in the middle of hotpotqa
             raise KeyboardInterrupt
         calls.append(sample.id)
         return original(self, spec, sample)
@@ -109,7 +109,7 @@ def test_resumed_run_writes_the_same_results(bundled, tmp_path, monkeypatch):
     )
     calls.clear()
     run_eval(DENSE, options(tmp_path / "resumed"), model, tokenizer)
-    assert calls == ["trec-001", "qe-001", "qe-002"]  # the two hotpotqa samples done before are not redone
+    assert calls == ["hq-002", "trec-001"]  # hq-001, done before the interruption, is not redone
     for name in ["results.json", *(f"{t}.jsonl" for t in tasks)]:
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     with pytest.raises(EvalError, match="another config"):
@@ -172,7 +172,7 @@ def test_unknown_task_and_benchmark_are_named():
 def _sharded_options(out: Path, world_size: int) -> EvalOptions:
     return EvalOptions(
         "synthetic",
-        ["passkey", "multi_key"],
+        ["passkey"],
         out=str(out),
         world_size=world_size,
         lengths=[150],
@@ -184,9 +184,8 @@ def _sharded_options(out: Path, world_size: int) -> EvalOptions:
 def _assert_same_as_one_worker(one: dict, two: dict, tmp_path: Path) -> None:
     assert one == two and one["tasks"]["passkey"]["samples"] == 2
     raw = sorted(p.name for p in (tmp_path / "w2" / "raw").iterdir())
-    assert raw == ["multi_key.rank0.jsonl", "multi_key.rank1.jsonl", "passkey.rank0.jsonl", "passkey.rank1.jsonl"]
-    for task in ("passkey", "multi_key"):
-        assert (tmp_path / "w1" / f"{task}.jsonl").read_bytes() == (tmp_path / "w2" / f"{task}.jsonl").read_bytes()
+    assert raw == ["passkey.rank0.jsonl", "passkey.rank1.jsonl"]
+    assert (tmp_path / "w1" / "passkey.jsonl").read_bytes() == (tmp_path / "w2" / "passkey.jsonl").read_bytes()
 
 
 def test_shards_of_two_workers_merge_to_the_one_worker_results(bundled, tmp_path):

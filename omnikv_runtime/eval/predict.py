@@ -113,7 +113,7 @@ class Predictor:
             reasoning_new = min(reasoning_new, self.cap)
         cue_tokens = 48 if self.cot else 0  # the second turn's question and template
         prompt, cue = spec.prompt(sample), ""
-        if chat and spec.cue is not None and prompt.endswith(spec.cue(sample)):
+        if chat and spec.cue is not None and spec.cue(sample) and prompt.endswith(spec.cue(sample)):
             cue = spec.cue(sample)
             prompt = prompt.removesuffix(cue).rstrip()
         reserve = max_new + reasoning_new + cue_tokens

@@ -184,7 +184,7 @@ def run_shard(
                 try:
                     record = predictor.predict(spec, sample)
                     record["score"] = spec.score(record["pred"], sample)
-                except OmniKVError as exc:
+                except (OmniKVError, ValueError) as exc:  # this sample only: a prompt that cannot fit, bad answer
                     logger.error("%s %s: %s", spec.name, sample.id, exc)
                     record = {"error": str(exc), "score": 0.0}
                 record = {"id": sample.id, **record, "answers": sample.answers}
