@@ -36,7 +36,7 @@ def test_longbench_and_infinitebench_fixtures_end_to_end(bundled, tmp_path):
     model, tokenizer = bundled
     lb_out = tmp_path / "lb"
     options = EvalOptions(
-        "longbench", LONGBENCH_FIXTURES, str(FIXTURES / "longbench"), out=str(lb_out), max_new_tokens=4
+        "longbench", LONGBENCH_FIXTURES, str(FIXTURES / "longbench"), out=str(lb_out), max_new_tokens=2
     )
     results = run_eval(SPARSE, options, model, tokenizer)
     assert results["failed"] == {} and set(results["tasks"]) == set(LONGBENCH_FIXTURES)
@@ -88,7 +88,7 @@ def test_resumed_run_writes_the_same_results(bundled, tmp_path, monkeypatch):
     tasks = ["hotpotqa", "trec"]
 
     def options(out: Path) -> EvalOptions:
-        return EvalOptions("longbench", tasks, str(FIXTURES / "longbench"), out=str(out), max_new_tokens=3)
+        return EvalOptions("longbench", tasks, str(FIXTURES / "longbench"), out=str(out), max_new_tokens=2)
 
     run_eval(DENSE, options(tmp_path / "whole"), model, tokenizer)
 
@@ -177,7 +177,7 @@ def _sharded_options(out: Path, world_size: int) -> EvalOptions:
         world_size=world_size,
         lengths=[150],
         depths=[0.2, 0.8],
-        max_new_tokens=6,
+        max_new_tokens=2,
     )
 
 
