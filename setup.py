@@ -16,6 +16,7 @@ setup(
         "omnikv_runtime.transfer",
         "omnikv_runtime.policies",
         "omnikv_runtime.configs",
+        "omnikv_runtime.eval",
     ],
     package_dir={
         "omnikv_runtime": "omnikv_runtime",
@@ -32,8 +33,17 @@ setup(
     ],
     extras_require={
         "smollm2": ["gguf>=0.10", "accelerate>=1.0"],
-        "test": ["pytest>=8", "ruff>=0.6", "gguf>=0.10", "accelerate>=1.0", "triton>=3.0", "matplotlib>=3.7"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "gguf>=0.10",
+            "accelerate>=1.0",
+            "triton>=3.0",
+            "jieba>=0.42",
+            "matplotlib>=3.7",
+        ],
         "plot": ["matplotlib>=3.7"],
+        "eval": ["jieba>=0.42", "matplotlib>=3.7", "tqdm>=4.60"],
         "gpu": ["triton>=3.0"],
         "flash": ["flash-attn>=2.6"],
         "deepspeed": ["deepspeed>=0.15"],

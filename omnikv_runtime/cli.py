@@ -137,7 +137,12 @@ def _print_report(result: dict[str, Any]) -> None:
         print(f"  prefill / decode     {run['prefill_seconds']:.2f} s / {run['decode_seconds']:.2f} s")
 
 
-COMMAND_MODULES: tuple[str, ...] = ("omnikv_runtime.cli_plan", "omnikv_runtime.cli_run", "omnikv_runtime.cli_profile")
+COMMAND_MODULES: tuple[str, ...] = (
+    "omnikv_runtime.cli_plan",
+    "omnikv_runtime.cli_run",
+    "omnikv_runtime.cli_profile",
+    "omnikv_runtime.cli_eval",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
