@@ -34,6 +34,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 import omnikv_runtime as okv
 from omnikv_runtime.engine import _cache_keyword
+from omnikv_runtime.planner import KNOWN_GEOMETRIES
 from omnikv_runtime.transfer import HotCache
 
 FILTER_LAYERS = [2, 8, 18]
@@ -44,12 +45,10 @@ def model_config(tiny: bool) -> LlamaConfig:
     if tiny:
         geometry = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=24, num_attention_heads=8)
         geometry.update(num_key_value_heads=2, vocab_size=1000)
-    else:  # Llama-3-8B
-        geometry = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
-        geometry.update(num_key_value_heads=8, vocab_size=128256)
-    config = LlamaConfig(
-        **geometry, max_position_embeddings=1 << 21, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}
-    )
+    else:  # Llama-3-8B, the planner's geometry
+        geometry = {key: value for key, value in KNOWN_GEOMETRIES["llama3-8b"].items() if key != "model_type"}
+    geometry["max_position_embeddings"] = 1 << 21
+    config = LlamaConfig(**geometry, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     config._attn_implementation = "sdpa"
     return config
 
