@@ -58,7 +58,7 @@ class Engine:
         self.config = config
         section = config.omnikv
         self.plan = LayerPlan.build(self.num_layers, section.filter_layers, section.wait_layers, section.enabled)
-        self.policy = make_selection_policy(section.selector.model_dump())
+        self.policy = make_selection_policy(section.selector.model_dump(exclude_unset=True))
         model.set_attn_implementation(register_attention(self._base_attention(model, config)))
         self.device = next(model.parameters()).device
         offload = config.offload
