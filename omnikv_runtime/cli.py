@@ -137,7 +137,7 @@ def _print_report(result: dict[str, Any]) -> None:
         print(f"  prefill / decode     {run['prefill_seconds']:.2f} s / {run['decode_seconds']:.2f} s")
 
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("omnikv_runtime.cli_analyze",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,192 @@
+"""Filter-layer analysis: which layers' token selections agree, and which filter layers to use.
+
+For each prompt, one dense forward records every layer's last query (after RoPE) and keys. Each
+layer then selects a top-k set as if it were a filter layer (the config's selector, the config's
+budget), and its last query's per-head attention is kept. From these:
+
+- ``iou[l][m]``: overlap of layer l's and layer m's sets (the seed's raw measure);
+- ``mass[l][m]``: share of layer m's attention (mean over heads) that falls on layer l's set;
+  inflated by the attention sink, which every set contains and which takes most of the mass;
+- ``recall[l][m]``: share of layer m's own top-k, sink tokens excluded, that layer l's set holds:
+  what a sparse layer m would miss if l selected for it.
+
+A filter-layer set is scored by what the runtime would do with it: each sparse layer m is served by
+the filter layer of its segment, so the plan's score is the mean ``recall[filter(m)][m]`` over the
+sparse layers, averaged over prompts, and its weakest sparse layer is reported too. The suggestion
+fixes the first filter layer (it sets how much of the model stays dense, a speed choice) and
+searches the others exhaustively, or greedily one at a time when there are too many combinations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from omnikv_runtime.attention import BASE_MASK_FUNCTIONS, eager_attention
+from omnikv_runtime.layout import LayerPlan
+from omnikv_runtime.policies import SelectionContext, SelectionPolicy
+
+logger = logging.getLogger(__name__)
+
+PROBE = "omnikv_probe"
+EXHAUSTIVE_LIMIT = 20000
+
+
+@dataclass
+class LayerProbe:
+    """One prompt: per layer, the top-k set of its last query and that query's per-head attention."""
+
+    selections: list[torch.Tensor]  # per layer: sorted token indices [k]
+    attention: list[torch.Tensor]  # per layer: [q_heads, context_len] softmax of the last query
+    sinks: torch.Tensor  # [context_len] bool, the sink tokens excluded from recall
+    context_len: int
+
+
+@contextmanager
+def _probe_attention(model: PreTrainedModel, window: int) -> Iterator[dict[int, tuple]]:
+    """Run `model` with an attention function that records (queries, keys, scaling) per layer."""
+    records: dict[int, tuple] = {}
+    previous = model.config._attn_implementation
+    base_name = previous.removeprefix("omnikv").removeprefix("_") or "sdpa"
+    base_name = base_name if base_name in BASE_MASK_FUNCTIONS else "sdpa"
+    base = eager_attention if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
+
+    def probe(module, query, key, value, attention_mask, **kwargs):
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        records[module.layer_idx] = (query[:, :, -window:].detach(), key.detach(), float(scaling))
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(PROBE, probe)
+    AttentionMaskInterface.register(PROBE, BASE_MASK_FUNCTIONS[base_name])
+    model.set_attn_implementation(PROBE)
+    try:
+        yield records
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def probe_layers(
+    model: PreTrainedModel, input_ids: torch.Tensor, policy: SelectionPolicy, budget: int, sink_tokens: int = 4
+) -> LayerProbe:
+    """One dense forward over a single prompt; every layer selects `budget` tokens with `policy`."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"probe one prompt at a time, got a batch of {input_ids.shape[0]}")
+    device = next(model.parameters()).device
+    length = input_ids.shape[1]
+    with _probe_attention(model, policy.window_size) as records, torch.inference_mode():
+        model(input_ids=input_ids.to(device), use_cache=False)
+    valid = torch.ones(1, length, dtype=torch.bool, device=device)
+    selections, attention = [], []
+    for layer in range(len(records)):
+        queries, keys, scaling = records[layer]
+        positions = torch.arange(length - queries.shape[2], length, device=device)
+        ctx = SelectionContext(queries, positions, keys, valid, budget, scaling, layer=layer)
+        policy.reset()
+        selections.append(policy.select(ctx)[0].cpu())
+        group = queries.shape[1] // keys.shape[1]
+        last = queries[0, :, -1].float()
+        logits = torch.einsum("hd,htd->ht", last, keys[0].float().repeat_interleave(group, dim=0)) * scaling
+        attention.append(torch.softmax(logits, dim=-1).cpu())
+    policy.reset()
+    sinks = torch.zeros(length, dtype=torch.bool)
+    sinks[:sink_tokens] = True
+    return LayerProbe(selections, attention, sinks, length)
+
+
+def _as_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.zeros(length, dtype=torch.bool).index_fill_(0, indices, True)
+
+
+def layer_metrics(probe: LayerProbe) -> dict[str, torch.Tensor]:
+    """``iou``, ``mass`` and ``recall`` as ``[layers, layers]`` tensors (row: selecting layer l, column: m)."""
+    masks = torch.stack([_as_mask(s, probe.context_len) for s in probe.selections]).float()  # [L, T]
+    intersection = masks @ masks.T
+    sizes = masks.sum(-1)
+    iou = intersection / (sizes[:, None] + sizes[None, :] - intersection).clamp(min=1.0)
+    mean_attention = torch.stack([a.mean(0) for a in probe.attention])  # [L, T]
+    mass = masks @ mean_attention.T  # [l, m]: layer m's attention on l's set
+    targets = masks * ~probe.sinks  # each layer's own top-k without the sinks
+    recall = (masks @ targets.T) / targets.sum(-1)[None, :].clamp(min=1.0)
+    return {"iou": iou, "mass": mass, "recall": recall}
+
+
+def mean_metrics(probes: list[LayerProbe]) -> dict[str, torch.Tensor]:
+    """Each metric averaged over prompts."""
+    per_prompt = [layer_metrics(p) for p in probes]
+    return {name: torch.stack([m[name] for m in per_prompt]).mean(0) for name in per_prompt[0]}
+
+
+def plan_score(recall: torch.Tensor, filter_layers: list[int], wait_layers: int) -> dict[str, float]:
+    """Mean and worst ``recall[filter(m)][m]`` over the sparse layers m of the plan."""
+    plan = LayerPlan.build(recall.shape[0], list(filter_layers), wait_layers)
+    values = [
+        float(recall[segment.filter_layer, layer]) for segment in plan.segments for layer in segment.sparse_layers
+    ]
+    if not values:
+        return {"mean": 1.0, "worst": 1.0, "worst_layer": -1}
+    worst = min(range(len(values)), key=values.__getitem__)
+    sparse = [layer for segment in plan.segments for layer in segment.sparse_layers]
+    return {"mean": sum(values) / len(values), "worst": values[worst], "worst_layer": sparse[worst]}
+
+
+def suggest_filter_layers(recall: torch.Tensor, count: int, first_layer: int, wait_layers: int) -> list[int]:
+    """The `count` filter layers, starting at `first_layer`, whose plan has the highest mean recall.
+
+    Ties go to the higher worst layer, then to the earlier layers. Exhaustive over the later layers
+    when that is at most ``EXHAUSTIVE_LIMIT`` plans, else greedy (add the best layer one at a time).
+    """
+    layers = recall.shape[0]
+    if not 1 <= count <= layers - first_layer:
+        raise ValueError(f"count must be in 1..{layers - first_layer} with the first filter layer at {first_layer}")
+    candidates = range(first_layer + 1, layers)
+
+    def key(rest: tuple[int, ...]) -> tuple[float, float]:
+        score = plan_score(recall, [first_layer, *sorted(rest)], wait_layers)
+        return (round(score["mean"], 6), round(score["worst"], 6))
+
+    combinations = sum(1 for _ in itertools.islice(itertools.combinations(candidates, count - 1), EXHAUSTIVE_LIMIT + 1))
+    if combinations <= EXHAUSTIVE_LIMIT:
+        best = max(itertools.combinations(candidates, count - 1), key=key)  # max keeps the first (earliest) tie
+        return [first_layer, *best]
+    chosen: tuple[int, ...] = ()
+    for _ in range(count - 1):
+        chosen = max((tuple(sorted((*chosen, c))) for c in candidates if c not in chosen), key=key)
+    return [first_layer, *chosen]
+
+
+def save_heatmaps(metrics: dict[str, torch.Tensor], path: str, marked: list[int] | None = None) -> None:
+    """One PNG with a heatmap per metric (needs matplotlib: ``pip install omnikv-runtime[analysis]``)."""
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the heatmap needs matplotlib: pip install 'omnikv-runtime[analysis]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {
+        "iou": "IoU of top-k sets",
+        "mass": "attention mass of m on l's set",
+        "recall": "recall of m's top-k (no sinks) by l's set",
+    }
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.6))
+    for ax, (name, values) in zip(axes, metrics.items()):
+        image = ax.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", origin="upper")
+        ax.set_title(titles.get(name, name), fontsize=10)
+        ax.set_xlabel("layer m (served)")
+        ax.set_ylabel("layer l (selecting)")
+        for layer in marked or []:
+            ax.axhline(layer, color="red", linewidth=0.6, alpha=0.7)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
