@@ -49,6 +49,7 @@ def run_cases(engine, tokenizer, cases: list[tuple[int, int, int]], max_new_toke
                 "seconds": round(time.perf_counter() - start, 2),
             }
         )
+        print(f"  {length} tokens, {needles} needles, seed {seed}: {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -110,22 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     engines = {"dense": okv.initialize(model, {"omnikv": {"enabled": False}}, tokenizer=tokenizer)}
     engines.update({name: okv.initialize(model, config, tokenizer=tokenizer) for name, config in configs.items()})
     results: dict[str, dict] = {}
-    for name, engine in engines.items():
-        rows = run_cases(engine, tokenizer, cases, args.max_new_tokens)
-        results[name] = {
-            "lossless": name == "dense" or engine.policy.lossless,
-            "rows": rows,
-            "correct": sum(row["correct"] for row in rows),
-            "distractor_answers": sum(row["distractor"] for row in rows),
-            "cases": len(rows),
-            "seconds": round(sum(row["seconds"] for row in rows), 1),
-        }
-        print(f"{name}: {results[name]['correct']}/{len(rows)}", file=sys.stderr, flush=True)
-    dense_rows = results["dense"]["rows"]
-    for result in results.values():
-        result["correct_where_dense_correct"] = sum(
-            row["correct"] for row, ref in zip(result["rows"], dense_rows) if ref["correct"]
-        )
     summary = {
         "benchmark": "policies (multi-needle grid)",
         "model": "smollm2-135m (bundled GGUF, float32, CPU)",
@@ -138,6 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         "omnikv": base.omnikv.model_dump(mode="json"),
         "results": results,
     }
+    for name, engine in engines.items():
+        rows = run_cases(engine, tokenizer, cases, args.max_new_tokens)
+        results[name] = {
+            "lossless": name == "dense" or engine.policy.lossless,
+            "rows": rows,
+            "correct": sum(row["correct"] for row in rows),
+            "distractor_answers": sum(row["distractor"] for row in rows),
+            "cases": len(rows),
+            "seconds": round(sum(row["seconds"] for row in rows), 1),
+        }
+        print(f"{name}: {results[name]['correct']}/{len(rows)}", file=sys.stderr, flush=True)
+        if args.json_out:  # partial results survive an interrupted run
+            Path(args.json_out).write_text(json.dumps(summary) + "\n", encoding="utf-8")
+    dense_rows = results["dense"]["rows"]
+    for result in results.values():
+        result["correct_where_dense_correct"] = sum(
+            row["correct"] for row, ref in zip(result["rows"], dense_rows) if ref["correct"]
+        )
     text = json.dumps(summary)
     print(text)
     if args.json_out:
