@@ -42,26 +42,28 @@ EXHAUSTIVE_LIMIT = 20000
 
 @dataclass
 class LayerProbe:
-    """One prompt: per layer, the top-k set of its last query and that query's per-head attention."""
+    """One prompt: per layer and answer step, the top-k set and the per-head attention of that step's query."""
 
-    selections: list[torch.Tensor]  # per layer: sorted token indices [k]
-    attention: list[torch.Tensor]  # per layer: [q_heads, context_len] softmax of the last query
+    selections: list[torch.Tensor]  # per layer: sorted token indices [steps, k]
+    attention: list[torch.Tensor]  # per layer: [steps, q_heads, context_len] softmax over the context
     sinks: torch.Tensor  # [context_len] bool, the sink tokens excluded from recall
     context_len: int
 
 
 @contextmanager
-def _probe_attention(model: PreTrainedModel, window: int) -> Iterator[dict[int, tuple]]:
-    """Run `model` with an attention function that records (queries, keys, scaling) per layer."""
-    records: dict[int, tuple] = {}
+def _probe_attention(model: PreTrainedModel, context_len: int) -> Iterator[dict[int, list]]:
+    """Run `model` with an attention function that records, per layer, each decode step's query and
+    the context's keys (the first `context_len` columns)."""
+    records: dict[int, list] = {}
     previous = model.config._attn_implementation
     base_name = previous.removeprefix("omnikv").removeprefix("_") or "sdpa"
     base_name = base_name if base_name in BASE_MASK_FUNCTIONS else "sdpa"
     base = eager_attention if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
 
     def probe(module, query, key, value, attention_mask, **kwargs):
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        records[module.layer_idx] = (query[:, :, -window:].detach(), key.detach(), float(scaling))
+        if query.shape[2] == 1 and key.shape[2] > context_len:  # a decode step
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            records.setdefault(module.layer_idx, []).append((query.detach(), key[:, :, :context_len], float(scaling)))
         return base(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(PROBE, probe)
@@ -74,29 +76,49 @@ def _probe_attention(model: PreTrainedModel, window: int) -> Iterator[dict[int, 
 
 
 def probe_layers(
-    model: PreTrainedModel, input_ids: torch.Tensor, policy: SelectionPolicy, budget: int, sink_tokens: int = 4
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    policy: SelectionPolicy,
+    budget: int,
+    steps: int = 8,
+    sink_tokens: int = 4,
+    pad_token_id: int | None = None,
 ) -> LayerProbe:
-    """One dense forward over a single prompt; every layer selects `budget` tokens with `policy`."""
+    """Dense greedy decoding of `steps` tokens after one prompt; at every decode step (where the runtime
+    selects), every layer selects `budget` context tokens with `policy` from that step's query.
+
+    The query that matters is the one producing the answer, not the prompt's last one: on passkey
+    prompts the needle is read while the digits are generated.
+    """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.shape[0] != 1:
         raise ValueError(f"probe one prompt at a time, got a batch of {input_ids.shape[0]}")
     device = next(model.parameters()).device
     length = input_ids.shape[1]
-    with _probe_attention(model, policy.window_size) as records, torch.inference_mode():
-        model(input_ids=input_ids.to(device), use_cache=False)
+    with _probe_attention(model, length) as records, torch.inference_mode():
+        model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=torch.ones_like(input_ids).to(device),
+            max_new_tokens=steps + 1,  # the first new token comes from the prefill; `steps` decode steps follow
+            min_new_tokens=steps + 1,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )
     valid = torch.ones(1, length, dtype=torch.bool, device=device)
     selections, attention = [], []
     for layer in range(len(records)):
-        queries, keys, scaling = records[layer]
-        positions = torch.arange(length - queries.shape[2], length, device=device)
-        ctx = SelectionContext(queries, positions, keys, valid, budget, scaling, layer=layer)
+        layer_selections, layer_attention = [], []
         policy.reset()
-        selections.append(policy.select(ctx)[0].cpu())
-        group = queries.shape[1] // keys.shape[1]
-        last = queries[0, :, -1].float()
-        logits = torch.einsum("hd,htd->ht", last, keys[0].float().repeat_interleave(group, dim=0)) * scaling
-        attention.append(torch.softmax(logits, dim=-1).cpu())
+        for step, (query, keys, scaling) in enumerate(records[layer]):
+            position = torch.tensor([length + step], device=device)
+            ctx = SelectionContext(query, position, keys, valid, budget, scaling, layer=layer)
+            layer_selections.append(policy.select(ctx)[0].cpu())
+            group = query.shape[1] // keys.shape[1]
+            logits = torch.einsum("hd,htd->ht", query[0, :, 0].float(), keys[0].float().repeat_interleave(group, 0))
+            layer_attention.append(torch.softmax(logits * scaling, dim=-1).cpu())
+        selections.append(torch.stack(layer_selections))
+        attention.append(torch.stack(layer_attention))
     policy.reset()
     sinks = torch.zeros(length, dtype=torch.bool)
     sinks[:sink_tokens] = True
@@ -108,15 +130,21 @@ def _as_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def layer_metrics(probe: LayerProbe) -> dict[str, torch.Tensor]:
-    """``iou``, ``mass`` and ``recall`` as ``[layers, layers]`` tensors (row: selecting layer l, column: m)."""
-    masks = torch.stack([_as_mask(s, probe.context_len) for s in probe.selections]).float()  # [L, T]
-    intersection = masks @ masks.T
-    sizes = masks.sum(-1)
-    iou = intersection / (sizes[:, None] + sizes[None, :] - intersection).clamp(min=1.0)
-    mean_attention = torch.stack([a.mean(0) for a in probe.attention])  # [L, T]
-    mass = masks @ mean_attention.T  # [l, m]: layer m's attention on l's set
-    targets = masks * ~probe.sinks  # each layer's own top-k without the sinks
-    recall = (masks @ targets.T) / targets.sum(-1)[None, :].clamp(min=1.0)
+    """``iou``, ``mass`` and ``recall`` as ``[layers, layers]`` tensors (row: selecting layer l, column: m),
+    each the mean over the answer steps."""
+    steps = probe.selections[0].shape[0]
+    per_step = []
+    for step in range(steps):
+        masks = torch.stack([_as_mask(s[step], probe.context_len) for s in probe.selections]).float()  # [L, T]
+        intersection = masks @ masks.T
+        sizes = masks.sum(-1)
+        iou = intersection / (sizes[:, None] + sizes[None, :] - intersection).clamp(min=1.0)
+        mean_attention = torch.stack([a[step].mean(0) for a in probe.attention])  # [L, T]
+        mass = masks @ mean_attention.T  # [l, m]: layer m's attention on l's set
+        targets = masks * ~probe.sinks  # each layer's own top-k without the sinks
+        recall = (masks @ targets.T) / targets.sum(-1)[None, :].clamp(min=1.0)
+        per_step.append(torch.stack([iou, mass, recall]))
+    iou, mass, recall = torch.stack(per_step).mean(0)
     return {"iou": iou, "mass": mass, "recall": recall}
 
 

@@ -73,6 +73,10 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
     section = config.omnikv
     first = section.filter_layers[0] if args.first_layer is None else args.first_layer
     count = len(section.filter_layers) if args.count is None else args.count
+    if first < 0:
+        raise ConfigError("--first-layer", first, "a layer index of at least 0")
+    if count < 1:
+        raise ConfigError("--count", count, "at least 1 filter layer")
     model_section = config.model
     model, tokenizer = load_model(
         model_section.name_or_path,

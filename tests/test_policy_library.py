@@ -3,8 +3,12 @@ models (budget, padding, determinism, drops), the baselines' own behaviour, and 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+import user_policy_example
 from okv_testlib import PAD, PROMPT_LEN, dense_reference, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
@@ -230,3 +234,42 @@ def test_unset_selector_fields_keep_the_policys_defaults():
     assert engine.policy.window_size == 4096
     engine = okv.initialize(make_model("llama"), omni(selector={"type": "snapkv", "window_size": 8}))
     assert engine.policy.window_size == 8
+
+
+# the worked example of docs/policies.md -------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "policies.md"
+
+
+def test_docs_example_is_the_tested_user_policy():
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
+    source = Path(user_policy_example.__file__).read_text(encoding="utf-8")
+    example = next(block for block in blocks if "class RecentBoostPolicy" in block)
+    assert example in source
+    assert len(example.splitlines()) <= 30
+    # the docs' imports and class run on their own and select as the tested class does
+    namespace: dict = {}
+    exec(next(block for block in blocks if block.startswith("import torch")) + example, namespace)
+    keys, queries = planted(length=64, spots=(20,))
+    ctx = synthetic(keys, queries, 10)
+    chosen = namespace["RecentBoostPolicy"](recent=4).select(ctx)
+    assert torch.equal(chosen, user_policy_example.RecentBoostPolicy(recent=4).select(ctx))
+    assert 20 in chosen[0].tolist() and chosen[0, -4:].tolist() == [60, 61, 62, 63]
+
+
+def test_docs_example_runs_in_the_engine():
+    model = make_model("qwen2")
+    ids, mask = make_prompt(2)
+    selector = {"type": "user_policy_example:RecentBoostPolicy", "recent": 5}
+    engine = okv.initialize(model, omni(budget=BUDGET, selector=selector))
+    assert type(engine.policy) is user_policy_example.RecentBoostPolicy and engine.policy.recent == 5
+    log = record_selections(engine)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
+    for _, _, indices in log:
+        assert indices.shape == (2, BUDGET) and set(range(PROMPT_LEN - 5, PROMPT_LEN)) <= set(indices[0].tolist())
+        assert (indices[1] >= int((mask[1] == 0).sum())).all()
+    # beside the kept recent tokens it ranks like `last`: with recent=0 it is `last`
+    last = okv.initialize(model, omni(budget=BUDGET, selector={"type": "last"}))
+    zero = okv.initialize(model, omni(budget=BUDGET, selector={**selector, "recent": 0}))
+    outputs = [e.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD) for e in (last, zero)]
+    assert torch.equal(outputs[0], outputs[1])
