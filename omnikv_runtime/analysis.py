@@ -1,20 +1,24 @@
 """Filter-layer analysis: which layers' token selections agree, and which filter layers to use.
 
-For each prompt, one dense forward records every layer's last query (after RoPE) and keys. Each
-layer then selects a top-k set as if it were a filter layer (the config's selector, the config's
-budget), and its last query's per-head attention is kept. From these:
+For each prompt the dense model decodes a few answer tokens; at each of those steps (where the
+runtime selects) every layer selects a top-k set as if it were a filter layer (the config's
+selector and budget), and each layer's per-head attention of that step's query is kept. Matrices,
+row = selecting layer l, column = served layer m, averaged over steps and prompts:
 
-- ``iou[l][m]``: overlap of layer l's and layer m's sets (the seed's raw measure);
-- ``mass[l][m]``: share of layer m's attention (mean over heads) that falls on layer l's set;
-  inflated by the attention sink, which every set contains and which takes most of the mass;
-- ``recall[l][m]``: share of layer m's own top-k, sink tokens excluded, that layer l's set holds:
-  what a sparse layer m would miss if l selected for it.
+- ``iou``: overlap of l's and m's sets (the seed's raw measure);
+- ``mass``: share of m's attention (mean over heads) on l's set; inflated by the attention sink,
+  which every set holds and which takes most of the attention;
+- ``recall``: share of m's own top-k, sink tokens excluded, in l's set; most of a top-k is filler
+  with slightly higher logits, so this measures noise as much as need;
+- ``attended``: of the attention that m's heads give to non-sink tokens they really look at (at
+  least ``FOCUS`` of a head's attention), the share that falls on l's set: what sparse layer m
+  would lose if l selected for it.
 
-A filter-layer set is scored by what the runtime would do with it: each sparse layer m is served by
-the filter layer of its segment, so the plan's score is the mean ``recall[filter(m)][m]`` over the
-sparse layers, averaged over prompts, and its weakest sparse layer is reported too. The suggestion
-fixes the first filter layer (it sets how much of the model stays dense, a speed choice) and
-searches the others exhaustively, or greedily one at a time when there are too many combinations.
+A filter-layer set is scored by what the runtime does with it: each sparse layer m is served by
+the filter layer of its segment, so a plan's score is the mean ``attended[filter(m)][m]`` over its
+sparse layers (the weakest layer is reported too). The suggestion fixes the first filter layer (how
+much of the model stays dense is a speed choice) and searches the others exhaustively, or greedily
+one at a time when there are too many combinations.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 PROBE = "omnikv_probe"
 EXHAUSTIVE_LIMIT = 20000
+FOCUS = 0.02  # a head "attends" a token that gets at least this share of its attention
 
 
 @dataclass
@@ -130,8 +135,8 @@ def _as_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def layer_metrics(probe: LayerProbe) -> dict[str, torch.Tensor]:
-    """``iou``, ``mass`` and ``recall`` as ``[layers, layers]`` tensors (row: selecting layer l, column: m),
-    each the mean over the answer steps."""
+    """``iou``, ``mass``, ``recall`` and ``attended`` as ``[layers, layers]`` tensors (row: selecting layer
+    l, column: served layer m), each the mean over the answer steps."""
     steps = probe.selections[0].shape[0]
     per_step = []
     for step in range(steps):
@@ -143,9 +148,14 @@ def layer_metrics(probe: LayerProbe) -> dict[str, torch.Tensor]:
         mass = masks @ mean_attention.T  # [l, m]: layer m's attention on l's set
         targets = masks * ~probe.sinks  # each layer's own top-k without the sinks
         recall = (masks @ targets.T) / targets.sum(-1)[None, :].clamp(min=1.0)
-        per_step.append(torch.stack([iou, mass, recall]))
-    iou, mass, recall = torch.stack(per_step).mean(0)
-    return {"iou": iou, "mass": mass, "recall": recall}
+        # attended: per head, the non-sink tokens holding at least FOCUS of its attention, mass-weighted
+        strong = torch.stack([a[step] for a in probe.attention]) * ~probe.sinks  # [L, heads, T]
+        strong = (strong * (strong >= FOCUS)).sum(1)  # [m, T]
+        total = strong.sum(-1)
+        attended = torch.where(total > 0, (masks @ strong.T) / total.clamp(min=1e-12), torch.ones_like(iou))
+        per_step.append(torch.stack([iou, mass, recall, attended]))
+    iou, mass, recall, attended = torch.stack(per_step).mean(0)
+    return {"iou": iou, "mass": mass, "recall": recall, "attended": attended}
 
 
 def mean_metrics(probes: list[LayerProbe]) -> dict[str, torch.Tensor]:
@@ -205,8 +215,9 @@ def save_heatmaps(metrics: dict[str, torch.Tensor], path: str, marked: list[int]
         "iou": "IoU of top-k sets",
         "mass": "attention mass of m on l's set",
         "recall": "recall of m's top-k (no sinks) by l's set",
+        "attended": "m's attended non-sink mass on l's set",
     }
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.6))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 4.2))
     for ax, (name, values) in zip(axes, metrics.items()):
         image = ax.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", origin="upper")
         ax.set_title(titles.get(name, name), fontsize=10)

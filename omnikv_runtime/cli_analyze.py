@@ -3,9 +3,10 @@
     omnikv analyze-layers --config C [--prompt-file F ...] [--count N] [--first-layer L] [--out DIR]
 
 Without prompt files it probes built-in passkey prompts (2K tokens, the needle at 10%, 50% and 90%
-depth, two keys). Writes ``DIR/layers.json`` (every layer's top-k per prompt, the IoU, attention
-mass and recall matrices, the scores of the config's plan and of the suggestion) and
-``DIR/heatmap.png``. See omnikv_runtime/analysis.py for what each number means.
+depth, two keys), decoding 8 answer steps of each with the dense model. Writes ``DIR/layers.json``
+(every layer's top-k per prompt and step, the IoU, mass, recall and attended matrices, the scores
+of the config's plan and of the suggestion) and ``DIR/heatmap.png``. See
+omnikv_runtime/analysis.py for what each number means.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from omnikv_runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+SCORE = "attended"  # the metric plans are scored by (see omnikv_runtime/analysis.py)
 PASSKEY_PROMPTS = [(2000, depth, seed) for seed in (0, 1) for depth in (0.1, 0.5, 0.9)]
 
 
@@ -101,15 +103,16 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
             {"prompt": name, "tokens": probe.context_len, "top_k": [s.tolist() for s in probe.selections]}
         )
     metrics = mean_metrics(probes)
-    suggested = suggest_filter_layers(metrics["recall"], count, first, section.wait_layers)
-    configured = plan_score(metrics["recall"], section.filter_layers, section.wait_layers)
-    best = plan_score(metrics["recall"], suggested, section.wait_layers)
+    suggested = suggest_filter_layers(metrics[SCORE], count, first, section.wait_layers)
+    configured = plan_score(metrics[SCORE], section.filter_layers, section.wait_layers)
+    best = plan_score(metrics[SCORE], suggested, section.wait_layers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "config": args.config,
         "selector": policy.name,
         "wait_layers": section.wait_layers,
+        "score": SCORE,
         "config_filter_layers": section.filter_layers,
         "config_plan": configured,
         "suggested_filter_layers": suggested,
@@ -126,11 +129,11 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
         return 0
     print(f"probed {len(probes)} prompt(s) with the '{policy.name}' selector")
     print(
-        f"config filter layers    {section.filter_layers}: mean recall {configured['mean']:.3f}, "
+        f"config filter layers    {section.filter_layers}: mean attended-mass recall {configured['mean']:.3f}, "
         f"worst {configured['worst']:.3f} (layer {configured['worst_layer']})"
     )
     print(
-        f"suggested filter layers {suggested}: mean recall {best['mean']:.3f}, "
+        f"suggested filter layers {suggested}: mean attended-mass recall {best['mean']:.3f}, "
         f"worst {best['worst']:.3f} (layer {best['worst_layer']})"
     )
     print(f"the config {'agrees' if summary['agree'] else 'differs'}; wrote {summary['json']} and {summary['heatmap']}")
