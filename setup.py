@@ -32,7 +32,8 @@ setup(
     ],
     extras_require={
         "smollm2": ["gguf>=0.10", "accelerate>=1.0"],
-        "test": ["pytest>=8", "ruff>=0.6", "gguf>=0.10", "accelerate>=1.0", "triton>=3.0"],
+        "test": ["pytest>=8", "ruff>=0.6", "gguf>=0.10", "accelerate>=1.0", "triton>=3.0", "matplotlib>=3.7"],
+        "analysis": ["matplotlib>=3.7"],
         "gpu": ["triton>=3.0"],
         "flash": ["flash-attn>=2.6"],
         "deepspeed": ["deepspeed>=0.15"],
