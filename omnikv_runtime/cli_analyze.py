@@ -33,6 +33,7 @@ def register(commands: Any) -> None:
     parser.add_argument("--prompt-file", nargs="+", help="prompt files (default: built-in passkey prompts)")
     parser.add_argument("--count", type=int, help="how many filter layers to suggest (default: as in the config)")
     parser.add_argument("--first-layer", type=int, help="first filter layer (default: the config's first)")
+    parser.add_argument("--steps", type=int, default=8, help="answer tokens decoded per prompt (default: 8)")
     parser.add_argument("--out", default="layer_analysis", help="output folder (default: layer_analysis)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(handler=cmd_analyze_layers)
@@ -79,6 +80,8 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
         raise ConfigError("--first-layer", first, "a layer index of at least 0")
     if count < 1:
         raise ConfigError("--count", count, "at least 1 filter layer")
+    if args.steps < 1:
+        raise ConfigError("--steps", args.steps, "at least 1 decode step")
     model_section = config.model
     model, tokenizer = load_model(
         model_section.name_or_path,
@@ -97,7 +100,7 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
     for name, ids in _prompts(args, tokenizer, config.generation.use_chat_template):
         budget = section.budget_tokens(ids.shape[1])
         logger.info("probing %s (%d tokens, top-%d)", name, ids.shape[1], budget)
-        probe = probe_layers(model, ids, policy, budget)
+        probe = probe_layers(model, ids, policy, budget, steps=args.steps, pad_token_id=tokenizer.pad_token_id)
         probes.append(probe)
         per_prompt.append(
             {"prompt": name, "tokens": probe.context_len, "top_k": [s.tolist() for s in probe.selections]}

@@ -98,7 +98,8 @@ def test_analyze_layers_cli_on_the_bundled_model(tmp_path, capsys):
     filler = "The sea is calm. The grass is soft. " * 12
     prompt.write_text(f"Remember this: the code word is banana. {filler}What is the code word?", encoding="utf-8")
     out = tmp_path / "analysis"
-    args = ["analyze-layers", "--config", "default", "--prompt-file", str(prompt), "--count", "3", "--out", str(out)]
+    args = ["analyze-layers", "--config", "default", "--prompt-file", str(prompt), "--count", "3", "--steps", "2"]
+    args += ["--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "layers.json").read_text(encoding="utf-8"))
@@ -109,7 +110,8 @@ def test_analyze_layers_cli_on_the_bundled_model(tmp_path, capsys):
     layers = len(report["metrics"]["iou"])
     assert layers == 30 and all(report["metrics"]["iou"][i][i] == 1.0 for i in range(layers))
     (prompt_report,) = report["prompts"]
-    assert len(prompt_report["top_k"]) == layers and len(prompt_report["top_k"][0][0]) == 64  # min_token_budget
+    assert len(prompt_report["top_k"]) == layers and len(prompt_report["top_k"][0]) == 2  # layers x steps
+    assert len(prompt_report["top_k"][0][0]) == 64  # the config's min_token_budget
     assert str(suggested) in printed
 
 
