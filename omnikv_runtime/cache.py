@@ -119,6 +119,8 @@ class OmniKVCache(Cache):
 
     def _begin_forward(self, query_len: int) -> None:
         past = self.get_seq_length()
+        if past == 0:
+            self.policy.reset()  # a new request: stateful policies start afresh
         self.decoding = query_len == 1 and past > 0 and past >= self.prompt_tokens
         if not self.decoding:  # prefill (or a new turn): every token so far becomes selectable context
             self.context_len = past + query_len
@@ -185,6 +187,7 @@ class OmniKVCache(Cache):
             valid=valid[:, : self.context_len],
             budget=self.budget(self.context_len),
             scaling=scaling,
+            layer=layer_idx,
         )
         indices = self.policy.select(context)
         self.selections[segment] = indices

@@ -142,6 +142,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "omnikv_runtime.cli_run",
     "omnikv_runtime.cli_profile",
     "omnikv_runtime.cli_eval",
+    "omnikv_runtime.cli_analyze",
 )
 
 

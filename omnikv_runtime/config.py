@@ -293,6 +293,7 @@ def load_config(source: str | Path | dict[str, Any] | OmniKVConfig | None = None
         raise _config_error(exc) from None
     from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 
-    make_selection_policy(config.omnikv.selector.model_dump())  # unknown selector or bad arguments: ConfigError
+    # unknown selector or bad arguments: ConfigError; unset fields leave the policy's own defaults
+    make_selection_policy(config.omnikv.selector.model_dump(exclude_unset=True))
     make_eviction_policy(config.offload.eviction.model_dump())
     return config

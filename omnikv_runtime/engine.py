@@ -58,7 +58,7 @@ class Engine:
         self.config = config
         section = config.omnikv
         self.plan = LayerPlan.build(self.num_layers, section.filter_layers, section.wait_layers, section.enabled)
-        self.policy = make_selection_policy(section.selector.model_dump())
+        self.policy = make_selection_policy(section.selector.model_dump(exclude_unset=True))
         self.eviction = make_eviction_policy(config.offload.eviction.model_dump())
         self.hot_cache_tokens = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
         if config.offload.hot_cache_tokens and not self.hot_cache_tokens:
@@ -208,6 +208,7 @@ class Engine:
             str(s.filter_layer): [step.get(s.filter_layer, 0) for step in steps] for s in self.plan.segments
         }
         out["context_tokens"] = cache.context_len
+        out["dropped_tokens"] = {str(layer): n for layer, n in cache.policy.dropped_tokens().items()}
         out["decode_steps"] = len(steps)
         if run:
             first_decode = next((t for t, decoding in cache.forward_starts if decoding), run["end"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -68,12 +69,28 @@ def build_passkey_prompt(
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(seed)
     key = passkey if passkey is not None else str(rng.randint(10000, 99999))
+
+    def render(filler: list[str], n: int) -> str:
+        return _render(tokenizer, filler, n, depth, key, use_chat_template)
+
+    prompt = _fit(tokenizer, target_tokens, rng, render, use_chat_template)
+    return prompt, key
+
+
+def _fit(
+    tokenizer: PreTrainedTokenizerBase,
+    target_tokens: int,
+    rng: random.Random,
+    render: Callable[[list[str], int], str],
+    chat: bool,
+) -> str:
+    """The longest ``render(filler, n)`` of at most `target_tokens` tokens; filler sentences drawn from `rng`."""
     filler: list[str] = []
 
     def size(n: int) -> int:
         while len(filler) < n:
             filler.append(rng.choice(FILLER_SENTENCES))
-        return _count_tokens(tokenizer, _render(tokenizer, filler, n, depth, key, use_chat_template), use_chat_template)
+        return _count_tokens(tokenizer, render(filler, n), chat)
 
     cap = 16
     while size(cap) <= target_tokens:  # grow an upper bound, then binary-search below it
@@ -85,9 +102,51 @@ def build_passkey_prompt(
             lo = mid
         else:
             hi = mid - 1
-    prompt = _render(tokenizer, filler, lo, depth, key, use_chat_template)
-    logger.debug("passkey prompt: %d filler sentences, %d tokens (target %d)", lo, size(lo), target_tokens)
-    return prompt, key
+    logger.debug("prompt: %d filler sentences, %d tokens (target %d)", lo, size(lo), target_tokens)
+    return render(filler, lo)
+
+
+MULTI_INTRO = (
+    "There are several important pass keys hidden inside a lot of irrelevant text, each kept in a box "
+    "of its own colour. Find them and memorize them. I will ask you about one of them later."
+)
+MULTI_NEEDLE = "The pass key of the {colour} box is {key}. Remember it. {key} is the pass key of the {colour} box."
+MULTI_QUESTION = "What is the pass key of the {colour} box? Answer with the 5-digit number only."
+COLOURS: tuple[str, ...] = ("red", "blue", "green", "yellow", "purple", "orange")
+
+
+def build_multi_needle_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    target_tokens: int,
+    needles: int,
+    seed: int = 0,
+    use_chat_template: bool = True,
+) -> tuple[str, str, list[str]]:
+    """A prompt of about ``target_tokens`` tokens with `needles` passkeys in coloured boxes; one is asked for.
+
+    Returns ``(prompt, asked_key, all_keys)``. Needles sit at evenly spread depths (1/(n+1), 2/(n+1),
+    ...); the colours, keys (distinct seeded 5-digit numbers) and which one is asked follow `seed`. The
+    other needles are distractors: answering with one of them is wrong.
+    """
+    if not 1 <= needles <= len(COLOURS):
+        raise ValueError(f"needles must be in 1..{len(COLOURS)}, got {needles}")
+    rng = random.Random(seed)
+    colours = rng.sample(COLOURS, needles)
+    keys = [str(k) for k in rng.sample(range(10000, 100000), needles)]
+    asked = rng.randrange(needles)
+
+    def render(filler: list[str], n: int) -> str:
+        body = filler[:n]
+        for i in reversed(range(needles)):  # from the deepest so earlier insertions keep their place
+            body.insert(round((i + 1) / (needles + 1) * n), MULTI_NEEDLE.format(colour=colours[i], key=keys[i]))
+        user = f"{MULTI_INTRO}\n\n{' '.join(body)}\n\n{MULTI_QUESTION.format(colour=colours[asked])}"
+        if not use_chat_template:
+            return f"{user}\nThe pass key of the {colours[asked]} box is"
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+
+    return _fit(tokenizer, target_tokens, rng, render, use_chat_template), keys[asked], keys
 
 
 def extract_answer(text: str) -> str | None:

@@ -1,6 +1,7 @@
 """Selection policies (which tokens a sparse layer sees) and their registry.
 
-Selection (built in: ``last``, ``softmax_last``, ``uniform``, ``exp``, ``full``) and eviction of
+Selection (built in: OmniKV's ``last``, ``softmax_last``, ``uniform``, ``exp``; the baselines ``full``,
+``streaming_llm``, ``h2o``, ``snapkv``, ``quest``, ``infllm``; see docs/policies.md) and eviction of
 the GPU hot cache (``lru``, ``lfu``, ``none``). A user's class loads by
 ``"package.module:ClassName"``; it must subclass :class:`SelectionPolicy` or :class:`EvictionPolicy`.
 """
@@ -11,10 +12,14 @@ from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, all_
 from omnikv_runtime.policies.eviction_base import EvictionPolicy
 from omnikv_runtime.policies.exp import ExpWindowPolicy
 from omnikv_runtime.policies.full import FullContextPolicy
+from omnikv_runtime.policies.h2o import H2OPolicy
+from omnikv_runtime.policies.infllm import InfLLMPolicy
 from omnikv_runtime.policies.keep import NoEviction
 from omnikv_runtime.policies.last import LastQueryPolicy
 from omnikv_runtime.policies.lfu import LFUEviction
+from omnikv_runtime.policies.lossy import LossyPolicy
 from omnikv_runtime.policies.lru import LRUEviction
+from omnikv_runtime.policies.quest import QuestPolicy
 from omnikv_runtime.policies.registry import (
     EVICTION_POLICIES,
     SELECTION_POLICIES,
@@ -24,10 +29,23 @@ from omnikv_runtime.policies.registry import (
     register_selection_policy,
     resolve_policy_class,
 )
+from omnikv_runtime.policies.snapkv import SnapKVPolicy
 from omnikv_runtime.policies.softmax_last import SoftmaxLastPolicy
+from omnikv_runtime.policies.streaming_llm import StreamingLLMPolicy
 from omnikv_runtime.policies.uniform import UniformWindowPolicy
 
-for _cls in (LastQueryPolicy, SoftmaxLastPolicy, UniformWindowPolicy, ExpWindowPolicy, FullContextPolicy):
+for _cls in (
+    LastQueryPolicy,
+    SoftmaxLastPolicy,
+    UniformWindowPolicy,
+    ExpWindowPolicy,
+    FullContextPolicy,
+    StreamingLLMPolicy,
+    H2OPolicy,
+    SnapKVPolicy,
+    QuestPolicy,
+    InfLLMPolicy,
+):
     register_selection_policy(_cls)
 for _eviction in (LRUEviction, LFUEviction, NoEviction):
     register_eviction_policy(_eviction)
@@ -41,6 +59,12 @@ __all__ = [
     "NoEviction",
     "ExpWindowPolicy",
     "FullContextPolicy",
+    "H2OPolicy",
+    "InfLLMPolicy",
+    "LossyPolicy",
+    "QuestPolicy",
+    "SnapKVPolicy",
+    "StreamingLLMPolicy",
     "LastQueryPolicy",
     "SelectionContext",
     "SelectionPolicy",

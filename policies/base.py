@@ -24,6 +24,7 @@ class SelectionContext:
         valid: ``[batch, context_len]`` bool, False at padded positions.
         budget: how many tokens to select (``0 <= budget <= context_len``).
         scaling: the attention's softmax scale.
+        layer: index of the filter layer selecting (stateful policies keep state per layer).
     """
 
     queries: torch.Tensor
@@ -32,6 +33,7 @@ class SelectionContext:
     valid: torch.Tensor
     budget: int
     scaling: float
+    layer: int = 0
 
     @property
     def context_len(self) -> int:
@@ -43,7 +45,9 @@ class SelectionPolicy:
 
     Subclasses implement :meth:`scores` (higher = keep) or override :meth:`select` entirely.
     ``window_size`` says how many recent queries the policy wants in ``ctx.queries``.
-    ``lossless`` is True for policies that never drop KV for good (all OmniKV policies).
+    ``lossless`` is True for policies that never drop KV for good (all OmniKV policies); lossy ones
+    report what they dropped in :meth:`dropped_tokens`. A policy with per-request state clears it in
+    :meth:`reset`, which the cache calls when a request's first forward starts.
     """
 
     name = "base"
@@ -66,6 +70,13 @@ class SelectionPolicy:
         scores = self.scores(ctx).float().masked_fill(~ctx.valid, float("-inf"))
         indices = torch.topk(scores, ctx.budget, dim=-1, sorted=False).indices
         return torch.sort(indices, dim=-1).values
+
+    def reset(self) -> None:
+        """Forget per-request state (called by the cache at the first forward of each request)."""
+
+    def dropped_tokens(self) -> dict[int, int]:
+        """Filter layer -> context tokens dropped for good this request (max over batch rows); {} if lossless."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(window_size={self.window_size})"
@@ -109,3 +120,39 @@ def windowed_softmax_scores(ctx: SelectionContext, weights: torch.Tensor) -> tor
     weights = weights[-window:].to(probs)
     weights = weights / weights.sum()
     return torch.einsum("bhwt,w->bht", probs, weights).amax(dim=1)
+
+
+def first_valid(valid: torch.Tensor, count: int) -> torch.Tensor:
+    """``[batch, context_len]`` bool: the first `count` valid positions of each row (attention sinks)."""
+    return valid & (valid.long().cumsum(-1) <= count)
+
+
+def causal_columns(ctx: SelectionContext) -> torch.Tensor:
+    """``[context_len]`` bool: the columns the current (last) query may see."""
+    columns = torch.arange(ctx.context_len, device=ctx.keys.device)
+    return columns <= ctx.query_positions[-1].to(columns.device)
+
+
+def last_valid(ctx: SelectionContext, count: int) -> torch.Tensor:
+    """``[batch, context_len]`` bool: the `count` most recent valid positions the current query sees."""
+    seen = ctx.valid & causal_columns(ctx)[None, :]
+    from_the_end = seen.long().flip(-1).cumsum(-1).flip(-1)  # valid positions at or after each column
+    return seen & (from_the_end <= count)
+
+
+def ranked_groups(group_scores: torch.Tensor, group_size: int, context_len: int) -> torch.Tensor:
+    """Token scores that pick whole groups (pages, blocks) best group first.
+
+    ``group_scores`` is ``[batch, groups]`` (``-inf`` for an empty group); token ``t`` belongs to group
+    ``t // group_size``. A token's score is its group's rank (best group highest) times
+    ``group_size`` plus its offset in the group, so a top-k takes whole groups in order and, in the
+    last one taken, its latest tokens. Exact integers in float32 up to 16M tokens; ties broken by
+    group index (stable sort), so the result is deterministic.
+    """
+    batch, groups = group_scores.shape
+    order = torch.sort(group_scores.float(), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(groups, device=order.device).expand(batch, groups))
+    positions = torch.arange(context_len, device=group_scores.device)
+    token_rank = rank[:, positions // group_size]  # [batch, context_len]
+    return ((groups - token_rank) * group_size + positions % group_size).float()

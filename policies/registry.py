@@ -45,6 +45,8 @@ def resolve_policy_class(
         names = sorted(registry)
         raise ConfigError(field, spec, f"one of {names}{did_you_mean(spec, names)} or 'package.module:Class'")
     module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name or ":" in class_name:
+        raise ConfigError(field, spec, "'package.module:ClassName' with one ':' and both parts given")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -54,7 +56,24 @@ def resolve_policy_class(
         raise ConfigError(field, spec, f"a class that module '{module_name}' defines; it has no '{class_name}'")
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(field, spec, f"a subclass of omnikv_runtime.policies.{base.__name__}")
+    missing = missing_methods(cls)
+    if missing:
+        raise ConfigError(field, spec, f"a class that implements {missing} (it inherits the base's unimplemented one)")
     return cls
+
+
+def missing_methods(cls: type) -> str:
+    """What a policy class leaves unimplemented ('' if nothing): the interface check of the registry."""
+    from omnikv_runtime.policies.lossy import LossyPolicy
+
+    if issubclass(cls, LossyPolicy):
+        return "" if cls.rank is not LossyPolicy.rank else "rank(ctx, state)"
+    if issubclass(cls, SelectionPolicy):
+        overrides = cls.scores is not SelectionPolicy.scores or cls.select is not SelectionPolicy.select
+        return "" if overrides else "scores(ctx) or select(ctx)"
+    if issubclass(cls, EvictionPolicy):
+        return "" if cls.priority is not EvictionPolicy.priority else "priority(state)"
+    return ""
 
 
 def make_selection_policy(selector: dict[str, Any]) -> SelectionPolicy:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from omnikv_runtime.policies import SelectionContext, SelectionPolicy
+from omnikv_runtime.policies import LossyPolicy, SelectionContext, SelectionPolicy, head_logits
+from omnikv_runtime.policies.base import last_valid
 
 
 class FirstTokensPolicy(SelectionPolicy):
@@ -46,3 +47,43 @@ class NotAPolicy:
 
     def select(self, ctx):  # pragma: no cover - must never be called
         raise AssertionError("NotAPolicy must be rejected at config time")
+
+
+# --- the worked example of docs/policies.md (the docs test checks the two stay identical) ---
+
+
+class RecentBoostPolicy(SelectionPolicy):
+    """OmniKV's ``last`` scoring, but the `recent` latest context tokens are always kept.
+
+    Lossless (the default): it only chooses what sparse layers read this step.
+    """
+
+    name = "recent_boost"
+
+    def __init__(self, window_size: int = 1, recent: int = 8) -> None:
+        super().__init__(window_size=1)  # only the current query is needed
+        if recent < 0:
+            raise ValueError(f"recent must be at least 0, got {recent}")
+        self.recent = recent
+
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        # [batch, q_heads, 1, context] logits of the current query; a token's score is its best head's
+        logits = head_logits(ctx, last_only=True)[:, :, 0].amax(dim=1)
+        # the latest `recent` real tokens outrank every other token
+        boost = last_valid(ctx, min(self.recent, ctx.budget)) * (logits.abs().amax() * 2 + 1)
+        return logits + boost
+
+
+# --- classes the registry must reject ---
+
+
+class HollowPolicy(SelectionPolicy):
+    """Subclasses the interface but implements neither scores nor select."""
+
+    name = "hollow"
+
+
+class HollowLossyPolicy(LossyPolicy):
+    """A lossy policy without rank."""
+
+    name = "hollow_lossy"

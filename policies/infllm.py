@@ -1,0 +1,85 @@
+"""InfLLM-style block retrieval: representative keys per block, top blocks per step.
+
+From Xiao et al., "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient
+Context Memory" (NeurIPS 2024): distant context is stored in blocks; each block is represented by
+a few of its keys (its most attended tokens), a block's relevance to the current query is the
+query's dot product with those representative keys, and each step attends the initial tokens, a
+local window and the top blocks. Here a block is ``block_size`` consecutive context tokens; since
+a policy sees no prompt queries of the block's own time, a token's representativeness is its
+key's dot product with the block's mean key (keys stand in for the block's queries), the top
+``representatives`` per block follow from the keys alone (recomputed each step: cheap), and
+relevance is summed over representatives and query heads. The budget holds ``init_tokens``
+initial tokens, ``local_ratio`` of it as the latest context tokens, and whole blocks best first.
+Lossless: the next step may retrieve other blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnikv_runtime.policies.base import (
+    SelectionContext,
+    SelectionPolicy,
+    causal_columns,
+    first_valid,
+    last_valid,
+    ranked_groups,
+)
+
+
+class InfLLMPolicy(SelectionPolicy):
+    """Initial tokens, a local window, and the blocks whose representative keys best match the query."""
+
+    name = "infllm"
+
+    def __init__(
+        self,
+        window_size: int = 1,
+        block_size: int = 16,
+        representatives: int = 4,
+        init_tokens: int = 4,
+        local_ratio: float = 0.25,
+    ) -> None:
+        super().__init__(window_size=1)
+        if block_size < 1 or not 1 <= representatives <= block_size:
+            raise ValueError(
+                f"need block_size >= 1 and 1 <= representatives <= block_size, got {block_size}, {representatives}"
+            )
+        if init_tokens < 0 or not 0.0 <= local_ratio <= 1.0:
+            raise ValueError(f"need init_tokens >= 0 and local_ratio in [0, 1], got {init_tokens}, {local_ratio}")
+        self.block_size = block_size
+        self.representatives = representatives
+        self.init_tokens = init_tokens
+        self.local_ratio = local_ratio
+
+    def _representatives(self, ctx: SelectionContext, usable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representative keys ``[batch, kv_heads, blocks, r, dim]`` and which are real ``[batch, blocks, r]``."""
+        batch, kv_heads, length, dim = ctx.keys.shape
+        blocks = -(-length // self.block_size)
+        pad = blocks * self.block_size - length
+        keys = torch.nn.functional.pad(ctx.keys.float(), (0, 0, 0, pad))
+        keys = keys.reshape(batch, kv_heads, blocks, self.block_size, dim)
+        real = torch.nn.functional.pad(usable, (0, pad)).reshape(batch, blocks, self.block_size)
+        weights = real[:, None, :, :, None].float()
+        mean = (keys * weights).sum(3) / weights.sum(3).clamp(min=1.0)  # [batch, kv_heads, blocks, dim]
+        fit = torch.einsum("bhnsd,bhnd->bns", keys, mean).masked_fill(~real, float("-inf"))
+        chosen = torch.topk(fit, self.representatives, dim=-1).indices  # [batch, blocks, r]
+        ok = real.gather(2, chosen)
+        index = chosen[:, None, :, :, None].expand(batch, kv_heads, blocks, self.representatives, dim)
+        reps = keys.gather(3, index)
+        return reps, ok
+
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        batch, kv_heads, length, _ = ctx.keys.shape
+        usable = ctx.valid & causal_columns(ctx)[None, :]
+        reps, ok = self._representatives(ctx, usable)
+        query = ctx.queries[:, :, -1].float()
+        grouped = query.reshape(batch, kv_heads, query.shape[1] // kv_heads, -1)
+        relevance = torch.einsum("bhgd,bhnrd->bnr", grouped, reps)  # summed over the heads of each group
+        relevance = relevance.masked_fill(~ok, 0.0).sum(-1)
+        relevance = relevance.masked_fill(~ok.any(-1), float("-inf"))  # a block of padding only
+        scores = ranked_groups(relevance, self.block_size, length)
+        top = scores.amax() + 1.0
+        scores = scores + last_valid(ctx, int(ctx.budget * self.local_ratio)) * top
+        scores = scores + first_valid(usable, self.init_tokens) * 2 * top
+        return scores.masked_fill(~causal_columns(ctx)[None, :], -1.0)

@@ -1,0 +1,47 @@
+"""Quest: query-aware page selection from per-page min/max key bounds.
+
+From Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference" (ICML
+2024): the KV cache is split into pages; each page keeps the elementwise minimum and maximum of its
+keys, which bound ``q·k`` for any key in it by ``sum_d max(q_d min_d, q_d max_d)``. At each decode
+step the current query's bound ranks the pages and the top pages are attended. Here a page is
+``page_size`` consecutive context tokens (padding excluded from its bounds), a page's score is the
+largest bound over query heads, and whole pages are taken best first until the budget is full (the
+last one partly). Lossless: nothing is dropped; the next step may pick other pages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, causal_columns, ranked_groups
+
+
+class QuestPolicy(SelectionPolicy):
+    """Top pages by the current query's upper bound on ``q·k`` from page-wise key min/max."""
+
+    name = "quest"
+
+    def __init__(self, window_size: int = 1, page_size: int = 16) -> None:
+        super().__init__(window_size=1)
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        self.page_size = page_size
+
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        batch, kv_heads, length, dim = ctx.keys.shape
+        pages = -(-length // self.page_size)
+        usable = ctx.valid & causal_columns(ctx)[None, :]
+        pad = pages * self.page_size - length
+        keys = torch.nn.functional.pad(ctx.keys.float(), (0, 0, 0, pad))
+        usable = torch.nn.functional.pad(usable, (0, pad))[:, None, :, None]
+        keys_lo = keys.masked_fill(~usable, float("inf")).reshape(batch, kv_heads, pages, self.page_size, dim)
+        keys_hi = keys.masked_fill(~usable, float("-inf")).reshape(batch, kv_heads, pages, self.page_size, dim)
+        lo, hi = keys_lo.amin(dim=3), keys_hi.amax(dim=3)  # [batch, kv_heads, pages, dim]
+        query = ctx.queries[:, :, -1].float()  # [batch, q_heads, dim]
+        group = query.shape[1] // kv_heads
+        lo, hi = lo.repeat_interleave(group, dim=1), hi.repeat_interleave(group, dim=1)
+        bound = torch.maximum(query[:, :, None] * lo, query[:, :, None] * hi).sum(-1)  # [batch, q_heads, pages]
+        bound = bound.nan_to_num(float("-inf"), posinf=float("-inf"))  # empty page: inf * 0 or inf
+        page_scores = bound.amax(dim=1)
+        scores = ranked_groups(page_scores, self.page_size, length)
+        return scores.masked_fill(~causal_columns(ctx)[None, :], -1.0)

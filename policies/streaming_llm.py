@@ -1,0 +1,33 @@
+"""StreamingLLM: attention sinks plus a window of recent tokens.
+
+From Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024): the
+first few tokens draw a large share of attention whatever their content ("attention sinks"), so a
+cache of those sinks plus the most recent tokens keeps a model stable on endless streams. Here the
+budget is ``sink_tokens`` sinks (the first real tokens of each row) and the latest context tokens
+for the rest. Lossy: every other context token is dropped for good at the first decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnikv_runtime.policies.base import SelectionContext, causal_columns, first_valid
+from omnikv_runtime.policies.lossy import LayerState, LossyPolicy
+
+
+class StreamingLLMPolicy(LossyPolicy):
+    """``sink_tokens`` attention sinks plus the most recent context tokens, query-independent."""
+
+    name = "streaming_llm"
+
+    def __init__(self, window_size: int = 1, sink_tokens: int = 4) -> None:
+        super().__init__(window_size=1)
+        if sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be at least 0, got {sink_tokens}")
+        self.sink_tokens = sink_tokens
+
+    def rank(self, ctx: SelectionContext, state: LayerState) -> torch.Tensor:
+        length = ctx.context_len
+        position = torch.arange(length, device=ctx.keys.device, dtype=torch.float32)
+        scores = position.masked_fill(~causal_columns(ctx), -1.0).expand(ctx.keys.shape[0], length)
+        return scores + 2 * length * first_valid(ctx.valid, self.sink_tokens)
