@@ -95,7 +95,7 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
         raise ConfigError("--first-layer", first, f"a layer index in 0..{layers - 1}")
     if not 1 <= count <= layers - first:
         raise ConfigError("--count", count, f"1..{layers - first} filter layers from layer {first}")
-    policy = make_selection_policy(section.selector.model_dump(exclude_unset=True))
+    policy = make_selection_policy(section.selector.policy_arguments())
     probes, per_prompt = [], []
     for name, ids in _prompts(args, tokenizer, config.generation.use_chat_template):
         budget = section.budget_tokens(ids.shape[1])

@@ -61,7 +61,11 @@ class SelectorSection(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     type: str = "last"
-    window_size: StrictInt = Field(default=16, gt=0)
+    window_size: StrictInt | None = Field(default=None, gt=0)  # None: the policy's own default
+
+    def policy_arguments(self) -> dict[str, Any]:
+        """What builds the policy: the type and only the fields the config set."""
+        return {"type": self.type, **self.model_dump(exclude_unset=True, exclude_none=True)}
 
 
 class OmniKVSection(_Section):
@@ -294,6 +298,6 @@ def load_config(source: str | Path | dict[str, Any] | OmniKVConfig | None = None
     from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 
     # unknown selector or bad arguments: ConfigError; unset fields leave the policy's own defaults
-    make_selection_policy(config.omnikv.selector.model_dump(exclude_unset=True))
+    make_selection_policy(config.omnikv.selector.policy_arguments())
     make_eviction_policy(config.offload.eviction.model_dump())
     return config

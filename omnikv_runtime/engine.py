@@ -58,7 +58,7 @@ class Engine:
         self.config = config
         section = config.omnikv
         self.plan = LayerPlan.build(self.num_layers, section.filter_layers, section.wait_layers, section.enabled)
-        self.policy = make_selection_policy(section.selector.model_dump(exclude_unset=True))
+        self.policy = make_selection_policy(section.selector.policy_arguments())
         self.eviction = make_eviction_policy(config.offload.eviction.model_dump())
         self.hot_cache_tokens = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
         if config.offload.hot_cache_tokens and not self.hot_cache_tokens:
