@@ -32,7 +32,6 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 import omnikv_runtime as okv
 from omnikv_runtime.engine import _cache_keyword
 from omnikv_runtime.planner import KNOWN_GEOMETRIES
-from omnikv_runtime.transfer import HotCache
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_timing.py, also under python -P
 from step_timing import bandwidths, decode_steps, gpu_profile, host_syncs, sdpa_backends, sync  # noqa: E402
@@ -224,19 +223,7 @@ class Bench:
                     if multiple:
                         row["path"] += f"_hot{multiple}x"
                     cache.budget = lambda _context, k=k: min(k, _context)
-                    cache.hot_cache_tokens = multiple * k
-                    cache.hot_caches = [None] * len(plan.segments)
-                    for segment, arena in enumerate(cache.arenas):
-                        if multiple and arena is not None:
-                            cache.hot_caches[segment] = HotCache(
-                                engine.eviction,
-                                batch,
-                                multiple * k,
-                                arena.row_shape,
-                                self.dtype,
-                                self.device,
-                                arena.capacity,
-                            )
+                    cache.resize_hot_cache(multiple * k, self.device)
                     engine.transfer.reset_stats()
                     label = f"{row['path']}_{context}_{batch}_{budget}"
                     row.update(self.measure(self.model, cache, batch, position, label))

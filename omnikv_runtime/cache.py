@@ -141,10 +141,22 @@ class OmniKVCache(Cache):
             self.arenas[segment] = arena
             for layer in self.plan.segments[segment].sparse_layers:
                 self.layers[layer].arena = arena
-            if self.hot_cache_tokens:
-                self.hot_caches[segment] = HotCache(
-                    self.eviction, batch, self.hot_cache_tokens, arena.row_shape, like.dtype, like.device, capacity
-                )
+            self._build_hot_cache(segment, like.device)
+
+    def _build_hot_cache(self, segment: int, device: torch.device) -> None:
+        arena = self.arenas[segment]
+        self.hot_caches[segment] = None
+        if self.hot_cache_tokens and arena is not None:
+            batch = arena.data.shape[0]
+            self.hot_caches[segment] = HotCache(
+                self.eviction, batch, self.hot_cache_tokens, arena.row_shape, arena.dtype, device, arena.capacity
+            )
+
+    def resize_hot_cache(self, hot_cache_tokens: int, device: torch.device) -> None:
+        """Replace every segment's hot cache by an empty one of ``hot_cache_tokens`` rows (0: none)."""
+        self.hot_cache_tokens = hot_cache_tokens
+        for segment in range(len(self.plan.segments)):
+            self._build_hot_cache(segment, device)
 
     def _columns(self, layer_idx: int, tail: int) -> torch.Tensor:
         """Cache columns of a sparse layer's returned keys: its selection, then the tail.
@@ -231,10 +243,8 @@ class OmniKVCache(Cache):
         totals = {"hot_hits": 0, "hot_misses": 0, "hot_bytes_saved": 0, "hot_bytes_fetched": 0}
         for hot in self.hot_caches:
             if hot is not None:
-                counters = hot.counters()
-                for name in ("hot_hits", "hot_misses", "hot_bytes_saved"):
-                    totals[name] += counters[name]
-                totals["hot_bytes_fetched"] += counters["hot_misses"] * hot.row_bytes
+                for name, value in hot.counters().items():
+                    totals[name] += value
         return totals
 
     def tier_bytes(self) -> dict[str, int]:

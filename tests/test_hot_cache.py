@@ -134,7 +134,8 @@ def test_a_repeated_selection_is_all_hits():
     indices = torch.tensor([[1, 5, 9, 30], [0, 2, 3, 39]])
     outputs = [(torch.empty(BATCH, HEADS, 4, DIM), torch.empty(BATCH, HEADS, 4, DIM)) for _ in range(LAYERS)]
     _ARENA.gather(indices, outputs, hot)
-    assert hot.counters() == {"hot_hits": 0, "hot_misses": 8, "hot_bytes_saved": 0}
+    row_bytes = LAYERS * 2 * HEADS * DIM * 4
+    assert hot.counters() == {"hot_hits": 0, "hot_misses": 8, "hot_bytes_saved": 0, "hot_bytes_fetched": 8 * row_bytes}
     _ARENA.gather(indices, outputs, hot)
     assert hot.counters()["hot_hits"] == 8
     assert hot.counters()["hot_bytes_saved"] == 8 * LAYERS * 2 * HEADS * DIM * 4

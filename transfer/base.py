@@ -11,6 +11,7 @@ the sparse layers of one segment packed per token, so one selected token is one 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -93,11 +94,19 @@ class TransferEngine(ABC):
     def wait(self, arena: torch.Tensor, slot: int) -> None:
         """Make the compute stream wait until the rows gathered from ``arena`` for layer ``slot`` have landed."""
 
-    def _split_rows(self, rows: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy packed rows ``[batch, k, layers, 2, heads, dim]`` into each layer's key and value views."""
+    def _split_rows(
+        self,
+        rows: torch.Tensor,
+        outputs: list[tuple[torch.Tensor, torch.Tensor]],
+        after_layer: Callable[[int], None] | None = None,
+    ) -> None:
+        """Copy packed rows ``[batch, k, layers, 2, heads, dim]`` into each layer's key and value views,
+        calling ``after_layer(slot)`` once a layer's copies are queued."""
         for slot, (keys_out, values_out) in enumerate(outputs):
             keys_out.copy_(rows[:, :, slot, 0].transpose(1, 2))
             values_out.copy_(rows[:, :, slot, 1].transpose(1, 2))
+            if after_layer is not None:
+                after_layer(slot)
 
     def synchronize(self) -> None:
         """Block the host until every transfer queued so far has finished (before the host touches the arena).

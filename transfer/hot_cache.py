@@ -113,9 +113,15 @@ class HotCache:
         return torch.where(hit, -1, indices), hot_slots
 
     def counters(self) -> dict[str, int]:
-        """Hits, misses and bytes saved so far (reads device counters: call outside the decode loop)."""
+        """Hits, misses, bytes saved and bytes fetched (misses) so far; reads device counters, so call it
+        outside the decode loop."""
         hits, misses = int(self.hits), int(self.misses)
-        return {"hot_hits": hits, "hot_misses": misses, "hot_bytes_saved": hits * self.row_bytes}
+        return {
+            "hot_hits": hits,
+            "hot_misses": misses,
+            "hot_bytes_saved": hits * self.row_bytes,
+            "hot_bytes_fetched": misses * self.row_bytes,
+        }
 
     def select_batch(self, batch_index: torch.Tensor) -> None:
         """Keep (and reorder) batch rows, as beam search asks."""

@@ -89,16 +89,16 @@ class TritonTransferEngine(TorchTransferEngine):
                 self.stats.bytes_fetched += rows.numel() * rows.element_size()
             else:
                 gather_rows(arena, indices, rows, self.num_programs, hot=hot.data, hot_slots=hot_slots)
-            for slot, (keys_out, values_out) in enumerate(outputs):
-                keys_out.copy_(rows[:, :, slot, 0].transpose(1, 2))
-                values_out.copy_(rows[:, :, slot, 1].transpose(1, 2))
-                event = torch.cuda.Event()
-                event.record(self.stream)
-                self._events[(arena.data_ptr(), slot)] = event
+            self._split_rows(rows, outputs, after_layer=lambda slot: self._record_landed(arena, slot))
         indices.record_stream(self.stream)
         if hot is not None:
             hot_slots.record_stream(self.stream)
         self.stats.gathers += 1
+
+    def _record_landed(self, arena: torch.Tensor, slot: int) -> None:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self._events[(arena.data_ptr(), slot)] = event
 
     def wait(self, arena: torch.Tensor, slot: int) -> None:
         event = self._events.get((arena.data_ptr(), slot))
