@@ -114,17 +114,16 @@ def probe_layers(
     selections, attention = [], []
     for layer in range(len(records)):
         layer_selections, layer_attention = [], []
-        policy.reset()
+        state: dict = {}  # the policy's per-request state for this layer
         for step, (query, keys, scaling) in enumerate(records[layer]):
             position = torch.tensor([length + step], device=device)
-            ctx = SelectionContext(query, position, keys, valid, budget, scaling, layer=layer)
+            ctx = SelectionContext(query, position, keys, valid, budget, scaling, layer=layer, state=state)
             layer_selections.append(policy.select(ctx)[0].cpu())
             group = query.shape[1] // keys.shape[1]
             logits = torch.einsum("hd,htd->ht", query[0, :, 0].float(), keys[0].float().repeat_interleave(group, 0))
             layer_attention.append(torch.softmax(logits * scaling, dim=-1).cpu())
         selections.append(torch.stack(layer_selections))
         attention.append(torch.stack(layer_attention))
-    policy.reset()
     sinks = torch.zeros(length, dtype=torch.bool)
     sinks[:sink_tokens] = True
     return LayerProbe(selections, attention, sinks, length)

@@ -3,28 +3,30 @@
 It wraps a base implementation (sdpa, eager or flash-attention) and adds what OmniKV needs:
 
 - with no OmniKV cache involved (training, scoring, another cache) it is the base function;
-- a sparse layer during decode attends to ``selected ⊕ tail`` keys, so the mask's columns are
-  gathered to match them;
-- a filter layer runs full attention, remembers its recent queries, and during decode asks the
-  cache to select tokens for its segment (which starts their fetch).
+- during prefill it is the base function over the tiers' KV, and it tells the cache which columns
+  are real tokens (the padding mask) and, at a filter layer, the recent queries;
+- during decode it reads what the cache's ``update`` described (a dense layer's buffer, or a
+  sparse layer's selected rows and tail ring) with :func:`~omnikv_runtime.kernels.decode_attention`,
+  without concatenating or repeating KV heads, and a filter layer then asks the cache to select
+  tokens for its segment (which starts their fetch). The cache's own valid-column mask applies;
+  the model's decode mask is not read, so the step has no shape that grows.
 
 A mask function is registered under the same name (the base's), or transformers would build none.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 from collections.abc import Callable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from omnikv_runtime.cache import take_note
 from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.kernels import decode_attention
 from omnikv_runtime.layout import Role
 
 BASE_MASK_FUNCTIONS: dict[str, Callable] = {
@@ -32,18 +34,6 @@ BASE_MASK_FUNCTIONS: dict[str, Callable] = {
     "eager": eager_mask,
     "flash_attention_2": flash_attention_mask,
 }
-
-
-# cuDNN's SDPA builds an execution plan for every new key length: about 3 ms of host time per call
-# on the H100 machine (benchmarks/decode.py, docs/BENCHMARKS.md), and a decode step brings a new
-# length every step. So decode attention over an OmniKV cache runs on the other SDPA backends.
-DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def _decode_backends(base: str, query: torch.Tensor, decoding: bool) -> contextlib.AbstractContextManager:
-    if base == "sdpa" and decoding and query.is_cuda:
-        return sdpa_kernel(DECODE_SDPA_BACKENDS)
-    return contextlib.nullcontext()
 
 
 def eager_attention(
@@ -100,19 +90,6 @@ def valid_columns(attention_mask: torch.Tensor | None, batch: int, length: int, 
     return valid[..., :length].expand(batch, length)
 
 
-def gather_mask_columns(attention_mask: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor | None:
-    """The mask restricted to cache ``columns`` ``[batch, n]``, for a sparse layer's reduced keys."""
-    if attention_mask is None:
-        return None
-    columns = columns.to(attention_mask.device)
-    if attention_mask.dim() == 2:
-        return torch.gather(attention_mask, 1, columns)
-    batch = columns.shape[0]
-    mask = attention_mask.expand(batch, *attention_mask.shape[1:])
-    index = columns[:, None, None, :].expand(batch, mask.shape[1], mask.shape[2], columns.shape[1])
-    return torch.gather(mask, 3, index)
-
-
 def make_attention_function(base: str) -> Callable:
     """The OmniKV attention function over base implementation ``base``."""
     base_function = _base_function(base)
@@ -122,17 +99,19 @@ def make_attention_function(base: str) -> Callable:
         if note is None:
             return base_function(module, query, key, value, attention_mask, **kwargs)
         cache = note.cache
-        with _decode_backends(base, query, cache.decoding):
-            if note.columns is not None:  # sparse layer, decode
-                mask = gather_mask_columns(attention_mask, note.columns)
-                return base_function(module, query, key, value, mask, **kwargs)
-            output = base_function(module, query, key, value, attention_mask, **kwargs)
-        if cache.plan.role(note.layer_idx) is Role.FILTER:
+        is_filter = cache.plan.role(note.layer_idx) is Role.FILTER
+        if note.sources is not None:  # a static decode step
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            batch, heads, _, dim = query.shape
+            output = decode_attention(query[:, :, 0], note.sources, scaling)
+            if is_filter:
+                cache.select(note.layer_idx, query, scaling)
+            return output.view(batch, 1, heads, dim), None
+        if note.layer_idx == 0:
+            cache.record_prompt_mask(valid_columns(attention_mask, key.shape[0], key.shape[2], key.device))
+        output = base_function(module, query, key, value, attention_mask, **kwargs)
+        if is_filter:
             cache.remember_queries(note.layer_idx, query)
-            if cache.decoding:
-                valid = valid_columns(attention_mask, key.shape[0], key.shape[2], key.device)
-                scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-                cache.select(note.layer_idx, key, valid, scaling)
         return output
 
     omnikv_attention.__name__ = f"omnikv_attention_{base}"

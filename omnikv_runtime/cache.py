@@ -2,10 +2,19 @@
 
 The model's attention modules call ``cache.update(k, v, layer_idx)`` and then the registered
 ``"omnikv"`` attention function. ``update`` stores the new KV in the right tier and leaves a note
-(:class:`AttentionNote`) that the attention function picks up on the same thread: which layer,
-which tensors it returned, and for a sparse layer which cache columns they are. A filter layer's
-attention then scores the context and calls :meth:`OmniKVCache.select`, which fetches the chosen
-rows for every sparse layer of its segment.
+(:class:`AttentionNote`) that the attention function picks up on the same thread.
+
+**Prefill** (more than one query, or a cache still short of ``prompt_tokens``) appends to growing
+tiers and attends through the model's own attention implementation and mask.
+
+**Decode** is static: every buffer a step touches exists before the step, the step's position
+lives in device counters (:class:`~omnikv_runtime.decode_state.DecodeCounters`), and ``update``
+writes at that position and hands the attention function :class:`~omnikv_runtime.kernels.KVSource`
+descriptions of what to read (a dense layer's buffer up to the device length; a sparse layer's
+selected rows and tail ring). A filter layer's attention then scores the context and calls
+:meth:`OmniKVCache.select`, which starts the fetch of its segment's rows. Nothing in a step reads
+a value back to the host or depends on one that changes, so the same code runs step by step under
+``model.generate`` and is captured once in a CUDA graph by the engine's decode loop.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ import torch
 from transformers.cache_utils import Cache
 
 from omnikv_runtime.cache_layers import DenseLayerKV, SparseLayerKV
+from omnikv_runtime.decode_state import DecodeCounters
+from omnikv_runtime.kernels import KVSource
 from omnikv_runtime.layout import LayerPlan, Role
 from omnikv_runtime.policies import EvictionPolicy, LRUEviction, SelectionContext, SelectionPolicy
+from omnikv_runtime.segment import SegmentState
 from omnikv_runtime.transfer import HostArena, HotCache, TransferEngine
 
 _NOTES = threading.local()
@@ -33,7 +45,7 @@ class AttentionNote:
     cache: OmniKVCache
     layer_idx: int
     keys: torch.Tensor  # the tensor update returned (identity proves the note is current)
-    columns: torch.Tensor | None  # sparse decode: cache column of each returned key, [batch, n]
+    sources: list[KVSource] | None  # decode: what this layer attends to; None during prefill
 
 
 def take_note(layer_idx: int, keys: torch.Tensor) -> AttentionNote | None:
@@ -46,11 +58,11 @@ def take_note(layer_idx: int, keys: torch.Tensor) -> AttentionNote | None:
 
 
 class OmniKVCache(Cache):
-    """KV cache with a GPU dense tier, per-segment host arenas, and selected + tail working buffers.
+    """KV cache with a GPU dense tier, per-segment host arenas, and static decode buffers.
 
     Args:
         plan: the role of every layer.
-        policy: the selection policy of the filter layers.
+        policy: the selection policy of the filter layers (its per-request state lives here).
         budget: maps a context length to the number of tokens a sparse layer sees.
         transfer: moves rows between the host tier and the compute device.
         reserve_tokens: capacity to allocate up front (prompt + new tokens), to avoid regrowth.
@@ -60,6 +72,9 @@ class OmniKVCache(Cache):
         hot_cache_tokens: rows of the GPU hot cache per segment (0: none); each step then fetches
             only the selected rows the hot cache lacks. Meant for an offloaded host tier.
         eviction: which hot-cache rows make room for new ones (default LRU).
+        tail_tokens: slots of the tail ring (generated tokens every sparse layer sees); older
+            generated tokens join the selectable context. None: every generated token stays in
+            the tail (the ring starts at the reserve's new tokens and grows if a run goes past them).
     """
 
     def __init__(
@@ -72,13 +87,14 @@ class OmniKVCache(Cache):
         prompt_tokens: int = 0,
         hot_cache_tokens: int = 0,
         eviction: EvictionPolicy | None = None,
+        tail_tokens: int | None = None,
     ) -> None:
         layers: list[DenseLayerKV | SparseLayerKV] = []
         slots = {}
         for segment in plan.segments:
-            slots.update({layer: slot for slot, layer in enumerate(segment.sparse_layers)})
+            slots.update({layer: (segment.index, slot) for slot, layer in enumerate(segment.sparse_layers)})
         for layer, role in enumerate(plan.roles):
-            layers.append(SparseLayerKV(slots[layer]) if role is Role.SPARSE else DenseLayerKV(reserve_tokens))
+            layers.append(SparseLayerKV(*slots[layer]) if role is Role.SPARSE else DenseLayerKV(reserve_tokens))
         super().__init__(layers=layers)
         self.plan = plan
         self.policy = policy
@@ -86,134 +102,221 @@ class OmniKVCache(Cache):
         self.transfer = transfer
         self.reserve_tokens = reserve_tokens
         self.prompt_tokens = prompt_tokens
-        self.arenas: list[HostArena | None] = [None] * len(plan.segments)
         self.hot_cache_tokens = hot_cache_tokens
         self.eviction = eviction if eviction is not None else LRUEviction()
-        self.hot_caches: list[HotCache | None] = [None] * len(plan.segments)
-        self.context_len = 0  # tokens a filter layer may select from (everything up to the last prefill)
+        self.tail_tokens = tail_tokens
+        self.segments = [SegmentState(segment, policy.window_size) for segment in plan.segments]
+        self.context_len = 0  # tokens a filter layer may select from at the last prefill
         self.decoding = False
-        self.selections: dict[int, torch.Tensor] = {}  # segment -> indices [batch, k]
-        self._segment_columns: dict[int, tuple[int, torch.Tensor]] = {}  # segment -> (tail, columns)
-        self._recent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # filter layer -> (queries, positions)
+        self.decode_steps = 0  # tokens decoded since the last prefill (host-side count)
+        self.ring_tokens = 0  # slots of the tail rings
+        self.budget_tokens = 0  # k: rows a sparse layer sees, fixed at the start of decoding
+        self.counters: DecodeCounters | None = None
+        self.valid: torch.Tensor | None = None  # [batch, capacity] bool: real tokens (False at padding)
+        self.selectable: torch.Tensor | None = None  # [batch, capacity] bool: valid and inside the context
+        self._columns: torch.Tensor | None = None  # [batch, capacity] int64: 0..capacity-1 in each row
+        self._prompt_valid: torch.Tensor | None = None  # [batch, columns] from the prefill's mask
+        self.capturing = False  # a CUDA graph is recording: host-side counts are the runner's business
         self.selected_log: list[dict[int, int]] = []  # per decode step: filter layer -> tokens selected
         self.forward_starts: list[tuple[float, bool]] = []  # (time, decoding) at the start of each forward
         self.selection_trace: list[dict[str, object]] | None = None  # a list records every selection (host sync!)
 
+    # compatibility views ----------------------------------------------------------------------
+    @property
+    def arenas(self) -> list[HostArena | None]:
+        return [segment.arena for segment in self.segments]
+
+    @property
+    def hot_caches(self) -> list[HotCache | None]:
+        return [segment.hot for segment in self.segments]
+
+    @property
+    def selections(self) -> dict[int, torch.Tensor]:
+        """Segment -> the last selection ``[batch, k]`` of this decode phase."""
+        return {s.index: s.selection for s in self.segments if s.selection is not None and self.decode_steps}
+
     # transformers' entry point -------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
-            self._begin_forward(key_states.shape[2])
+            self._begin_forward(key_states)
         layer = self.layers[layer_idx]
-        columns = None
-        if isinstance(layer, SparseLayerKV):
-            self._ensure_arena(layer_idx, key_states)
-            if self.decoding:
-                keys, values = layer.update_decode(key_states, value_states)
-                columns = self._columns(layer_idx, layer.tail)
-            else:
-                keys, values = layer.update(key_states, value_states)
+        sources = None
+        if self.decoding:
+            sources = self._decode_update(layer, key_states, value_states)
+            # what HF's attention module passes on: the first source, head-major (the note has the rest)
+            keys, values = sources[0].keys.transpose(1, 2), sources[0].values.transpose(1, 2)
+        elif isinstance(layer, SparseLayerKV):
+            self._ensure_arena(layer, key_states)
+            keys, values = layer.update(key_states, value_states)
         else:
             keys, values = layer.update(key_states, value_states)
-        _NOTES.note = AttentionNote(self, layer_idx, keys, columns)
+        _NOTES.note = AttentionNote(self, layer_idx, keys, sources)
         return keys, values
 
-    def _begin_forward(self, query_len: int) -> None:
+    def _begin_forward(self, like: torch.Tensor) -> None:
         past = self.get_seq_length()
-        if past == 0:
-            self.policy.reset()  # a new request: stateful policies start afresh
-        self.decoding = query_len == 1 and past > 0 and past >= self.prompt_tokens
+        was_decoding = self.decoding
+        self.decoding = like.shape[2] == 1 and past > 0 and past >= self.prompt_tokens
         if not self.decoding:  # prefill (or a new turn): every token so far becomes selectable context
-            self.context_len = past + query_len
-            self.selections.clear()
-            self._segment_columns.clear()
+            self.context_len = past + like.shape[2]
+            self.decode_steps = 0
         else:
-            self.selected_log.append({})
-        self.forward_starts.append((time.perf_counter(), self.decoding))
+            if not was_decoding or self.counters is None:
+                self._start_decode(like)
+            self._ensure_room(like)
+            self.counters.advance(self.ring_tokens)
+            torch.lt(self._columns, self.counters.context_len, out=self.selectable)
+            self.selectable.logical_and_(self.valid)
+            if not self.capturing:
+                self.advance_host(1)
+                self.selected_log.append({})
+        if not self.capturing:
+            self.forward_starts.append((time.perf_counter(), self.decoding))
 
-    def _ensure_arena(self, layer_idx: int, like: torch.Tensor) -> None:
-        segment = self.plan.segment_of[layer_idx]
-        if self.arenas[segment] is None:
-            batch, heads, count, dim = like.shape
-            capacity = max(self.reserve_tokens, self.layers[layer_idx].get_seq_length() + count)
-            arena = HostArena(
-                self.transfer, batch, len(self.plan.segments[segment].sparse_layers), heads, dim, like.dtype, capacity
+    def _start_decode(self, like: torch.Tensor) -> None:
+        """Allocate what decode steps touch and point the device counters at the first step."""
+        past = self.get_seq_length()
+        if self.counters is None:
+            self.counters = DecodeCounters(like.device)
+        self.counters.start(past)
+        self.budget_tokens = self.budget(self.context_len)
+        self.ring_tokens = self.tail_tokens or max(16, self.reserve_tokens - past)
+        batch = like.shape[0]
+        prompt_valid = self._prompt_valid
+        if prompt_valid is None or prompt_valid.shape[0] != batch:
+            prompt_valid = torch.ones(batch, past, dtype=torch.bool, device=like.device)
+        self._prompt_valid = prompt_valid[:, :past].to(like.device)
+        self.valid = None  # rebuilt from the prompt's mask by _ensure_room
+        for segment in self.segments:
+            segment.ensure_ring(batch, self.ring_tokens, like.device)
+            if segment.ring is not None:
+                segment.ring.zero_()
+            if self.policy.window_size > 1 and segment.window.queries is not None:
+                segment.window.fill_to_size()
+
+    def _ensure_room(self, like: torch.Tensor) -> None:
+        """Grow buffers a run has outgrown (never in a captured step: the runner reserves enough)."""
+        needed = self.get_seq_length() + 1
+        dense = [layer for layer in self.layers if isinstance(layer, DenseLayerKV)]
+        if min(layer.capacity for layer in dense) < needed:
+            for layer in dense:
+                layer.ensure_capacity(like, needed)
+        capacity = min(layer.capacity for layer in dense)
+        if self.valid is None or self.valid.shape != (like.shape[0], capacity):
+            self.valid = torch.ones(like.shape[0], capacity, dtype=torch.bool, device=like.device)
+            self.valid[:, : self._prompt_valid.shape[1]].copy_(self._prompt_valid)
+            self.selectable = torch.empty_like(self.valid)
+            self._columns = torch.arange(capacity, device=like.device).expand_as(self.valid)
+        for segment in self.segments:
+            if segment.arena is not None:
+                segment.arena.ensure_capacity(needed)
+                if segment.hot is not None:
+                    segment.hot.ensure_tokens(segment.arena.capacity)
+        if self.tail_tokens is None and self.decode_steps >= self.ring_tokens:  # every generated token stays
+            self.ring_tokens *= 2
+            for segment in self.segments:
+                segment.ensure_ring(like.shape[0], self.ring_tokens, like.device)
+
+    def advance_host(self, steps: int) -> None:
+        """Move the host-side counts forward by ``steps`` decoded tokens (eager steps do this
+        themselves; a CUDA-graph runner calls it for the steps it replayed)."""
+        for layer in self.layers:
+            layer.length += steps
+            if isinstance(layer, DenseLayerKV):
+                layer.refresh_views()
+        for segment in self.segments:
+            if segment.arena is not None:
+                segment.arena.lengths = [length + steps for length in segment.arena.lengths]
+        self.decode_steps += steps
+
+    def _decode_update(self, layer, key_states: torch.Tensor, value_states: torch.Tensor) -> list[KVSource]:
+        counters = self.counters
+        if isinstance(layer, DenseLayerKV):
+            layer.write_at(key_states, value_states, counters.position)
+            source = KVSource(
+                layer.key_buffer.transpose(1, 2),
+                layer.value_buffer.transpose(1, 2),
+                length=counters.length,
+                mask=self.valid,
             )
-            self.arenas[segment] = arena
-            for layer in self.plan.segments[segment].sparse_layers:
-                self.layers[layer].arena = arena
+            return [source]
+        segment = self.segments[layer.segment]
+        segment.store_token(layer.slot, key_states, value_states, counters)
+        if layer.slot == len(segment.sparse_layers) - 1:
+            segment.write_back(self.transfer, counters)
+        if segment.staging is not None:
+            self.transfer.wait(segment.arena.data, layer.slot)  # its rows may still be landing
+        return segment.sources(layer.slot, counters)
+
+    def _ensure_arena(self, layer: SparseLayerKV, like: torch.Tensor) -> None:
+        segment = self.segments[layer.segment]
+        if segment.arena is None or segment.arena.data.shape[0] != like.shape[0]:
+            batch, heads, count, dim = like.shape
+            capacity = max(self.reserve_tokens, layer.get_seq_length() + count)
+            layers = len(segment.sparse_layers)
+            segment.arena = HostArena(self.transfer, batch, layers, heads, dim, like.dtype, capacity)
+            segment.ring = None
+            for sparse in segment.sparse_layers:
+                self.layers[sparse].arena = segment.arena
             self._build_hot_cache(segment, like.device)
 
-    def _build_hot_cache(self, segment: int, device: torch.device) -> None:
-        arena = self.arenas[segment]
-        self.hot_caches[segment] = None
+    def _build_hot_cache(self, segment: SegmentState, device: torch.device) -> None:
+        arena = segment.arena
+        segment.hot = None
         if self.hot_cache_tokens and arena is not None:
             batch = arena.data.shape[0]
-            self.hot_caches[segment] = HotCache(
+            segment.hot = HotCache(
                 self.eviction, batch, self.hot_cache_tokens, arena.row_shape, arena.dtype, device, arena.capacity
             )
 
     def resize_hot_cache(self, hot_cache_tokens: int, device: torch.device) -> None:
         """Replace every segment's hot cache by an empty one of ``hot_cache_tokens`` rows (0: none)."""
         self.hot_cache_tokens = hot_cache_tokens
-        for segment in range(len(self.plan.segments)):
+        for segment in self.segments:
             self._build_hot_cache(segment, device)
 
-    def _columns(self, layer_idx: int, tail: int) -> torch.Tensor:
-        """Cache columns of a sparse layer's returned keys: its selection, then the tail.
+    # called by the attention function ------------------------------------------------------------
+    def record_prompt_mask(self, valid: torch.Tensor) -> None:
+        """Prefill: which of the columns so far are real tokens, ``[batch, columns]`` bool."""
+        self._prompt_valid = valid
 
-        The same for every sparse layer of a segment within a step, so built once per segment and step.
-        """
-        segment = self.plan.segment_of[layer_idx]
-        cached = self._segment_columns.get(segment)
-        if cached is not None and cached[0] == tail:
-            return cached[1]
-        keys = self.layers[layer_idx].keys
-        batch, device = keys.shape[0], keys.device
-        columns = torch.arange(self.context_len, self.context_len + tail, device=device).expand(batch, tail)
-        selected = self.selections.get(segment)
-        if selected is not None:
-            columns = torch.cat([selected.to(device), columns], dim=1)
-        self._segment_columns[segment] = (tail, columns)
-        return columns
-
-    # called by the attention function of a filter layer ----------------------------------
     def remember_queries(self, layer_idx: int, queries: torch.Tensor) -> None:
-        """Keep the last ``policy.window_size`` queries of a filter layer (oldest first)."""
-        window = self.policy.window_size
+        """Prefill: keep the filter layer's last ``policy.window_size`` queries (oldest first)."""
+        if self.policy.window_size <= 1:
+            return  # decode scores with the step's own query
         end = self.get_seq_length()  # update already counted this forward's tokens
-        new_positions = torch.arange(end - queries.shape[2], end, device=queries.device)
-        if layer_idx in self._recent:
-            old_queries, old_positions = self._recent[layer_idx]
-            queries = torch.cat([old_queries, queries], dim=2)
-            new_positions = torch.cat([old_positions, new_positions])
-        self._recent[layer_idx] = (queries[:, :, -window:].detach(), new_positions[-window:])
+        positions = torch.arange(end - queries.shape[2], end, device=queries.device)
+        self.segments[self.plan.segment_of[layer_idx]].window.extend(queries, positions)
 
-    def select(self, layer_idx: int, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Run the policy for a filter layer's segment and fetch the chosen rows of its sparse layers."""
-        segment = self.plan.segment_of[layer_idx]
-        queries, positions = self._recent[layer_idx]
+    def select(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Decode: run the policy for a filter layer's segment and start fetching the chosen rows."""
+        segment = self.segments[self.plan.segment_of[layer_idx]]
+        counters = self.counters
+        if self.policy.window_size > 1 and segment.window.queries is not None:
+            segment.window.push(query, counters.position)
+            queries, positions = segment.window.queries, segment.window.positions
+        else:
+            queries, positions = query, counters.position
+        # the selectable context is the prompt, unless a bounded tail ring lets generated tokens join
+        # it: then it grows each step, and the policy sees every column with the rest masked
+        width = self.selectable.shape[1] if self.tail_tokens else self.context_len
+        keys = self.layers[layer_idx].key_buffer[:, :, :width]
         context = SelectionContext(
             queries=queries,
             query_positions=positions,
-            keys=keys[:, :, : self.context_len],
-            valid=valid[:, : self.context_len],
-            budget=self.budget(self.context_len),
+            keys=keys,
+            valid=self.selectable[:, :width],
+            budget=min(self.budget_tokens, width),
             scaling=scaling,
             layer=layer_idx,
+            state=segment.policy_state,
         )
         indices = self.policy.select(context)
-        self.selections[segment] = indices
-        self._segment_columns.pop(segment, None)
-        sparse_layers = self.plan.segments[segment].sparse_layers
-        if sparse_layers and self.arenas[segment] is not None:
-            outputs = [
-                self.layers[layer].selection_slots(indices.shape[1], self.context_len, keys) for layer in sparse_layers
-            ]
-            self.arenas[segment].gather(indices, outputs, self.hot_caches[segment])
-        if self.selected_log:
+        segment.set_selection(indices, self.selectable, self.transfer)
+        if not self.capturing:
             self.selected_log[-1][layer_idx] = indices.shape[1]
         if self.selection_trace is not None:
-            step = len(self.selected_log) - 1
+            step = self.decode_steps - 1
             self.selection_trace.append({"step": step, "layer": layer_idx, "indices": indices.detach().cpu()})
         return indices
 
@@ -226,18 +329,22 @@ class OmniKVCache(Cache):
         """
         layer = self.layers[layer_idx]
         if isinstance(layer, SparseLayerKV):
-            self._ensure_arena(layer_idx, keys)
+            self._ensure_arena(layer, keys)
             if not layer.is_initialized:
                 layer.lazy_initialization(keys, values)
             layer.length = layer.arena.append(layer.slot, keys, values)
-            layer.selected = layer.tail = 0
         else:
             layer.update(keys, values)
         self.context_len = self.prompt_tokens = self.get_seq_length()
-        self.selections.clear()
-        self._segment_columns.clear()
+        self.decoding = False
+        self.decode_steps = 0
+        self._prompt_valid = None
 
     # reporting ------------------------------------------------------------------------------
+    def policy_states(self) -> dict[int, dict]:
+        """Filter layer -> the selection policy's per-request state for it."""
+        return {segment.filter_layer: segment.policy_state for segment in self.segments}
+
     def hot_counters(self) -> dict[str, int]:
         """Hot-cache hits, misses and bytes saved over all segments (reads device counters)."""
         totals = {"hot_hits": 0, "hot_misses": 0, "hot_bytes_saved": 0, "hot_bytes_fetched": 0}
@@ -248,20 +355,15 @@ class OmniKVCache(Cache):
         return totals
 
     def tier_bytes(self) -> dict[str, int]:
-        """Bytes allocated per tier: GPU dense, GPU selected, GPU tail, host (allocated and used)."""
+        """Bytes allocated per tier: GPU dense, GPU selected, GPU tail, GPU hot, host (allocated and used)."""
         dense = sum(layer.nbytes() for layer in self.layers if isinstance(layer, DenseLayerKV))
-        selected = tail = work = 0
-        for layer in self.layers:
-            if isinstance(layer, SparseLayerKV):
-                layer_selected, layer_tail = layer.work_bytes()
-                selected, tail, work = selected + layer_selected, tail + layer_tail, work + layer.nbytes()
+        gpu = [segment.gpu_bytes() for segment in self.segments]
         arenas = [arena for arena in self.arenas if arena is not None]
         return {
             "gpu_dense": dense,
-            "gpu_selected": selected,
-            "gpu_tail": tail,
-            "gpu_working_allocated": work,
-            "gpu_hot": sum(hot.nbytes() for hot in self.hot_caches if hot is not None),
+            "gpu_selected": sum(g["selected"] for g in gpu),
+            "gpu_tail": sum(g["tail"] for g in gpu),
+            "gpu_hot": sum(g["hot"] for g in gpu),
             "host": sum(arena.used_bytes() for arena in arenas),
             "host_allocated": sum(arena.nbytes() for arena in arenas),
         }
@@ -270,13 +372,11 @@ class OmniKVCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
             layer.reorder_cache(beam_idx)
-        for store in (*self.arenas, *self.hot_caches):
-            if store is not None:
-                store.select_batch(beam_idx)
-        for segment, indices in self.selections.items():
-            self.selections[segment] = indices.index_select(0, beam_idx.to(indices.device))
-        self._segment_columns.clear()
-        for layer, (queries, positions) in self._recent.items():
-            self._recent[layer] = (queries.index_select(0, beam_idx.to(queries.device)), positions)
+        for segment in self.segments:
+            segment.select_batch(beam_idx)
+        for name in ("valid", "selectable", "_prompt_valid"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
 
     batch_select_indices = reorder_cache

@@ -208,7 +208,8 @@ class Engine:
             str(s.filter_layer): [step.get(s.filter_layer, 0) for step in steps] for s in self.plan.segments
         }
         out["context_tokens"] = cache.context_len
-        out["dropped_tokens"] = {str(layer): n for layer, n in cache.policy.dropped_tokens().items()}
+        dropped = cache.policy.dropped_tokens(cache.policy_states())
+        out["dropped_tokens"] = {str(layer): n for layer, n in dropped.items()}
         out["decode_steps"] = len(steps)
         if run:
             first_decode = next((t for t, decoding in cache.forward_starts if decoding), run["end"])

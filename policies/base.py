@@ -7,7 +7,8 @@ indices ``[batch, k]`` on the same device. A policy never sees the cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,7 +25,10 @@ class SelectionContext:
         valid: ``[batch, context_len]`` bool, False at padded positions.
         budget: how many tokens to select (``0 <= budget <= context_len``).
         scaling: the attention's softmax scale.
-        layer: index of the filter layer selecting (stateful policies keep state per layer).
+        layer: index of the filter layer selecting.
+        state: this filter layer's per-request state, owned by the cache (a fresh cache, a fresh
+            dict): a stateful policy keeps what it carries from step to step here, never on itself,
+            so one policy object serves any number of requests.
     """
 
     queries: torch.Tensor
@@ -34,6 +38,7 @@ class SelectionContext:
     budget: int
     scaling: float
     layer: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def context_len(self) -> int:
@@ -46,12 +51,17 @@ class SelectionPolicy:
     Subclasses implement :meth:`scores` (higher = keep) or override :meth:`select` entirely.
     ``window_size`` says how many recent queries the policy wants in ``ctx.queries``.
     ``lossless`` is True for policies that never drop KV for good (all OmniKV policies); lossy ones
-    report what they dropped in :meth:`dropped_tokens`. A policy with per-request state clears it in
-    :meth:`reset`, which the cache calls when a request's first forward starts.
+    report what they dropped in :meth:`dropped_tokens`. Per-request state goes in ``ctx.state``.
+
+    ``graph_safe`` says that :meth:`select` may be captured in a CUDA graph and replayed: it reads
+    no value back to the host, allocates nothing it keeps across steps, and keeps no state outside
+    tensors it updates in place. Policies that are not (and user policies, unless they say so)
+    decode step by step without a graph.
     """
 
     name = "base"
     lossless = True
+    graph_safe = False
 
     def __init__(self, window_size: int = 1) -> None:
         if window_size < 1:
@@ -71,11 +81,9 @@ class SelectionPolicy:
         indices = torch.topk(scores, ctx.budget, dim=-1, sorted=False).indices
         return torch.sort(indices, dim=-1).values
 
-    def reset(self) -> None:
-        """Forget per-request state (called by the cache at the first forward of each request)."""
-
-    def dropped_tokens(self) -> dict[int, int]:
-        """Filter layer -> context tokens dropped for good this request (max over batch rows); {} if lossless."""
+    def dropped_tokens(self, states: dict[int, dict[str, Any]]) -> dict[int, int]:
+        """Filter layer -> context tokens dropped for good this request (max over batch rows), from each
+        filter layer's ``ctx.state``; {} if lossless."""
         return {}
 
     def __repr__(self) -> str:

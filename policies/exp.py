@@ -16,6 +16,7 @@ class ExpWindowPolicy(SelectionPolicy):
     """Top-k tokens by exponentially weighted softmax attention of recent queries."""
 
     name = "exp"
+    graph_safe = True
 
     def __init__(self, window_size: int = 16, decay: float = 0.5) -> None:
         super().__init__(window_size=window_size)

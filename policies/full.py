@@ -15,6 +15,7 @@ class FullContextPolicy(SelectionPolicy):
     """Selects all context tokens; the budget is ignored."""
 
     name = "full"
+    graph_safe = True
 
     def __init__(self, window_size: int = 1) -> None:
         super().__init__(window_size=1)

@@ -31,6 +31,7 @@ class InfLLMPolicy(SelectionPolicy):
     """Initial tokens, a local window, and the blocks whose representative keys best match the query."""
 
     name = "infllm"
+    graph_safe = True
 
     def __init__(
         self,

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, head_logits
+from omnikv_runtime.kernels import max_head_logits
+from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy
 
 
 class LastQueryPolicy(SelectionPolicy):
     """Top-k tokens by max-over-heads logit of the current query (the seed's default)."""
 
     name = "last"
+    graph_safe = True
 
     def __init__(self, window_size: int = 1) -> None:
         super().__init__(window_size=1)
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
-        return head_logits(ctx, last_only=True)[:, :, 0].amax(dim=1)
+        # fused on CUDA: the reduction over heads never materialises [batch, heads, tokens]
+        limit = ctx.query_positions[-1:].to(ctx.keys.device) + 1  # causality: columns up to the query's own
+        return max_head_logits(ctx.queries[:, :, -1], ctx.keys.transpose(1, 2), ctx.scaling, limit=limit)

@@ -11,11 +11,13 @@ runtime's tail, which every policy keeps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, all_indices
 
+_STATE_KEY = "lossy"  # where a filter layer's LayerState lives in ctx.state
 # Alive tokens score at least KEEP_FLOOR; padding fills a row before a dropped token would.
 KEEP_FLOOR = -1e30
 _PAD_SCORE = -1e38
@@ -34,38 +36,33 @@ class LayerState:
 class LossyPolicy(SelectionPolicy):
     """Base of the lossy policies: subclasses implement :meth:`rank` (higher = keep).
 
-    State is per filter layer (``ctx.layer``) and per request: :meth:`reset` clears it, and a
-    context that shrinks or a batch that changes size also starts afresh (a new request that
-    arrived without a reset). A context that grows (a new turn's prefill) adds live tokens.
+    State is per filter layer and per request, in ``ctx.state`` (owned by the cache); a context
+    that shrinks or a batch that changes size starts afresh, a context that grows (a new turn's
+    prefill) adds live tokens.
     """
 
     lossless = False
-
-    def __init__(self, window_size: int = 1) -> None:
-        super().__init__(window_size=window_size)
-        self._layers: dict[int, LayerState] = {}
 
     def rank(self, ctx: SelectionContext, state: LayerState) -> torch.Tensor:
         """``[batch, context_len]`` scores of the context tokens; only the alive ones count."""
         raise NotImplementedError
 
-    def reset(self) -> None:
-        self._layers.clear()
-
-    def dropped_tokens(self) -> dict[int, int]:
-        return {
-            layer: int((state.valid & ~state.alive).sum(-1).max()) if state.alive.numel() else 0
-            for layer, state in sorted(self._layers.items())
-        }
+    def dropped_tokens(self, states: dict[int, dict[str, Any]]) -> dict[int, int]:
+        dropped = {}
+        for layer, layer_state in sorted(states.items()):
+            state = layer_state.get(_STATE_KEY)
+            if state is not None:
+                dropped[layer] = int((state.valid & ~state.alive).sum(-1).max()) if state.alive.numel() else 0
+        return dropped
 
     def _state(self, ctx: SelectionContext) -> LayerState:
         batch, length = ctx.valid.shape
-        state = self._layers.get(ctx.layer)
+        state = ctx.state.get(_STATE_KEY)
         if state is not None and (state.alive.shape[0] != batch or state.alive.shape[1] > length):
             state = None
         if state is None:
             alive = torch.ones(batch, length, dtype=torch.bool, device=ctx.valid.device)
-            state = self._layers[ctx.layer] = LayerState(alive, ctx.valid)
+            state = ctx.state[_STATE_KEY] = LayerState(alive, ctx.valid)
         elif state.alive.shape[1] < length:
             grown = torch.ones(batch, length - state.alive.shape[1], dtype=torch.bool, device=ctx.valid.device)
             state.alive = torch.cat([state.alive, grown], dim=1)

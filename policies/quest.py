@@ -20,6 +20,7 @@ class QuestPolicy(SelectionPolicy):
     """Top pages by the current query's upper bound on ``q·k`` from page-wise key min/max."""
 
     name = "quest"
+    graph_safe = True
 
     def __init__(self, window_size: int = 1, page_size: int = 16) -> None:
         super().__init__(window_size=1)

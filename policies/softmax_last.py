@@ -15,6 +15,7 @@ class SoftmaxLastPolicy(SelectionPolicy):
     """Top-k tokens by max over heads of the current query's softmax attention."""
 
     name = "softmax_last"
+    graph_safe = True
 
     def __init__(self, window_size: int = 1) -> None:
         super().__init__(window_size=1)

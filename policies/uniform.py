@@ -16,6 +16,7 @@ class UniformWindowPolicy(SelectionPolicy):
     """Top-k tokens by the mean softmax attention of the last ``window_size`` queries."""
 
     name = "uniform"
+    graph_safe = True
 
     def __init__(self, window_size: int = 16) -> None:
         super().__init__(window_size=window_size)

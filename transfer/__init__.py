@@ -39,4 +39,4 @@ def make_transfer_engine(
         from omnikv_runtime.transfer.triton_engine import TritonTransferEngine
 
         return TritonTransferEngine(compute_device, host_device, pin_memory)
-    return TorchTransferEngine(compute_device, host_device, pin_memory)
+    return TorchTransferEngine(compute_device, host_device, pin_memory, fetches_rows=offload_device == "cpu")

@@ -11,7 +11,6 @@ the sparse layers of one segment packed per token, so one selected token is one 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +25,7 @@ class TransferStats:
     """Counters of what moved, reset per generate call."""
 
     bytes_fetched: int = 0  # selected rows read from the host tier (without a hot cache; see HotCache.counters)
-    bytes_written: int = 0  # KV rows written into the host tier (prefill offload + write-back)
+    bytes_written: int = 0  # KV rows written into the host tier (prefill offload + decode write-back)
     bytes_prefill_read: int = 0  # host rows read back for full attention during chunked prefill
     gathers: int = 0
     pinned_fallbacks: int = 0  # pinned allocations that failed and fell back to pageable memory
@@ -48,14 +47,25 @@ class TransferEngine(ABC):
         compute_device: where attention runs (the "GPU tier"; CPU on a machine without CUDA).
         host_device: where the host tier lives: CPU memory for offload, else the compute device.
         pin_memory: pin host allocations (only meaningful with CUDA).
+        fetches_rows: whether a decode step copies its selected rows into a working buffer on the
+            compute device (:meth:`gather_rows`) or attention reads them in place. Default: when
+            the host tier sits in another memory. A CPU-only run of an offload config sets it, so
+            that it runs the same fetch path as a GPU machine (both tiers then share one memory).
     """
 
     name = "abstract"
 
-    def __init__(self, compute_device: torch.device, host_device: torch.device, pin_memory: bool) -> None:
+    def __init__(
+        self,
+        compute_device: torch.device,
+        host_device: torch.device,
+        pin_memory: bool,
+        fetches_rows: bool | None = None,
+    ) -> None:
         self.compute_device = torch.device(compute_device)
         self.host_device = torch.device(host_device)
         self.pin_memory = pin_memory
+        self.fetches_rows = self.offloaded if fetches_rows is None else fetches_rows
         self.stats = TransferStats()
 
     @property
@@ -77,36 +87,24 @@ class TransferEngine(ABC):
 
     @abstractmethod
     def gather_rows(
-        self,
-        arena: torch.Tensor,
-        indices: torch.Tensor,
-        outputs: list[tuple[torch.Tensor, torch.Tensor]],
-        hot: HotCache | None = None,
+        self, arena: torch.Tensor, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None
     ) -> None:
-        """Fetch the tokens ``indices`` ``[batch, k]`` of every layer slot into ``outputs``.
+        """Fetch the tokens ``indices`` ``[batch, k]`` of every layer slot into ``staging``.
 
-        ``outputs[slot]`` is a pair of compute-device tensors ``[batch, kv_heads, k, head_dim]``
-        (views into the sparse layers' working buffers) that the call fills. With a ``hot``
-        cache, rows it holds are read from it and only the others come from ``arena``.
+        ``staging`` is ``[batch, k, layers, 2, kv_heads, head_dim]`` on the compute device, packed
+        like the arena's rows; sparse layers read their slice of it in place. With a ``hot``
+        cache, rows it holds are read from it and only the others come from ``arena``. An engine
+        that fetches asynchronously makes :meth:`wait` order each layer after its rows.
         """
+
+    @abstractmethod
+    def write_row(self, arena: torch.Tensor, position: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor) -> None:
+        """Decode write-back: ``arena[:, position] = ring[:, slot]`` (packed rows; both indices int64
+        ``[1]`` tensors on the compute device, so no host value is involved)."""
 
     @abstractmethod
     def wait(self, arena: torch.Tensor, slot: int) -> None:
         """Make the compute stream wait until the rows gathered from ``arena`` for layer ``slot`` have landed."""
-
-    def _split_rows(
-        self,
-        rows: torch.Tensor,
-        outputs: list[tuple[torch.Tensor, torch.Tensor]],
-        after_layer: Callable[[int], None] | None = None,
-    ) -> None:
-        """Copy packed rows ``[batch, k, layers, 2, heads, dim]`` into each layer's key and value views,
-        calling ``after_layer(slot)`` once a layer's copies are queued."""
-        for slot, (keys_out, values_out) in enumerate(outputs):
-            keys_out.copy_(rows[:, :, slot, 0].transpose(1, 2))
-            values_out.copy_(rows[:, :, slot, 1].transpose(1, 2))
-            if after_layer is not None:
-                after_layer(slot)
 
     def synchronize(self) -> None:
         """Block the host until every transfer queued so far has finished (before the host touches the arena).

@@ -72,11 +72,9 @@ class HostArena:
         """Tokens ``start..stop`` of layer ``slot`` on the compute device."""
         return self.engine.read_rows(self.data, slot, stop, start)
 
-    def gather(
-        self, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], hot: HotCache | None = None
-    ) -> None:
-        """Fetch tokens ``indices`` ``[batch, k]`` of every layer into ``outputs[slot]`` (through ``hot``)."""
-        self.engine.gather_rows(self.data, indices, outputs, hot)
+    def gather(self, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None) -> None:
+        """Fetch tokens ``indices`` ``[batch, k]`` of every layer into the packed ``staging`` rows (through ``hot``)."""
+        self.engine.gather_rows(self.data, indices, staging, hot)
 
     def wait(self, slot: int) -> None:
         """Order the compute stream after the last gather of layer ``slot`` (no host synchronisation)."""

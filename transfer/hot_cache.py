@@ -1,9 +1,9 @@
 """The GPU hot cache of one segment: recently fetched host rows, so a step fetches only the new ones.
 
-OmniKV's selections overlap heavily from one step to the next (40-72% on the bundled model,
-DESIGN.md). A segment's hot cache keeps ``slots`` packed rows (the same ``[layers, 2, kv_heads,
-head_dim]`` rows as the host arena) on the compute device. For each step's selection,
-:meth:`HotCache.plan` decides per selected token where its row comes from:
+OmniKV's selections overlap heavily from one step to the next (40-72% of a filter layer's
+selection repeats on the bundled model, 3K-token prompts). A segment's hot cache keeps ``slots``
+packed rows (the same ``[layers, 2, kv_heads, head_dim]`` rows as the host arena) on the compute
+device. For each step's selection, :meth:`HotCache.plan` decides per selected token where its row comes from:
 
 - a **hit** reads the row from its hot slot;
 - a **miss** reads it from the host arena and, if the eviction policy frees a slot, also stores
@@ -45,6 +45,8 @@ class HotCache:
         self.token_of_slot = torch.full((batch, slots + 1), -1, dtype=torch.long, device=device)
         self.slot_of_token = torch.full((batch, token_capacity + 1), -1, dtype=torch.long, device=device)
         self.state = policy.init_state(batch, slots + 1, self.device)
+        self.host_rows: torch.Tensor | None = None  # plan's outputs, [batch, k]
+        self.hot_slots: torch.Tensor | None = None
         self.hits = torch.zeros((), dtype=torch.long, device=device)
         self.misses = torch.zeros((), dtype=torch.long, device=device)
 
@@ -57,7 +59,7 @@ class HotCache:
         tensors = (self.data, self.token_of_slot, self.slot_of_token)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def _ensure_tokens(self, tokens: int) -> None:
+    def ensure_tokens(self, tokens: int) -> None:
         """Grow the token map when the host arena grew (rare: only past the reserved capacity)."""
         have = self.slot_of_token.shape[1] - 1
         if tokens <= have:
@@ -79,7 +81,7 @@ class HotCache:
             ``hot_slots`` ``[batch, k]``: the slot a hit reads or a miss fills, or ``slots`` (the
             scratch row) for a miss that is not cached.
         """
-        self._ensure_tokens(token_capacity)
+        self.ensure_tokens(token_capacity)
         scratch = self.slots
         indices = indices.to(self.device, torch.long)
         k = indices.shape[1]
@@ -110,7 +112,12 @@ class HotCache:
         hit_count = hit.sum()
         self.hits += hit_count
         self.misses += hit.numel() - hit_count
-        return torch.where(hit, -1, indices), hot_slots
+        # outputs in buffers of their own: a side stream reads them, so no temporary may be reused under it
+        if self.host_rows is None or self.host_rows.shape != indices.shape:
+            self.host_rows, self.hot_slots = torch.empty_like(indices), torch.empty_like(indices)
+        self.host_rows.copy_(torch.where(hit, -1, indices))
+        self.hot_slots.copy_(hot_slots)
+        return self.host_rows, self.hot_slots
 
     def counters(self) -> dict[str, int]:
         """Hits, misses, bytes saved and bytes fetched (misses) so far; reads device counters, so call it

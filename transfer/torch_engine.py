@@ -51,28 +51,31 @@ class TorchTransferEngine(TransferEngine):
         return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
 
     def gather_rows(
-        self,
-        arena: torch.Tensor,
-        indices: torch.Tensor,
-        outputs: list[tuple[torch.Tensor, torch.Tensor]],
-        hot: HotCache | None = None,
+        self, arena: torch.Tensor, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None
     ) -> None:
         batch_index = torch.arange(arena.shape[0], device=arena.device)[:, None]
         if hot is None:
             rows = arena[batch_index, indices.to(arena.device)]  # [batch, k, layers, 2, heads, dim]
-            rows = rows.to(self.compute_device, non_blocking=True)
+            staging.copy_(rows, non_blocking=True)
             self.stats.bytes_fetched += rows.numel() * rows.element_size()
         else:
-            rows = self._gather_through(hot, arena, indices, batch_index)
-        self._split_rows(rows, outputs)
+            staging.copy_(self._gather_through(hot, arena, indices, batch_index))
         self.stats.gathers += 1
+
+    def write_row(self, arena: torch.Tensor, position: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor) -> None:
+        row = ring.index_select(1, slot)
+        if arena.device != row.device:  # pageable host memory beside a GPU: the index must reach the host
+            arena.index_copy_(1, position.to(arena.device), row.to(arena.device))
+        else:
+            arena.index_copy_(1, position, row)
+        self.stats.bytes_written += row.numel() * row.element_size()
 
     def _gather_through(
         self, hot: HotCache, arena: torch.Tensor, indices: torch.Tensor, batch_index: torch.Tensor
     ) -> torch.Tensor:
         """Hot-cache semantics with plain indexing (this fallback reads every row; the counters
         and the Triton engine fetch only misses)."""
-        host_rows, hot_slots = hot.plan(indices, arena.shape[1])
+        host_rows, hot_slots = hot.plan(indices.to(hot.device), arena.shape[1])
         from_host = (host_rows >= 0).view(*host_rows.shape, *([1] * (arena.dim() - 2)))
         fetched = arena[batch_index, host_rows.clamp(min=0).to(arena.device)].to(self.compute_device)
         compute_batch = batch_index.to(self.compute_device)

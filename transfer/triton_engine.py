@@ -1,10 +1,11 @@
 """The CUDA transfer engine: selected rows gathered on a side stream by the Triton UVA kernel.
 
 A filter layer's indices stay on the GPU. The gather of every sparse layer of the segment is
-queued on the transfer stream (after the compute stream's work so far), lands in a reused GPU
-staging buffer ``[batch, k, layers, 2, heads, dim]``, is split into each layer's working buffer,
-and each layer records an event. A sparse layer makes the compute stream wait on its event; the
-host never synchronises.
+queued on the transfer stream (after the compute stream's work so far), one launch per layer into
+that layer's slice of the segment's staging buffer ``[batch, k, layers, 2, heads, dim]``, and
+each layer records an event. A sparse layer makes the compute stream wait on its event (the first
+sparse layer need not wait for the last one's rows); the host never synchronises, and the same
+calls captured in a CUDA graph become fork/join edges of the graph.
 
 Writes into a pinned host tier (prefill chunks and each decode step's new token) also run on the
 transfer stream, by a small Triton kernel that stores straight into host memory, so a prefill
@@ -18,7 +19,7 @@ import torch
 
 from omnikv_runtime.transfer.hot_cache import HotCache
 from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
-from omnikv_runtime.transfer.triton_gather import DEFAULT_PROGRAMS, gather_rows, scatter_rows
+from omnikv_runtime.transfer.triton_gather import DEFAULT_PROGRAMS, copy_row, gather_rows, scatter_rows
 
 
 class TritonTransferEngine(TorchTransferEngine):
@@ -32,21 +33,14 @@ class TritonTransferEngine(TorchTransferEngine):
         host_device: torch.device,
         pin_memory: bool,
         num_programs: int = DEFAULT_PROGRAMS,
+        fetches_rows: bool | None = None,
     ) -> None:
-        super().__init__(compute_device, host_device, pin_memory)
+        super().__init__(compute_device, host_device, pin_memory, fetches_rows)
         if self.compute_device.type != "cuda":
             raise ValueError(f"the Triton transfer engine needs a CUDA compute device, got {self.compute_device}")
         self.num_programs = num_programs
         self.stream = torch.cuda.Stream(device=self.compute_device)
-        self._staging: torch.Tensor | None = None
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}
-
-    def _staging_for(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        needed = torch.Size(shape).numel()
-        if self._staging is None or self._staging.numel() < needed or self._staging.dtype != dtype:
-            with torch.cuda.stream(self.stream):
-                self._staging = torch.empty(needed, dtype=dtype, device=self.compute_device)
-        return self._staging[:needed].view(shape)
 
     def write_rows(self, arena: torch.Tensor, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         if not (arena.is_pinned() and keys.is_cuda):  # device arena, or pageable after a failed pin: plain copies
@@ -67,38 +61,37 @@ class TritonTransferEngine(TorchTransferEngine):
         return super().read_rows(arena, slot, stop, start)
 
     def gather_rows(
-        self,
-        arena: torch.Tensor,
-        indices: torch.Tensor,
-        outputs: list[tuple[torch.Tensor, torch.Tensor]],
-        hot: HotCache | None = None,
+        self, arena: torch.Tensor, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None
     ) -> None:
         if arena.device.type == "cpu" and not arena.is_pinned():  # pageable (a pin failed): the GPU cannot read it
-            super().gather_rows(arena, indices, outputs, hot)
+            super().gather_rows(arena, indices, staging, hot)
             return
-        batch, k = indices.shape
-        rows = self._staging_for((batch, k, *arena.shape[2:]), arena.dtype)
         compute = torch.cuda.current_stream(self.compute_device)
-        indices = indices.to(self.compute_device)
+        host_rows, hot_slots = indices, None
         if hot is not None:  # bookkeeping on the compute stream: small kernels, ordered with the selection
-            indices, hot_slots = hot.plan(indices, arena.shape[1])
+            host_rows, hot_slots = hot.plan(indices, arena.shape[1])
         self.stream.wait_stream(compute)  # indices are ready, and last step's readers of the buffers are done
         with torch.cuda.stream(self.stream):
-            if hot is None:
-                gather_rows(arena, indices, rows, num_programs=self.num_programs)
-                self.stats.bytes_fetched += rows.numel() * rows.element_size()
-            else:
-                gather_rows(arena, indices, rows, self.num_programs, hot=hot.data, hot_slots=hot_slots)
-            self._split_rows(rows, outputs, after_layer=lambda slot: self._record_landed(arena, slot))
-        indices.record_stream(self.stream)
-        if hot is not None:
-            hot_slots.record_stream(self.stream)
+            for slot in range(arena.shape[2]):  # one launch per layer: each sparse layer waits only for its rows
+                gather_rows(
+                    arena[:, :, slot],
+                    host_rows,
+                    staging[:, :, slot],
+                    self.num_programs,
+                    hot=hot.data[:, :, slot] if hot is not None else None,
+                    hot_slots=hot_slots,
+                )
+                self._events.setdefault((arena.data_ptr(), slot), torch.cuda.Event()).record(self.stream)
+        if hot is None:
+            self.stats.bytes_fetched += staging.numel() * staging.element_size()
         self.stats.gathers += 1
 
-    def _record_landed(self, arena: torch.Tensor, slot: int) -> None:
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        self._events[(arena.data_ptr(), slot)] = event
+    def write_row(self, arena: torch.Tensor, position: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor) -> None:
+        if arena.device.type == "cpu" and not arena.is_pinned():
+            super().write_row(arena, position, ring, slot)
+            return
+        copy_row(arena, position, ring, slot)  # on the compute stream; later gathers wait for it
+        self.stats.bytes_written += ring[:, 0].numel() * ring.element_size()
 
     def wait(self, arena: torch.Tensor, slot: int) -> None:
         event = self._events.get((arena.data_ptr(), slot))

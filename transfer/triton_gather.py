@@ -1,12 +1,13 @@
 """Gather of selected token rows straight from pinned host memory, on the GPU, with Triton.
 
 The host tier is token-major (``[batch, tokens, row]``, one row = every sparse layer of a segment,
-keys and values), so a selected token is one contiguous read. This kernel runs on the GPU, reads
-those rows through unified virtual addressing (pinned host memory is addressable from the GPU) at
-indices that stay on the GPU, and writes them densely into a GPU buffer ``[batch, k, row]``.
+keys and values), so a selected token is one contiguous read; one layer's slice of a row is too.
+This kernel runs on the GPU, reads those rows through unified virtual addressing (pinned host
+memory is addressable from the GPU) at indices that stay on the GPU, and writes them densely into
+a GPU buffer ``[batch, k, row]``.
 
 It is persistent and narrow: ``num_programs`` CTAs (about 32) loop over the rows. Measured on an
-H100 (``shared/probes/overlap_probe.py``, DESIGN.md), 32 CTAs reach the PCIe link's bandwidth and
+H100 (a 201 MB gather next to two 8192-cubed matmuls), 32 CTAs reach the PCIe link's bandwidth and
 leave the rest of the GPU to compute on another stream, where one CTA per row serialises with it.
 Under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors (how CI tests it).
 """
@@ -24,16 +25,20 @@ TILE_ELEMENTS = 8192  # elements in flight per CTA per step (rows x block)
 
 @triton.jit
 def _gather_rows_kernel(
-    source,  # [batch, tokens, row_elems], host (pinned) or device
+    source,  # [batch, tokens, row], host (pinned) or device; rows contiguous, other strides free
     indices,  # [batch, k] int64, device: token to read from source (-1: read the hot slot instead)
-    target,  # [batch, k, row_elems], device, contiguous
-    hot,  # [batch, slots + 1, row_elems], device (HOT only)
+    target,  # [batch, k, row], device; rows contiguous
+    hot,  # [batch, slots + 1, row], device (HOT only)
     hot_slots,  # [batch, k] int64, device (HOT only): slot a hit reads or a miss fills
     rows_total,  # batch * k
     k,
     row_elems,
     source_batch_stride,
+    source_row_stride,
+    target_batch_stride,
+    target_row_stride,
     hot_batch_stride,
+    hot_row_stride,
     ROWS: tl.constexpr,  # rows in flight per iteration: small rows need several to fill the link
     BLOCK: tl.constexpr,  # elements per row per inner step
     HOT: tl.constexpr,  # delta fetch through a hot cache
@@ -45,13 +50,14 @@ def _gather_rows_kernel(
     for first in range(program * ROWS, rows_total, programs * ROWS):
         jobs = tl.cast(first, tl.int64) + row_offsets  # int64: host arenas pass 2**31 elements
         live = jobs < rows_total
+        batch_row = jobs // k
         tokens = tl.load(indices + jobs, mask=live, other=0).to(tl.int64)
         from_source = live & (tokens >= 0)
-        source_rows = source + (jobs // k) * source_batch_stride + tl.maximum(tokens, 0) * row_elems
-        target_rows = target + jobs * row_elems
+        source_rows = source + batch_row * source_batch_stride + tl.maximum(tokens, 0) * source_row_stride
+        target_rows = target + batch_row * target_batch_stride + (jobs % k) * target_row_stride
         if HOT:
             slots = tl.load(hot_slots + jobs, mask=live, other=0).to(tl.int64)
-            hot_rows = hot + (jobs // k) * hot_batch_stride + slots * row_elems
+            hot_rows = hot + batch_row * hot_batch_stride + slots * hot_row_stride
             from_hot = live & (tokens < 0)
         for start in range(0, row_elems, BLOCK):
             offsets = start + columns
@@ -63,6 +69,13 @@ def _gather_rows_kernel(
                 # a miss lands in its slot too (uncached misses and hits write nowhere useful: the scratch row)
                 tl.store(hot_rows[:, None] + offsets[None, :], values, mask=from_source[:, None] & inside)
             tl.store(target_rows[:, None] + offsets[None, :], values, mask=live[:, None] & inside)
+
+
+def _rows_contiguous(tensor: torch.Tensor) -> bool:
+    """True when each ``tensor[b, t]`` row is one contiguous run of elements."""
+    if tensor.numel() == 0 or tensor.dim() < 3:
+        return True
+    return tensor[0, 0].is_contiguous()
 
 
 def gather_rows(
@@ -77,9 +90,11 @@ def gather_rows(
     """``out[b, j] = source[b, indices[b, j]]`` for rows of any shape, by the persistent kernel.
 
     Args:
-        source: ``[batch, tokens, *row]``, contiguous in each row and across tokens (a host arena).
+        source: ``[batch, tokens, *row]`` (a host arena, or one layer's slice of its packed rows):
+            each row contiguous, batch and token strides free.
         indices: ``[batch, k]`` integer token indices (on the GPU; never copied to the host).
-        out: ``[batch, k, *row]`` contiguous output, same dtype as ``source``.
+        out: ``[batch, k, *row]`` output, same dtype as ``source``, rows contiguous (a layer's
+            slice of a packed staging buffer is fine).
         num_programs: CTAs of the persistent launch; few enough to leave SMs to compute.
         hot, hot_slots: delta fetch through a hot cache ``[batch, slots + 1, *row]``: where
             ``indices`` is -1 the row is read from ``hot[b, hot_slots[b, j]]`` instead of
@@ -92,12 +107,12 @@ def gather_rows(
         raise ValueError(
             f"out {tuple(out.shape)} {out.dtype} does not fit rows of {tuple(source.shape)} {source.dtype}"
         )
-    if not out.is_contiguous() or source[0, 0].numel() * source.shape[1] != source[0].numel():
-        raise ValueError("gather_rows needs a contiguous output and token-contiguous rows in the source")
+    if not (_rows_contiguous(out) and _rows_contiguous(source)):
+        raise ValueError("gather_rows needs each row of the source and of the output to be contiguous")
     use_hot = hot is not None
-    if use_hot and (hot.shape[2:] != source.shape[2:] or not hot.is_contiguous() or hot_slots.shape != (batch, k)):
+    if use_hot and (hot.shape[2:] != source.shape[2:] or not _rows_contiguous(hot) or hot_slots.shape != (batch, k)):
         raise ValueError(f"hot cache {tuple(hot.shape)} does not fit rows of {tuple(source.shape)}")
-    row_elems = source[0, 0].numel()
+    row_elems = source[0, 0].numel() if source.shape[0] and source.shape[1] else 0
     if batch * k == 0 or row_elems == 0:
         return out
     block = min(MAX_BLOCK, triton.next_power_of_2(row_elems))
@@ -114,12 +129,63 @@ def gather_rows(
         k,
         row_elems,
         source.stride(0),
+        source.stride(1),
+        out.stride(0),
+        out.stride(1),
         hot.stride(0) if use_hot else 0,
+        hot.stride(1) if use_hot else 0,
         ROWS=rows,
         BLOCK=block,
         HOT=use_hot,
     )
     return out
+
+
+@triton.jit
+def _copy_row_kernel(
+    source,  # [batch, slots, row_elems] rows contiguous
+    source_index,  # int64 [1], device
+    target,  # [batch, tokens, row_elems] rows contiguous, host (pinned) or device
+    target_index,  # int64 [1], device
+    row_elems,
+    source_batch_stride,
+    source_row_stride,
+    target_batch_stride,
+    target_row_stride,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < row_elems
+    src = source + b * source_batch_stride + tl.load(source_index) * source_row_stride
+    dst = target + b * target_batch_stride + tl.load(target_index) * target_row_stride
+    tl.store(dst + offsets, tl.load(src + offsets, mask=inside), mask=inside)
+
+
+def copy_row(
+    target: torch.Tensor, target_index: torch.Tensor, source: torch.Tensor, source_index: torch.Tensor
+) -> None:
+    """``target[b, target_index] = source[b, source_index]`` for every batch row, with both indices
+    int64 ``[1]`` tensors on the GPU (a decode step's write-back: no host value, so a CUDA graph
+    replays it at each step's position). ``target`` may be pinned host memory."""
+    if target.shape[0] != source.shape[0] or target.shape[2:] != source.shape[2:]:
+        raise ValueError(f"rows of {tuple(source.shape)} do not fit {tuple(target.shape)}")
+    if not (_rows_contiguous(target) and _rows_contiguous(source)):
+        raise ValueError("copy_row needs contiguous rows")
+    row_elems = source[0, 0].numel()
+    block = min(MAX_BLOCK, triton.next_power_of_2(row_elems))
+    _copy_row_kernel[(source.shape[0], triton.cdiv(row_elems, block))](
+        source,
+        source_index,
+        target,
+        target_index,
+        row_elems,
+        source.stride(0),
+        source.stride(1),
+        target.stride(0),
+        target.stride(1),
+        BLOCK=block,
+    )
 
 
 @triton.jit

@@ -1,0 +1,99 @@
+"""Where a decode step is, kept on the device so that a CUDA graph can replay the step.
+
+A captured step cannot read a Python integer that changes from step to step: the value would be
+baked into the graph. So the column a step writes, the attended length, the tail ring's slot and
+fill, and the selectable context are int64 ``[1]`` tensors that the step itself advances
+(:meth:`DecodeCounters.advance`, a handful of tiny kernels per step, not per layer).
+
+The **tail ring** holds, per sparse layer, the KV of the tokens generated since the last prefill;
+sparse layers always attend to it. It has ``ring`` slots; token ``g`` (0-based) of the generation
+goes to slot ``g % ring``. When more than ``ring`` tokens have been generated, the oldest ones
+leave the ring and join the selectable context (every token is in the host tier, so the filter
+layers may select it like a prompt token). With ``ring`` at least the number of generated tokens
+(the default), nothing ever leaves it, as in the original OmniKV.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DecodeCounters:
+    """int64 ``[1]`` device tensors describing the current decode step.
+
+    Attributes:
+        prompt: cache columns filled by the last prefill.
+        steps: decode tokens stored before the current one.
+        position: the cache column of the current token (``prompt + steps``).
+        length: columns a dense layer attends to (``position + 1``).
+        tail_slot: the ring slot of the current token.
+        tail_count: tokens in the ring, the current one included.
+        context_len: columns a filter layer may select (prompt and tokens that left the ring).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        def scalar() -> torch.Tensor:
+            return torch.zeros(1, dtype=torch.long, device=device)
+
+        self.prompt, self.steps, self.position, self.length = scalar(), scalar(), scalar(), scalar()
+        self.tail_slot, self.tail_count, self.context_len = scalar(), scalar(), scalar()
+
+    def start(self, prompt: int, steps: int = 0) -> None:
+        """Begin decoding after a prefill of ``prompt`` columns (host values: outside any graph)."""
+        self.prompt.fill_(prompt)
+        self.steps.fill_(steps)
+
+    def advance(self, ring: int) -> None:
+        """Enter the next step: every counter from ``steps``, then ``steps += 1`` (device ops only)."""
+        torch.add(self.prompt, self.steps, out=self.position)
+        torch.add(self.position, 1, out=self.length)
+        torch.remainder(self.steps, ring, out=self.tail_slot)
+        torch.clamp(self.steps + 1, max=ring, out=self.tail_count)
+        torch.add(self.prompt, torch.clamp(self.steps + 1 - ring, min=0), out=self.context_len)
+        self.steps.add_(1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.prompt, self.steps, self.position, self.length, self.tail_slot, self.tail_count, self.context_len]
+
+
+class QueryWindow:
+    """The most recent queries of one filter layer (after RoPE), oldest first, and their cache columns.
+
+    Prefill extends it freely; decode pushes one query per step into a buffer of fixed shape (a
+    shift: the window is a few queries, so the copy is tiny). Slots never filled (a prompt shorter
+    than the window) hold position -1: causally they see nothing, so they add nothing to a score.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.queries: torch.Tensor | None = None  # [batch, q_heads, size, head_dim] once decoding
+        self.positions: torch.Tensor | None = None  # [size] int64
+
+    def extend(self, queries: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append a prefill chunk's queries ``[batch, heads, n, dim]`` at columns ``positions`` ``[n]``."""
+        if self.queries is not None and self.queries.shape[0] == queries.shape[0]:
+            queries = torch.cat([self.queries, queries], dim=2)
+            positions = torch.cat([self.positions, positions])
+        self.queries = queries[:, :, -self.size :].detach().clone()
+        self.positions = positions[-self.size :].clone()
+
+    def fill_to_size(self) -> None:
+        """Pad to exactly ``size`` slots (empty ones first, position -1) before decoding starts."""
+        have = self.queries.shape[2]
+        if have < self.size:
+            batch, heads, _, dim = self.queries.shape
+            empty = self.queries.new_zeros(batch, heads, self.size - have, dim)
+            self.queries = torch.cat([empty, self.queries], dim=2)
+            self.positions = torch.cat([self.positions.new_full((self.size - have,), -1), self.positions])
+
+    def push(self, query: torch.Tensor, position: torch.Tensor) -> None:
+        """Add the step's query ``[batch, heads, 1, dim]`` at column ``position`` ``[1]``, dropping the oldest."""
+        if self.size > 1:
+            self.queries[:, :, :-1].copy_(self.queries[:, :, 1:].clone())
+            self.positions[:-1].copy_(self.positions[1:].clone())
+        self.queries[:, :, -1:].copy_(query)
+        self.positions[-1:].copy_(position)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.queries is not None:
+            self.queries = self.queries.index_select(0, index.to(self.queries.device))

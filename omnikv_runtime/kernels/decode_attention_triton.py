@@ -1,0 +1,333 @@
+"""The Triton split-K decode attention behind :func:`omnikv_runtime.kernels.decode_attention`.
+
+Grid ``(batch * kv_heads, splits)``. A program loads the query rows of one KV head's group (padded
+to 16 rows for the matrix instruction), walks one range of columns of source A (or, for the last
+``splits_b`` programs, of source B) in blocks, and keeps an online softmax in base 2. It writes its
+range's normalised output and log-sum-exp; the reduce kernel weights the ranges by their
+log-sum-exp. Lengths, masks and indices are read on the device; columns past a length cost nothing
+but the program's launch. Masked keys and values are loaded as zeros, so unwritten rows (even NaN)
+never reach the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # columns per inner step
+MIN_SPLIT_COLUMNS = 256  # fewer columns per program than this costs more in merging than it gains
+PROGRAMS_PER_SM = 4
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    index_base,
+    mask_base,
+    lo,
+    hi,
+    offs_d,
+    d_ok,
+    qk_scale,
+    BLOCK: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    for start in range(lo, hi, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = cols < hi
+        if HAS_INDEX:
+            tokens = tl.load(index_base + cols, mask=ok, other=0).to(tl.int64)
+        else:
+            tokens = cols.to(tl.int64)
+        if HAS_MASK:
+            ok = ok & (tl.load(mask_base + cols, mask=ok, other=0) != 0)
+        load_ok = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + tokens[:, None] * stride_kt + offs_d[None, :], mask=load_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK], base-2 logits
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + tokens[:, None] * stride_vt + offs_d[None, :], mask=load_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    stride_qb,
+    stride_qh,
+    a_k,
+    a_v,
+    a_kb,
+    a_kt,
+    a_kh,
+    a_vb,
+    a_vt,
+    a_vh,
+    a_columns,
+    a_length,
+    a_mask,
+    a_mb,
+    a_index,
+    a_ib,
+    b_k,
+    b_v,
+    b_kb,
+    b_kt,
+    b_kh,
+    b_vb,
+    b_vt,
+    b_vh,
+    b_columns,
+    b_length,
+    b_mask,
+    b_mb,
+    b_index,
+    b_ib,
+    part_out,
+    part_lse,
+    kv_heads,
+    head_dim,
+    qk_scale,
+    chunk_a,
+    chunk_b,
+    splits_a,
+    splits,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    A_LENGTH: tl.constexpr,
+    A_MASK: tl.constexpr,
+    A_INDEX: tl.constexpr,
+    HAS_B: tl.constexpr,
+    B_LENGTH: tl.constexpr,
+    B_MASK: tl.constexpr,
+    B_INDEX: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (row // kv_heads).to(tl.int64)
+    h = (row % kv_heads).to(tl.int64)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < GROUP
+    d_ok = offs_d < head_dim
+    heads = h * GROUP + offs_g
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
+    if split < splits_a:
+        limit = a_columns
+        if A_LENGTH:
+            limit = tl.minimum(limit, tl.load(a_length).to(tl.int32))
+        lo = split * chunk_a
+        hi = tl.minimum(lo + chunk_a, limit)
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            a_k + b * a_kb + h * a_kh,
+            a_v + b * a_vb + h * a_vh,
+            a_kt,
+            a_vt,
+            a_index + b * a_ib,
+            a_mask + b * a_mb,
+            lo,
+            hi,
+            offs_d,
+            d_ok,
+            qk_scale,
+            BLOCK,
+            A_INDEX,
+            A_MASK,
+        )
+    else:
+        if HAS_B:
+            limit = b_columns
+            if B_LENGTH:
+                limit = tl.minimum(limit, tl.load(b_length).to(tl.int32))
+            lo = (split - splits_a) * chunk_b
+            hi = tl.minimum(lo + chunk_b, limit)
+            acc, m_i, l_i = _attend_range(
+                acc,
+                m_i,
+                l_i,
+                q,
+                b_k + b * b_kb + h * b_kh,
+                b_v + b * b_vb + h * b_vh,
+                b_kt,
+                b_vt,
+                b_index + b * b_ib,
+                b_mask + b * b_mb,
+                lo,
+                hi,
+                offs_d,
+                d_ok,
+                qk_scale,
+                BLOCK,
+                B_INDEX,
+                B_MASK,
+            )
+    seen = l_i > 0.0
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    slot = (b * kv_heads * GROUP + heads) * splits + split  # [G_PAD] rows of [batch, heads, splits]
+    tl.store(part_lse + slot, lse, mask=g_ok)
+    tl.store(part_out + slot[:, None] * head_dim + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out,
+    part_lse,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    q_heads,
+    head_dim,
+    splits,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # one (batch, query head)
+    b = row // q_heads
+    h = row % q_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < splits
+    d_ok = offs_d < head_dim
+    lse = tl.load(part_lse + row * splits + offs_s, mask=s_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weights = tl.exp2(lse - top)
+    total = tl.sum(weights, 0)
+    parts = tl.load(
+        part_out + (row * splits + offs_s)[:, None] * head_dim + offs_d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    merged = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, merged.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _split_plan(columns: int, rows: int, multiprocessors: int) -> tuple[int, int]:
+    """(splits, columns per split) for one source: enough programs to fill the GPU, none too small."""
+    if columns == 0:
+        return 1, BLOCK_N
+    wanted = max(1, math.ceil(PROGRAMS_PER_SM * multiprocessors / rows))
+    splits = max(1, min(wanted, math.ceil(columns / MIN_SPLIT_COLUMNS)))
+    chunk = math.ceil(math.ceil(columns / splits) / BLOCK_N) * BLOCK_N
+    return math.ceil(columns / chunk), chunk
+
+
+def _source_arguments(source, dummy: torch.Tensor) -> list:
+    keys, values = source.keys, source.values
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("decode attention needs keys and values with unit stride in head_dim")
+    mask = source.mask if source.mask is not None else dummy
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    index = source.index if source.index is not None else dummy
+    return [
+        keys,
+        values,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        source.columns,
+        source.length if source.length is not None else dummy,
+        mask,
+        mask.stride(0) if source.mask is not None else 0,
+        index,
+        index.stride(0) if source.index is not None else 0,
+    ]
+
+
+def decode_attention_triton(query, sources, scale: float, multiprocessors: int, out=None):
+    """Launch the split and reduce kernels; see :func:`omnikv_runtime.kernels.decode_attention`."""
+    batch, q_heads, head_dim = query.shape
+    first = sources[0]
+    kv_heads = first.keys.shape[2]
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    group = q_heads // kv_heads
+    rows = batch * kv_heads
+    splits_a, chunk_a = _split_plan(first.columns, rows, multiprocessors)
+    second = sources[1] if len(sources) > 1 else None
+    splits_b, chunk_b = _split_plan(second.columns, rows, multiprocessors) if second is not None else (0, BLOCK_N)
+    splits = splits_a + splits_b
+    part_out = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+    part_lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=query.device)
+    dummy = query  # passed for a missing length, mask or index: never read (the kernel's flags say so)
+    a_args = _source_arguments(first, dummy)
+    b_args = _source_arguments(second, dummy) if second is not None else a_args
+    _decode_split_kernel[(rows, splits)](
+        query,
+        query.stride(0),
+        query.stride(1),
+        *a_args,
+        *b_args,
+        part_out,
+        part_lse,
+        kv_heads,
+        head_dim,
+        scale * LOG2E,
+        chunk_a,
+        chunk_b,
+        splits_a,
+        splits,
+        GROUP=group,
+        G_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK=BLOCK_N,
+        A_LENGTH=first.length is not None,
+        A_MASK=first.mask is not None,
+        A_INDEX=first.index is not None,
+        HAS_B=second is not None,
+        B_LENGTH=second is not None and second.length is not None,
+        B_MASK=second is not None and second.mask is not None,
+        B_INDEX=second is not None and second.index is not None,
+        num_warps=4,
+    )
+    if out is None:
+        out = torch.empty(batch, q_heads, head_dim, dtype=query.dtype, device=query.device)
+    _decode_reduce_kernel[(batch * q_heads,)](
+        part_out,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        q_heads,
+        head_dim,
+        splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+    return out
