@@ -69,13 +69,19 @@ class SelectorSection(BaseModel):
 
 
 class OmniKVSection(_Section):
-    """Filter layers, wait layers, token budget and selector."""
+    """Filter layers, wait layers, token budget, tail and selector.
+
+    ``tail_tokens``: how many of the most recent generated tokens every sparse layer sees besides
+    its selection (the tail ring). Older generated tokens become selectable context, like the
+    prompt. None (default): every generated token stays visible, as in the original OmniKV.
+    """
 
     enabled: bool = True
     filter_layers: list[StrictInt] = Field(default_factory=lambda: [2, 8, 18])
     wait_layers: StrictInt = Field(default=1, ge=0)
     token_budget: StrictInt | StrictFloat = 0.067
     min_token_budget: StrictInt = Field(default=64, ge=1)
+    tail_tokens: StrictInt | None = Field(default=None, gt=0)
     selector: SelectorSection = Field(default_factory=SelectorSection)
 
     @field_validator("filter_layers")
@@ -148,9 +154,18 @@ class PrefillSection(_Section):
 
 
 class GenerationSection(_Section):
-    """Defaults for `Engine.generate` and the CLI."""
+    """Defaults for `Engine.generate` and the CLI.
+
+    ``cuda_graphs``: on CUDA, capture the decode step once and replay it for every token (the
+    step then costs GPU time, not Python and kernel-launch time). A request the captured step
+    cannot run (beam search, a logits processor, a policy that is not graph-safe) decodes step by
+    step instead, with one log line saying why. ``check_every``: tokens between the host's checks
+    for finished rows (the only synchronisation of the decode loop).
+    """
 
     max_new_tokens: StrictInt = Field(default=32, gt=0)
+    cuda_graphs: bool = True
+    check_every: StrictInt = Field(default=16, gt=0)
     use_chat_template: bool = True
     cot: bool = False
 

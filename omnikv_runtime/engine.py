@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from omnikv_runtime.attention import BASE_MASK_FUNCTIONS, register_attention
 from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
+from omnikv_runtime.decode_loop import DecodeLoop, loop_settings
 from omnikv_runtime.errors import PromptError, UnsupportedModelError
 from omnikv_runtime.layout import LayerPlan, Role
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
@@ -71,6 +72,7 @@ class Engine:
         self._cache_keyword = _cache_keyword(model)
         self._last_cache: OmniKVCache | None = None
         self._last_run: dict[str, Any] = {}
+        self._last_loop = None  # the decode loop's phase times of the last generate, if it ran
         if config.model.max_context_len:  # refuse at initialize what can never fit (CUDA)
             self.check_memory(1, config.model.max_context_len, 1)
         logger.info(
@@ -112,6 +114,7 @@ class Engine:
             prompt_tokens=prompt_tokens,
             hot_cache_tokens=self.hot_cache_tokens,
             eviction=self.eviction,
+            tail_tokens=self.config.omnikv.tail_tokens,
         )
         self._last_cache = cache
         return cache
@@ -140,7 +143,13 @@ class Engine:
         max_new_tokens: int | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
-        """Greedy (or any HF decoding) generation through the tiered cache; returns prompt + new ids."""
+        """Generate through the tiered cache; returns prompt + new ids, like ``model.generate``.
+
+        Greedy unless ``do_sample=True`` (then ``temperature``, ``top_k``, ``top_p``), stopping at
+        ``eos_token_id`` or ``stop_strings``: these run in the engine's own loop (chunked prefill,
+        then a static decode step replayed from a CUDA graph on CUDA). Anything else (beam search,
+        logits processors, ...) goes to transformers' ``generate`` with the same cache, step by step.
+        """
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -151,27 +160,70 @@ class Engine:
         if "past_key_values" in generate_kwargs or "cache" in generate_kwargs:
             raise ValueError("Engine.generate makes its own cache; call model.generate to pass one")
         generate_kwargs.setdefault("do_sample", False)
-        if self.config.prefill.chunk_size and "prefill_chunk_size" not in generate_kwargs:
-            generate_kwargs["prefill_chunk_size"] = self.config.prefill.chunk_size
-        if self.tokenizer is not None and "pad_token_id" not in generate_kwargs:
+        if self.tokenizer is not None and generate_kwargs.get("pad_token_id") is None:
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        settings = loop_settings(self.model, self.tokenizer, generate_kwargs)
         beams = generate_kwargs.get("num_beams") or 1
         self.check_memory(input_ids.shape[0] * beams, input_ids.shape[1], max_new_tokens)
         cache = self.new_cache(reserve_tokens=input_ids.shape[1] + max_new_tokens, prompt_tokens=input_ids.shape[1])
         self.transfer.reset_stats()
-        generate_kwargs[self._cache_keyword] = cache
-        if attention_mask is not None:
-            generate_kwargs["attention_mask"] = attention_mask.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         start = time.perf_counter()
         with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device), max_new_tokens=max_new_tokens, **generate_kwargs
-            )
+            if isinstance(settings, str):
+                logger.info("generate runs step by step through transformers' generate: %s", settings)
+                output = self._transformers_generate(cache, input_ids, attention_mask, max_new_tokens, generate_kwargs)
+                self._last_loop = None
+            else:
+                output = self._loop_generate(cache, input_ids, attention_mask, max_new_tokens, *settings)
         self.transfer.synchronize()  # the host tier holds every token when generate returns
         end = time.perf_counter()
         self._last_run = {"start": start, "end": end, "prompt_tokens": input_ids.shape[1], "batch": input_ids.shape[0]}
         self._last_run["new_tokens"] = output.shape[1] - input_ids.shape[1]
         return output
+
+    def _transformers_generate(self, cache, input_ids, attention_mask, max_new_tokens, kwargs) -> torch.Tensor:
+        if self.config.prefill.chunk_size and "prefill_chunk_size" not in kwargs:
+            kwargs["prefill_chunk_size"] = self.config.prefill.chunk_size
+        kwargs[self._cache_keyword] = cache
+        return self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
+        )
+
+    def graph_blocker(self) -> str | None:
+        """Why decode steps cannot be captured in a CUDA graph here, or None when they can."""
+        if self.device.type != "cuda":
+            return "no CUDA device"
+        if not self.config.generation.cuda_graphs:
+            return "generation.cuda_graphs is false"
+        if not getattr(self.policy, "graph_safe", False):
+            return f"the selection policy {type(self.policy).__name__} does not declare graph_safe"
+        return None
+
+    def _loop_generate(self, cache, input_ids, attention_mask, max_new_tokens, sampling, stop) -> torch.Tensor:
+        blocker = self.graph_blocker()
+        if blocker is not None and self.device.type == "cuda":
+            logger.info("decode steps run without a CUDA graph: %s", blocker)
+        loop = DecodeLoop(
+            self.model,
+            cache,
+            self._cache_keyword,
+            sampling,
+            stop,
+            max_new_tokens,
+            use_graph=blocker is None,
+            check_every=self.config.generation.check_every,
+        )
+        loop.prefill(input_ids, attention_mask, self.config.prefill.chunk_size)
+        pageable = [a for a in cache.arenas if a is not None and a.data.device.type == "cpu" and not a.data.is_pinned()]
+        if loop.use_graph and pageable:  # pinning failed: the GPU cannot read the host tier itself
+            logger.info("decode steps run without a CUDA graph: the host tier is in pageable memory (pinning failed)")
+            loop.use_graph = loop.times.graph = False
+        new_tokens = loop.decode()
+        self._last_loop = loop.times
+        return torch.cat([input_ids, new_tokens], dim=1)
 
     def check_memory(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
         """On CUDA, raise PromptError (naming what to change) when the memory planner says the run cannot fit."""
@@ -220,6 +272,14 @@ class Engine:
                 prefill_seconds=first_decode - run["start"],
                 decode_seconds=run["end"] - first_decode,
             )
+            loop = self._last_loop
+            if loop is not None:
+                out.update(
+                    prefill_seconds=loop.prefill,
+                    decode_seconds=loop.decode,
+                    graph_capture_seconds=loop.capture,
+                    cuda_graph=loop.graph,
+                )
         return out
 
     def memory_report(self) -> dict[str, Any]:

@@ -30,7 +30,18 @@ class TransferStats:
     gathers: int = 0
     pinned_fallbacks: int = 0  # pinned allocations that failed and fell back to pageable memory
 
-    def as_dict(self) -> dict[str, object]:
+    def copy(self) -> TransferStats:
+        return TransferStats(**self.as_dict())
+
+    def minus(self, other: TransferStats) -> TransferStats:
+        """The counts since ``other`` was copied."""
+        return TransferStats(**{name: value - getattr(other, name) for name, value in self.as_dict().items()})
+
+    def add_(self, other: TransferStats) -> None:
+        for name, value in other.as_dict().items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, int]:
         return {
             "bytes_fetched": self.bytes_fetched,
             "bytes_written": self.bytes_written,

@@ -1,0 +1,316 @@
+"""The engine's own generation loop: chunked prefill, then one static decode step per token.
+
+In the style of gpt-fast: the step (the model's forward over one token per row through the
+OmniKV cache, the choice of the next token, and the bookkeeping of finished rows) reads and
+writes only tensors allocated before it, so on CUDA it is captured once in a CUDA graph and
+replayed for every token. Host and GPU meet only every ``check_every`` tokens, to see whether all
+rows have finished (end-of-sequence tokens on the device; stop strings decoded on the host).
+
+Rows that finish keep running with the pad token, as transformers does, and the output is cut
+where the last row finished.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from omnikv_runtime.cache import OmniKVCache
+from omnikv_runtime.sampling import SamplingSettings, choose_tokens
+
+logger = logging.getLogger(__name__)
+
+EAGER_STEPS_BEFORE_CAPTURE = 2  # real steps run eagerly first (warm-up: kernels compiled, buffers sized)
+
+# generate() arguments the loop runs (others go to transformers' generate, step by step)
+LOOP_ARGUMENTS = {
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "eos_token_id",
+    "pad_token_id",
+    "stop_strings",
+    "tokenizer",
+    "use_cache",
+    "prefill_chunk_size",
+    "generation_config",
+    "num_beams",
+    "num_return_sequences",
+    "return_dict_in_generate",
+}
+# generation-config fields that add a logits processor, with the value that adds none
+_PROCESSOR_FIELDS = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_new_tokens": 0,
+    "min_length": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "sequence_bias": None,
+    "guidance_scale": None,
+    "renormalize_logits": False,
+    "exponential_decay_length_penalty": None,
+    "watermarking_config": None,
+}
+
+
+@dataclass
+class StopSettings:
+    """When a row stops: an end-of-sequence token, or a stop string in its decoded text."""
+
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int = 0
+    stop_strings: list[str] = field(default_factory=list)
+    tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        if self.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: pass tokenizer= or initialize the engine with one")
+
+
+def loop_settings(
+    model: torch.nn.Module, tokenizer: Any, kwargs: dict[str, Any]
+) -> tuple[SamplingSettings, StopSettings] | str:
+    """What the loop needs from ``generate`` arguments, or why the loop cannot run them."""
+    known = LOOP_ARGUMENTS | set(_PROCESSOR_FIELDS)  # a processor field passed at its neutral value is fine
+    unknown = sorted(key for key, value in kwargs.items() if value is not None and key not in known)
+    if unknown:
+        return f"arguments the decode loop does not run: {', '.join(unknown)}"
+    config = kwargs.get("generation_config") or model.generation_config
+
+    def value(name: str, default: Any = None) -> Any:
+        given = kwargs.get(name)
+        given = getattr(config, name, None) if given is None else given
+        return default if given is None else given
+
+    if value("num_beams", 1) > 1:
+        return "beam search (num_beams > 1)"
+    if value("num_return_sequences", 1) > 1:
+        return "num_return_sequences > 1"
+    if value("return_dict_in_generate", False):
+        return "return_dict_in_generate"
+    for name, neutral in _PROCESSOR_FIELDS.items():
+        if value(name, neutral) not in (neutral, None, []):
+            return f"a logits processor ({name}={value(name)!r})"
+    eos = value("eos_token_id", [])
+    eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    pad = value("pad_token_id", eos[0] if eos else 0)
+    stop_strings = value("stop_strings", [])
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    try:
+        sampling = SamplingSettings.from_generation(config, kwargs)
+        stop = StopSettings(eos, int(pad), stop_strings, kwargs.get("tokenizer") or tokenizer)
+    except ValueError as exc:
+        raise ValueError(f"generate: {exc}") from None
+    return sampling, stop
+
+
+@dataclass
+class LoopTimes:
+    """Wall seconds of the phases of one generation (synchronised at their ends)."""
+
+    prefill: float = 0.0
+    capture: float = 0.0
+    decode: float = 0.0
+    decode_steps: int = 0
+    graph: bool = False
+
+
+class DecodeLoop:
+    """Generates for one batch through one cache: :meth:`prefill`, then :meth:`decode`.
+
+    Args:
+        model: the causal LM (its attention is OmniKV's).
+        cache: a fresh OmniKV cache with room reserved for prompt + new tokens.
+        cache_keyword: ``"cache"`` or ``"past_key_values"`` (the model's forward argument).
+        sampling, stop: how tokens are chosen and when rows finish.
+        max_new_tokens: tokens to generate at most.
+        use_graph: capture the step in a CUDA graph (CUDA only).
+        check_every: tokens between the host's checks for finished rows.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: OmniKVCache,
+        cache_keyword: str,
+        sampling: SamplingSettings,
+        stop: StopSettings,
+        max_new_tokens: int,
+        use_graph: bool,
+        check_every: int = 16,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.cache_keyword = cache_keyword
+        self.sampling = sampling
+        self.stop = stop
+        self.max_new_tokens = max_new_tokens
+        self.use_graph = use_graph
+        self.check_every = check_every
+        self.times = LoopTimes(graph=use_graph)
+        self._stopped_at: dict[int, int] = {}  # row -> tokens kept, for rows a stop string ended
+        self._accepts_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._stream = torch.cuda.Stream() if use_graph else None
+
+    # prefill ----------------------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int | None) -> None:
+        """Run the prompt through the cache (in chunks) and emit the first new token."""
+        started = time.perf_counter()
+        batch, length = input_ids.shape
+        device = input_ids.device
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        self._allocate(batch, device, positions[:, -1:] + 1, length)
+        chunk = chunk_size or length
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            output = self._forward(
+                input_ids[:, start:end],
+                positions[:, start:end],
+                attention_mask[:, :end],
+                torch.arange(start, end, device=device),
+            )
+        self._emit(output.logits[:, -1])
+        self._synchronize()
+        self.times.prefill = time.perf_counter() - started
+
+    def _allocate(self, batch: int, device: torch.device, next_positions: torch.Tensor, length: int) -> None:
+        """The step's static inputs and outputs."""
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = next_positions.clone()
+        self.cache_position = torch.full((1,), length, dtype=torch.long, device=device)
+        self.mask = torch.ones(batch, 1, 1, 1, dtype=torch.bool, device=device)  # 4-D: transformers builds none
+        self.tokens = torch.full((batch, self.max_new_tokens), self.stop.pad_token_id, dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(self.stop.eos_token_ids or [-1], dtype=torch.long, device=device)
+
+    def _forward(self, ids, positions, mask, cache_position):
+        kwargs: dict[str, Any] = {self.cache_keyword: self.cache}
+        if self._accepts_cache_position:
+            kwargs["cache_position"] = cache_position
+        return self.model(
+            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs
+        )
+
+    def _emit(self, logits: torch.Tensor) -> None:
+        """Choose each row's next token and record it (device ops only: part of the captured step)."""
+        chosen = choose_tokens(logits, self.sampling)
+        chosen = torch.where(self.finished, self.stop.pad_token_id, chosen)
+        self.tokens.index_copy_(1, self.step, chosen[:, None])
+        self.finished |= (chosen[:, None] == self.eos[None, :]).any(dim=-1)
+        self.ids.copy_(chosen[:, None])
+        self.step.add_(1)
+
+    # decode -----------------------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        output = self._forward(self.ids, self.positions, self.mask, self.cache_position)
+        self._emit(output.logits[:, -1])
+        self.positions.add_(1)
+        self.cache_position.add_(1)
+
+    def decode(self) -> torch.Tensor:
+        """Generate the remaining tokens; returns the new tokens ``[batch, n]`` (n <= max_new_tokens)."""
+        started = time.perf_counter()
+        emitted, done = 1, self._check(1)
+        while emitted < self.max_new_tokens and not done:
+            run = min(self.check_every, self.max_new_tokens - emitted)
+            for _ in range(run):
+                self._run_step()
+            emitted += run
+            done = self._check(emitted)
+        self._synchronize()
+        self.times.decode = time.perf_counter() - started - self.times.capture
+        self.times.decode_steps = emitted - 1
+        return self._finish(emitted)
+
+    def _run_step(self) -> None:
+        if not self.use_graph:
+            self._decode_step()
+            return
+        if self._graph is None and self.cache.decode_steps < EAGER_STEPS_BEFORE_CAPTURE:
+            # warm-up steps (real ones) on the stream the capture will use, as torch asks
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                self._decode_step()
+            torch.cuda.current_stream().wait_stream(self._stream)
+            return
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        self.cache.advance_host(1)
+        self.cache.selected_log.append(dict(self.cache.selected_log[-1]) if self.cache.selected_log else {})
+        self.cache.transfer.stats.add_(self._step_transfer)
+
+    def _capture(self) -> None:
+        """Record one decode step in a CUDA graph (the recording itself runs nothing)."""
+        started = time.perf_counter()
+        torch.cuda.synchronize()
+        transfer = self.cache.transfer
+        before = transfer.stats.copy()
+        graph = torch.cuda.CUDAGraph()
+        self.cache.capturing = True
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                self._decode_step()
+        finally:
+            self.cache.capturing = False
+        self._step_transfer = transfer.stats.minus(before)  # what one replay moves
+        transfer.stats = before
+        self._graph = graph
+        self.times.capture = time.perf_counter() - started
+        logger.info("decode step captured in a CUDA graph in %.0f ms", self.times.capture * 1e3)
+
+    def _check(self, emitted: int) -> bool:
+        """Whether every row has finished (one host synchronisation)."""
+        if self.stop.stop_strings:
+            self._apply_stop_strings(emitted)
+        if not (self.stop.eos_token_ids or self.stop.stop_strings):
+            return False
+        return bool(self.finished.all())
+
+    def _apply_stop_strings(self, emitted: int) -> None:
+        tokens = self.tokens[:, :emitted].tolist()
+        finished = self.finished.tolist()
+        reach = max(len(text) for text in self.stop.stop_strings) + 8  # tokens a stop string can span
+        for row, ids in enumerate(tokens):
+            if finished[row]:
+                continue
+            for end in range(1, emitted + 1):
+                text = self.stop.tokenizer.decode(ids[max(0, end - reach) : end])
+                if any(stop in text for stop in self.stop.stop_strings):
+                    self.tokens[row, end:emitted] = self.stop.pad_token_id
+                    self.finished[row] = True
+                    self._stopped_at[row] = end
+                    break
+
+    def _finish(self, emitted: int) -> torch.Tensor:
+        """The new tokens, cut after the step where the last row finished."""
+        tokens = self.tokens[:, :emitted]
+        if emitted and bool(self.finished.all()):
+            eos = set(self.stop.eos_token_ids)
+            ends = []
+            for row, ids in enumerate(tokens.tolist()):
+                at_eos = next((i + 1 for i, token in enumerate(ids) if token in eos), emitted)
+                ends.append(min(at_eos, self._stopped_at.get(row, emitted)))
+            tokens = tokens[:, : max(ends)]
+        return tokens
+
+    def _synchronize(self) -> None:
+        if self.ids.is_cuda:
+            torch.cuda.synchronize(self.ids.device)
