@@ -30,11 +30,21 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import omnikv_runtime as okv
+from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
 from omnikv_runtime.engine import _cache_keyword
 from omnikv_runtime.planner import KNOWN_GEOMETRIES
+from omnikv_runtime.sampling import SamplingSettings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_timing.py, also under python -P
-from step_timing import bandwidths, decode_steps, gpu_profile, host_syncs, sdpa_backends, sync  # noqa: E402
+from step_timing import (  # noqa: E402
+    ModelStep,
+    bandwidths,
+    decode_steps,
+    gpu_profile,
+    host_syncs,
+    sdpa_backends,
+    sync,
+)
 
 FILTER_LAYERS = [2, 8, 18]
 
@@ -106,33 +116,35 @@ class Bench:
             return None
         return round((self.weights + read_bytes) / (self.links["hbm_gbps"] * 1e9) * 1e3, 3)
 
-    def measure(self, forward, cache, batch, context, label: str = "") -> dict[str, Any]:
+    def measure(self, step, label: str = "", trace: bool = False) -> dict[str, Any]:
+        """Time `step` (one decode step per call): warm-up (and graph capture), timed steps, host
+        syncs of one step, and a profiled few (their Chrome trace kept with --trace-dir)."""
         steps, warmup = self.args.steps, self.args.warmup
-        decode_steps(forward, cache, batch, context, warmup, self.device, self.keyword)
+        decode_steps(step, warmup, self.device)
         allocs = torch.cuda.memory_stats(self.device).get("num_device_alloc", 0) if self.device.type == "cuda" else 0
         if self.args.cprofile:
             import cProfile
             import pstats
 
             profile = cProfile.Profile()
-            times = profile.runcall(
-                decode_steps, forward, cache, batch, context + warmup, steps, self.device, self.keyword
-            )
+            times = profile.runcall(decode_steps, step, steps, self.device)
             with open(os.path.join(self.args.cprofile, f"{label}.txt"), "w", encoding="utf-8") as handle:
                 pstats.Stats(profile, stream=handle).sort_stats("tottime").print_stats(30)
         else:
-            times = decode_steps(forward, cache, batch, context + warmup, steps, self.device, self.keyword)
+            times = decode_steps(step, steps, self.device)
         row = {"wall_ms": round(statistics.median(times), 3), "wall_min_ms": round(min(times), 3)}
         if self.device.type == "cuda":
             allocs = torch.cuda.memory_stats(self.device).get("num_device_alloc", 0) - allocs
             row["device_allocs_per_step"] = round(allocs / steps, 2)
-        row["host_syncs"] = host_syncs(forward, cache, batch, context + warmup + steps, self.device, self.keyword)
-        row.update(
-            gpu_profile(
-                forward, cache, batch, context + warmup + steps + 1, self.args.profile_steps, self.device, self.keyword
-            )
-        )
+        row["host_syncs"] = host_syncs(step, self.device)
+        trace_path = None
+        if trace and self.args.trace_dir:
+            trace_path = os.path.join(self.args.trace_dir, f"trace_{label}.json")
+        row.update(gpu_profile(step, self.args.profile_steps, self.device, trace_path))
         return row
+
+    def steps_per_row(self) -> int:
+        return self.args.warmup + self.args.steps + 1 + self.args.profile_steps
 
     def hf_rows(self, context: int, batch: int) -> list[dict[str, Any]]:
         with sdpa_backends(self.args.hf_sdpa_backends):
@@ -167,7 +179,8 @@ class Bench:
                     cache = StaticCache(config=self.config, max_cache_len=context + 64)
                     forward = torch.compile(self.model, mode="reduce-overhead")
                 fill(cache, self.config, batch, context, self.device, self.dtype)
-                row.update(self.measure(forward, cache, batch, context, f"{name}_{context}_{batch}"))
+                step = ModelStep(forward, cache, batch, context, self.device, self.keyword)
+                row.update(self.measure(step, f"{name}_{context}_{batch}"))
                 row["roofline_ms"] = self.roofline_ms(dense_kv)
                 row["setup_s"] = round(time.perf_counter() - started, 1)
                 if name == "hf_offload":
@@ -188,59 +201,84 @@ class Bench:
         rows = []
         layers = self.config.num_hidden_layers
         for mode in self.args.modes:
-            offload = "none" if mode == "gpu" else "cpu"
-            plan = okv.LayerPlan.build(layers, FILTER_LAYERS, 1, True)
+            offload = "cpu" if mode == "offload" else "none"
+            plan = okv.LayerPlan.build(layers, FILTER_LAYERS, 1, mode != "dense")
             sparse = len(plan.sparse_layers)
             host_tier = sparse * batch * context * self.per_token_layer
             dense_tier = (layers - sparse) * batch * context * self.per_token_layer
             gpu_needed = dense_tier + (host_tier if offload == "none" else 0)
             base = {"context": context, "batch": batch, "path": f"omnikv_{mode}"}
+            budgets = self.args.budgets if mode != "dense" else ["all"]
             if not fits(gpu_needed, self.device):
-                for budget in self.args.budgets:
+                for budget in budgets:
                     rows.append(
-                        {
-                            **base,
-                            "budget": budget,
-                            "skipped": f"{gpu_needed / 2**30:.0f} GiB of KV does not fit the GPU",
-                        }
+                        {**base, "budget": budget, "skipped": f"{gpu_needed / 2**30:.0f} GiB of KV does not fit"}
                     )
                 continue
-            hot_settings = [0] if offload == "none" else [0, *self.args.hot_multiples]
+            hot_settings = [0, *self.args.hot_multiples] if offload == "cpu" else [0]
             config = {
                 "omnikv": {"filter_layers": FILTER_LAYERS, "wait_layers": 1, "token_budget": 2048},
                 "offload": {"device": offload, "transfer": self.args.transfer},
             }
+            if mode == "dense":
+                config["omnikv"]["enabled"] = False
             engine = okv.initialize(self.model, config)
-            cache = engine.new_cache(reserve_tokens=context + 1024, prompt_tokens=context)
+            runs = len(budgets) * len(hot_settings) * (1 + len(self.args.eager_too))
+            cache = engine.new_cache(reserve_tokens=context + runs * self.steps_per_row() + 64, prompt_tokens=context)
             started = time.perf_counter()
             fill(cache, self.config, batch, context, self.device, self.dtype)
             fill_s = round(time.perf_counter() - started, 1)
-            position = context
-            for budget in self.args.budgets:
-                k = budget if isinstance(budget, int) else max(64, int(budget * context + 0.999))
+            for budget in budgets:
+                k = (
+                    context
+                    if budget == "all"
+                    else budget
+                    if isinstance(budget, int)
+                    else max(64, int(budget * context + 0.999))
+                )
                 for multiple in hot_settings:
-                    row = {**base, "budget": budget, "selected": k, "fill_s": fill_s}
-                    if multiple:
-                        row["path"] += f"_hot{multiple}x"
-                    cache.budget = lambda _context, k=k: min(k, _context)
-                    cache.resize_hot_cache(multiple * k, self.device)
-                    engine.transfer.reset_stats()
-                    label = f"{row['path']}_{context}_{batch}_{budget}"
-                    row.update(self.measure(self.model, cache, batch, position, label))
-                    steps = self.args.warmup + self.args.steps + self.args.profile_steps + 1
-                    position += steps
-                    fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
-                    written = engine.transfer.stats.bytes_written
-                    row["pcie_bytes_per_step"] = int((fetched + written) / steps) if offload == "cpu" else 0
-                    if offload == "cpu" and self.links["pcie_gbps"]:
-                        row["pcie_floor_ms"] = round(
-                            row["pcie_bytes_per_step"] / (self.links["pcie_gbps"] * 1e9) * 1e3, 3
+                    for eager in [False, *self.args.eager_too]:
+                        row = {**base, "budget": budget, "selected": k, "fill_s": fill_s, "cuda_graph": not eager}
+                        if multiple:
+                            row["path"] += f"_hot{multiple}x"
+                        if eager:
+                            row["path"] += "_eager"
+                        cache.budget = lambda _context, k=k: min(k, _context)
+                        cache.budget_tokens = min(k, cache.context_len)
+                        cache.resize_hot_cache(multiple * k, self.device)
+                        engine.transfer.reset_stats()
+                        loop = DecodeLoop(
+                            self.model,
+                            cache,
+                            self.keyword,
+                            SamplingSettings(),
+                            StopSettings(),
+                            max_new_tokens=self.steps_per_row() + 1,
+                            use_graph=self.device.type == "cuda" and not eager,
                         )
-                    row["roofline_ms"] = self.roofline_ms(dense_tier + sparse * batch * k * self.per_token_layer)
-                    if multiple:
-                        hot = cache.hot_counters()
-                        row["hot_hit_rate"] = round(hot["hot_hits"] / max(1, hot["hot_hits"] + hot["hot_misses"]), 3)
-                    rows.append(row)
+                        loop.start_after_fill(batch, self.device)
+                        label = f"{row['path']}_{context}_{batch}_{budget}"
+                        row.update(self.measure(loop.run_step, label, trace=not eager))
+                        row["capture_ms"] = round(loop.times.capture * 1e3, 1)
+                        steps = self.steps_per_row()
+                        fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
+                        written = engine.transfer.stats.bytes_written
+                        row["pcie_bytes_per_step"] = int((fetched + written) / steps) if offload == "cpu" else 0
+                        if offload == "cpu" and self.links["pcie_gbps"]:
+                            row["pcie_floor_ms"] = round(
+                                row["pcie_bytes_per_step"] / (self.links["pcie_gbps"] * 1e9) * 1e3, 3
+                            )
+                        read = dense_tier + sparse * batch * min(k, context) * self.per_token_layer
+                        row["roofline_ms"] = self.roofline_ms(read)
+                        if multiple:
+                            hot = cache.hot_counters()
+                            row["hot_hit_rate"] = round(
+                                hot["hot_hits"] / max(1, hot["hot_hits"] + hot["hot_misses"]), 3
+                            )
+                        if row["roofline_ms"]:
+                            row["vs_roofline"] = round(row["wall_ms"] / row["roofline_ms"], 3)
+                        rows.append(row)
+                        del loop
             del cache, engine
             gc.collect()
             if hasattr(torch._C, "_host_emptyCache"):  # hand cached pinned blocks back to the OS
@@ -250,8 +288,13 @@ class Bench:
 
 
 def check_offload(rows: list[dict[str, Any]]) -> None:
-    """Offload step within 1.15x of max(PCIe floor, the GPU-mode step) of the same cell."""
+    """Offload step within 1.15x of max(PCIe floor, the GPU-mode step) of the same cell; ratios to HF."""
     gpu = {(r["context"], r["batch"], r["budget"]): r for r in rows if r["path"] == "omnikv_gpu" and "wall_ms" in r}
+    hf = {(r["context"], r["batch"]): r for r in rows if r["path"] == "hf_dynamic" and "wall_ms" in r}
+    for row in rows:
+        reference = hf.get((row["context"], row["batch"]))
+        if row["path"].startswith("omnikv") and "wall_ms" in row and reference:
+            row["speedup_vs_hf"] = round(reference["wall_ms"] / row["wall_ms"], 2)
     for row in rows:
         if row["path"].startswith("omnikv_offload") and "wall_ms" in row:
             reference = gpu.get((row["context"], row["batch"], row["budget"]))
@@ -276,6 +319,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "gather_hidden_share",
         "hot_hit_rate",
         "vs_bound",
+        "vs_roofline",
+        "speedup_vs_hf",
     ]
     lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
     for row in rows:
@@ -296,11 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--budgets", default="2048,0.067")
     parser.add_argument(
-        "--hf", default="hf_dynamic,hf_static_compile,hf_offload", help="HF baselines to run ('' for none)"
+        "--hf", default="hf_dynamic", help="HF baselines: hf_dynamic, hf_static_compile, hf_offload ('' for none)"
     )
     parser.add_argument("--static-batches", default="1", help="batches at which StaticCache + torch.compile runs")
     parser.add_argument("--hf-offload-max-context", type=int, default=32768)
-    parser.add_argument("--modes", default="gpu,offload", help="OmniKV host-tier modes: gpu (offload none), offload")
+    parser.add_argument(
+        "--modes",
+        default="dense,gpu,offload",
+        help="our paths: dense (OmniKV off: the runtime's own dense step), gpu (offload none), offload",
+    )
+    parser.add_argument("--eager", action="store_true", help="also time each of our paths without a CUDA graph")
+    parser.add_argument("--trace-dir", help="keep a Chrome trace of each graph-captured path's profiled steps here")
     parser.add_argument("--hot-multiples", default="2", help="hot cache sizes as multiples of the budget")
     parser.add_argument("--transfer", default="auto")
     parser.add_argument("--steps", type=int, default=12)
@@ -323,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args.static_batches = [int(x) for x in args.static_batches.split(",") if x]
     args.modes = [x for x in args.modes.split(",") if x]
     args.hot_multiples = [int(x) for x in args.hot_multiples.split(",") if x]
+    args.eager_too = [True] if args.eager else []
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

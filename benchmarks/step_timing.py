@@ -60,23 +60,36 @@ def bandwidths(device: torch.device) -> dict[str, float]:
     return {"pcie_gbps": round(pcie, 1), "hbm_gbps": round(hbm, 1)}
 
 
-def decode_steps(forward, cache, batch, start, steps, device, cache_keyword) -> list[float]:
-    """Wall ms of each of `steps` decode steps (synchronised before and after each)."""
+class ModelStep:
+    """One decode step of an HF-style forward over a cache (the baselines): the next position each call."""
+
+    def __init__(self, forward, cache, batch: int, start: int, device: torch.device, cache_keyword: str) -> None:
+        self.forward, self.cache, self.keyword = forward, cache, cache_keyword
+        self.tokens = torch.full((batch, 1), 5, device=device)
+        self.position = start
+        self.batch, self.device = batch, device
+
+    def __call__(self) -> None:
+        positions = torch.full((self.batch, 1), self.position, device=self.device)
+        with torch.inference_mode():
+            self.forward(input_ids=self.tokens, position_ids=positions, use_cache=True, **{self.keyword: self.cache})
+        self.position += 1
+
+
+def decode_steps(step, steps: int, device: torch.device) -> list[float]:
+    """Wall ms of each of `steps` calls of `step` (synchronised before and after each)."""
     times = []
-    tokens = torch.full((batch, 1), 5, device=device)
-    for i in range(steps):
-        positions = torch.full((batch, 1), start + i, device=device)
+    for _ in range(steps):
         sync(device)
         began = time.perf_counter()
-        with torch.inference_mode():
-            forward(input_ids=tokens, position_ids=positions, use_cache=True, **{cache_keyword: cache})
+        step()
         sync(device)
         times.append((time.perf_counter() - began) * 1e3)
     return times
 
 
-def host_syncs(forward, cache, batch, start, device, cache_keyword) -> int | None:
-    """Host synchronisations in one decode step (torch's sync debug mode counts them as warnings)."""
+def host_syncs(step, device: torch.device) -> int | None:
+    """Host synchronisations in one step (torch's sync debug mode counts them as warnings)."""
     if device.type != "cuda":
         return None
     import warnings
@@ -85,10 +98,7 @@ def host_syncs(forward, cache, batch, start, device, cache_keyword) -> int | Non
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            tokens = torch.full((batch, 1), 5, device=device)
-            positions = torch.full((batch, 1), start, device=device)
-            with torch.inference_mode():
-                forward(input_ids=tokens, position_ids=positions, use_cache=True, **{cache_keyword: cache})
+            step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
@@ -97,15 +107,15 @@ def host_syncs(forward, cache, batch, start, device, cache_keyword) -> int | Non
     return len(syncs)
 
 
-def gpu_profile(forward, cache, batch, start, steps, device, cache_keyword) -> dict[str, float]:
+def gpu_profile(step, steps: int, device: torch.device, trace_path: str | None = None) -> dict[str, float]:
     """GPU-busy ms, gather ms, hidden share of the gather and kernels per step, from a profiler trace."""
     if device.type != "cuda":
         return {}
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profiler:
-        decode_steps(forward, cache, batch, start, steps, device, cache_keyword)
+        decode_steps(step, steps, device)
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "trace.json")
+        path = trace_path or os.path.join(folder, "trace.json")
         profiler.export_chrome_trace(path)
         with open(path, encoding="utf-8") as handle:
             events = json.load(handle)["traceEvents"]

@@ -20,8 +20,15 @@ import importlib.util
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    causal_mask_function,
+    eager_mask,
+    flash_attention_mask,
+    sdpa_mask,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from omnikv_runtime.cache import take_note
@@ -29,11 +36,39 @@ from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.kernels import decode_attention
 from omnikv_runtime.layout import Role
 
+
+def prefill_sdpa_mask(*args, **kwargs):
+    """transformers' sdpa mask, except that a chunk of a prefill without padding gets none.
+
+    Materialised, a chunk's causal mask is ``[batch, 1, q, kv]`` (512 MB for a 4096-token chunk
+    after 128K tokens) and forces SDPA off its flash kernel. Without it the attention function
+    runs flash with the causal diagonal at the bottom right (:func:`causal_chunk_attention`). One
+    host check of the padding mask per forward (prefill only; decode steps never build masks).
+    """
+    padding = kwargs.get("attention_mask")
+    plain_causal = kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+    if kwargs.get("q_length", 1) > 1 and plain_causal and not kwargs.get("kv_offset", 0):
+        if padding is None or bool(padding.all()):
+            return None
+    return sdpa_mask(*args, **kwargs)
+
+
 BASE_MASK_FUNCTIONS: dict[str, Callable] = {
-    "sdpa": sdpa_mask,
+    "sdpa": prefill_sdpa_mask,
     "eager": eager_mask,
     "flash_attention_2": flash_attention_mask,
 }
+
+
+def causal_chunk_attention(query, key, value, scaling: float) -> tuple[torch.Tensor, None]:
+    """Causal attention of the last ``q`` positions over ``kv >= q`` keys (a prefill chunk after
+    earlier ones): SDPA with the diagonal at the bottom right, GQA without repeating KV heads."""
+    bias = causal_lower_right(query.shape[2], key.shape[2])
+    gqa = query.shape[1] != key.shape[1]
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias, scale=scaling, enable_gqa=gqa
+    )
+    return output.transpose(1, 2).contiguous(), None
 
 
 def eager_attention(
@@ -97,6 +132,9 @@ def make_attention_function(base: str) -> Callable:
     def omnikv_attention(module, query, key, value, attention_mask, **kwargs):
         note = take_note(getattr(module, "layer_idx", -1), key)
         if note is None:
+            if base == "sdpa" and attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+                scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+                return causal_chunk_attention(query, key, value, scaling)
             return base_function(module, query, key, value, attention_mask, **kwargs)
         cache = note.cache
         is_filter = cache.plan.role(note.layer_idx) is Role.FILTER
@@ -109,7 +147,11 @@ def make_attention_function(base: str) -> Callable:
             return output.view(batch, 1, heads, dim), None
         if note.layer_idx == 0:
             cache.record_prompt_mask(valid_columns(attention_mask, key.shape[0], key.shape[2], key.device))
-        output = base_function(module, query, key, value, attention_mask, **kwargs)
+        if base == "sdpa" and attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            output = causal_chunk_attention(query, key, value, scaling)
+        else:
+            output = base_function(module, query, key, value, attention_mask, **kwargs)
         if is_filter:
             cache.remember_queries(note.layer_idx, query)
         return output

@@ -217,6 +217,24 @@ class OmniKVCache(Cache):
             for segment in self.segments:
                 segment.ensure_ring(like.shape[0], self.ring_tokens, like.device)
 
+    def reserve_decode(self, steps: int, like: torch.Tensor) -> None:
+        """Make room for ``steps`` more decode steps now, so that none of them grows a buffer (a
+        captured step replays with the buffers it was recorded with)."""
+        if self.tail_tokens is None and self.decode_steps + steps > self.ring_tokens:
+            self.ring_tokens = self.decode_steps + steps
+            for segment in self.segments:
+                segment.ensure_ring(like.shape[0], self.ring_tokens, like.device)
+        stop = self.get_seq_length() + steps
+        for layer in self.layers:
+            if isinstance(layer, DenseLayerKV):
+                layer.ensure_capacity(like, stop)
+        self._ensure_room(like)
+        for segment in self.segments:
+            if segment.arena is not None:
+                segment.arena.ensure_capacity(stop)
+                if segment.hot is not None:
+                    segment.hot.ensure_tokens(segment.arena.capacity)
+
     def advance_host(self, steps: int) -> None:
         """Move the host-side counts forward by ``steps`` decoded tokens (eager steps do this
         themselves; a CUDA-graph runner calls it for the steps it replayed)."""

@@ -82,12 +82,17 @@ class StopSettings:
             raise ValueError("stop_strings need a tokenizer: pass tokenizer= or initialize the engine with one")
 
 
+def value_is_false(value: Any) -> bool:
+    return isinstance(value, bool) and not value
+
+
 def loop_settings(
     model: torch.nn.Module, tokenizer: Any, kwargs: dict[str, Any]
 ) -> tuple[SamplingSettings, StopSettings] | str:
     """What the loop needs from ``generate`` arguments, or why the loop cannot run them."""
     known = LOOP_ARGUMENTS | set(_PROCESSOR_FIELDS)  # a processor field passed at its neutral value is fine
     unknown = sorted(key for key, value in kwargs.items() if value is not None and key not in known)
+    unknown = [key for key in unknown if not (key.startswith("output_") and value_is_false(kwargs[key]))]
     if unknown:
         return f"arguments the decode loop does not run: {', '.join(unknown)}"
     config = kwargs.get("generation_config") or model.generation_config
@@ -167,6 +172,8 @@ class DecodeLoop:
         self._accepts_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         self._graph: torch.cuda.CUDAGraph | None = None
         self._stream = torch.cuda.Stream() if use_graph else None
+        self._eager_steps = 0
+        self._steps_run = 0
 
     # prefill ----------------------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int | None) -> None:
@@ -188,6 +195,13 @@ class DecodeLoop:
         self._emit(output.logits[:, -1])
         self._synchronize()
         self.times.prefill = time.perf_counter() - started
+
+    def start_after_fill(self, batch: int, device: torch.device, next_token: int = 5) -> None:
+        """Decode from a cache filled without the model (benchmarks): the step's token is
+        ``next_token`` in every row, at the column after the cache's last."""
+        length = self.cache.get_seq_length()
+        self._allocate(batch, device, torch.full((batch, 1), length, dtype=torch.long, device=device), length)
+        self.ids.fill_(next_token)
 
     def _allocate(self, batch: int, device: torch.device, next_positions: torch.Tensor, length: int) -> None:
         """The step's static inputs and outputs."""
@@ -231,7 +245,7 @@ class DecodeLoop:
         while emitted < self.max_new_tokens and not done:
             run = min(self.check_every, self.max_new_tokens - emitted)
             for _ in range(run):
-                self._run_step()
+                self.run_step()
             emitted += run
             done = self._check(emitted)
         self._synchronize()
@@ -239,11 +253,14 @@ class DecodeLoop:
         self.times.decode_steps = emitted - 1
         return self._finish(emitted)
 
-    def _run_step(self) -> None:
+    def run_step(self) -> None:
+        """One decode step: eager, or (after the warm-up steps) a replay of the captured graph."""
+        self._steps_run += 1
         if not self.use_graph:
             self._decode_step()
             return
-        if self._graph is None and self.cache.decode_steps < EAGER_STEPS_BEFORE_CAPTURE:
+        if self._graph is None and self._eager_steps < EAGER_STEPS_BEFORE_CAPTURE:
+            self._eager_steps += 1
             # warm-up steps (real ones) on the stream the capture will use, as torch asks
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
@@ -251,15 +268,16 @@ class DecodeLoop:
             torch.cuda.current_stream().wait_stream(self._stream)
             return
         if self._graph is None:
-            self._capture()
+            self._capture(self.max_new_tokens - self._steps_run)  # this step and the ones after it
         self._graph.replay()
         self.cache.advance_host(1)
         self.cache.selected_log.append(dict(self.cache.selected_log[-1]) if self.cache.selected_log else {})
         self.cache.transfer.stats.add_(self._step_transfer)
 
-    def _capture(self) -> None:
+    def _capture(self, steps_left: int) -> None:
         """Record one decode step in a CUDA graph (the recording itself runs nothing)."""
         started = time.perf_counter()
+        self.cache.reserve_decode(max(steps_left, 1), self.ids)
         torch.cuda.synchronize()
         transfer = self.cache.transfer
         before = transfer.stats.copy()

@@ -37,6 +37,15 @@ def check_supported(model: PreTrainedModel) -> None:
         )
     if not hasattr(model, "generate"):
         raise UnsupportedModelError(f"{type(model).__name__} has no generate(); load it with AutoModelForCausalLM")
+    text_config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(text_config, "layer_types", None) or []
+    sliding = "sliding_attention" in layer_types or (model_type == "mistral" and text_config.sliding_window)
+    if sliding:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses sliding-window attention, which omnikv_runtime does not run (its "
+            "decode step attends to the whole context). Set config.sliding_window = None (exact while the "
+            "context fits the window), or run this model without the runtime."
+        )
 
 
 def _cache_keyword(model: PreTrainedModel) -> str:

@@ -72,9 +72,9 @@ def test_small_budget_keeps_host_tier_off_gpu(cuda_model):
         assert arena.data.device.type == "cpu"
         assert arena.data.is_pinned()
         assert arena.lengths == [300 + 15] * len(arena.lengths)
-    for layer in engine.plan.sparse_layers:
-        assert cache.layers[layer].keys.device.type == "cuda"
-        assert cache.layers[layer].keys.shape[2] == 16 + 15
+    for segment in cache.segments:  # on the GPU: the 16 selected rows and the tail ring, no more
+        assert segment.staging.device.type == "cuda" and segment.staging.shape[:2] == (2, 16)
+        assert segment.ring.device.type == "cuda" and segment.ring.shape[1] >= 15
     assert engine.transfer.name == "triton"  # "auto" on CUDA
     stats = engine.stats()
     assert all(steps == [16] * 15 for steps in stats["selected_per_step"].values())

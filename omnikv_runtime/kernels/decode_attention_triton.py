@@ -43,6 +43,7 @@ def _attend_range(
     BLOCK: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -55,7 +56,7 @@ def _attend_range(
             ok = ok & (tl.load(mask_base + cols, mask=ok, other=0) != 0)
         load_ok = ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + tokens[:, None] * stride_kt + offs_d[None, :], mask=load_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK], base-2 logits
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G_PAD, BLOCK], base-2 logits
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -63,7 +64,7 @@ def _attend_range(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + tokens[:, None] * stride_vt + offs_d[None, :], mask=load_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -121,6 +122,7 @@ def _decode_split_kernel(
     B_LENGTH: tl.constexpr,
     B_MASK: tl.constexpr,
     B_INDEX: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -164,6 +166,7 @@ def _decode_split_kernel(
             BLOCK,
             A_INDEX,
             A_MASK,
+            PRECISION,
         )
     else:
         if HAS_B:
@@ -191,6 +194,7 @@ def _decode_split_kernel(
                 BLOCK,
                 B_INDEX,
                 B_MASK,
+                PRECISION,
             )
     seen = l_i > 0.0
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
@@ -232,6 +236,11 @@ def _decode_reduce_kernel(
     )
     merged = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, merged.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Full float32 products for float32 inputs (Triton would use TF32); half types are exact anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _split_plan(columns: int, rows: int, multiprocessors: int) -> tuple[int, int]:
@@ -314,6 +323,7 @@ def decode_attention_triton(query, sources, scale: float, multiprocessors: int, 
         B_LENGTH=second is not None and second.length is not None,
         B_MASK=second is not None and second.mask is not None,
         B_INDEX=second is not None and second.index is not None,
+        PRECISION=dot_precision(query.dtype),
         num_warps=4,
     )
     if out is None:

@@ -43,6 +43,7 @@ if TRITON_AVAILABLE:
         BLOCK_T: tl.constexpr,
         HAS_LIMIT: tl.constexpr,
         HAS_VALID: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -68,7 +69,7 @@ if TRITON_AVAILABLE:
                 mask=ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            logits = tl.dot(q, tl.trans(k))  # [G_PAD, BLOCK_T]
+            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_T]
             logits = tl.where(g_ok[:, None], logits, float("-inf"))
             best = tl.maximum(best, tl.max(logits, 0))
         best = tl.where(ok, best * scale, float("-inf"))
@@ -124,6 +125,7 @@ def max_head_logits(
         BLOCK_T=BLOCK_T,
         HAS_LIMIT=limit is not None,
         HAS_VALID=valid is not None,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
     return out
