@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine without internet: install the carried wheels (.whl/, pydantic and
 # its dependencies) and the package, then run the named parts, each logging under $OUT:
-#   tests   pytest -m gpu           kernels  benchmarks/kernels.py
+#   tests   pytest -m gpu           kernels  benchmarks/decode_kernels.py
 #   decode  benchmarks/decode.py    e2e      benchmarks/end_to_end.py
 # Extra arguments for a part come from DECODE_ARGS, E2E_ARGS, KERNEL_ARGS, PYTEST_ARGS.
 # Usage: bash benchmarks/gpu_session.sh tests kernels decode e2e
@@ -21,7 +21,7 @@ for part in "$@"; do
   case "$part" in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-tests/test_gpu_decode.py tests/test_gpu.py} \
              > "$OUT/pytest_gpu.log" 2>&1; tail -15 "$OUT/pytest_gpu.log" ;;
-    kernels) python3 benchmarks/kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.json" 2> "$OUT/kernels.err"; tail -12 "$OUT/kernels.err" ;;
+    kernels) python3 benchmarks/decode_kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.json" 2> "$OUT/kernels.err"; tail -12 "$OUT/kernels.err" ;;
     decode) python3 benchmarks/decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" > /dev/null 2> "$OUT/decode.err"
             grep -v "^\[" "$OUT/decode.err" | tail -25 ;;
     e2e) python3 benchmarks/end_to_end.py ${E2E_ARGS:-} > "$OUT/e2e.json" 2> "$OUT/e2e.err"; tail -8 "$OUT/e2e.err" ;;

@@ -226,9 +226,14 @@ class Engine:
             check_every=self.config.generation.check_every,
         )
         loop.prefill(input_ids, attention_mask, self.config.prefill.chunk_size)
-        pageable = [a for a in cache.arenas if a is not None and a.data.device.type == "cpu" and not a.data.is_pinned()]
-        if loop.use_graph and pageable:  # pinning failed: the GPU cannot read the host tier itself
-            logger.info("decode steps run without a CUDA graph: the host tier is in pageable memory (pinning failed)")
+        unsafe = [a for a in cache.arenas if a is not None and not self.transfer.graph_safe(a.data)]
+        if loop.use_graph and unsafe:  # the torch engine over host memory, or pageable memory after a failed pin
+            logger.info(
+                "decode steps run without a CUDA graph: the %s transfer engine cannot move rows of a %s host tier "
+                "without the host",
+                self.transfer.name,
+                "pinned" if unsafe[0].data.is_pinned() else "pageable (pinning failed)",
+            )
             loop.use_graph = loop.times.graph = False
         new_tokens = loop.decode()
         self._last_loop = loop.times

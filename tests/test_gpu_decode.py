@@ -54,10 +54,10 @@ def _prompt(batch: int, length: int, pad: int, seed: int = 1) -> tuple[torch.Ten
     return ids.cuda(), mask.cuda()
 
 
-def _config(offload: str, budget, **sections) -> dict:
+def _config(host_tier: str, budget, **sections) -> dict:
     config = {
         "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": budget},
-        "offload": {"device": offload},
+        "offload": {"device": host_tier},
         "prefill": {"chunk_size": 128},
     }
     for name, values in sections.items():

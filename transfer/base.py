@@ -117,6 +117,11 @@ class TransferEngine(ABC):
     def wait(self, arena: torch.Tensor, slot: int) -> None:
         """Make the compute stream wait until the rows gathered from ``arena`` for layer ``slot`` have landed."""
 
+    def graph_safe(self, arena: torch.Tensor) -> bool:
+        """Whether this engine's decode-step work on ``arena`` can be captured in a CUDA graph (no
+        value needs to reach the host)."""
+        return arena.device == self.compute_device
+
     def synchronize(self) -> None:
         """Block the host until every transfer queued so far has finished (before the host touches the arena).
 

@@ -53,6 +53,10 @@ class TritonTransferEngine(TorchTransferEngine):
         values.record_stream(self.stream)
         self.stats.bytes_written += 2 * keys.numel() * keys.element_size()
 
+    def graph_safe(self, arena: torch.Tensor) -> bool:
+        """The GPU reads pinned host memory and device memory itself; pageable memory it cannot."""
+        return arena.is_cuda or arena.is_pinned()
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 

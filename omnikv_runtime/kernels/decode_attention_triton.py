@@ -17,9 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # columns per inner step
+# launch shape (benchmarks/decode_kernels.py --sweep measures alternatives on the card at hand)
+TUNING = {
+    "block": 64,  # columns per inner step (half of it for float32: shared memory)
+    "programs_per_sm": 4,  # split programs per multiprocessor the grid aims at
+    "num_warps": 4,
+    "num_stages": 2,
+}
 MIN_SPLIT_COLUMNS = 256  # fewer columns per program than this costs more in merging than it gains
-PROGRAMS_PER_SM = 4
 LOG2E = 1.4426950408889634
 
 
@@ -243,13 +248,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _split_plan(columns: int, rows: int, multiprocessors: int) -> tuple[int, int]:
+def _split_plan(columns: int, rows: int, multiprocessors: int, block: int) -> tuple[int, int]:
     """(splits, columns per split) for one source: enough programs to fill the GPU, none too small."""
     if columns == 0:
-        return 1, BLOCK_N
-    wanted = max(1, math.ceil(PROGRAMS_PER_SM * multiprocessors / rows))
+        return 1, block
+    wanted = max(1, math.ceil(TUNING["programs_per_sm"] * multiprocessors / rows))
     splits = max(1, min(wanted, math.ceil(columns / MIN_SPLIT_COLUMNS)))
-    chunk = math.ceil(math.ceil(columns / splits) / BLOCK_N) * BLOCK_N
+    chunk = math.ceil(math.ceil(columns / splits) / block) * block
     return math.ceil(columns / chunk), chunk
 
 
@@ -288,9 +293,10 @@ def decode_attention_triton(query, sources, scale: float, multiprocessors: int, 
         query = query.contiguous()
     group = q_heads // kv_heads
     rows = batch * kv_heads
-    splits_a, chunk_a = _split_plan(first.columns, rows, multiprocessors)
+    block = TUNING["block"] if query.element_size() <= 2 else TUNING["block"] // 2
+    splits_a, chunk_a = _split_plan(first.columns, rows, multiprocessors, block)
     second = sources[1] if len(sources) > 1 else None
-    splits_b, chunk_b = _split_plan(second.columns, rows, multiprocessors) if second is not None else (0, BLOCK_N)
+    splits_b, chunk_b = _split_plan(second.columns, rows, multiprocessors, block) if second is not None else (0, block)
     splits = splits_a + splits_b
     part_out = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=query.device)
@@ -315,7 +321,7 @@ def decode_attention_triton(query, sources, scale: float, multiprocessors: int, 
         GROUP=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK=BLOCK_N,
+        BLOCK=block,
         A_LENGTH=first.length is not None,
         A_MASK=first.mask is not None,
         A_INDEX=first.index is not None,
@@ -324,7 +330,8 @@ def decode_attention_triton(query, sources, scale: float, multiprocessors: int, 
         B_MASK=second is not None and second.mask is not None,
         B_INDEX=second is not None and second.index is not None,
         PRECISION=dot_precision(query.dtype),
-        num_warps=4,
+        num_warps=TUNING["num_warps"],
+        num_stages=TUNING["num_stages"],
     )
     if out is None:
         out = torch.empty(batch, q_heads, head_dim, dtype=query.dtype, device=query.device)

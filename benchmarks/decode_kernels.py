@@ -11,12 +11,13 @@ One Llama-3-8B layer's geometry (32 query heads, 8 KV heads, head dim 128, bf16)
 GB/s counts the bytes each must read once (KV rows; for the gather, the bytes moved). Times are
 medians of CUDA-event timings (``triton.testing.do_bench``).
 
-    python benchmarks/kernels.py --contexts 32768,131072 --batches 1,4
+    python benchmarks/decode_kernels.py --contexts 32768,131072 --batches 1,4
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -25,6 +26,7 @@ import torch
 import triton
 
 from omnikv_runtime.kernels import KVSource, decode_attention, max_head_logits
+from omnikv_runtime.kernels.decode_attention_triton import TUNING
 from omnikv_runtime.kernels.head_scores import max_head_logits_torch
 from omnikv_runtime.transfer.triton_gather import gather_rows
 
@@ -35,11 +37,33 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def sweep(query, sources, kv_bytes: int, context: int, batch: int) -> list[dict]:
+    """The dense-layer attention under each launch shape (restores the defaults afterwards)."""
+    defaults = dict(TUNING)
+    rows = []
+    shapes = itertools.product([64, 128], [2, 4, 8], [4, 8], [2, 3, 4])
+    for block, per_sm, warps, stages in shapes:
+        TUNING.update(block=block, programs_per_sm=per_sm, num_warps=warps, num_stages=stages)
+        try:
+            ms = bench(lambda: decode_attention(query, sources, 0.088))
+        except Exception as exc:  # a shape that does not fit the card's shared memory
+            rows.append({"context": context, "batch": batch, "kernel": "sweep", **TUNING, "error": str(exc)[:80]})
+            continue
+        row = {"context": context, "batch": batch, "kernel": "sweep", **TUNING, "ms": round(ms, 4)}
+        rows.append({**row, "gbps": round(kv_bytes / ms / 1e6, 1)})
+    TUNING.clear()
+    TUNING.update(defaults)
+    best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+    print("best launch shape:", json.dumps(best), file=sys.stderr)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--selected", type=int, default=2048)
+    parser.add_argument("--sweep", action="store_true", help="also time the attention kernel's launch shapes")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     dtype = torch.bfloat16
@@ -55,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             kv_bytes = 2 * batch * KV_HEADS * context * DIM * 2
             dense = [KVSource(keys.transpose(1, 2), values.transpose(1, 2), length=length, mask=valid)]
             ms = bench(lambda: decode_attention(query, dense, 0.088))  # noqa: B023
+            if args.sweep:
+                rows.extend(sweep(query, dense, kv_bytes, context, batch))
             q4 = query[:, :, None]
             k4, v4 = keys[:, :, :context], values[:, :, :context]
             sdpa = bench(
@@ -128,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/decode_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": rows,
     }
     print(json.dumps(result, indent=1))
