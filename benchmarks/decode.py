@@ -258,7 +258,9 @@ class Bench:
                         )
                         loop.start_after_fill(batch, self.device)
                         label = f"{row['path']}_{context}_{batch}_{budget}"
-                        row.update(self.measure(loop.run_step, label, trace=not eager))
+                        first_cell = (context, batch) == (self.args.contexts[0], self.args.batches[0])
+                        trace = first_cell and not eager and row["path"] in self.args.trace_paths
+                        row.update(self.measure(loop.run_step, label, trace=trace))
                         row["capture_ms"] = round(loop.times.capture * 1e3, 1)
                         steps = self.steps_per_row()
                         fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         help="our paths: dense (OmniKV off: the runtime's own dense step), gpu (offload none), offload",
     )
     parser.add_argument("--eager", action="store_true", help="also time each of our paths without a CUDA graph")
-    parser.add_argument("--trace-dir", help="keep a Chrome trace of each graph-captured path's profiled steps here")
+    parser.add_argument("--trace-dir", help="keep Chrome traces of the profiled steps of the first cell here")
+    parser.add_argument("--trace-paths", default="omnikv_gpu,omnikv_offload", help="paths whose trace is kept")
     parser.add_argument("--hot-multiples", default="2", help="hot cache sizes as multiples of the budget")
     parser.add_argument("--transfer", default="auto")
     parser.add_argument("--steps", type=int, default=12)
@@ -375,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args.modes = [x for x in args.modes.split(",") if x]
     args.hot_multiples = [int(x) for x in args.hot_multiples.split(",") if x]
     args.eager_too = [True] if args.eager else []
+    args.trace_paths = args.trace_paths.split(",")
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

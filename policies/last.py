@@ -24,6 +24,8 @@ class LastQueryPolicy(SelectionPolicy):
         super().__init__(window_size=1)
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
-        # fused on CUDA: the reduction over heads never materialises [batch, heads, tokens]
+        # fused on CUDA: the reduction over heads never materialises [batch, heads, tokens], and
+        # hidden columns (padding, the future) come out at -inf
         limit = ctx.query_positions[-1:].to(ctx.keys.device) + 1  # causality: columns up to the query's own
-        return max_head_logits(ctx.queries[:, :, -1], ctx.keys.transpose(1, 2), ctx.scaling, limit=limit)
+        keys = ctx.keys.transpose(1, 2)
+        return max_head_logits(ctx.queries[:, :, -1], keys, ctx.scaling, limit=limit, valid=ctx.valid)
