@@ -35,11 +35,12 @@ def tiny_llama():
 
 @pytest.fixture
 def attention_spy():
-    """``attention_spy(hook=None) -> calls``: spy on the registered "omnikv" attention for the test's duration."""
+    """``attention_spy(hook=None, after=None) -> calls``: spy on the registered "omnikv" attention for the
+    test's duration (see ``okv_testlib.spy_attention``)."""
     stack = []
 
-    def install(hook=None, name: str = "omnikv"):
-        context = spy_attention(name, hook)
+    def install(hook=None, name: str = "omnikv", after=None):
+        context = spy_attention(name, hook, after)
         calls = context.__enter__()
         stack.append(context)
         return calls

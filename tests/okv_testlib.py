@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.modeling_utils import AttentionInterface
 
+from omnikv_runtime.cache import _NOTES
 from omnikv_runtime.layout import Role
 
 VOCAB = 256
@@ -156,25 +157,78 @@ def arena_rows_at(cache, layer: int, indices: torch.Tensor) -> tuple[torch.Tenso
 @dataclass(frozen=True)
 class AttentionCall:
     layer: int
-    keys: int  # key.shape[2]
+    keys: int  # key.shape[2] (what the cache's update returned)
     queries: int  # query.shape[2]
+    attended: int  # columns the call attends to: key.shape[2], or in a decode step the spans of its KV sources
+
+
+def current_note(layer: int, keys: torch.Tensor):
+    """The attention note that ``cache.update`` left for this call, without taking it (None: no OmniKV cache)."""
+    note = getattr(_NOTES, "note", None)
+    if note is None or note.layer_idx != layer or note.keys is not keys:
+        return None
+    return note
+
+
+def source_span(source) -> int:
+    """Columns a decode KV source offers before its padding mask: its rows, or the first ``length`` of them."""
+    columns = source.index.shape[1] if source.index is not None else source.keys.shape[1]
+    return columns if source.length is None else min(columns, int(source.length))
+
+
+def source_kv(source) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode KV source's first ``source_span`` columns: head-major ``[batch, kv_heads, n, head_dim]`` keys
+    and values (copies) and the ``[batch, n]`` bool mask of the columns that count."""
+    n = source_span(source)
+    keys, values = source.keys, source.values  # [batch, tokens, kv_heads, head_dim] views
+    if source.index is not None:
+        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
+        keys, values = keys[rows, source.index[:, :n]], values[rows, source.index[:, :n]]
+    keys, values = keys[:, :n].transpose(1, 2).clone(), values[:, :n].transpose(1, 2).clone()
+    mask = torch.ones(keys.shape[0], n, dtype=torch.bool, device=keys.device)
+    if source.mask is not None:
+        mask = mask & source.mask[:, :n].bool()
+    return keys, values, mask
+
+
+def reference_attention(query, keys, values, mask, scaling: float) -> torch.Tensor:
+    """Float64 softmax attention of ``query`` ``[batch, q_heads, 1, dim]`` over head-major ``keys``/``values``
+    (KV head ``h // group`` serves query head ``h``) where ``mask`` ``[batch, n]`` is True.
+
+    Returns ``[batch, 1, q_heads, dim]``, the layout attention functions return."""
+    group = query.shape[1] // keys.shape[1]
+    keys = keys.double().repeat_interleave(group, dim=1)
+    values = values.double().repeat_interleave(group, dim=1)
+    logits = (query.double() @ keys.transpose(2, 3)) * scaling
+    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return (torch.softmax(logits, dim=-1) @ values).transpose(1, 2)
 
 
 @contextmanager
-def spy_attention(name: str = "omnikv", hook=None):
+def spy_attention(name: str = "omnikv", hook=None, after=None):
     """Wrap the registered attention function `name`; yields the list of AttentionCall it records.
 
-    `hook(module, query, key, value, attention_mask)` runs before the wrapped function. The original
-    function is registered again on exit. Install it after ``okv.initialize`` (which registers).
+    `hook(module, query, key, value, attention_mask)` runs before the wrapped function (the cache's
+    attention note is still in place then: see :func:`current_note`), `after(module, query, output)`
+    after it. The original function is registered again on exit. Install it after ``okv.initialize``
+    (which registers).
     """
     original = AttentionInterface._global_mapping[name]
     calls: list[AttentionCall] = []
 
     def spy(module, query, key, value, attention_mask, *args, **kwargs):
-        calls.append(AttentionCall(module.layer_idx, key.shape[2], query.shape[2]))
+        note = current_note(module.layer_idx, key)
+        if note is not None and note.sources is not None:
+            attended = sum(source_span(source) for source in note.sources)
+        else:
+            attended = key.shape[2]
+        calls.append(AttentionCall(module.layer_idx, key.shape[2], query.shape[2], attended))
         if hook is not None:
             hook(module, query, key, value, attention_mask)
-        return original(module, query, key, value, attention_mask, *args, **kwargs)
+        result = original(module, query, key, value, attention_mask, *args, **kwargs)
+        if after is not None:
+            after(module, query, result[0])
+        return result
 
     AttentionInterface.register(name, spy)
     try:

@@ -12,6 +12,7 @@ from okv_testlib import (
     make_model,
     make_prompt,
     omni,
+    source_span,
     split_forwards,
 )
 
@@ -38,9 +39,15 @@ def test_seq_length_counts_every_token_while_sparse_layers_return_fewer(attentio
             total = PROMPT_LEN + step
             assert cache.get_seq_length() == total
             assert [cache.get_seq_length(layer) for layer in range(NUM_LAYERS)] == [total] * NUM_LAYERS
-            returned = {c.layer: c.keys for c in split_forwards(calls)[-1]}
-            assert [returned[layer] for layer in SPARSE_LAYERS] == [BUDGET + step] * len(SPARSE_LAYERS)
-            assert all(cache.layers[layer].keys.shape[2] == BUDGET + step for layer in SPARSE_LAYERS)
+            forward = {c.layer: c for c in split_forwards(calls)[-1]}
+            # update hands a sparse layer's attention its selected rows; the tail of `step` tokens comes beside them
+            assert [forward[layer].keys for layer in SPARSE_LAYERS] == [BUDGET] * len(SPARSE_LAYERS)
+            assert [forward[layer].attended for layer in SPARSE_LAYERS] == [BUDGET + step] * len(SPARSE_LAYERS)
+            assert cache.decode_steps == int(cache.counters.tail_count) == step
+            for layer in SPARSE_LAYERS:
+                sparse = cache.layers[layer]
+                sources = cache.segments[sparse.segment].sources(sparse.slot, cache.counters)
+                assert [source_span(source) for source in sources] == [BUDGET, step]
             assert cache.get_mask_sizes(1, 0)[0] == total + 1
     assert len(cache.selected_log) == 3
 

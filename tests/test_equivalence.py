@@ -11,6 +11,7 @@ import torch
 from okv_testlib import (
     NEW_TOKENS,
     PAD,
+    PAD_TOKENS,
     PLAN,
     PROMPT_LEN,
     capture_caches,
@@ -19,6 +20,7 @@ from okv_testlib import (
     make_model,
     make_prompt,
     omni,
+    source_span,
 )
 
 import omnikv_runtime as okv
@@ -112,7 +114,13 @@ def test_full_selector_with_small_budget_equals_dense(family):
     assert torch.equal(out, dense_reference(family, 2))
     _assert_ran_omnikv(engine, 2, selected=PROMPT_LEN)  # the budget of 8 is ignored by `full`
     (cache,) = caches
-    assert isinstance(cache.layers[3], SparseLayerKV) and cache.layers[3].keys.shape[2] == PROMPT_LEN + NEW_TOKENS - 1
+    sparse = cache.layers[3]
+    assert isinstance(sparse, SparseLayerKV)
+    segment = cache.segments[sparse.segment]
+    # the last step attended to every prompt token (selected) and every generated one (the tail)
+    assert [source_span(s) for s in segment.sources(sparse.slot, cache.counters)] == [PROMPT_LEN, NEW_TOKENS - 1]
+    # `full` selects the padding too; it is masked out: row 1's 7 pad columns do not count
+    assert segment.selection_valid.sum(-1).tolist() == [PROMPT_LEN, PROMPT_LEN - PAD_TOKENS]
 
 
 def test_small_budget_really_changes_the_output():

@@ -66,15 +66,9 @@ def _run(policy, slots: int, k: int = 9, steps: int = 12):
     for indices in _selections(steps, k):
         before = [_cached(hot, b) for b in range(BATCH)]
         hits_before = int(hot.hits)
-        outputs = [
-            (torch.full((BATCH, HEADS, k, DIM), float("nan")), torch.full((BATCH, HEADS, k, DIM), float("nan")))
-            for _ in range(LAYERS)
-        ]
-        _ARENA.gather(indices, outputs, hot)
-        for slot, (keys, values) in enumerate(outputs):
-            expected = _ARENA.data[torch.arange(BATCH)[:, None], indices, slot]  # [batch, k, 2, heads, dim]
-            assert torch.equal(keys, expected[:, :, 0].transpose(1, 2))
-            assert torch.equal(values, expected[:, :, 1].transpose(1, 2))
+        staging = torch.full((BATCH, k, *_ARENA.row_shape), float("nan"))  # [batch, k, layers, 2, heads, dim]
+        _ARENA.gather(indices, staging, hot)
+        assert torch.equal(staging, _ARENA.data[torch.arange(BATCH)[:, None], indices])
         expected_hits = sum(len(before[b] & set(indices[b].tolist())) for b in range(BATCH))
         assert int(hot.hits) - hits_before == expected_hits
         _check_consistent(hot)
@@ -132,11 +126,15 @@ def test_no_eviction_fills_once_and_then_never_changes():
 def test_a_repeated_selection_is_all_hits():
     hot = HotCache(LRUEviction(), BATCH, 8, _ARENA.row_shape, torch.float32, CPU, TOKENS)
     indices = torch.tensor([[1, 5, 9, 30], [0, 2, 3, 39]])
-    outputs = [(torch.empty(BATCH, HEADS, 4, DIM), torch.empty(BATCH, HEADS, 4, DIM)) for _ in range(LAYERS)]
-    _ARENA.gather(indices, outputs, hot)
+    expected = _ARENA.data[torch.arange(BATCH)[:, None], indices]
+    staging = torch.full((BATCH, 4, *_ARENA.row_shape), float("nan"))
+    _ARENA.gather(indices, staging, hot)
+    assert torch.equal(staging, expected)
     row_bytes = LAYERS * 2 * HEADS * DIM * 4
     assert hot.counters() == {"hot_hits": 0, "hot_misses": 8, "hot_bytes_saved": 0, "hot_bytes_fetched": 8 * row_bytes}
-    _ARENA.gather(indices, outputs, hot)
+    staging.fill_(float("nan"))
+    _ARENA.gather(indices, staging, hot)
+    assert torch.equal(staging, expected)  # every row now read from the hot cache
     assert hot.counters()["hot_hits"] == 8
     assert hot.counters()["hot_bytes_saved"] == 8 * LAYERS * 2 * HEADS * DIM * 4
 

@@ -11,7 +11,7 @@ from omnikv_runtime.cli import main
 from omnikv_runtime.planner import KNOWN_GEOMETRIES, ModelGeometry, parse_bytes, plan_memory, working_rows
 from omnikv_runtime.planner_fit import dense_twin, describe_shortfall, fits, longest_context
 
-TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_working_allocated", "gpu_hot", "host", "host_allocated")
+TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host", "host_allocated")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

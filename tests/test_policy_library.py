@@ -111,12 +111,22 @@ def test_lossy_state_resets_for_each_request(name):
     assert engine.stats()["dropped_tokens"] == {"1": PROMPT_LEN - BUDGET, "4": PROMPT_LEN - BUDGET}
 
 
-def synthetic(keys: torch.Tensor, queries: torch.Tensor, budget: int, valid: torch.Tensor | None = None, layer=0):
-    """A decode-step context: queries at the positions right after the context, the last one current."""
+def synthetic(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    budget: int,
+    valid: torch.Tensor | None = None,
+    layer=0,
+    state: dict | None = None,
+):
+    """A decode-step context: queries at the positions right after the context, the last one current.
+
+    ``state`` is the filter layer's per-request policy state (what the cache owns); None: a fresh one."""
     length, window = keys.shape[2], queries.shape[2]
     valid = torch.ones(keys.shape[0], length, dtype=torch.bool) if valid is None else valid
     positions = torch.arange(length - window + 1, length + 1)
-    return SelectionContext(queries, positions, keys, valid, budget, keys.shape[-1] ** -0.5, layer=layer)
+    state = {} if state is None else state
+    return SelectionContext(queries, positions, keys, valid, budget, keys.shape[-1] ** -0.5, layer=layer, state=state)
 
 
 def planted(length: int = 64, dim: int = 16, window: int = 1, spots=(20,), strength: float = 6.0, seed: int = 0):
@@ -137,24 +147,27 @@ def test_streaming_llm_keeps_sinks_and_the_latest_tokens_per_row():
     valid = torch.ones(2, 30, dtype=torch.bool)
     valid[1, :5] = False
     policy = make_selection_policy({"type": "streaming_llm", "sink_tokens": 2})
-    indices = policy.select(synthetic(keys, queries.expand(2, -1, -1, -1), 6, valid))
+    state: dict = {}
+    indices = policy.select(synthetic(keys, queries.expand(2, -1, -1, -1), 6, valid, state=state))
     assert indices.tolist() == [[0, 1, 26, 27, 28, 29], [5, 6, 26, 27, 28, 29]]
-    assert policy.dropped_tokens() == {0: 24}  # row 0: 30 - 6; row 1: 25 - 6
+    assert policy.dropped_tokens({0: state}) == {0: 24}  # row 0: 30 - 6; row 1: 25 - 6
 
 
 def test_h2o_keeps_the_heavy_hitter_and_recent_tokens_and_accumulates():
     keys, queries = planted(length=64, window=8, spots=(9,))
     policy = make_selection_policy({"type": "h2o", "window_size": 8, "recent_ratio": 0.5})
-    first = policy.select(synthetic(keys, queries, 8))[0].tolist()
+    state: dict = {}  # one request's state for this filter layer, carried from step to step
+    first = policy.select(synthetic(keys, queries, 8, state=state))[0].tolist()
     assert 9 in first and first[-4:] == [60, 61, 62, 63]
-    assert policy.dropped_tokens() == {0: 56}
+    assert policy.dropped_tokens({0: state}) == {0: 56}
     # a later step whose query looks elsewhere cannot bring a dropped token back
     keys2, queries2 = planted(length=64, window=8, spots=(30,), seed=1)
-    second = policy.select(synthetic(keys, queries2, 8))[0].tolist()
+    second = policy.select(synthetic(keys, queries2, 8, state=state))[0].tolist()
     assert second == first and 30 not in second
-    # the same step on a fresh request picks the new heavy hitter
-    policy.reset()
-    assert 30 in policy.select(synthetic(keys2, queries2, 8))[0].tolist()
+    # the same step on a fresh request (a fresh state) picks the new heavy hitter
+    assert 30 in policy.select(synthetic(keys2, queries2, 8, state={}))[0].tolist()
+    # and the first request's state is untouched by it
+    assert policy.select(synthetic(keys, queries2, 8, state=state))[0].tolist() == first
 
 
 def test_snapkv_pools_neighbours_and_keeps_the_observation_window():
@@ -181,25 +194,35 @@ def test_quest_takes_the_page_whose_bound_is_highest_and_the_bound_is_an_upper_b
 def test_infllm_retrieves_the_block_of_matching_representatives_beside_sinks_and_local_tokens():
     keys, queries = planted(length=96, spots=range(40, 48))
     policy = make_selection_policy({"type": "infllm", "block_size": 8, "init_tokens": 2, "local_ratio": 0.25})
-    chosen = policy.select(synthetic(keys, queries, 16))[0].tolist()
+    state: dict = {}
+    chosen = policy.select(synthetic(keys, queries, 16, state=state))[0].tolist()
     assert {0, 1, 92, 93, 94, 95} <= set(chosen)  # 2 initial tokens, 16 * 0.25 local ones
     assert set(range(40, 48)) <= set(chosen)  # the matching block, whole
-    assert len(chosen) == 16 and policy.lossless and policy.dropped_tokens() == {}
+    assert len(chosen) == 16 and policy.lossless and policy.dropped_tokens({0: state}) == {}
 
 
 def test_lossy_state_follows_the_context():
-    """Per filter layer; a shrinking context or another batch size starts afresh; growth adds live tokens."""
+    """Per filter layer (each its own state); a shrinking context or another batch size starts afresh; growth
+    adds live tokens."""
     policy = make_selection_policy({"type": "streaming_llm", "sink_tokens": 1})
+    states: dict[int, dict] = {3: {}, 7: {}}
     keys, queries = planted(length=20, spots=())
-    policy.select(synthetic(keys, queries, 4, layer=3))
-    policy.select(synthetic(keys, queries, 4, layer=7))
-    assert policy.dropped_tokens() == {3: 16, 7: 16}
+    policy.select(synthetic(keys, queries, 4, layer=3, state=states[3]))
+    policy.select(synthetic(keys, queries, 4, layer=7, state=states[7]))
+    assert policy.dropped_tokens(states) == {3: 16, 7: 16}
+    assert policy.dropped_tokens({3: states[3], 9: {}}) == {3: 16}  # a layer that never selected dropped nothing
     grown_keys, grown_queries = planted(length=30, spots=())
-    assert policy.select(synthetic(grown_keys, grown_queries, 4, layer=3))[0].tolist() == [0, 27, 28, 29]
-    assert policy.dropped_tokens()[3] == 26
+    grown = policy.select(synthetic(grown_keys, grown_queries, 4, layer=3, state=states[3]))
+    assert grown[0].tolist() == [0, 27, 28, 29]
+    assert policy.dropped_tokens(states) == {3: 26, 7: 16}
     small_keys, small_queries = planted(length=10, spots=())
-    assert policy.select(synthetic(small_keys, small_queries, 4, layer=3))[0].tolist() == [0, 7, 8, 9]
-    assert policy.dropped_tokens()[3] == 6
+    small = policy.select(synthetic(small_keys, small_queries, 4, layer=3, state=states[3]))
+    assert small[0].tolist() == [0, 7, 8, 9]
+    assert policy.dropped_tokens(states) == {3: 6, 7: 16}
+    # another batch size starts afresh too: tokens 5 and 6, dropped above, are alive again
+    wide_keys, wide_queries = small_keys.expand(2, -1, -1, -1), small_queries.expand(2, -1, -1, -1)
+    wide = policy.select(synthetic(wide_keys, wide_queries, 6, layer=3, state=states[3]))
+    assert wide.tolist() == [[0, 5, 6, 7, 8, 9]] * 2 and policy.dropped_tokens(states) == {3: 4, 7: 16}
 
 
 # registry ------------------------------------------------------------------------------------------------

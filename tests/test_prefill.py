@@ -3,7 +3,9 @@
 Bit-for-bit equality is not attainable between chunked and unchunked prefill: HF's own dense cache
 differs between them (attention over a chunk reduces in another order; ~1e-7 at layer 1, growing to
 ~1.2e-5 in the KV of these models' deeper layers and decode steps), so:
-- OmniKV with chunks of 7 is compared bit-for-bit with HF dense generate with chunks of 7;
+- OmniKV with chunks of 7 is compared with HF dense generate with chunks of 7: tokens and the prompt's KV
+  bit-for-bit, the generated tokens' KV to rtol = atol = 1e-4 (decode steps attend with the runtime's
+  own kernel, which rounds differently from sdpa);
 - OmniKV chunked vs unchunked must agree on every generated token, the selections, the bookkeeping,
   and the stored KV to rtol = atol = 1e-4.
 """
@@ -87,7 +89,11 @@ def test_chunked_prefill_kv_equals_dense_chunked_prefill_exactly(prompt_len):
     assert torch.equal(out, sequences)
     for layer in range(NUM_LAYERS):
         keys, values = _stored_kv(engine, cache, layer)
-        assert torch.equal(keys, dense.layers[layer].keys), layer
-        assert torch.equal(values, dense.layers[layer].values), layer
+        for got, expected in ((keys, dense.layers[layer].keys), (values, dense.layers[layer].values)):
+            assert got.shape == expected.shape, layer
+            # the chunked prefill's KV bit for bit; decode steps attend with the runtime's own kernel
+            # (decode_attention), not the base sdpa call, so the generated tokens' KV differs by rounding
+            assert torch.equal(got[:, :, :prompt_len], expected[:, :, :prompt_len]), layer
+            torch.testing.assert_close(got[:, :, prompt_len:], expected[:, :, prompt_len:], rtol=1e-4, atol=1e-4)
     # every sparse layer's arena also holds the padded row's prompt exactly as dense does
     assert all(cache.arenas[engine.plan.segment_of[layer]] is not None for layer in SPARSE_LAYERS)

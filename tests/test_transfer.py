@@ -40,27 +40,40 @@ def test_gather_fetches_exactly_the_source_rows(dtype):
     k = 6
     indices = torch.stack([torch.randperm(30, generator=g)[:k].sort().values for _ in range(BATCH)])
     assert not torch.equal(indices[0], indices[1])
-    # outputs are views into larger working buffers, like the sparse layers' selected rows
-    buffers = [
-        (
-            torch.full((BATCH, HEADS, 16, DIM), float("nan"), dtype=dtype),
-            torch.full((BATCH, HEADS, 16, DIM), 1e30, dtype=dtype),
-        )
-        for _ in range(LAYERS)
-    ]
-    outputs = [(keys[:, :, :k], values[:, :, :k]) for keys, values in buffers]
-    arena.gather(indices, outputs)
+    # the packed staging buffer [batch, k, layers, 2, heads, dim] is a view into a larger one (strided batch rows),
+    # keys poisoned with NaN, values with 1e30
+    buffer = torch.empty((BATCH, 16, LAYERS, 2, HEADS, DIM), dtype=dtype)
+    buffer[:, :, :, 0] = float("nan")
+    buffer[:, :, :, 1] = 1e30
+    staging = buffer[:, :k]
+    assert not staging.is_contiguous()
+    arena.gather(indices, staging)
 
-    for slot, (keys, values) in enumerate(buffers):
+    for slot in range(LAYERS):
         for b in range(BATCH):
             for j in range(k):
                 row = arena.data[b, indices[b, j], slot]  # [2, heads, dim]
-                assert torch.equal(keys[b, :, j], row[0])
-                assert torch.equal(values[b, :, j], row[1])
-        assert torch.isnan(keys[:, :, k:]).all()  # nothing written past the k requested rows
-        assert (values[:, :, k:] == 1e30).all()
+                assert torch.equal(staging[b, j, slot, 0], row[0])
+                assert torch.equal(staging[b, j, slot, 1], row[1])
+    assert torch.isnan(buffer[:, k:, :, 0]).all()  # nothing written past the k requested rows
+    assert (buffer[:, k:, :, 1] == 1e30).all()
     assert engine.stats.gathers == 1
     assert engine.stats.bytes_fetched == BATCH * k * LAYERS * 2 * HEADS * DIM * arena.data.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_row_copies_one_ring_slot_to_one_arena_column(dtype):
+    """Decode write-back: ``arena[:, position] = ring[:, slot]`` (packed rows), indices as int64 [1] tensors."""
+    engine = cpu_engine()
+    arena = poisoned_arena(engine, capacity=12, dtype=dtype)
+    ring = torch.randn((BATCH, 5, LAYERS, 2, HEADS, DIM), generator=torch.Generator().manual_seed(4)).to(dtype)
+    engine.write_row(arena.data, torch.tensor([7]), ring, torch.tensor([3]))
+    assert torch.equal(arena.data[:, 7], ring[:, 3])
+    assert torch.isnan(arena.data[:, :7]).all() and torch.isnan(arena.data[:, 8:]).all()
+    engine.write_row(arena.data, torch.tensor([0]), ring, torch.tensor([4]))
+    assert torch.equal(arena.data[:, 0], ring[:, 4]) and torch.equal(arena.data[:, 7], ring[:, 3])
+    assert torch.isnan(arena.data[:, 1:7]).all() and torch.isnan(arena.data[:, 8:]).all()
+    assert engine.stats.bytes_written == 2 * BATCH * LAYERS * 2 * HEADS * DIM * arena.data.element_size()
 
 
 def test_write_rows_then_read_rows_round_trip():

@@ -1,4 +1,4 @@
-"""The Triton gather kernel under TRITON_INTERPRET=1, on CPU tensors (the GPU run is in test_gpu.py).
+"""The Triton gather and write-back kernels under TRITON_INTERPRET=1, on CPU tensors (the GPU run is in test_gpu.py).
 
 The interpreter must be chosen before triton is imported, so the checks run in a child process.
 """
@@ -51,6 +51,44 @@ assert torch.equal(arena[:, 4:9, 1, 0], keys.transpose(1, 2))
 assert torch.equal(arena[:, 4:9, 1, 1], values.transpose(1, 2))
 assert torch.isnan(arena[:, :4]).all() and torch.isnan(arena[:, 9:]).all()
 assert torch.isnan(arena[:, 4:9, [0, 2]]).all()
+# one layer's slice of the packed rows, as the engine gathers per layer: source arena[:, :, j] (token stride =
+# every layer's row), output staging[:, :, j] of a packed staging buffer; the other layers stay poisoned
+arena = torch.randn(2, 30, 3, 2, 2, 8).to(torch.bfloat16)
+indices = torch.stack([torch.randperm(30)[:6] for _ in range(2)])
+staging = torch.full((2, 6, 3, 2, 2, 8), float("nan"), dtype=torch.bfloat16)
+gather_rows(arena[:, :, 1], indices, staging[:, :, 1], num_programs=3)
+rows = arena[torch.arange(2)[:, None], indices]  # [batch, k, layers, 2, heads, dim]
+assert torch.equal(staging[:, :, 1], rows[:, :, 1])
+assert torch.isnan(staging[:, :, [0, 2]].float()).all()
+# every layer in turn, through a hot cache's layer slices (the engine's loop): the same rows, the same hot slots
+staging = torch.full((2, 5, 3, 2, 2, 8), float("nan"), dtype=torch.bfloat16)
+hot_layers = hot.clone()
+for j in range(3):
+    layer_hot = hot_layers[:, :, j]
+    gather_rows(source[:, :, j], host_rows, staging[:, :, j], num_programs=2, hot=layer_hot, hot_slots=hot_slots)
+assert torch.equal(staging, expected)
+assert torch.equal(hot_layers[:, :4], expected_hot[:, :4])
+# decode write-back: target[b, target_index] = source[b, source_index], indices int64 [1] tensors; nothing else written
+from omnikv_runtime.transfer.triton_gather import copy_row
+
+ring = torch.randn(2, 4, 3, 2, 2, 8)
+target = torch.full((2, 12, 3, 2, 2, 8), float("nan"))
+copy_row(target, torch.tensor([9]), ring, torch.tensor([2]))
+assert torch.equal(target[:, 9], ring[:, 2])
+assert torch.isnan(target[:, :9]).all() and torch.isnan(target[:, 10:]).all()
+copy_row(target, torch.tensor([0]), ring, torch.tensor([3]))
+assert torch.equal(target[:, 0], ring[:, 3]) and torch.equal(target[:, 9], ring[:, 2])
+assert torch.isnan(target[:, 1:9]).all() and torch.isnan(target[:, 10:]).all()
+long_ring = torch.randn(3, 2, 5000).to(torch.bfloat16)  # a row longer than one block
+long_target = torch.full((3, 7, 5000), float("nan"), dtype=torch.bfloat16)
+copy_row(long_target, torch.tensor([6]), long_ring, torch.tensor([1]))
+assert torch.equal(long_target[:, 6], long_ring[:, 1]) and torch.isnan(long_target[:, :6].float()).all()
+try:
+    copy_row(torch.empty(2, 5, 4), torch.tensor([0]), torch.randn(2, 3, 5), torch.tensor([0]))
+except ValueError as exc:
+    assert "do not fit" in str(exc)
+else:
+    raise AssertionError("a mismatched copy_row target was accepted")
 empty = torch.full((2, 0, 3), 7.0)
 gather_rows(torch.randn(2, 5, 3), torch.empty(2, 0, dtype=torch.long), empty)
 try:
