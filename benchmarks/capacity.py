@@ -35,6 +35,7 @@ import torch
 
 from omnikv_runtime.config import load_config
 from omnikv_runtime.engine import Engine
+from omnikv_runtime.layout import reserve_tokens
 from omnikv_runtime.planner import ModelGeometry, hf_config_dict, parse_bytes, plan_memory
 from omnikv_runtime.planner_fit import dense_twin, fits, longest_context
 from omnikv_runtime.random_model import random_model
@@ -54,7 +55,7 @@ TINY_CONFIG = {
     "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 8},
     "prefill": {"chunk_size": 16},
 }
-TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_working_allocated", "gpu_hot", "host", "host_allocated")
+TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host", "host_allocated")
 
 
 def fill_cache(cache: Any, tokens: int, batch: int, kv_heads: int, head_dim: int, dtype, device, chunk: int) -> None:
@@ -94,7 +95,7 @@ def measure(model, config, geometry, context: int, batch: int, steps: int, devic
             torch._C._host_emptyCache()  # pinned blocks of the previous run go back to the OS
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = psutil.Process().memory_info().rss
-    cache = engine.new_cache(reserve_tokens=context + steps + 1, prompt_tokens=context)
+    cache = engine.new_cache(reserve_tokens=reserve_tokens(context, steps + 1), prompt_tokens=context)
     dtype = next(model.parameters()).dtype
     start = time.perf_counter()
     fill_cache(cache, context, batch, geometry.kv_heads, geometry.head_dim, dtype, device, config.prefill.chunk_size)

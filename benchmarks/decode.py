@@ -191,7 +191,7 @@ class Bench:
                 traceback.print_exc()
                 row["skipped"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             finally:
-                cache = forward = None
+                cache = forward = step = None  # the step holds the cache: all must go before the next cell
                 gc.collect()
                 torch.cuda.empty_cache() if self.device.type == "cuda" else None
             rows.append(row)

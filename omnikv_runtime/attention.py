@@ -62,12 +62,21 @@ BASE_MASK_FUNCTIONS: dict[str, Callable] = {
 
 def causal_chunk_attention(query, key, value, scaling: float) -> tuple[torch.Tensor, None]:
     """Causal attention of the last ``q`` positions over ``kv >= q`` keys (a prefill chunk after
-    earlier ones): SDPA with the diagonal at the bottom right, GQA without repeating KV heads."""
-    bias = causal_lower_right(query.shape[2], key.shape[2])
-    gqa = query.shape[1] != key.shape[1]
-    output = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=bias, scale=scaling, enable_gqa=gqa
-    )
+    earlier ones), the diagonal at the bottom right, GQA without repeating KV heads.
+
+    On CUDA in half precision this is FlashAttention-2 itself, whose causal mask is bottom-right
+    aligned (torch's own ``causal_lower_right`` bias dispatches to the same op); elsewhere torch's
+    SDPA with that bias.
+    """
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] % 8 == 0:
+        flash = torch.ops.aten._scaled_dot_product_flash_attention
+        output = flash(query, key, value, 0.0, is_causal=True, return_debug_mask=False, scale=scaling)[0]
+    else:
+        bias = causal_lower_right(query.shape[2], key.shape[2])
+        gqa = query.shape[1] != key.shape[1]
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, scale=scaling, enable_gqa=gqa
+        )
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache
 from omnikv_runtime.cache_layers import DenseLayerKV, SparseLayerKV
 from omnikv_runtime.decode_state import DecodeCounters
 from omnikv_runtime.kernels import KVSource
-from omnikv_runtime.layout import LayerPlan, Role
+from omnikv_runtime.layout import LayerPlan, Role, tail_ring_tokens
 from omnikv_runtime.policies import EvictionPolicy, LRUEviction, SelectionContext, SelectionPolicy
 from omnikv_runtime.segment import SegmentState
 from omnikv_runtime.transfer import HostArena, HotCache, TransferEngine
@@ -180,19 +180,21 @@ class OmniKVCache(Cache):
             self.counters = DecodeCounters(like.device)
         self.counters.start(past)
         self.budget_tokens = self.budget(self.context_len)
-        self.ring_tokens = self.tail_tokens or max(16, self.reserve_tokens - past)
+        self.ring_tokens = tail_ring_tokens(self.tail_tokens, self.reserve_tokens, past)
         batch = like.shape[0]
         prompt_valid = self._prompt_valid
         if prompt_valid is None or prompt_valid.shape[0] != batch:
             prompt_valid = torch.ones(batch, past, dtype=torch.bool, device=like.device)
         self._prompt_valid = prompt_valid[:, :past].to(like.device)
-        self.valid = None  # rebuilt from the prompt's mask by _ensure_room
+        if self.valid is not None and self.valid.shape[0] == batch:  # reused in place (a captured step reads it)
+            self.valid.fill_(True)
+            self.valid[:, :past].copy_(self._prompt_valid)
         for segment in self.segments:
             segment.ensure_ring(batch, self.ring_tokens, like.device)
             if segment.ring is not None:
                 segment.ring.zero_()
-            if self.policy.window_size > 1 and segment.window.queries is not None:
-                segment.window.fill_to_size()
+            if self.policy.window_size > 1:
+                segment.window.start_decode()
 
     def _ensure_room(self, like: torch.Tensor) -> None:
         """Grow buffers a run has outgrown (never in a captured step: the runner reserves enough)."""
@@ -216,6 +218,30 @@ class OmniKVCache(Cache):
             self.ring_tokens *= 2
             for segment in self.segments:
                 segment.ensure_ring(like.shape[0], self.ring_tokens, like.device)
+
+    def start_decoding(self, like: torch.Tensor) -> None:
+        """Enter decoding now (after a prefill), so that the first step may be a replayed graph."""
+        self.decoding = True
+        self._start_decode(like)
+        self._ensure_room(like)
+
+    def reset(self) -> None:
+        """Forget the request; keep every buffer, so that a captured decode step can serve the next
+        request of the same shape (its prefill writes into the same tiers)."""
+        for layer in self.layers:
+            layer.length = 0
+        for segment in self.segments:
+            segment.policy_state.clear()
+            segment.window.forget_prefill()
+            if segment.arena is not None:
+                segment.arena.lengths = [0] * len(segment.arena.lengths)
+            if segment.hot is not None:
+                segment.hot.reset()
+        self.context_len = self.decode_steps = 0
+        self.decoding = False
+        self._prompt_valid = None
+        self.selected_log.clear()
+        self.forward_starts.clear()
 
     def reserve_decode(self, steps: int, like: torch.Tensor) -> None:
         """Make room for ``steps`` more decode steps now, so that none of them grows a buffer (a

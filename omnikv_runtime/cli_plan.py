@@ -2,7 +2,7 @@
 
     omnikv plan --config C --context 131072 --batch 4 [--gpu-memory 80GB] [--host-memory 512GB] [--json]
 
-Prints the bytes of the weights, each KV tier, staging buffers and activations, whether the run
+Prints the bytes of the weights, each KV tier and activations, whether the run
 fits dense and with OmniKV, and the longest context that fits each way. The model's geometry comes
 from ``--model-config`` (a config.json, an HF folder or a known name) or the config's model; no
 weights are read.
@@ -98,13 +98,11 @@ def print_report(report: dict[str, Any]) -> None:
     rows = [
         ("weights", lambda p: p["weights"]),
         ("KV gpu dense layers", lambda p: p["tiers"]["gpu_dense"]),
-        ("KV gpu selected (budget)", lambda p: p["tiers"]["gpu_selected"]),
-        ("KV gpu tail (new tokens)", lambda p: p["tiers"]["gpu_tail"]),
-        ("KV gpu working allocated", lambda p: p["tiers"]["gpu_working_allocated"]),
+        ("KV gpu selected (budget, offload)", lambda p: p["tiers"]["gpu_selected"]),
+        ("KV gpu tail ring (new tokens)", lambda p: p["tiers"]["gpu_tail"]),
         ("KV gpu hot cache", lambda p: p["tiers"]["gpu_hot"] + p["tiers"]["gpu_hot_state"]),
         ("KV host tier (allocated)", lambda p: p["tiers"]["host_allocated"]),
         ("KV host tier (pinned, pow2)", lambda p: p["tiers"]["host_reserved"]),
-        ("staging buffers", lambda p: p["staging"]),
         ("activations, prefill chunk", lambda p: p["activations"]["prefill"]),
         ("activations, decode step", lambda p: p["activations"]["decode"]),
         ("GPU total", lambda p: p["gpu"]),

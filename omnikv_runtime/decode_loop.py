@@ -146,6 +146,8 @@ class DecodeLoop:
         max_new_tokens: tokens to generate at most.
         use_graph: capture the step in a CUDA graph (CUDA only).
         check_every: tokens between the host's checks for finished rows.
+        token_capacity: room for new tokens in the output buffer (default ``max_new_tokens``); a
+            loop kept for reuse (:meth:`renew`) serves later calls of up to this many tokens.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class DecodeLoop:
         max_new_tokens: int,
         use_graph: bool,
         check_every: int = 16,
+        token_capacity: int | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -173,6 +176,21 @@ class DecodeLoop:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._stream = torch.cuda.Stream() if use_graph else None
         self._eager_steps = 0
+        self._steps_run = 0
+        self.token_capacity = max(token_capacity or max_new_tokens, max_new_tokens)
+        self.key: tuple | None = None  # what a reusing call must match (set by the engine)
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    def renew(self, max_new_tokens: int, stop: StopSettings) -> None:
+        """Serve another request with the same captured step (the engine has reset the cache)."""
+        if max_new_tokens > self.token_capacity:
+            raise ValueError(f"this loop holds {self.token_capacity} new tokens, {max_new_tokens} asked for")
+        self.max_new_tokens, self.stop = max_new_tokens, stop
+        self.times = LoopTimes(graph=self.use_graph)
+        self._stopped_at = {}
         self._steps_run = 0
 
     # prefill ----------------------------------------------------------------------------------
@@ -193,6 +211,8 @@ class DecodeLoop:
                 torch.arange(start, end, device=device),
             )
         self._emit(output.logits[:, -1])
+        if self.max_new_tokens > 1:
+            self.cache.start_decoding(self.ids)  # so that even the first step may be a replay
         self._synchronize()
         self.times.prefill = time.perf_counter() - started
 
@@ -204,15 +224,21 @@ class DecodeLoop:
         self.ids.fill_(next_token)
 
     def _allocate(self, batch: int, device: torch.device, next_positions: torch.Tensor, length: int) -> None:
-        """The step's static inputs and outputs."""
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = next_positions.clone()
-        self.cache_position = torch.full((1,), length, dtype=torch.long, device=device)
-        self.mask = torch.ones(batch, 1, 1, 1, dtype=torch.bool, device=device)  # 4-D: transformers builds none
-        self.tokens = torch.full((batch, self.max_new_tokens), self.stop.pad_token_id, dtype=torch.long, device=device)
-        self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.eos = torch.tensor(self.stop.eos_token_ids or [-1], dtype=torch.long, device=device)
+        """The step's static inputs and outputs (allocated once; a renewed loop refills them in place)."""
+        if getattr(self, "ids", None) is None or self.ids.shape[0] != batch:
+            self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+            self.mask = torch.ones(batch, 1, 1, 1, dtype=torch.bool, device=device)  # 4-D: transformers builds none
+            self.tokens = torch.empty(batch, self.token_capacity, dtype=torch.long, device=device)
+            self.step = torch.zeros(1, dtype=torch.long, device=device)
+            self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            self.eos = torch.tensor(self.stop.eos_token_ids or [-1], dtype=torch.long, device=device)
+        self.positions.copy_(next_positions)
+        self.cache_position.fill_(length)
+        self.tokens.fill_(self.stop.pad_token_id)
+        self.step.zero_()
+        self.finished.zero_()
 
     def _forward(self, ids, positions, mask, cache_position):
         kwargs: dict[str, Any] = {self.cache_keyword: self.cache}
@@ -268,10 +294,10 @@ class DecodeLoop:
             torch.cuda.current_stream().wait_stream(self._stream)
             return
         if self._graph is None:
-            self._capture(self.max_new_tokens - self._steps_run)  # this step and the ones after it
+            self._capture(self.token_capacity - self._steps_run)  # this step and any a renewed call may run
         self._graph.replay()
         self.cache.advance_host(1)
-        self.cache.selected_log.append(dict(self.cache.selected_log[-1]) if self.cache.selected_log else {})
+        self.cache.selected_log.append(dict(self._step_log))
         self.cache.transfer.stats.add_(self._step_transfer)
 
     def _capture(self, steps_left: int) -> None:
@@ -289,6 +315,7 @@ class DecodeLoop:
         finally:
             self.cache.capturing = False
         self._step_transfer = transfer.stats.minus(before)  # what one replay moves
+        self._step_log = {s.filter_layer: s.selection.shape[1] for s in self.cache.segments if s.selection is not None}
         transfer.stats = before
         self._graph = graph
         self.times.capture = time.perf_counter() - started

@@ -59,32 +59,43 @@ class DecodeCounters:
 class QueryWindow:
     """The most recent queries of one filter layer (after RoPE), oldest first, and their cache columns.
 
-    Prefill extends it freely; decode pushes one query per step into a buffer of fixed shape (a
-    shift: the window is a few queries, so the copy is tiny). Slots never filled (a prompt shorter
-    than the window) hold position -1: causally they see nothing, so they add nothing to a score.
+    Prefill collects them freely (:meth:`extend`); :meth:`start_decode` lays them into a buffer of
+    fixed shape that each decode step shifts by one (:meth:`push`: the window is a few queries, so
+    the copy is tiny). Slots never filled (a prompt shorter than the window) hold position -1:
+    causally they see nothing, so they add nothing to a score. The buffer is reused by later
+    requests of the same shape (a captured step keeps pointing at it).
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.queries: torch.Tensor | None = None  # [batch, q_heads, size, head_dim] once decoding
+        self.queries: torch.Tensor | None = None  # [batch, q_heads, size, head_dim] while decoding
         self.positions: torch.Tensor | None = None  # [size] int64
+        self._prefill: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extend(self, queries: torch.Tensor, positions: torch.Tensor) -> None:
         """Append a prefill chunk's queries ``[batch, heads, n, dim]`` at columns ``positions`` ``[n]``."""
-        if self.queries is not None and self.queries.shape[0] == queries.shape[0]:
-            queries = torch.cat([self.queries, queries], dim=2)
-            positions = torch.cat([self.positions, positions])
-        self.queries = queries[:, :, -self.size :].detach().clone()
-        self.positions = positions[-self.size :].clone()
+        if self._prefill is not None and self._prefill[0].shape[0] == queries.shape[0]:
+            queries = torch.cat([self._prefill[0], queries], dim=2)
+            positions = torch.cat([self._prefill[1], positions])
+        self._prefill = (queries[:, :, -self.size :].detach(), positions[-self.size :])
 
-    def fill_to_size(self) -> None:
-        """Pad to exactly ``size`` slots (empty ones first, position -1) before decoding starts."""
-        have = self.queries.shape[2]
-        if have < self.size:
-            batch, heads, _, dim = self.queries.shape
-            empty = self.queries.new_zeros(batch, heads, self.size - have, dim)
-            self.queries = torch.cat([empty, self.queries], dim=2)
-            self.positions = torch.cat([self.positions.new_full((self.size - have,), -1), self.positions])
+    def forget_prefill(self) -> None:
+        self._prefill = None
+
+    def start_decode(self) -> None:
+        """Lay the prefill's last ``size`` queries into the decode buffer (empty slots first)."""
+        if self._prefill is None:
+            return
+        queries, positions = self._prefill
+        self._prefill = None
+        batch, heads, have, dim = queries.shape
+        if self.queries is None or self.queries.shape != (batch, heads, self.size, dim):
+            self.queries = queries.new_zeros(batch, heads, self.size, dim)
+            self.positions = positions.new_full((self.size,), -1)
+        self.queries[:, :, : self.size - have].zero_()
+        self.positions[: self.size - have].fill_(-1)
+        self.queries[:, :, self.size - have :].copy_(queries)
+        self.positions[self.size - have :].copy_(positions)
 
     def push(self, query: torch.Tensor, position: torch.Tensor) -> None:
         """Add the step's query ``[batch, heads, 1, dim]`` at column ``position`` ``[1]``, dropping the oldest."""
@@ -97,3 +108,5 @@ class QueryWindow:
     def select_batch(self, index: torch.Tensor) -> None:
         if self.queries is not None:
             self.queries = self.queries.index_select(0, index.to(self.queries.device))
+        if self._prefill is not None:
+            self._prefill = (self._prefill[0].index_select(0, index.to(self._prefill[0].device)), self._prefill[1])

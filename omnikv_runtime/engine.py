@@ -17,7 +17,7 @@ from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import DecodeLoop, loop_settings
 from omnikv_runtime.errors import PromptError, UnsupportedModelError
-from omnikv_runtime.layout import LayerPlan, Role
+from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
 
@@ -82,6 +82,7 @@ class Engine:
         self._last_cache: OmniKVCache | None = None
         self._last_run: dict[str, Any] = {}
         self._last_loop = None  # the decode loop's phase times of the last generate, if it ran
+        self._decode_loops: dict[int, DecodeLoop] = {}  # batch size -> a loop with a captured step, kept
         if config.model.max_context_len:  # refuse at initialize what can never fit (CUDA)
             self.check_memory(1, config.model.max_context_len, 1)
         logger.info(
@@ -173,8 +174,7 @@ class Engine:
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         settings = loop_settings(self.model, self.tokenizer, generate_kwargs)
         beams = generate_kwargs.get("num_beams") or 1
-        self.check_memory(input_ids.shape[0] * beams, input_ids.shape[1], max_new_tokens)
-        cache = self.new_cache(reserve_tokens=input_ids.shape[1] + max_new_tokens, prompt_tokens=input_ids.shape[1])
+        batch, prompt = input_ids.shape
         self.transfer.reset_stats()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -183,10 +183,17 @@ class Engine:
         with torch.inference_mode():
             if isinstance(settings, str):
                 logger.info("generate runs step by step through transformers' generate: %s", settings)
+                self._check_memory_releasing(batch * beams, prompt, max_new_tokens)
+                cache = self.new_cache(reserve_tokens=reserve_tokens(prompt, max_new_tokens), prompt_tokens=prompt)
                 output = self._transformers_generate(cache, input_ids, attention_mask, max_new_tokens, generate_kwargs)
                 self._last_loop = None
             else:
-                output = self._loop_generate(cache, input_ids, attention_mask, max_new_tokens, *settings)
+                loop = self._decode_loop(batch, prompt, max_new_tokens, *settings)
+                loop.prefill(input_ids, attention_mask, self.config.prefill.chunk_size)
+                self._check_graph_safe(loop)
+                output = torch.cat([input_ids, loop.decode()], dim=1)
+                self._last_loop = loop.times
+                self._decode_loops[batch] = loop  # kept: the next call of this shape reuses its buffers and graph
         self.transfer.synchronize()  # the host tier holds every token when generate returns
         end = time.perf_counter()
         self._last_run = {"start": start, "end": end, "prompt_tokens": input_ids.shape[1], "batch": input_ids.shape[0]}
@@ -211,7 +218,20 @@ class Engine:
             return f"the selection policy {type(self.policy).__name__} does not declare graph_safe"
         return None
 
-    def _loop_generate(self, cache, input_ids, attention_mask, max_new_tokens, sampling, stop) -> torch.Tensor:
+    def _decode_loop(self, batch: int, prompt: int, max_new_tokens: int, sampling, stop) -> DecodeLoop:
+        """The decode loop for this call: the kept one of the same shape (its cache emptied, its
+        CUDA graph reused), or a new one over a new cache."""
+        reserve = reserve_tokens(prompt, max_new_tokens)  # rounded up: nearby lengths share a captured step
+        key = (prompt, reserve, sampling, tuple(stop.eos_token_ids), stop.pad_token_id)
+        kept = self._decode_loops.get(batch)
+        if kept is not None and kept.key == key:
+            kept.cache.reset()
+            kept.renew(max_new_tokens, stop)
+            self._last_cache = kept.cache
+            return kept
+        self._decode_loops.pop(batch, None)  # its memory goes before the new cache's is taken
+        self._check_memory_releasing(batch, prompt, max_new_tokens)
+        cache = self.new_cache(reserve_tokens=reserve, prompt_tokens=prompt)
         blocker = self.graph_blocker()
         if blocker is not None and self.device.type == "cuda":
             logger.info("decode steps run without a CUDA graph: %s", blocker)
@@ -224,9 +244,14 @@ class Engine:
             max_new_tokens,
             use_graph=blocker is None,
             check_every=self.config.generation.check_every,
+            token_capacity=reserve - prompt,
         )
-        loop.prefill(input_ids, attention_mask, self.config.prefill.chunk_size)
-        unsafe = [a for a in cache.arenas if a is not None and not self.transfer.graph_safe(a.data)]
+        loop.key = key
+        return loop
+
+    def _check_graph_safe(self, loop: DecodeLoop) -> None:
+        """After the prefill allocated the host tier: a tier the GPU cannot read alone rules the graph out."""
+        unsafe = [a for a in loop.cache.arenas if a is not None and not self.transfer.graph_safe(a.data)]
         if loop.use_graph and unsafe:  # the torch engine over host memory, or pageable memory after a failed pin
             logger.info(
                 "decode steps run without a CUDA graph: the %s transfer engine cannot move rows of a %s host tier "
@@ -235,9 +260,22 @@ class Engine:
                 "pinned" if unsafe[0].data.is_pinned() else "pageable (pinning failed)",
             )
             loop.use_graph = loop.times.graph = False
-        new_tokens = loop.decode()
-        self._last_loop = loop.times
-        return torch.cat([input_ids, new_tokens], dim=1)
+
+    def release_graphs(self) -> None:
+        """Free the decode loops (caches and CUDA graphs) kept for reuse by later calls."""
+        self._decode_loops.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_memory_releasing(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
+        """The memory check, after freeing kept decode loops if they are what stands in the way."""
+        try:
+            self.check_memory(batch, prompt_tokens, new_tokens)
+        except PromptError:
+            if not self._decode_loops:
+                raise
+            self.release_graphs()
+            self.check_memory(batch, prompt_tokens, new_tokens)
 
     def check_memory(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
         """On CUDA, raise PromptError (naming what to change) when the memory planner says the run cannot fit."""

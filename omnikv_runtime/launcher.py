@@ -28,12 +28,15 @@ import torch
 from transformers import PreTrainedModel
 
 from omnikv_runtime.config import OmniKVConfig, load_config
+from omnikv_runtime.decode_loop import loop_settings
 from omnikv_runtime.engine import SUPPORTED_MODEL_TYPES, Engine
+from omnikv_runtime.layout import reserve_tokens
 
 logger = logging.getLogger(__name__)
 
 STATS_ENV = "OMNIKV_RUN_STATS"  # write what each wrapped model's generate did to this JSON file
 _UNSUPPORTED_GENERATE = ("assistant_model", "penalty_alpha", "prompt_lookup_num_tokens")
+_LOOP_OWN = ("input_ids", "inputs", "attention_mask", "max_new_tokens", "max_length")  # passed separately
 
 
 def _max_new_tokens(model: PreTrainedModel, kwargs: dict[str, Any], prompt: int) -> int:
@@ -62,7 +65,8 @@ class WrappedModel:
         model.generate = generate
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's own ``generate`` with an OmniKV cache passed in (unless the caller passed a cache)."""
+        """``engine.generate`` (the engine's decode loop) when it runs the script's settings; else the
+        model's own ``generate`` with an OmniKV cache passed in (unless the caller passed a cache)."""
         inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         passes_cache = any(kwargs.get(key) is not None for key in ("past_key_values", "cache"))
         unsupported = [key for key in _UNSUPPORTED_GENERATE if kwargs.get(key) is not None]
@@ -73,9 +77,19 @@ class WrappedModel:
         engine = self.engine
         batch, prompt = inputs.shape
         new_tokens = _max_new_tokens(self.model, kwargs, prompt)
+        if len(args) <= 1:  # the engine's own decode loop (a CUDA graph on CUDA) when it runs these settings
+            loop_kwargs = {key: value for key, value in kwargs.items() if key not in _LOOP_OWN}
+            config = kwargs.get("generation_config") or self.model.generation_config
+            loop_kwargs.setdefault("do_sample", bool(getattr(config, "do_sample", False)))
+            if not isinstance(loop_settings(self.model, engine.tokenizer, dict(loop_kwargs)), str):
+                mask = kwargs.get("attention_mask")
+                output = engine.generate(inputs, attention_mask=mask, max_new_tokens=new_tokens, **loop_kwargs)
+                self.calls.append(engine.stats())
+                return output
         beams = kwargs.get("num_beams") or getattr(self.model.generation_config, "num_beams", 1) or 1
         engine.check_memory(batch * beams, prompt, new_tokens)
-        kwargs[engine._cache_keyword] = engine.new_cache(reserve_tokens=prompt + new_tokens, prompt_tokens=prompt)
+        cache = engine.new_cache(reserve_tokens=reserve_tokens(prompt, new_tokens), prompt_tokens=prompt)
+        kwargs[engine._cache_keyword] = cache
         if engine.config.prefill.chunk_size and "prefill_chunk_size" not in kwargs:
             kwargs["prefill_chunk_size"] = engine.config.prefill.chunk_size
         engine.transfer.reset_stats()

@@ -5,6 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+RESERVE_QUANTUM = 256  # a cache's token capacity rounds up to this: calls of nearby lengths share a captured step
+
+
+def reserve_tokens(prompt_tokens: int, new_tokens: int) -> int:
+    """Token capacity of a cache for ``prompt_tokens`` + ``new_tokens`` (rounded up to the quantum)."""
+    return -(-(prompt_tokens + new_tokens) // RESERVE_QUANTUM) * RESERVE_QUANTUM
+
+
+def tail_ring_tokens(tail_tokens: int | None, reserve: int, prompt_tokens: int) -> int:
+    """Slots of the tail ring: the configured ``omnikv.tail_tokens``, else the reserve's new tokens (>= 16)."""
+    return tail_tokens or max(16, reserve - prompt_tokens)
+
 
 class Role(str, Enum):
     DENSE = "dense"  # before the first filter layer: full KV on the GPU, full attention

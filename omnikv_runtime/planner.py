@@ -1,4 +1,4 @@
-"""The memory planner: bytes of weights, KV tiers, staging and activations before anything is allocated.
+"""The memory planner: bytes of weights, KV tiers and activations before anything is allocated.
 
 OmniKV (Hao et al., "OmniKV: Dynamic Context Selection for Efficient Long-Context LLMs", ICLR 2025)
 keeps the full KV of every token but only the filter, wait and early layers hold it on the GPU; the
@@ -21,7 +21,7 @@ from typing import Any
 
 from omnikv_runtime.config import OmniKVConfig
 from omnikv_runtime.errors import ConfigError
-from omnikv_runtime.layout import LayerPlan
+from omnikv_runtime.layout import LayerPlan, reserve_tokens, tail_ring_tokens
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -161,34 +161,14 @@ def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = Non
     return ModelGeometry.from_hf_config(hf_config_dict(config, model_config))
 
 
-def _grown(capacity: int, needed: int) -> int:
-    """Capacity after a buffer of ``capacity`` rows is asked to hold ``needed`` (cache_layers' doubling)."""
-    return capacity if capacity >= needed else max(needed, 2 * capacity, 16)
-
-
-def working_rows(budget: int, decode_steps: int) -> int:
-    """Rows a sparse layer's working buffer (selected ⊕ tail) ends up with after ``decode_steps`` steps.
-
-    The first selection sizes it to ``max(budget, 16)``; each step asks for one more row and a full
-    buffer doubles (cache_layers' growth), until it holds ``budget + decode_steps`` rows.
-    """
-    if decode_steps <= 0:
-        return 0
-    capacity = _grown(0, budget)
-    needed = budget + decode_steps
-    while capacity < needed:
-        capacity = _grown(capacity, capacity + 1)
-    return capacity
-
-
 def _pow2_ceil(value: int) -> int:
     return 1 << (value - 1).bit_length() if value > 1 else value
 
 
 def arena_rows(context: int, new_tokens: int, chunk_size: int | None) -> int:
-    """Token capacity of a host arena: the reserve (prompt + new), or the first prefill chunk if larger."""
+    """Token capacity of a host arena: the reserve (prompt + new, rounded up), or the first prefill chunk if larger."""
     first_chunk = min(chunk_size or context, context)
-    return max(context + new_tokens, first_chunk, 1)
+    return max(reserve_tokens(context, new_tokens), first_chunk, 1)
 
 
 @dataclass
@@ -205,7 +185,6 @@ class MemoryPlan:
     budget: int
     weights: int
     tiers: dict[str, int] = field(default_factory=dict)
-    staging: int = 0
     activations: dict[str, int] = field(default_factory=dict)
     gpu: int = 0
     host: int = 0
@@ -225,10 +204,11 @@ def plan_memory(
 ) -> MemoryPlan:
     """The bytes a ``generate`` of ``context`` prompt tokens + ``new_tokens`` would need, per tier.
 
-    Tier figures mirror the cache: ``gpu_dense`` (allocated, ``prompt + new`` rows per dense layer),
-    ``gpu_selected`` / ``gpu_tail`` (rows in use at the end: budget and ``new - 1`` per sparse layer),
-    ``gpu_working_allocated`` (their buffers, grown by doubling), ``gpu_hot`` (the hot caches with their
-    token maps; ``gpu_hot_state`` adds the eviction policy's per-slot state) and ``host`` /
+    Tier figures mirror the cache: ``gpu_dense`` (allocated, the reserve: ``prompt + new`` rounded up
+    to 256, per dense layer), ``gpu_selected`` (offload: each sparse layer's staging buffer of budget
+    rows; in GPU mode attention reads the selected rows in place), ``gpu_tail`` (the tail ring: its
+    slots per sparse layer), ``gpu_hot`` (the hot caches with their token maps; ``gpu_hot_state`` adds
+    the eviction policy's per-slot state) and ``host`` /
     ``host_allocated`` (arenas of the sparse layers; on the GPU when ``offload.device`` is ``none``), and
     ``host_reserved``: the pinned memory they take, each arena rounded up to a power of two as torch's
     caching host allocator does (what ``host`` totals, and what must fit the host's memory).
@@ -241,17 +221,18 @@ def plan_memory(
     section = config.omnikv
     plan = LayerPlan.build(geometry.num_layers, section.filter_layers, section.wait_layers, section.enabled)
     row = batch * geometry.kv_row_bytes(dtype_bytes)  # one token, one layer, whole batch
-    reserve = context + new_tokens
+    reserve = reserve_tokens(context, new_tokens)
     stored = context + new_tokens - 1  # generate feeds every token but the last
     sparse = len(plan.sparse_layers)
     dense = geometry.num_layers - sparse
     budget = section.budget_tokens(context) if sparse else 0
     decode_steps = new_tokens - 1
+    staged = decode_steps and config.offload.device == "cpu"
+    ring = tail_ring_tokens(section.tail_tokens, reserve, context)
     tiers = {
         "gpu_dense": dense * max(reserve, 16) * row,
-        "gpu_selected": sparse * budget * row if decode_steps else 0,
-        "gpu_tail": sparse * decode_steps * row,
-        "gpu_working_allocated": sparse * working_rows(budget, decode_steps) * row,
+        "gpu_selected": sparse * budget * row if staged else 0,
+        "gpu_tail": sparse * ring * row if decode_steps else 0,
         "host": sparse * stored * row,
         "host_allocated": sparse * arena_rows(context, new_tokens, config.prefill.chunk_size) * row,
     }
@@ -269,8 +250,6 @@ def plan_memory(
         for layers in hot_segments
     )
     tiers["gpu_hot_state"] = len(hot_segments) * batch * (hot + 1) * HOT_CACHE_STATE_BYTES
-    widest = max((len(s.sparse_layers) for s in plan.segments), default=0)
-    staging = batch * budget * widest * geometry.kv_row_bytes(dtype_bytes) if decode_steps else 0
     result = MemoryPlan(
         context=context,
         new_tokens=new_tokens,
@@ -282,16 +261,15 @@ def plan_memory(
         budget=budget,
         weights=geometry.param_count() * dtype_bytes,
         tiers=tiers,
-        staging=staging,
         activations=_activations(geometry, config, context, batch, dtype_bytes, plan, budget),
     )
     if not prefill:
         result.activations["prefill"] = 0
-    gpu_kv = tiers["gpu_dense"] + tiers["gpu_working_allocated"] + tiers["gpu_hot"] + tiers["gpu_hot_state"]
+    gpu_kv = sum(tiers[name] for name in ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "gpu_hot_state"))
     on_gpu_host = config.offload.device == "none"
     if on_gpu_host:
         gpu_kv += tiers["host_allocated"]
-    result.gpu = result.weights + gpu_kv + staging + max(result.activations.values())
+    result.gpu = result.weights + gpu_kv + max(result.activations.values())
     result.host = 0 if on_gpu_host else tiers["host_reserved"]
     return result
 

@@ -121,12 +121,12 @@ def describe_shortfall(plan: MemoryPlan, config: OmniKVConfig, gpu_free: int, ho
         pieces = [
             f"weights {_gb(plan.weights)}",
             f"dense-layer KV {_gb(tiers['gpu_dense'])}",
-            f"selected+tail buffers {_gb(tiers['gpu_working_allocated'])}",
+            f"selected rows and tail ring {_gb(tiers['gpu_selected'] + tiers['gpu_tail'])}",
             f"hot cache {_gb(tiers['gpu_hot'] + tiers['gpu_hot_state'])}",
         ]
         if plan.offload == "none" and plan.omnikv:
             pieces.append(f"sparse-layer KV {_gb(tiers['host_allocated'])}")
-        pieces += [f"staging {_gb(plan.staging)}", f"activations {_gb(max(plan.activations.values()))}"]
+        pieces.append(f"activations {_gb(max(plan.activations.values()))}")
         parts.append(f"GPU needs {_gb(plan.gpu)} ({', '.join(pieces)}) but {_gb(gpu_free)} are available")
     if host_short:
         parts.append(f"host needs {_gb(plan.host)} (pinned KV of the sparse layers) but {_gb(host_free)} are available")

@@ -60,6 +60,7 @@ class MemoryProfiler:
     def watch(self, engine: Any) -> None:
         """Record this engine's tiers, its model's forwards and its caches' fetches."""
         self.engines.append(engine)
+        engine.release_graphs()  # a kept decode loop would serve the next call from a cache not watched here
         original = engine.new_cache
 
         @functools.wraps(original)

@@ -31,8 +31,10 @@ def geometry_check(engine: Any) -> dict[str, Any] | None:
     dense = sum(role is not Role.SPARSE for role in roles)
     sparse = len(roles) - dense
     stored = cache.get_seq_length()
-    tail = stored - cache.context_len
-    selected = max(cache.selected_log[-1].values(), default=0) if cache.selected_log else 0
+    decoded = cache.decode_steps > 0
+    tail = cache.ring_tokens if decoded else 0  # the tail ring is allocated whole when decoding starts
+    staged = decoded and cache.transfer.fetches_rows  # offload: the selected rows' staging buffers
+    selected = cache.budget_tokens if staged else 0
     per = 2 * heads * head_dim * dtype_bytes * batch
     tokens = {"gpu_dense": max(cache.reserve_tokens, 16), "gpu_selected": selected, "gpu_tail": tail, "host": stored}
     layers = {"gpu_dense": dense, "gpu_selected": sparse, "gpu_tail": sparse, "host": sparse}

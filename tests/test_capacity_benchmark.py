@@ -33,7 +33,7 @@ def test_capacity_logic_on_cpu(capsys):
     # 3 sparse layers x 2 rows x (40 filled + 3 decoded) tokens x 2 KV heads x 16 x K,V x float32
     assert omni["tiers"]["host"] == 3 * 2 * 43 * 2 * 16 * 2 * 4
     assert omni["tiers"]["gpu_selected"] == 3 * 2 * 8 * 2 * 16 * 2 * 4  # budget 8
-    assert runs[1]["tiers"]["host"] == 0 and runs[1]["tiers"]["gpu_dense"] == 8 * 44 * 2 * 16 * 2 * 4
+    assert runs[1]["tiers"]["host"] == 0 and runs[1]["tiers"]["gpu_dense"] == 8 * 256 * 2 * 16 * 2 * 4  # reserve 256
     assert report["longest_run"]["context"] == 70 and report["longest_run"]["tiers_exact"]
     longest = report["longest_context"]
     assert longest["omnikv"]["this_machine"]["limited_by"] == "host"  # 1 GB of host memory

@@ -177,6 +177,40 @@ def test_graph_at_full_budget_equals_dense(cuda_model, offload):
     assert torch.equal(output, dense)
 
 
+def test_a_second_call_of_the_same_shape_replays_the_kept_graph(cuda_model):
+    """The engine keeps the captured step; a later call (another prompt, the same shape) reuses it exactly."""
+    engine = okv.initialize(cuda_model, _config("cpu", 24, offload={"hot_cache_tokens": 48}))
+    reference = okv.initialize(cuda_model, {**_config("cpu", 24), "generation": {"cuda_graphs": False}})
+    for seed, new in ((1, 40), (2, 40), (3, 25)):
+        ids, mask = _prompt(2, 300, pad=37, seed=seed)
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=0)
+        assert engine.stats()["cuda_graph"] is True
+        if seed > 1:
+            assert engine.stats()["graph_capture_seconds"] == 0.0  # nothing recaptured
+        expected = reference.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=0)
+        assert torch.equal(out, expected)
+
+
+def test_prefill_chunk_attention_is_causal_at_the_bottom_right():
+    from omnikv_runtime.attention import causal_chunk_attention
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 32, 300, 128, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(2, 8, 1000, 128, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    out, _ = causal_chunk_attention(query, keys, values, 0.088)
+    allowed = torch.ones(300, 1000, dtype=torch.bool, device="cuda").tril(diagonal=700)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query.float(),
+        keys.float().repeat_interleave(4, 1),
+        values.float().repeat_interleave(4, 1),
+        allowed,
+        scale=0.088,
+    )
+    error = (out.float() - reference.transpose(1, 2)).norm() / reference.norm()
+    assert error < 1e-2
+
+
 def test_sampling_in_the_graph_is_seeded_and_varies(cuda_model):
     ids, mask = _prompt(1, 100, pad=0)
     engine = okv.initialize(cuda_model, _config("none", 16))

@@ -8,7 +8,8 @@ from okv_testlib import FAMILIES, PAD, capture_caches, make_model, make_prompt, 
 
 import omnikv_runtime as okv
 from omnikv_runtime.cli import main
-from omnikv_runtime.planner import KNOWN_GEOMETRIES, ModelGeometry, parse_bytes, plan_memory, working_rows
+from omnikv_runtime.layout import reserve_tokens, tail_ring_tokens
+from omnikv_runtime.planner import KNOWN_GEOMETRIES, ModelGeometry, parse_bytes, plan_memory
 from omnikv_runtime.planner_fit import dense_twin, describe_shortfall, fits, longest_context
 
 TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host", "host_allocated")
@@ -42,8 +43,9 @@ def test_tiers_equal_what_the_cache_allocates(batch, new_tokens, budget, chunk, 
     plan = plan_memory(ModelGeometry.from_hf_config(model.config), config, ids.shape[1], batch, new_tokens)
     assert allocated["host"] > 0 and allocated["gpu_dense"] > 0 and (allocated["gpu_hot"] > 0) == (hot > 0)
     assert {key: plan.tiers[key] for key in TIER_KEYS} == {key: allocated[key] for key in TIER_KEYS}
-    # and from geometry by hand: 5 dense layers x (prompt + new) tokens x 2 KV heads x 16 x K,V x float32
-    assert plan.tiers["gpu_dense"] == 5 * batch * (ids.shape[1] + new_tokens) * 2 * 16 * 2 * 4
+    # and from geometry by hand: 5 dense layers x the reserve (prompt + new, rounded up to 256) tokens x
+    # 2 KV heads x 16 x K,V x float32
+    assert plan.tiers["gpu_dense"] == 5 * batch * 256 * 2 * 16 * 2 * 4
 
 
 def test_dense_config_plans_every_layer_on_the_gpu():
@@ -54,15 +56,16 @@ def test_dense_config_plans_every_layer_on_the_gpu():
     ids, mask = make_prompt(1)
     engine.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
     plan = plan_memory(ModelGeometry.from_hf_config(model.config), config, ids.shape[1], 1, 4)
-    assert plan.tiers["gpu_dense"] == caches[-1].tier_bytes()["gpu_dense"] == 8 * 44 * 2 * 32 * 2 * 4
+    assert plan.tiers["gpu_dense"] == caches[-1].tier_bytes()["gpu_dense"] == 8 * 256 * 2 * 32 * 2 * 4
     assert plan.tiers["host_allocated"] == plan.host == 0
 
 
-def test_working_rows_follow_the_doubling():
-    assert working_rows(10, 0) == 0
-    assert working_rows(10, 1) == 16  # select 10 rows: 16 (the minimum), the first tail row still fits
-    assert working_rows(16, 1) == 32  # 16 rows, then the first tail row doubles it
-    assert working_rows(100, 150) == 400
+def test_reserve_rounds_up_and_the_ring_holds_the_new_tokens():
+    assert reserve_tokens(40, 12) == 256 and reserve_tokens(256, 0) == 256 and reserve_tokens(256, 1) == 512
+    assert reserve_tokens(131072, 16) == 131328  # nearby lengths share a cache shape (and a captured step)
+    assert tail_ring_tokens(None, 256, 40) == 216  # every reserved new token has a slot
+    assert tail_ring_tokens(None, 256, 250) == 16  # at least 16
+    assert tail_ring_tokens(64, 131328, 131072) == 64  # omnikv.tail_tokens bounds it
 
 
 def test_fits_and_longest_context_are_consistent():
@@ -75,9 +78,10 @@ def test_fits_and_longest_context_are_consistent():
         assert not fits(plan_memory(geometry, variant, longest + 1, 1, 16), gpu, host)["all"]
     omni_plan = plan_memory(geometry, config, 131072, 1, 16)
     dense_plan = plan_memory(geometry, dense_twin(config), 131072, 1, 16)
-    assert dense_plan.tiers["gpu_dense"] == 32 * (131072 + 16) * 4096
-    assert omni_plan.tiers["gpu_dense"] == 8 * (131072 + 16) * 4096  # layers 0-3, 8, 9, 18, 19
-    assert omni_plan.tiers["host_allocated"] == 24 * (131072 + 16) * 4096
+    reserve = reserve_tokens(131072, 16)
+    assert dense_plan.tiers["gpu_dense"] == 32 * reserve * 4096
+    assert omni_plan.tiers["gpu_dense"] == 8 * reserve * 4096  # layers 0-3, 8, 9, 18, 19
+    assert omni_plan.tiers["host_allocated"] == 24 * reserve * 4096
     assert omni_plan.gpu < dense_plan.gpu
 
 

@@ -28,12 +28,12 @@ def test_profile_report_matches_geometry(tmp_path):
         engine.generate(ids, attention_mask=mask, max_new_tokens=5, pad_token_id=PAD)
     report = json.loads((tmp_path / "report.json").read_text())
     (entry,) = report["engines"]
-    # plan DFWsFWss: 5 layers with full KV, 3 sparse; 40 prompt + 5 new tokens reserved, 44 stored, batch 2;
-    # the tail ring has a slot per reserved new token, at least 16
+    # plan DFWsFWss: 5 layers with full KV, 3 sparse; 40 prompt + 5 new tokens reserved (rounded up to 256),
+    # 44 stored, batch 2; the tail ring has a slot per reserved new token (256 - 40)
     expected = {
-        "gpu_dense": _tier_bytes(5, 45, 2),
+        "gpu_dense": _tier_bytes(5, 256, 2),
         "gpu_selected": _tier_bytes(3, 6, 2),
-        "gpu_tail": _tier_bytes(3, 16, 2),
+        "gpu_tail": _tier_bytes(3, 256 - 40, 2),
         "host": _tier_bytes(3, 44, 2),
     }
     assert {tier: entry["tiers_final"][tier] for tier in expected} == expected

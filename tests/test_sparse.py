@@ -276,7 +276,7 @@ def test_stats_and_memory_report_count_the_tiers():
     token_bytes = 2 * 2 * 2 * 16 * 4  # batch 2, keys and values, 2 KV heads, head_dim 16, float32
     sparse = len(SPARSE_LAYERS)
 
-    ring_slots = 16  # the tail ring: one slot per reserved new token (12), at least 16
+    ring_slots = 256 - PROMPT_LEN  # the tail ring: the reserve's new tokens (prompt + 12 rounded up to 256)
     tiers = engine.memory_report()["tiers"]
     assert tiers["gpu_selected"] == sparse * BUDGET * token_bytes  # the packed staging buffers
     assert tiers["gpu_tail"] == sparse * ring_slots * token_bytes

@@ -119,6 +119,16 @@ class HotCache:
         self.hot_slots.copy_(hot_slots)
         return self.host_rows, self.hot_slots
 
+    def reset(self) -> None:
+        """Empty, in place (a captured decode step keeps pointing at these tensors)."""
+        self.token_of_slot.fill_(-1)
+        self.slot_of_token.fill_(-1)
+        fresh = self.policy.init_state(self.token_of_slot.shape[0], self.slots + 1, self.device)
+        for name, value in fresh.items():
+            self.state[name].copy_(value)
+        self.hits.zero_()
+        self.misses.zero_()
+
     def counters(self) -> dict[str, int]:
         """Hits, misses, bytes saved and bytes fetched (misses) so far; reads device counters, so call it
         outside the decode loop."""

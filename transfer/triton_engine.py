@@ -62,7 +62,16 @@ class TritonTransferEngine(TorchTransferEngine):
 
     def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         torch.cuda.current_stream(self.compute_device).wait_stream(self.stream)  # writes in flight land first
-        return super().read_rows(arena, slot, stop, start)
+        if not arena.is_pinned():
+            return super().read_rows(arena, slot, stop, start)
+        # one layer's slice of each token's packed row: strided in host memory, so the GPU reads it
+        # itself (a copy engine would need it contiguous, which costs a host-side copy first)
+        batch, count = arena.shape[0], stop - start
+        tokens = torch.arange(start, stop, device=self.compute_device).expand(batch, count)
+        rows = torch.empty((batch, count, *arena.shape[3:]), dtype=arena.dtype, device=self.compute_device)
+        gather_rows(arena[:, :, slot], tokens, rows, self.num_programs)
+        self.stats.bytes_prefill_read += rows.numel() * rows.element_size()
+        return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
 
     def gather_rows(
         self, arena: torch.Tensor, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None
