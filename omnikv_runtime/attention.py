@@ -64,13 +64,17 @@ def causal_chunk_attention(query, key, value, scaling: float) -> tuple[torch.Ten
     """Causal attention of the last ``q`` positions over ``kv >= q`` keys (a prefill chunk after
     earlier ones), the diagonal at the bottom right, GQA without repeating KV heads.
 
-    On CUDA in half precision this is FlashAttention-2 itself, whose causal mask is bottom-right
-    aligned (torch's own ``causal_lower_right`` bias dispatches to the same op); elsewhere torch's
-    SDPA with that bias.
+    On CUDA in half precision: cuDNN's fused attention (the Hopper kernel torch picks for a one-shot
+    prefill), run twice, over the earlier keys without a mask and over the chunk's own keys with a
+    causal one, and merged by their log-sum-exp; where cuDNN declines, FlashAttention-2, whose
+    causal mask is bottom-right aligned. Elsewhere torch's SDPA with a bottom-right causal bias.
     """
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] % 8 == 0:
-        flash = torch.ops.aten._scaled_dot_product_flash_attention
-        output = flash(query, key, value, 0.0, is_causal=True, return_debug_mask=False, scale=scaling)[0]
+        try:
+            output = _cudnn_chunk_attention(query, key, value, scaling)
+        except RuntimeError:  # cuDNN missing or declining these shapes
+            flash = torch.ops.aten._scaled_dot_product_flash_attention
+            output = flash(query, key, value, 0.0, is_causal=True, return_debug_mask=False, scale=scaling)[0]
     else:
         bias = causal_lower_right(query.shape[2], key.shape[2])
         gqa = query.shape[1] != key.shape[1]
@@ -78,6 +82,21 @@ def causal_chunk_attention(query, key, value, scaling: float) -> tuple[torch.Ten
             query, key, value, attn_mask=bias, scale=scaling, enable_gqa=gqa
         )
     return output.transpose(1, 2).contiguous(), None
+
+
+def _cudnn_chunk_attention(query, key, value, scaling: float) -> torch.Tensor:
+    batch, heads, count, dim = query.shape
+    past = key.shape[2] - count
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+    own, own_lse = cudnn(query, key[:, :, past:], value[:, :, past:], None, True, 0.0, True, False, scale=scaling)[:2]
+    earlier, earlier_lse = cudnn(
+        query, key[:, :, :past], value[:, :, :past], None, True, 0.0, False, False, scale=scaling
+    )[:2]
+    own_lse, earlier_lse = own_lse.reshape(batch, heads, count, 1), earlier_lse.reshape(batch, heads, count, 1)
+    top = torch.maximum(own_lse, earlier_lse)
+    own_weight, earlier_weight = torch.exp(own_lse - top), torch.exp(earlier_lse - top)
+    merged = (own.float() * own_weight + earlier.float() * earlier_weight) / (own_weight + earlier_weight)
+    return merged.to(query.dtype)
 
 
 def eager_attention(
