@@ -2,7 +2,7 @@
 
 Least-recently-used replacement (Belady, "A study of replacement algorithms for a virtual-storage
 computer", IBM Systems Journal 1966, surveys it). OmniKV's selections repeat 40-72% from one step
-to the next, so rows selected recently are the likeliest to be selected again (DESIGN.md).
+to the next on the bundled model, so rows selected recently are the likeliest to be selected again.
 """
 
 from __future__ import annotations
