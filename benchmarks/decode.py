@@ -83,6 +83,27 @@ def fill(cache, config, batch, tokens, device, dtype, chunk: int = 32768) -> Non
     sync(device)
 
 
+def random_model(device_name: str, tiny: bool) -> tuple[torch.device, LlamaForCausalLM, LlamaConfig, torch.dtype]:
+    """The benchmarks' model: random weights (bf16 on CUDA, float32 elsewhere), seed 0."""
+    device = torch.device(device_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = model_config(tiny)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    return device, model, config, dtype
+
+
+def run_header(device: torch.device, script: str, argv: list[str] | None) -> dict[str, Any]:
+    """Card, date, torch and the command, at the head of a benchmark's JSON."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+
+
 def kv_bytes_per_token_layer(config: LlamaConfig, dtype: torch.dtype) -> int:
     head_dim = config.hidden_size // config.num_attention_heads
     return 2 * config.num_key_value_heads * head_dim * dtype.itemsize
@@ -380,18 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     args.eager_too = [True] if args.eager else []
     args.trace_paths = args.trace_paths.split(",")
 
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = model_config(args.tiny)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+    device, model, config, dtype = random_model(args.device, args.tiny)
     links = bandwidths(device)
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "command": "python benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **run_header(device, "decode.py", argv),
         "geometry": "tiny" if args.tiny else "Llama-3-8B (random bf16 weights)",
         "filled": "caches filled directly with random KV, no prefill",
         "filter_layers": FILTER_LAYERS,

@@ -26,12 +26,11 @@ import time
 from typing import Any
 
 import torch
-from transformers import LlamaForCausalLM
 
 import omnikv_runtime as okv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode.py, also under python -P
-from decode import FILTER_LAYERS, model_config  # noqa: E402
+from decode import FILTER_LAYERS, random_model, run_header  # noqa: E402
 
 
 def timed(device: torch.device, run) -> float:
@@ -77,18 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = model_config(args.tiny)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+    device, model, config, _ = random_model(args.device, args.tiny)
     model.generation_config.pad_token_id = 0
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "command": "python benchmarks/end_to_end.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **run_header(device, "end_to_end.py", argv),
         "geometry": "tiny" if args.tiny else "Llama-3-8B (random bf16 weights)",
         "rows": [],
     }

@@ -19,13 +19,12 @@ import tempfile
 import time
 
 import torch
-from transformers import LlamaForCausalLM
 
 import omnikv_runtime as okv
 from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import FILTER_LAYERS, model_config  # noqa: E402
+from decode import FILTER_LAYERS, random_model  # noqa: E402
 
 
 def profiled(run) -> tuple[float, list]:
@@ -56,10 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--chunk-size", type=int, default=4096)
     args = parser.parse_args(argv)
-    config = model_config(False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    _, model, config, _ = random_model("cuda", False)
     ids = torch.randint(100, config.vocab_size, (1, args.context), device="cuda")
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "context": args.context}
 

@@ -74,6 +74,14 @@ def make_model(family: str = "llama", seed: int = 0, attn_implementation: str = 
     return model
 
 
+def cuda_llama(**overrides: Any):
+    """A random float32 Llama of 8 layers (8 heads, 2 KV heads, vocabulary 512) on CUDA, seed 0."""
+    torch.manual_seed(0)
+    geometry = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8)
+    config = LlamaConfig(vocab_size=512, num_key_value_heads=2, max_position_embeddings=4096, **geometry, **overrides)
+    return LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+
+
 def make_prompt(batch: int = 1, length: int = PROMPT_LEN, pad: int = PAD_TOKENS, seed: int = 1):
     """Random ids (never the pad id) and an attention mask; row 1 (if any) is left-padded by `pad` tokens."""
     generator = torch.Generator().manual_seed(seed)

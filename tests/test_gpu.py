@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from okv_testlib import cuda_llama
 
 import omnikv_runtime as okv
 
@@ -20,17 +20,7 @@ pytestmark = pytest.mark.gpu
 def cuda_model():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    return LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+    return cuda_llama()
 
 
 def _prompt(batch: int, length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

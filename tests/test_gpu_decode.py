@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from okv_testlib import cuda_llama
 
 import omnikv_runtime as okv
 from omnikv_runtime.kernels import KVSource, decode_attention, decode_attention_torch, max_head_logits
 from omnikv_runtime.kernels.head_scores import max_head_logits_torch
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 NEW_TOKENS = 256
 
@@ -27,21 +27,8 @@ NEW_TOKENS = 256
 def cuda_model():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        initializer_range=0.2,  # tokens depend on the context (HF's 0.02 gives near-constant output)
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+    # initializer_range 0.2: tokens depend on the context (HF's 0.02 gives near-constant output)
+    return cuda_llama(initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
 
 
 def _prompt(batch: int, length: int, pad: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
