@@ -163,7 +163,7 @@ class OmniKVCache(Cache):
         else:
             if not was_decoding or self.counters is None:
                 self._start_decode(like)
-            self._ensure_room(like)
+            self.ensure_room(like)
             self.counters.advance(self.ring_tokens)
             torch.lt(self._columns, self.counters.context_len, out=self.selectable)
             self.selectable.logical_and_(self.valid)
@@ -196,13 +196,13 @@ class OmniKVCache(Cache):
             if self.policy.window_size > 1:
                 segment.window.start_decode()
 
-    def _ensure_room(self, like: torch.Tensor) -> None:
-        """Grow buffers a run has outgrown (never in a captured step: the runner reserves enough)."""
-        needed = self.get_seq_length() + 1
+    def ensure_room(self, like: torch.Tensor, steps: int = 1) -> None:
+        """Make room for ``steps`` more decode steps now (buffers grow, at least doubling). A decode
+        loop calls it before capturing a step: a replay keeps the buffers it was recorded with."""
+        needed = self.get_seq_length() + steps
         dense = [layer for layer in self.layers if isinstance(layer, DenseLayerKV)]
-        if min(layer.capacity for layer in dense) < needed:
-            for layer in dense:
-                layer.ensure_capacity(like, needed)
+        for layer in dense:
+            layer.ensure_capacity(like, needed)
         capacity = min(layer.capacity for layer in dense)
         if self.valid is None or self.valid.shape != (like.shape[0], capacity):
             self.valid = torch.ones(like.shape[0], capacity, dtype=torch.bool, device=like.device)
@@ -214,8 +214,8 @@ class OmniKVCache(Cache):
                 segment.arena.ensure_capacity(needed)
                 if segment.hot is not None:
                     segment.hot.ensure_tokens(segment.arena.capacity)
-        if self.tail_tokens is None and self.decode_steps >= self.ring_tokens:  # every generated token stays
-            self.ring_tokens *= 2
+        if self.tail_tokens is None and self.decode_steps + steps > self.ring_tokens:  # every generated token stays
+            self.ring_tokens = max(2 * self.ring_tokens, self.decode_steps + steps)
             for segment in self.segments:
                 segment.ensure_ring(like.shape[0], self.ring_tokens, like.device)
 
@@ -223,7 +223,7 @@ class OmniKVCache(Cache):
         """Enter decoding now (after a prefill), so that the first step may be a replayed graph."""
         self.decoding = True
         self._start_decode(like)
-        self._ensure_room(like)
+        self.ensure_room(like)
 
     def reset(self) -> None:
         """Forget the request; keep every buffer, so that a captured decode step can serve the next
@@ -242,24 +242,6 @@ class OmniKVCache(Cache):
         self._prompt_valid = None
         self.selected_log.clear()
         self.forward_starts.clear()
-
-    def reserve_decode(self, steps: int, like: torch.Tensor) -> None:
-        """Make room for ``steps`` more decode steps now, so that none of them grows a buffer (a
-        captured step replays with the buffers it was recorded with)."""
-        if self.tail_tokens is None and self.decode_steps + steps > self.ring_tokens:
-            self.ring_tokens = self.decode_steps + steps
-            for segment in self.segments:
-                segment.ensure_ring(like.shape[0], self.ring_tokens, like.device)
-        stop = self.get_seq_length() + steps
-        for layer in self.layers:
-            if isinstance(layer, DenseLayerKV):
-                layer.ensure_capacity(like, stop)
-        self._ensure_room(like)
-        for segment in self.segments:
-            if segment.arena is not None:
-                segment.arena.ensure_capacity(stop)
-                if segment.hot is not None:
-                    segment.hot.ensure_tokens(segment.arena.capacity)
 
     def advance_host(self, steps: int) -> None:
         """Move the host-side counts forward by ``steps`` decoded tokens (eager steps do this

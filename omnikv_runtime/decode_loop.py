@@ -303,7 +303,7 @@ class DecodeLoop:
     def _capture(self, steps_left: int) -> None:
         """Record one decode step in a CUDA graph (the recording itself runs nothing)."""
         started = time.perf_counter()
-        self.cache.reserve_decode(max(steps_left, 1), self.ids)
+        self.cache.ensure_room(self.ids, max(steps_left, 1))
         torch.cuda.synchronize()
         transfer = self.cache.transfer
         before = transfer.stats.copy()
