@@ -17,6 +17,7 @@ setup(
         "omnikv_runtime.policies",
         "omnikv_runtime.configs",
         "omnikv_runtime.eval",
+        "omnikv_runtime.kernels",
     ],
     package_dir={
         "omnikv_runtime": "omnikv_runtime",
@@ -26,7 +27,7 @@ setup(
     },
     package_data={"omnikv_runtime.configs": ["*.json"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "transformers>=5.4,<6",
         "pydantic>=2.5",
         "psutil>=5.9",
