@@ -172,6 +172,7 @@ class DecodeLoop:
         self.check_every = check_every
         self.times = LoopTimes(graph=use_graph)
         self._stopped_at: dict[int, int] = {}  # row -> tokens kept, for rows a stop string ended
+        self._stop_checked = 0  # new tokens already searched for stop strings
         self._accepts_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         self._graph: torch.cuda.CUDAGraph | None = None
         self._stream = torch.cuda.Stream() if use_graph else None
@@ -191,6 +192,7 @@ class DecodeLoop:
         self.max_new_tokens, self.stop = max_new_tokens, stop
         self.times = LoopTimes(graph=self.use_graph)
         self._stopped_at = {}
+        self._stop_checked = 0
         self._steps_run = 0
 
     # prefill ----------------------------------------------------------------------------------
@@ -330,13 +332,16 @@ class DecodeLoop:
         return bool(self.finished.all())
 
     def _apply_stop_strings(self, emitted: int) -> None:
+        """Finish rows whose text now holds a stop string (decoded on the host, new tokens only)."""
         tokens = self.tokens[:, :emitted].tolist()
         finished = self.finished.tolist()
         reach = max(len(text) for text in self.stop.stop_strings) + 8  # tokens a stop string can span
+        first = self._stop_checked + 1
+        self._stop_checked = emitted
         for row, ids in enumerate(tokens):
             if finished[row]:
                 continue
-            for end in range(1, emitted + 1):
+            for end in range(first, emitted + 1):
                 text = self.stop.tokenizer.decode(ids[max(0, end - reach) : end])
                 if any(stop in text for stop in self.stop.stop_strings):
                     self.tokens[row, end:emitted] = self.stop.pad_token_id
