@@ -82,6 +82,17 @@ def cuda_llama(**overrides: Any):
     return LlamaForCausalLM(config).to("cuda", torch.float32).eval()
 
 
+def cuda_prompt(batch: int, length: int, pad: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids for `cuda_llama` (vocabulary 512) and a mask on CUDA; row 1 (if any) left-padded by `pad`."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 512, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :pad] = 0
+        ids[1, :pad] = 0
+    return ids.cuda(), mask.cuda()
+
+
 def make_prompt(batch: int = 1, length: int = PROMPT_LEN, pad: int = PAD_TOKENS, seed: int = 1):
     """Random ids (never the pad id) and an attention mask; row 1 (if any) is left-padded by `pad` tokens."""
     generator = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from okv_testlib import cuda_llama
+from okv_testlib import cuda_llama, cuda_prompt
 
 import omnikv_runtime as okv
 
@@ -23,21 +23,11 @@ def cuda_model():
     return cuda_llama()
 
 
-def _prompt(batch: int, length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 512, (batch, length), generator=generator)
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        mask[1, :pad] = 0
-        ids[1, :pad] = 0
-    return ids.cuda(), mask.cuda()
-
-
 @pytest.mark.parametrize("transfer", ["triton", "torch"])
 @pytest.mark.parametrize("offload", ["cpu", "none"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_full_budget_equals_dense_on_cuda(cuda_model, offload, batch, transfer):
-    ids, mask = _prompt(batch, 300, pad=37)
+    ids, mask = cuda_prompt(batch, 300, pad=37)
     with torch.no_grad():
         reference = cuda_model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
     config = {
@@ -52,7 +42,7 @@ def test_full_budget_equals_dense_on_cuda(cuda_model, offload, batch, transfer):
 
 
 def test_small_budget_keeps_host_tier_off_gpu(cuda_model):
-    ids, mask = _prompt(2, 300, pad=37)
+    ids, mask = cuda_prompt(2, 300, pad=37)
     config = {"omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 16}, "offload": {"device": "cpu"}}
     engine = okv.initialize(cuda_model, config)
     output = engine.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0)
@@ -90,7 +80,7 @@ def test_triton_gather_reads_pinned_host_rows_exactly(row_elems):
 
 def test_transfer_stream_has_no_race_over_100_steps(cuda_model):
     """100 decode steps with gathers on the side stream: the same tokens on every run and as the torch engine."""
-    ids, mask = _prompt(2, 600, pad=50)
+    ids, mask = cuda_prompt(2, 600, pad=50)
     runs = []
     for transfer in ("triton", "triton", "triton", "torch"):
         config = {
@@ -105,7 +95,7 @@ def test_transfer_stream_has_no_race_over_100_steps(cuda_model):
 @pytest.mark.parametrize("eviction", ["lru", "lfu", "none"])
 def test_hot_cache_on_cuda_gives_the_same_tokens_and_fetches_less(cuda_model, eviction):
     """Delta fetch through the GPU hot cache: same tokens as without it (triton and torch), fewer bytes."""
-    ids, mask = _prompt(2, 600, pad=50)
+    ids, mask = cuda_prompt(2, 600, pad=50)
     runs, fetched = [], []
     for transfer, hot in (("triton", 0), ("triton", 64), ("torch", 64), ("triton", 64)):
         config = {
@@ -142,7 +132,7 @@ def test_triton_hot_gather_matches_the_source_exactly_on_cuda():
 
 def test_pageable_host_tier_still_gives_the_same_tokens(cuda_model, monkeypatch):
     """A failed pin falls back to pageable memory (a warning, a counter); the Triton engine gathers with torch."""
-    ids, mask = _prompt(2, 400, pad=30)
+    ids, mask = cuda_prompt(2, 400, pad=30)
     config = {
         "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 32},
         "offload": {"device": "cpu", "transfer": "triton", "hot_cache_tokens": 64},

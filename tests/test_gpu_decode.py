@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from okv_testlib import cuda_llama
+from okv_testlib import cuda_llama, cuda_prompt
 
 import omnikv_runtime as okv
 from omnikv_runtime.kernels import KVSource, decode_attention, decode_attention_torch, max_head_logits
@@ -29,16 +29,6 @@ def cuda_model():
         pytest.skip("needs CUDA")
     # initializer_range 0.2: tokens depend on the context (HF's 0.02 gives near-constant output)
     return cuda_llama(initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
-
-
-def _prompt(batch: int, length: int, pad: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 512, (batch, length), generator=generator)
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        mask[1, :pad] = 0
-        ids[1, :pad] = 0
-    return ids.cuda(), mask.cuda()
 
 
 def _config(host_tier: str, budget, **sections) -> dict:
@@ -130,7 +120,7 @@ def test_layer_slice_gather_and_write_back_from_pinned_memory():
 )
 def test_replayed_steps_equal_eager_steps_and_transformers(cuda_model, batch, offload, extra):
     """256 graph-replayed steps, tail ring of 64 (it wraps 3 times), budget 24 of 300 tokens."""
-    ids, mask = _prompt(batch, 300, pad=37)
+    ids, mask = cuda_prompt(batch, 300, pad=37)
     config = _config(offload, 24, omnikv={"tail_tokens": 64}, **extra)
     graph = okv.initialize(cuda_model, {**config, "generation": {"cuda_graphs": True}})
     out_graph = graph.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0)
@@ -155,7 +145,7 @@ def test_replayed_steps_equal_eager_steps_and_transformers(cuda_model, batch, of
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
 def test_graph_at_full_budget_equals_dense(cuda_model, offload):
-    ids, mask = _prompt(4, 300, pad=37)
+    ids, mask = cuda_prompt(4, 300, pad=37)
     with torch.inference_mode():
         dense = cuda_model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=0)
     engine = okv.initialize(cuda_model, _config(offload, 1.0))
@@ -169,7 +159,7 @@ def test_a_second_call_of_the_same_shape_replays_the_kept_graph(cuda_model):
     engine = okv.initialize(cuda_model, _config("cpu", 24, offload={"hot_cache_tokens": 48}))
     reference = okv.initialize(cuda_model, {**_config("cpu", 24), "generation": {"cuda_graphs": False}})
     for seed, new in ((1, 40), (2, 40), (3, 25)):
-        ids, mask = _prompt(2, 300, pad=37, seed=seed)
+        ids, mask = cuda_prompt(2, 300, pad=37, seed=seed)
         out = engine.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=0)
         assert engine.stats()["cuda_graph"] is True
         if seed > 1:
@@ -199,7 +189,7 @@ def test_prefill_chunk_attention_is_causal_at_the_bottom_right():
 
 
 def test_sampling_in_the_graph_is_seeded_and_varies(cuda_model):
-    ids, mask = _prompt(1, 100, pad=0)
+    ids, mask = cuda_prompt(1, 100, pad=0)
     engine = okv.initialize(cuda_model, _config("none", 16))
     runs = []
     for seed in (0, 0, 1):
