@@ -117,6 +117,7 @@ class OmniKVCache(Cache):
         self._columns: torch.Tensor | None = None  # [batch, capacity] int64: 0..capacity-1 in each row
         self._prompt_valid: torch.Tensor | None = None  # [batch, columns] from the prefill's mask
         self.capturing = False  # a CUDA graph is recording: host-side counts are the runner's business
+        self.fused_layers = False  # decoder layers given the fused forward run it for this cache
         self.selected_log: list[dict[int, int]] = []  # per decode step: filter layer -> tokens selected
         self.forward_starts: list[tuple[float, bool]] = []  # (time, decoding) at the start of each forward
         self.selection_trace: list[dict[str, object]] | None = None  # a list records every selection (host sync!)

@@ -17,6 +17,8 @@ from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import DecodeLoop, loop_settings
 from omnikv_runtime.errors import PromptError, UnsupportedModelError
+from omnikv_runtime.fused_layers import install_fused_layers
+from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
 from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
@@ -75,6 +77,7 @@ class Engine:
             logger.info("offload.hot_cache_tokens is ignored with offload.device='none': every row is on the GPU")
         model.set_attn_implementation(register_attention(self._base_attention(model, config)))
         self.device = next(model.parameters()).device
+        self.fused_layers = self._fuse_layers(model, config.generation.fused_layers)
         offload = config.offload
         self.transfer = make_transfer_engine(self.device, offload.device, offload.pin_memory, offload.transfer)
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
@@ -107,6 +110,19 @@ class Engine:
             )
         return current
 
+    def _fuse_layers(self, model: PreTrainedModel, wanted: bool | str) -> bool:
+        """Install the fused decoder-layer forward where ``generation.fused_layers`` asks for it."""
+        if wanted is False or (wanted == "auto" and not (self.device.type == "cuda" and TRITON_AVAILABLE)):
+            return False
+        fused = install_fused_layers(model)
+        if fused == 0:
+            logger.log(
+                logging.WARNING if wanted is True else logging.INFO,
+                "generation.fused_layers: no decoder layer of %s can be fused; transformers' layers run",
+                type(model).__name__,
+            )
+        return fused > 0
+
     def new_cache(self, reserve_tokens: int = 0, prompt_tokens: int = 0) -> OmniKVCache:
         """A fresh tiered cache; also usable as ``model.generate(..., past_key_values=cache)``.
 
@@ -126,6 +142,7 @@ class Engine:
             eviction=self.eviction,
             tail_tokens=self.config.omnikv.tail_tokens,
         )
+        cache.fused_layers = self.fused_layers
         self._last_cache = cache
         return cache
 
