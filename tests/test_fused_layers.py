@@ -132,7 +132,11 @@ def test_layer_kernels_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     isolated = ["-P"] if sys.version_info >= (3, 11) else []  # import the installed package, not the cwd
     done = subprocess.run(
-        [sys.executable, *isolated, "-c", KERNELS_IN_THE_INTERPRETER], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, *isolated, "-c", KERNELS_IN_THE_INTERPRETER],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
