@@ -160,6 +160,7 @@ class Bench:
         row["host_syncs"] = host_syncs(step, self.device)
         trace_path = None
         if trace and self.args.trace_dir:
+            os.makedirs(self.args.trace_dir, exist_ok=True)
             trace_path = os.path.join(self.args.trace_dir, f"trace_{label}.json")
         row.update(gpu_profile(step, self.args.profile_steps, self.device, trace_path))
         return row
@@ -244,7 +245,8 @@ class Bench:
             if mode == "dense":
                 config["omnikv"]["enabled"] = False
             engine = okv.initialize(self.model, config)
-            runs = len(budgets) * len(hot_settings) * (1 + len(self.args.eager_too))
+            variants = [(False, True)] + [(True, True)] * bool(self.args.eager) + [(False, False)] * self.args.unfused
+            runs = len(budgets) * len(hot_settings) * len(variants)
             cache = engine.new_cache(reserve_tokens=context + runs * self.steps_per_row() + 64, prompt_tokens=context)
             started = time.perf_counter()
             fill(cache, self.config, batch, context, self.device, self.dtype)
@@ -258,12 +260,16 @@ class Bench:
                     else max(64, int(budget * context + 0.999))
                 )
                 for multiple in hot_settings:
-                    for eager in [False, *self.args.eager_too]:
+                    for eager, fused in variants:
                         row = {**base, "budget": budget, "selected": k, "fill_s": fill_s, "cuda_graph": not eager}
                         if multiple:
                             row["path"] += f"_hot{multiple}x"
                         if eager:
                             row["path"] += "_eager"
+                        if not fused:
+                            row["path"] += "_unfused"
+                        cache.fused_layers = fused and engine.fused_layers
+                        row["fused_layers"] = cache.fused_layers
                         cache.budget = lambda _context, k=k: min(k, _context)
                         cache.budget_tokens = min(k, cache.context_len)
                         cache.resize_hot_cache(multiple * k, self.device)
@@ -374,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         help="our paths: dense (OmniKV off: the runtime's own dense step), gpu (offload none), offload",
     )
     parser.add_argument("--eager", action="store_true", help="also time each of our paths without a CUDA graph")
+    parser.add_argument(
+        "--unfused", action="store_true", help="also time each of our paths with transformers' own decoder layers"
+    )
     parser.add_argument("--trace-dir", help="keep Chrome traces of the profiled steps of the first cell here")
     parser.add_argument("--trace-paths", default="omnikv_gpu,omnikv_offload", help="paths whose trace is kept")
     parser.add_argument("--hot-multiples", default="2", help="hot cache sizes as multiples of the budget")
@@ -398,7 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     args.static_batches = [int(x) for x in args.static_batches.split(",") if x]
     args.modes = [x for x in args.modes.split(",") if x]
     args.hot_multiples = [int(x) for x in args.hot_multiples.split(",") if x]
-    args.eager_too = [True] if args.eager else []
     args.trace_paths = args.trace_paths.split(",")
 
     device, model, config, dtype = random_model(args.device, args.tiny)

@@ -5,7 +5,9 @@
 - 256 decode steps replayed from a CUDA graph give the same greedy tokens as the same step run
   eagerly and as transformers' own ``generate`` through the cache, at batch 1 and 4, in GPU mode
   and offload mode (with and without a hot cache), with the tail ring wrapping;
-- at budget 1.0 the graph-captured engine equals plain dense generation.
+- at budget 1.0 the graph-captured engine equals plain dense generation;
+- the fused layers' kernels equal transformers' ops (RMSNorm within rounding), and a fused engine
+  gives the unfused tokens.
 """
 
 from __future__ import annotations
@@ -145,13 +147,44 @@ def test_replayed_steps_equal_eager_steps_and_transformers(cuda_model, batch, of
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
 def test_graph_at_full_budget_equals_dense(cuda_model, offload):
+    """Without fused layers: transformers' own dense generate. With them: our dense path, fused alike."""
     ids, mask = cuda_prompt(4, 300, pad=37)
     with torch.inference_mode():
         dense = cuda_model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=0)
-    engine = okv.initialize(cuda_model, _config(offload, 1.0))
+    unfused = {"generation": {"fused_layers": False}}
+    engine = okv.initialize(cuda_model, {**_config(offload, 1.0), **unfused})
     output = engine.generate(ids, attention_mask=mask, max_new_tokens=64, pad_token_id=0)
     assert engine.stats()["cuda_graph"] is True
     assert torch.equal(output, dense)
+    fused = okv.initialize(cuda_model, _config(offload, 1.0))
+    assert fused.fused_layers
+    ours_dense = okv.initialize(cuda_model, _config("none", 1.0, omnikv={"enabled": False}))
+    expected = ours_dense.generate(ids, attention_mask=mask, max_new_tokens=64, pad_token_id=0)
+    assert torch.equal(fused.generate(ids, attention_mask=mask, max_new_tokens=64, pad_token_id=0), expected)
+    # fusion regroups the same math: transformers' tokens, logits within rounding
+    assert torch.equal(expected, dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_layer_kernels_equal_transformers_ops(dtype):
+    from omnikv_runtime.kernels import layer_ops as ops
+
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 3, 4096, device="cuda", dtype=dtype)
+    weight = torch.randn(4096, device="cuda", dtype=dtype)
+    normed, reference = ops.rms_norm(hidden, weight, 1e-5), ops.rms_norm_torch(hidden, weight, 1e-5)
+    assert normed.dtype == dtype and not torch.equal(normed, hidden)
+    # the sum of squares runs in another order and rsqrt differs in its last bit: one rounding step apart
+    torch.testing.assert_close(normed, reference, rtol=1e-2 if dtype == torch.bfloat16 else 2e-6, atol=1e-6)
+    q = torch.randn(2, 9, 32 * 128, device="cuda", dtype=dtype).view(2, 9, 32, 128)
+    k = torch.randn(2, 9, 8 * 128, device="cuda", dtype=dtype).view(2, 9, 8, 128)
+    cos, sin = torch.randn(1, 9, 128, device="cuda", dtype=dtype), torch.randn(1, 9, 128, device="cuda", dtype=dtype)
+    q_rot, k_rot = ops.rotary_embedding(q, k, cos, sin)
+    q_ref, k_ref = ops.rotary_embedding_torch(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert torch.equal(q_rot, q_ref) and torch.equal(k_rot, k_ref)
+    gate = torch.randn(3, 14336, device="cuda", dtype=dtype) * 4
+    up = torch.randn(3, 14336, device="cuda", dtype=dtype)
+    assert torch.equal(ops.silu_mul(gate, up), ops.silu_mul_torch(gate, up))
 
 
 def test_a_second_call_of_the_same_shape_replays_the_kept_graph(cuda_model):
