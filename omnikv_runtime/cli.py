@@ -144,6 +144,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "omnikv_runtime.cli_eval",
     "omnikv_runtime.cli_analyze",
 )
+CONFIG_COMMANDS = ("generate", "plan", "run", "profile", "eval", "analyze-layers")
+TRUST_HELP = "import the modules a config names as 'module:Class' policies (runs their code)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=cmd_generate)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(commands)
+    for name in CONFIG_COMMANDS:  # the commands that load a --config
+        commands.choices[name].add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     return parser
 
 
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        if getattr(args, "trust_remote_code", False):  # import the config's policy modules now, opted in
+            load_config(args.config, trust_remote_code=True)
         result = args.handler(args)
     except (OmniKVError, OSError) as exc:
         print(f"omnikv: error: {exc}", file=sys.stderr)

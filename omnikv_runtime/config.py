@@ -7,22 +7,28 @@ reference). The seed OmniKV's flat format loads too (see :mod:`omnikv_runtime.le
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
 
-from omnikv_runtime.errors import ConfigError, did_you_mean
+from omnikv_runtime.config_io import read_json, validation_error
+from omnikv_runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 OFFLOAD_DEVICES = ("cpu", "none")
+# Upper bounds of sizes, checked at load: a size past them cannot be meant and would allocate or
+# loop without end. 16M tokens is past every supported model's context.
+MAX_TOKENS = 1 << 24
+MAX_LAYERS = 1024
+MAX_THREADS = 1024
+MAX_WINDOW = 4096  # queries a selection policy may score per step (a window of queries is kept per segment)
+MAX_INTERVAL_MS = 60_000.0
 
 
 class _Section(BaseModel):
@@ -36,9 +42,9 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     device: str = "auto"
-    max_context_len: StrictInt | None = Field(default=None, gt=0)
+    max_context_len: StrictInt | None = Field(default=None, gt=0, le=MAX_TOKENS)
     quantization: Literal["none", "8bit", "4bit"] = "none"
-    cpu_num_threads: StrictInt | None = Field(default=None, gt=0)
+    cpu_num_threads: StrictInt | None = Field(default=None, gt=0, le=MAX_THREADS)
 
     @field_validator("quantization")
     @classmethod
@@ -61,7 +67,7 @@ class SelectorSection(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     type: str = "last"
-    window_size: StrictInt | None = Field(default=None, gt=0)  # None: the policy's own default
+    window_size: StrictInt | None = Field(default=None, gt=0, le=MAX_WINDOW)  # None: the policy's own default
 
     def policy_arguments(self) -> dict[str, Any]:
         """What builds the policy: the type and only the fields the config set."""
@@ -78,10 +84,10 @@ class OmniKVSection(_Section):
 
     enabled: bool = True
     filter_layers: list[StrictInt] = Field(default_factory=lambda: [2, 8, 18])
-    wait_layers: StrictInt = Field(default=1, ge=0)
+    wait_layers: StrictInt = Field(default=1, ge=0, le=MAX_LAYERS)
     token_budget: StrictInt | StrictFloat = 0.067
-    min_token_budget: StrictInt = Field(default=64, ge=1)
-    tail_tokens: StrictInt | None = Field(default=None, gt=0)
+    min_token_budget: StrictInt = Field(default=64, ge=1, le=MAX_TOKENS)
+    tail_tokens: StrictInt | None = Field(default=None, gt=0, le=MAX_TOKENS)
     selector: SelectorSection = Field(default_factory=SelectorSection)
 
     @field_validator("filter_layers")
@@ -91,6 +97,8 @@ class OmniKVSection(_Section):
             raise ValueError("give at least one filter layer (or set omnikv.enabled = false)")
         if any(layer < 0 for layer in layers):
             raise ValueError("layer indices start at 0")
+        if any(layer >= MAX_LAYERS for layer in layers):
+            raise ValueError(f"layer indices below {MAX_LAYERS}")
         if len(set(layers)) != len(layers):
             raise ValueError("filter layers must not repeat")
         if layers != sorted(layers):
@@ -100,8 +108,8 @@ class OmniKVSection(_Section):
     @field_validator("token_budget")
     @classmethod
     def _positive_budget(cls, budget: int | float) -> int | float:
-        if isinstance(budget, int) and budget <= 0:
-            raise ValueError("a token count must be at least 1")
+        if isinstance(budget, int) and not 0 < budget <= MAX_TOKENS:
+            raise ValueError(f"a token count must be at least 1 and at most {MAX_TOKENS}")
         if isinstance(budget, float) and not 0.0 < budget <= 1.0:
             raise ValueError("a fraction of the prompt must lie in (0, 1]; for a token count write an integer")
         return budget
@@ -112,9 +120,13 @@ class OmniKVSection(_Section):
         return {"type": value} if isinstance(value, str) else value
 
     def budget_tokens(self, context_len: int) -> int:
-        """How many context tokens a sparse layer sees for a context of `context_len` tokens."""
+        """How many context tokens a sparse layer sees for a context of `context_len` tokens.
+
+        A fraction rounds down, ``int(fraction * context_len)``, as the original OmniKV does, and is
+        then raised to ``min_token_budget`` (a floor the original does not have).
+        """
         if isinstance(self.token_budget, float):
-            wanted = max(math.ceil(self.token_budget * context_len), self.min_token_budget)
+            wanted = max(int(self.token_budget * context_len), self.min_token_budget)
         else:
             wanted = self.token_budget
         return max(0, min(wanted, context_len))
@@ -138,7 +150,7 @@ class OffloadSection(_Section):
     device: Literal["cpu", "none"] = "cpu"
     pin_memory: bool = True
     transfer: Literal["auto", "torch", "triton"] = "auto"
-    hot_cache_tokens: StrictInt = Field(default=0, ge=0)
+    hot_cache_tokens: StrictInt = Field(default=0, ge=0, le=MAX_TOKENS)
     eviction: EvictionSection = Field(default_factory=EvictionSection)
 
     @field_validator("eviction", mode="before")
@@ -150,7 +162,7 @@ class OffloadSection(_Section):
 class PrefillSection(_Section):
     """Chunked prefill keeps activation memory flat; null runs the prompt in one forward."""
 
-    chunk_size: StrictInt | None = Field(default=4096, gt=0)
+    chunk_size: StrictInt | None = Field(default=4096, gt=0, le=MAX_TOKENS)
 
 
 class GenerationSection(_Section):
@@ -167,10 +179,10 @@ class GenerationSection(_Section):
     in another order); ``false`` keeps transformers' own kernels, bit for bit.
     """
 
-    max_new_tokens: StrictInt = Field(default=32, gt=0)
+    max_new_tokens: StrictInt = Field(default=32, gt=0, le=MAX_TOKENS)
     cuda_graphs: bool = True
     fused_layers: StrictBool | Literal["auto"] = "auto"
-    check_every: StrictInt = Field(default=16, gt=0)
+    check_every: StrictInt = Field(default=16, gt=0, le=MAX_TOKENS)
     use_chat_template: bool = True
     cot: bool = False
 
@@ -178,7 +190,7 @@ class GenerationSection(_Section):
 class ProfilingSection(_Section):
     """The memory profiler (``omnikv profile``, ``omnikv run --profile-memory``, ``okv.profile_memory``)."""
 
-    interval_ms: StrictFloat | StrictInt = Field(default=10, gt=0)
+    interval_ms: StrictFloat | StrictInt = Field(default=10, ge=1, le=MAX_INTERVAL_MS, allow_inf_nan=False)
     trace: bool = True  # a torch.profiler Chrome trace next to report.json
     png: bool = True  # the timeline plot (needs matplotlib)
 
@@ -194,7 +206,12 @@ class OmniKVConfig(_Section):
     profiling: ProfilingSection = Field(default_factory=ProfilingSection)
 
     def check_for_model(self, num_layers: int) -> None:
-        """Raise ConfigError if the filter and wait layers do not fit a model of `num_layers` layers."""
+        """Raise ConfigError if a filter layer lies past the last of the model's `num_layers` layers.
+
+        A segment left without a sparse layer (adjacent filter layers such as ``[2, 3]``, or wait
+        layers reaching the next filter layer) runs dense, as in the original OmniKV: one log line
+        says so.
+        """
         if not self.omnikv.enabled:
             return
         layers = self.omnikv.filter_layers
@@ -205,119 +222,104 @@ class OmniKVConfig(_Section):
                     "omnikv.filter_layers", layers, f"layer indices 0..{num_layers - 1} (the model has {num_layers})"
                 )
         bounds = [*layers[1:], num_layers]
-        for layer, next_bound in zip(layers, bounds):
-            if layer + wait + 1 >= next_bound:
-                what = f"filter layer {next_bound}" if next_bound < num_layers else "the last layer"
-                raise ConfigError(
-                    "omnikv.wait_layers",
-                    wait,
-                    f"filter layer {layer} plus {wait} wait layer(s) reaches {what}, leaving no sparse layer "
-                    f"in that segment; use fewer wait layers or spread the filter layers",
-                )
+        dense = [(layer, bound) for layer, bound in zip(layers, bounds) if layer + wait + 1 >= bound]
+        for layer, bound in dense:
+            logger.info(
+                "filter layer %d: its segment (layers %d..%d) has no sparse layer after %d wait layer(s), so "
+                "it runs dense",
+                layer,
+                layer,
+                bound - 1,
+                wait,
+            )
+        if len(dense) == len(layers):
+            logger.warning(
+                "omnikv.filter_layers %s with %d wait layer(s) leave no sparse layer in a %d-layer model: "
+                "every layer runs dense",
+                layers,
+                wait,
+                num_layers,
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able data."""
         return self.model_dump(mode="json")
 
 
-def _dotted(config_cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    """Turn a pydantic error location into a dotted field path, dropping union tags like 'int'."""
-    parts: list[str] = []
-    cls: type[BaseModel] | None = config_cls
-    for item in loc:
-        if isinstance(item, int):
-            parts[-1] = f"{parts[-1]}[{item}]" if parts else str(item)
-            continue
-        if cls is None:
-            continue  # a union member tag such as 'int' or 'float'
-        if item in cls.model_fields:
-            annotation = cls.model_fields[item].annotation
-            parts.append(item)
-            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-        else:  # an unknown key
-            parts.append(str(item))
-            cls = None
-    return ".".join(parts)
-
-
-def _section_fields(config_cls: type[BaseModel], path: list[str]) -> list[str]:
-    cls: Any = config_cls
-    for name in path:
-        annotation = cls.model_fields[name].annotation if name in getattr(cls, "model_fields", {}) else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        cls = annotation
-    return list(cls.model_fields)
-
-
-def _config_error(exc: ValidationError) -> ConfigError:
-    """The first pydantic error of `exc` as a ConfigError naming field, value and what is allowed."""
-    error = exc.errors()[0]
-    field = _dotted(OmniKVConfig, tuple(error["loc"]))
-    value = error.get("input")
-    if error["type"] == "extra_forbidden":
-        *section, key = field.split(".")
-        known = _section_fields(OmniKVConfig, section)
-        where = f"section '{'.'.join(section)}'" if section else "the top level"
-        return ConfigError(field, value, f"unknown key in {where}{did_you_mean(key, known)}; known: {known}")
-    message = error["msg"].removeprefix("Value error, ")
-    return ConfigError(field, value, message)
-
-
 def _bundled_config(name: str) -> Path | None:
     """The path of a config shipped with the package (`default`, `dense`, ...), if there is one."""
     try:
         candidate = resources.files("omnikv_runtime.configs").joinpath(f"{name}.json")
-    except ModuleNotFoundError:
+    except (ModuleNotFoundError, ValueError):
         return None
     return Path(str(candidate)) if candidate.is_file() else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            "<file>", str(path), f"valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError("<file>", str(path), "a JSON object at the top level")
-    return data
+def _config_path(source: str | Path) -> Path:
+    path = Path(source)
+    if path.is_file():
+        return path
+    bundled = _bundled_config(str(source)) if not path.suffix and "/" not in str(source) else None
+    if bundled is None:
+        raise ConfigError("<file>", str(source), "a path to an existing JSON file or a bundled config name")
+    return bundled
 
 
-def load_config(source: str | Path | dict[str, Any] | OmniKVConfig | None = None) -> OmniKVConfig:
+def load_config(
+    source: str | Path | dict[str, Any] | OmniKVConfig | None = None, trust_remote_code: bool = False
+) -> OmniKVConfig:
     """Load and validate a config from a JSON path, a bundled name, a dict, or an OmniKVConfig.
 
     The seed OmniKV's flat format (``do_select_layers``, ``num_of_selected_tokens``, ...) is
-    recognised and mapped onto the same model. Raises :class:`ConfigError` on any bad field.
-    """
-    from omnikv_runtime.legacy import from_legacy, is_legacy
+    recognised and mapped onto the same model. Raises :class:`ConfigError` on any bad field; for a
+    file, the error names it.
 
-    if source is None:
-        return OmniKVConfig()
-    if isinstance(source, OmniKVConfig):
-        return source.model_copy(deep=True)
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            bundled = _bundled_config(str(source)) if not path.suffix else None
-            if bundled is None:
-                raise ConfigError("<file>", str(source), "a path to an existing JSON file or a bundled config name")
-            path = bundled
-        data = _read_json(path)
-    elif isinstance(source, dict):
-        data = dict(source)
-    else:
-        raise ConfigError("<config>", type(source).__name__, "a path, a dict or an OmniKVConfig")
-    if is_legacy(data):
+    ``trust_remote_code``: a selector or eviction ``type`` written as ``"module:Class"`` imports that
+    module, running its code, only when this is True (otherwise a ConfigError says how to opt in).
+    """
+    path: Path | None = None
+    try:
+        if source is None:
+            return OmniKVConfig()
+        if isinstance(source, (str, Path)):
+            path = _config_path(source)
+            data: Any = read_json(path)
+        elif isinstance(source, OmniKVConfig):
+            return _check_policies(source.model_copy(deep=True), trust_remote_code)
+        elif isinstance(source, dict):
+            data = dict(source)
+        else:
+            raise ConfigError("<config>", type(source).__name__, "a path, a dict or an OmniKVConfig")
+        return _validate(data, trust_remote_code)
+    except ConfigError as error:
+        raise (error.in_file(str(path)) if path is not None else error) from None
+    except RecursionError:
+        where = str(path) if path is not None else type(source).__name__
+        raise ConfigError("<config>", where, "a config nested less deeply (it exceeds the recursion limit)") from None
+
+
+def _validate(data: dict[str, Any], trust_remote_code: bool) -> OmniKVConfig:
+    from omnikv_runtime.legacy import from_legacy, is_legacy, seed_key_of
+
+    seed = is_legacy(data)
+    if seed:
         data = from_legacy(data)
     try:
         config = OmniKVConfig.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc) from None
+        error = validation_error(exc, OmniKVConfig)
+        key = seed_key_of(error.field) if seed else None
+        if key is None:
+            raise error from None
+        raise ConfigError(key, error.value, f"{error.allowed} (it sets {error.field} here)") from None
+    return _check_policies(config, trust_remote_code)
+
+
+def _check_policies(config: OmniKVConfig, trust_remote_code: bool) -> OmniKVConfig:
+    """Build the config's policies once: an unknown type or a bad argument is a ConfigError."""
     from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 
-    # unknown selector or bad arguments: ConfigError; unset fields leave the policy's own defaults
-    make_selection_policy(config.omnikv.selector.policy_arguments())
-    make_eviction_policy(config.offload.eviction.model_dump())
+    # unset fields leave the policy's own defaults
+    make_selection_policy(config.omnikv.selector.policy_arguments(), trust_remote_code)
+    make_eviction_policy(config.offload.eviction.model_dump(), trust_remote_code)
     return config

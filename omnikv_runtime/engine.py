@@ -373,12 +373,14 @@ def initialize(
     model: PreTrainedModel | None = None,
     config: str | Path | dict[str, Any] | OmniKVConfig | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    trust_remote_code: bool = False,
 ) -> Engine:
     """Wrap `model` (or the config's model, loaded) with the OmniKV runtime.
 
     A model handed in wins over the config's ``model`` section; omitted config fields take defaults.
+    ``trust_remote_code``: see :func:`~omnikv_runtime.config.load_config`.
     """
-    cfg = load_config(config)
+    cfg = load_config(config, trust_remote_code=trust_remote_code)
     if model is None:
         from omnikv_runtime.models import load_model
 

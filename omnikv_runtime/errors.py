@@ -18,14 +18,32 @@ class OmniKVError(Exception):
 class ConfigError(OmniKVError, ValueError):
     """A config field holds a value that is not allowed.
 
-    The message names the field (dotted path), the value, and what is allowed.
+    The message names the field (dotted path), the value, and what is allowed; for a config read
+    from a file, ``source`` is that file and the message starts with it.
     """
 
-    def __init__(self, field: str, value: object, allowed: str) -> None:
+    def __init__(self, field: str, value: object, allowed: str, source: str | None = None) -> None:
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"config field '{field}' = {value!r} is not allowed: {allowed}")
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}config field '{field}' = {_short_repr(value)} is not allowed: {allowed}")
+
+    def in_file(self, source: str) -> ConfigError:
+        """The same error, naming the file the config came from (unchanged if it already names one)."""
+        if self.source is not None:
+            return self
+        return ConfigError(self.field, self.value, self.allowed, source=source)
+
+
+def _short_repr(value: object, limit: int = 200) -> str:
+    """``repr(value)``, cut to `limit` characters (a fuzzed or huge value must not flood the message)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # a deeply nested value, or an int past the digit limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[: limit - 5]} ...{text[-1]}"
 
 
 class ModelLoadError(OmniKVError, RuntimeError):

@@ -45,18 +45,26 @@ class LayerPlan:
 
     @classmethod
     def build(cls, num_layers: int, filter_layers: list[int], wait_layers: int, enabled: bool = True) -> LayerPlan:
-        """The plan for `filter_layers` (already validated against `num_layers`); all dense if not enabled."""
+        """The plan for `filter_layers` (already validated against `num_layers`); all dense if not enabled.
+
+        A filter layer whose wait layers reach the next filter layer (or the model's end) leaves its
+        segment without a sparse layer: like the original OmniKV, that segment runs dense, so its
+        layers are all ``DENSE`` here and it has no :class:`Segment` (its selection would serve no layer).
+        """
         if not enabled:
             return cls(num_layers, tuple(Role.DENSE for _ in range(num_layers)), ())
         roles = [Role.DENSE] * num_layers
-        segments = []
+        segments: list[Segment] = []
         segment_of: dict[int, int] = {}
         bounds = [*filter_layers[1:], num_layers]
-        for index, (layer, bound) in enumerate(zip(filter_layers, bounds)):
-            roles[layer] = Role.FILTER
-            for wait in range(layer + 1, min(layer + 1 + wait_layers, bound)):
-                roles[wait] = Role.WAIT
+        for layer, bound in zip(filter_layers, bounds):
             sparse = tuple(range(layer + 1 + wait_layers, bound))
+            if not sparse:
+                continue  # a dense segment
+            index = len(segments)
+            roles[layer] = Role.FILTER
+            for wait in range(layer + 1, layer + 1 + wait_layers):
+                roles[wait] = Role.WAIT
             for sparse_layer in sparse:
                 roles[sparse_layer] = Role.SPARSE
                 segment_of[sparse_layer] = index

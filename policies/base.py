@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from omnikv_runtime.config import MAX_WINDOW
+
 
 @dataclass
 class SelectionContext:
@@ -53,6 +55,9 @@ class SelectionPolicy:
     ``lossless`` is True for policies that never drop KV for good (all OmniKV policies); lossy ones
     report what they dropped in :meth:`dropped_tokens`. Per-request state goes in ``ctx.state``.
 
+    ``limits`` bounds the constructor's numeric arguments when a config names them (the registry
+    checks them, and their types, before building the policy).
+
     ``graph_safe`` says that :meth:`select` may be captured in a CUDA graph and replayed: it reads
     no value back to the host, allocates nothing it keeps across steps, and keeps no state outside
     tensors it updates in place. Policies that are not (and user policies, unless they say so)
@@ -62,6 +67,8 @@ class SelectionPolicy:
     name = "base"
     lossless = True
     graph_safe = False
+    # argument -> (lowest, highest) accepted from a config; types come from __init__'s annotations
+    limits: dict[str, tuple[float, float]] = {"window_size": (1, MAX_WINDOW)}
 
     def __init__(self, window_size: int = 1) -> None:
         if window_size < 1:
@@ -128,6 +135,37 @@ def windowed_softmax_scores(ctx: SelectionContext, weights: torch.Tensor) -> tor
     weights = weights[-window:].to(probs)
     weights = weights / weights.sum()
     return torch.einsum("bhwt,w->bht", probs, weights).amax(dim=1)
+
+
+def window_columns(ctx: SelectionContext) -> torch.Tensor:
+    """``[batch, context_len]`` bool: valid context columns whose own query is in ``ctx.queries``
+    (at the first decode steps, the prompt's last tokens; empty slots, at position -1, mark none)."""
+    length = ctx.context_len
+    positions = ctx.query_positions.to(ctx.keys.device)
+    inside = (positions >= 0) & (positions < length)
+    marks = torch.zeros(length + 1, dtype=torch.bool, device=ctx.keys.device)
+    marks[torch.where(inside, positions, length)] = True  # out-of-context queries mark the spare slot
+    return ctx.valid & marks[:length][None, :]
+
+
+def seed_window_scores(ctx: SelectionContext, weights: torch.Tensor) -> torch.Tensor:
+    """The original OmniKV's window scoring (its ``uniform`` and ``exp`` selectors).
+
+    Tokens whose own query is in the window are left out of the scoring (each query's softmax runs
+    over the other valid tokens it sees) and score above every other token, later ones higher, so
+    they are always selected when the budget holds them. The others score
+    ``sum_w weights[w] * max_h softmax_h(q_w . k)``: the max over heads is taken per query, then the
+    window's queries are summed. ``weights`` is ``[window]``, oldest first.
+    """
+    forced = window_columns(ctx)
+    logits = head_logits(ctx).masked_fill(~(ctx.valid & ~forced)[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query seeing nothing scores 0
+    per_query = probs.amax(dim=1)  # [batch, window, context_len]: max over heads first
+    weights = weights[-per_query.shape[1] :].to(per_query)
+    scores = torch.einsum("bwt,w->bt", per_query, weights)
+    columns = torch.arange(ctx.context_len, device=scores.device, dtype=scores.dtype)
+    above = weights.sum() + 1.0 + columns / max(ctx.context_len, 1)  # above any sum of probabilities
+    return torch.where(forced, above[None, :], scores)
 
 
 def first_valid(valid: torch.Tensor, count: int) -> torch.Tensor:

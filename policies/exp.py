@@ -1,15 +1,16 @@
-"""OmniKV ``exp``: attention of recent queries with exponentially decaying weights, max over heads.
+"""OmniKV ``exp``: softmax attention of a window of recent queries, weights halving with age.
 
-From OmniKV (Hao et al., ICLR 2025): like ``uniform`` over the last ``window_size`` queries, but a
-query ``a`` steps old weighs ``decay ** a`` (default 0.5), so the current query dominates while
-recent ones still vote. Lossless.
+From OmniKV (Hao et al., ICLR 2025), as its code computes it: like ``uniform`` (per query, max over
+heads, then summed over the window; the window's own prompt tokens always selected), but a query
+``a`` steps older than the current one weighs ``decay ** a`` (the original's 0.5 by default), so the
+current query dominates while recent ones still vote. Lossless.
 """
 
 from __future__ import annotations
 
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, windowed_softmax_scores
+from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, seed_window_scores
 
 
 class ExpWindowPolicy(SelectionPolicy):
@@ -17,6 +18,7 @@ class ExpWindowPolicy(SelectionPolicy):
 
     name = "exp"
     graph_safe = True
+    limits = {**SelectionPolicy.limits, "decay": (0.0, 1.0)}
 
     def __init__(self, window_size: int = 16, decay: float = 0.5) -> None:
         super().__init__(window_size=window_size)
@@ -26,4 +28,4 @@ class ExpWindowPolicy(SelectionPolicy):
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
         ages = torch.arange(self.window_size - 1, -1, -1, dtype=torch.float32)  # oldest first
-        return windowed_softmax_scores(ctx, self.decay**ages)
+        return seed_window_scores(ctx, self.decay**ages)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, last_valid
+from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, last_valid
 from omnikv_runtime.policies.lossy import LayerState, LossyPolicy, window_attention
 
 
@@ -23,6 +23,8 @@ class H2OPolicy(LossyPolicy):
     """Heavy hitters (accumulated attention) plus ``recent_ratio`` of the budget as recent tokens."""
 
     name = "h2o"
+
+    limits = {**SelectionPolicy.limits, "recent_ratio": (0.0, 1.0)}
 
     def __init__(self, window_size: int = 4096, recent_ratio: float = 0.5) -> None:
         super().__init__(window_size=window_size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from omnikv_runtime.config import MAX_TOKENS
 from omnikv_runtime.policies.base import (
     SelectionContext,
     SelectionPolicy,
@@ -32,6 +33,14 @@ class InfLLMPolicy(SelectionPolicy):
 
     name = "infllm"
     graph_safe = True
+
+    limits = {
+        **SelectionPolicy.limits,
+        "block_size": (1, 4096),
+        "representatives": (1, 4096),
+        "init_tokens": (0, MAX_TOKENS),
+        "local_ratio": (0.0, 1.0),
+    }
 
     def __init__(
         self,

@@ -22,6 +22,8 @@ class QuestPolicy(SelectionPolicy):
     name = "quest"
     graph_safe = True
 
+    limits = {**SelectionPolicy.limits, "page_size": (1, 4096)}
+
     def __init__(self, window_size: int = 1, page_size: int = 16) -> None:
         super().__init__(window_size=1)
         if page_size < 1:

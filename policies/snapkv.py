@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, last_valid
+from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, last_valid
 from omnikv_runtime.policies.lossy import LayerState, LossyPolicy, window_attention
 
 
@@ -21,6 +21,8 @@ class SnapKVPolicy(LossyPolicy):
     """Pooled observation-window attention at the first decode step; the window itself is always kept."""
 
     name = "snapkv"
+
+    limits = {**SelectionPolicy.limits, "kernel_size": (1, 1023)}
 
     def __init__(self, window_size: int = 32, kernel_size: int = 7) -> None:
         super().__init__(window_size=window_size)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, causal_columns, first_valid
+from omnikv_runtime.config import MAX_TOKENS
+from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, causal_columns, first_valid
 from omnikv_runtime.policies.lossy import LayerState, LossyPolicy
 
 
@@ -19,6 +20,8 @@ class StreamingLLMPolicy(LossyPolicy):
     """``sink_tokens`` attention sinks plus the most recent context tokens, query-independent."""
 
     name = "streaming_llm"
+
+    limits = {**SelectionPolicy.limits, "sink_tokens": (0, MAX_TOKENS)}
 
     def __init__(self, window_size: int = 1, sink_tokens: int = 4) -> None:
         super().__init__(window_size=1)

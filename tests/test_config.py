@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
-from okv_testlib import PLAN, omni
+import torch
+from okv_testlib import PLAN, PROMPT_LEN, is_sparse, make_model, omni, split_forwards
 
 import omnikv_runtime as okv
 from omnikv_runtime.config import OmniKVConfig
@@ -46,13 +48,39 @@ def test_filter_layer_out_of_range_is_caught_at_initialize(tiny_llama):
 
 
 @pytest.mark.parametrize(
-    ("filter_layers", "wait", "reaches"),
-    [([1, 4], 2, "filter layer 4"), ([1, 4], 3, "filter layer 4"), ([1, 6], 1, "the last layer"), ([7], 0, "last")],
+    ("filter_layers", "wait", "plan", "dense_segments", "equivalent"),
+    [
+        ([1, 2], 1, "DDFWssss", [1], {"filter_layers": [2], "wait_layers": 1}),  # adjacent filter layers
+        ([1, 4], 2, "DDDDFWWs", [1], {"filter_layers": [4], "wait_layers": 2}),  # wait layers reach layer 4
+        ([1, 4], 3, "DDDDDDDD", [1, 4], {"enabled": False}),
+        ([1, 6], 1, "DFWsssDD", [6], None),  # wait layer 7 is the last layer
+        ([7], 0, "DDDDDDDD", [7], {"enabled": False}),
+    ],
 )
-def test_wait_layers_reaching_the_next_filter_layer(tiny_llama, filter_layers, wait, reaches):
-    with pytest.raises(okv.ConfigError) as excinfo:
-        okv.initialize(tiny_llama, {"omnikv": {"filter_layers": filter_layers, "wait_layers": wait}})
-    _assert_config_error(excinfo, "omnikv.wait_layers", wait, reaches, "fewer wait layers")
+def test_a_segment_without_sparse_layers_runs_dense(
+    caplog, attention_spy, prompt_factory, filter_layers, wait, plan, dense_segments, equivalent
+):
+    """As in the original OmniKV, a segment whose wait layers leave no sparse layer runs dense: one log line
+    per such segment, full attention in its layers, and the tokens of a config without that filter layer."""
+    ids, mask = prompt_factory(batch=2)
+    budget, steps = 6, 5
+    section = {"filter_layers": filter_layers, "wait_layers": wait, "token_budget": budget}
+    with caplog.at_level(logging.INFO, logger="omnikv_runtime.config"):
+        engine = okv.initialize(make_model("llama"), {"omnikv": section})
+    assert engine.plan.describe() == plan
+    for layer in dense_segments:
+        assert f"filter layer {layer}: its segment" in caplog.text and "runs dense" in caplog.text
+    assert ("every layer runs dense" in caplog.text) == (plan == "DDDDDDDD")
+    calls = attention_spy()
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=steps)
+    for step, forward in enumerate(split_forwards(calls)[1:], start=1):
+        for call in forward:  # only the plan's sparse layers read a selection
+            expected = budget + step if is_sparse(engine, call.layer) else PROMPT_LEN + step
+            assert call.attended == expected, (step, call)
+    if equivalent is not None:
+        reference = okv.initialize(make_model("llama"), {"omnikv": {"token_budget": budget, **equivalent}})
+        assert reference.plan.describe() == plan
+        assert torch.equal(out, reference.generate(ids, attention_mask=mask, max_new_tokens=steps))
 
 
 def test_valid_layout_builds_the_expected_plan(tiny_llama):
@@ -66,9 +94,11 @@ def test_valid_layout_builds_the_expected_plan(tiny_llama):
     [
         (0.2, 1, 40, 8),
         (0.1, 1, 30, 3),
-        (0.5, 1, 41, 21),
+        (0.5, 1, 41, 20),  # rounds down, as the original's int(fraction * prompt_len)
         (0.067, 1, 1000, 67),
-        (0.067, 1, 40, 3),
+        (0.067, 1, 40, 2),
+        (0.29, 1, 100, 28),  # 0.29 * 100 is 28.999999999999996 in floating point: the original's int() gives 28
+        (0.01, 1, 40, 1),  # int() gives 0: the floor of one token
         (0.067, 64, 1000, 67),  # the floor does not bind
         (0.067, 64, 40, 40),  # a short prompt: the floor selects everything
         (0.067, 64, 500, 64),
@@ -78,7 +108,7 @@ def test_valid_layout_builds_the_expected_plan(tiny_llama):
     ],
 )
 def test_budget_tokens(budget, minimum, context, tokens):
-    """A fraction takes the ceiling of its share, at least min_token_budget; a count is capped by the context."""
+    """A fraction takes int(fraction * context), at least min_token_budget; a count is capped by the context."""
     section = {"token_budget": budget, "min_token_budget": minimum}
     assert okv.load_config({"omnikv": section}).omnikv.budget_tokens(context) == tokens
 
@@ -120,13 +150,17 @@ def test_unknown_selector_suggests_a_name(selector, suggestion):
 
 
 @pytest.mark.parametrize(
-    ("selector", "allowed"),
-    [({"type": "exp", "decay": 2.0}, "decay"), ({"type": "last", "bogus": 1}, "bogus")],
+    ("selector", "field", "allowed"),
+    [
+        ({"type": "exp", "decay": 2.0}, "omnikv.selector.decay", "from 0.0 to 1.0"),
+        ({"type": "exp", "decay": 0.0}, "omnikv.selector", "decay must lie in (0, 1]"),
+        ({"type": "last", "bogus": 1}, "omnikv.selector", "bogus"),
+    ],
 )
-def test_bad_selector_arguments(selector, allowed):
+def test_bad_selector_arguments(selector, field, allowed):
     with pytest.raises(okv.ConfigError) as excinfo:
         okv.load_config({"omnikv": {"selector": selector}})
-    assert excinfo.value.field == "omnikv.selector"
+    assert excinfo.value.field == field
     assert allowed in str(excinfo.value)
 
 

@@ -148,10 +148,11 @@ def test_eviction_config_errors_name_the_field():
     with pytest.raises(okv.ConfigError, match=r"offload\.eviction\.type.*lrv.*did you mean 'lru'"):
         okv.load_config({"offload": {"eviction": {"type": "lrv"}}})
     with pytest.raises(okv.ConfigError, match=r"offload\.eviction\.type.*subclass of omnikv_runtime.policies"):
-        okv.load_config({"offload": {"eviction": "omnikv_runtime.policies:LastQueryPolicy"}})
+        okv.load_config({"offload": {"eviction": "omnikv_runtime.policies:LastQueryPolicy"}}, trust_remote_code=True)
     with pytest.raises(okv.ConfigError, match=r"offload\.hot_cache_tokens"):
         okv.load_config({"offload": {"hot_cache_tokens": -5}})
-    assert isinstance(make_eviction_policy({"type": "omnikv_runtime.policies.lfu:LFUEviction"}), LFUEviction)
+    spec = {"type": "omnikv_runtime.policies.lfu:LFUEviction"}
+    assert isinstance(make_eviction_policy(spec, trust_remote_code=True), LFUEviction)
 
 
 @pytest.mark.parametrize("eviction", ["lru", "lfu", "none"])

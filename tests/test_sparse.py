@@ -68,7 +68,8 @@ def test_sparse_keys_are_the_selected_rows_then_the_tail(selector, offload, atte
     token generated so far, the current one included), and its output is attention over exactly those."""
     model = make_model("qwen3")
     ids, mask = make_prompt(2)
-    engine = okv.initialize(model, omni(budget=BUDGET, selector=selector, offload={"device": offload}))
+    config = omni(budget=BUDGET, selector=selector, offload={"device": offload})
+    engine = okv.initialize(model, config, trust_remote_code=True)  # the user policy is imported by path
     caches = capture_caches(engine)
     seen: list[tuple[int, int, torch.Tensor, tuple, tuple]] = []  # layer, step, selection, selected KV, tail KV
     expected_outputs: dict[int, torch.Tensor] = {}
