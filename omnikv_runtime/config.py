@@ -175,8 +175,8 @@ class GenerationSection(_Section):
     for finished rows (the only synchronisation of the decode loop). ``fused_layers``: run
     Llama-architecture decoder layers through fused kernels (RMSNorm, rotary embedding, SiLU-gated
     MLP) while the runtime's cache drives them; ``"auto"`` on CUDA, where they save ~25 small
-    kernels per layer and step. The result equals the unfused layer up to rounding (RMSNorm sums
-    in another order); ``false`` keeps transformers' own kernels, bit for bit.
+    kernels per layer and step. The result stays within one rounding of the unfused layer (on
+    CPU it is the same); ``false`` keeps transformers' own kernels, bit for bit.
     """
 
     max_new_tokens: StrictInt = Field(default=32, gt=0, le=MAX_TOKENS)

@@ -8,9 +8,10 @@ kilobytes and costs 1-2 µs of GPU time, so a 32-layer model spends more than a 
 token on them even when the step is replayed from a CUDA graph. Each function here is one Triton
 kernel on CUDA and the same torch expression as transformers elsewhere.
 
-The kernels round where transformers' half-precision kernels round (each product and sum is
-rounded to the tensor's dtype), so the rotary embedding and the SiLU gate match transformers'
-results; RMSNorm sums its squares in another order, so it can differ in the last bit.
+The kernels compute in float32 and round to the tensor's dtype where transformers' kernels round
+(after each product and each sum). Results stay within one rounding of transformers': on the GPU
+a product may be fused with the sum that follows it, and RMSNorm sums its squares in another
+order. The torch functions (``*_torch``, used off CUDA) are transformers' expressions exactly.
 """
 
 from __future__ import annotations
