@@ -148,6 +148,7 @@ class OmniKVCache(Cache):
             keys, values = sources[0].keys.transpose(1, 2), sources[0].values.transpose(1, 2)
         elif isinstance(layer, SparseLayerKV):
             self._ensure_arena(layer, key_states)
+            self._prefetch_sparse_after(layer_idx)
             keys, values = layer.update(key_states, value_states)
         else:
             keys, values = layer.update(key_states, value_states)
@@ -161,6 +162,8 @@ class OmniKVCache(Cache):
         if not self.decoding:  # prefill (or a new turn): every token so far becomes selectable context
             self.context_len = past + like.shape[2]
             self.decode_steps = 0
+            self.transfer.discard_prefetches()
+            self._prefetch_sparse_after(-1)
         else:
             if not was_decoding or self.counters is None:
                 self._start_decode(like)
@@ -274,6 +277,14 @@ class OmniKVCache(Cache):
         if segment.staging is not None:
             self.transfer.wait(segment.arena.data, layer.slot)  # its rows may still be landing
         return segment.sources(layer.slot, counters)
+
+    def _prefetch_sparse_after(self, layer_idx: int) -> None:
+        """A chunk after the first: start reading the next sparse layer's earlier tokens from the host tier."""
+        following = [index for index in self.plan.sparse_layers if index > layer_idx]
+        if following:
+            layer = self.layers[following[0]]
+            if layer.arena is not None and layer.length > 0:
+                layer.arena.prefetch(layer.slot, layer.length)
 
     def _ensure_arena(self, layer: SparseLayerKV, like: torch.Tensor) -> None:
         segment = self.segments[layer.segment]

@@ -131,14 +131,16 @@ class SparseLayerKV(_KVLayerBase):
         self.arena: HostArena | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Prefill: store in the arena and return the full KV (the chunk itself when it is the first)."""
+        """Prefill: store in the arena and return the full KV: the earlier tokens read back from the
+        arena, then the chunk itself (which need not wait for its own write to land)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         past = self.length
         self.length = self.arena.append(self.slot, key_states, value_states)
         if past == 0:
             return key_states, value_states
-        return self.arena.read(self.slot, self.length)
+        earlier_keys, earlier_values = self.arena.read(self.slot, past)
+        return torch.cat((earlier_keys, key_states), dim=2), torch.cat((earlier_values, value_states), dim=2)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """The arena and the segment's buffers are reordered by the cache."""

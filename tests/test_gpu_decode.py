@@ -111,6 +111,28 @@ def test_layer_slice_gather_and_write_back_from_pinned_memory():
     assert torch.equal(arena[:, :777], before[:, :777]) and torch.equal(arena[:, 778:], before[:, 778:])
 
 
+def test_prefill_read_started_ahead_equals_the_host_tier():
+    """A prefetched read of a layer's earlier tokens returns them, after a write queued before it."""
+    from omnikv_runtime.transfer.triton_engine import TritonTransferEngine
+
+    engine = TritonTransferEngine(torch.device("cuda"), torch.device("cpu"), pin_memory=True)
+    arena = engine.allocate_host((2, 900, 3, 2, 8, 128), torch.bfloat16)
+    arena.copy_(torch.randn(arena.shape).to(torch.bfloat16))
+    keys = torch.randn(2, 8, 100, 128, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    engine.write_rows(arena, 1, 700, keys, values)  # queued on the transfer stream before the read
+    engine.prefetch_rows(arena, 1, 800)
+    torch.cuda._sleep(50_000_000)  # the compute stream is busy meanwhile
+    read_keys, read_values = engine.read_rows(arena, 1, 800)
+    torch.cuda.synchronize()
+    assert torch.equal(read_keys[:, :, 700:].cpu(), keys.cpu()) and torch.equal(read_values[:, :, 700:], values)
+    assert torch.equal(read_keys[:, :, :700].cpu(), arena[:, :700, 1, 0].transpose(1, 2))
+    assert engine._ahead == {}  # taken
+    engine.prefetch_rows(arena, 2, 800)
+    other = engine.read_rows(arena, 2, 600)[0]  # another range: read afresh, not the prefetched one
+    assert torch.equal(other.cpu(), arena[:, :600, 2, 0].transpose(1, 2))
+
+
 # the captured step ----------------------------------------------------------------------------------
 
 

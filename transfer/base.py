@@ -96,6 +96,16 @@ class TransferEngine(ABC):
     def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``start..stop`` of layer ``slot`` on the compute device: ``[batch, kv_heads, n, head_dim]``."""
 
+    def prefetch_rows(self, arena: torch.Tensor, slot: int, stop: int) -> None:
+        """Start reading tokens ``0..stop`` of layer ``slot``, so that a later :meth:`read_rows` of
+        exactly those tokens finds them on the compute device. Engines that read synchronously
+        ignore it."""
+        return None
+
+    def discard_prefetches(self) -> None:
+        """Drop reads started by :meth:`prefetch_rows` that no layer has taken."""
+        return None
+
     @abstractmethod
     def gather_rows(
         self, arena: torch.Tensor, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None

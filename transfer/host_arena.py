@@ -72,6 +72,10 @@ class HostArena:
         """Tokens ``start..stop`` of layer ``slot`` on the compute device."""
         return self.engine.read_rows(self.data, slot, stop, start)
 
+    def prefetch(self, slot: int, stop: int) -> None:
+        """Start reading tokens ``0..stop`` of layer ``slot`` ahead of :meth:`read` (if reads are asynchronous)."""
+        self.engine.prefetch_rows(self.data, slot, stop)
+
     def gather(self, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None) -> None:
         """Fetch tokens ``indices`` ``[batch, k]`` of every layer into the packed ``staging`` rows (through ``hot``)."""
         self.engine.gather_rows(self.data, indices, staging, hot)

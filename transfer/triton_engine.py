@@ -10,7 +10,9 @@ calls captured in a CUDA graph become fork/join edges of the graph.
 Writes into a pinned host tier (prefill chunks and each decode step's new token) also run on the
 transfer stream, by a small Triton kernel that stores straight into host memory, so a prefill
 chunk's offload overlaps the next chunk's compute; the transfer stream orders them before any
-later gather, and a full read of the host tier (chunked prefill) first waits for them.
+later gather. A chunked prefill reads each sparse layer's earlier tokens back from the host tier:
+the cache asks for the next sparse layer's read (:meth:`prefetch_rows`) while the current one
+computes, so the read overlaps compute instead of stalling it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class TritonTransferEngine(TorchTransferEngine):
         self.num_programs = num_programs
         self.stream = torch.cuda.Stream(device=self.compute_device)
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}
+        # (arena, slot) -> (stop, rows, event): a prefill's read of the next layer, started early
+        self._ahead: dict[tuple[int, int], tuple[int, torch.Tensor, torch.cuda.Event]] = {}
 
     def write_rows(self, arena: torch.Tensor, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         if not (arena.is_pinned() and keys.is_cuda):  # device arena, or pageable after a failed pin: plain copies
@@ -61,9 +65,34 @@ class TritonTransferEngine(TorchTransferEngine):
         self.stream.synchronize()
 
     def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.cuda.current_stream(self.compute_device).wait_stream(self.stream)  # writes in flight land first
-        if not arena.is_pinned():
-            return super().read_rows(arena, slot, stop, start)
+        compute = torch.cuda.current_stream(self.compute_device)
+        ahead = self._ahead.pop((arena.data_ptr(), slot), None)
+        if ahead is not None and ahead[0] == stop and start == 0:
+            compute.wait_event(ahead[2])  # only this layer's read, not the writes queued after it
+            rows = ahead[1]
+        else:
+            compute.wait_stream(self.stream)  # writes in flight land first
+            if not arena.is_pinned():
+                return super().read_rows(arena, slot, stop, start)
+            rows = self._read(arena, slot, start, stop)
+        return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
+
+    def prefetch_rows(self, arena: torch.Tensor, slot: int, stop: int) -> None:
+        """Read the layer's tokens on the transfer stream, after the writes queued there, while
+        the compute stream runs the layers before it (a chunked prefill's next sparse layer)."""
+        if not arena.is_pinned() or stop <= 0:
+            return
+        with torch.cuda.stream(self.stream):  # the buffer and indices belong to the transfer stream
+            rows = self._read(arena, slot, 0, stop)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        rows.record_stream(torch.cuda.current_stream(self.compute_device))  # read there: no reuse before that
+        self._ahead[(arena.data_ptr(), slot)] = (stop, rows, event)
+
+    def discard_prefetches(self) -> None:
+        self._ahead.clear()
+
+    def _read(self, arena: torch.Tensor, slot: int, start: int, stop: int) -> torch.Tensor:
         # one layer's slice of each token's packed row: strided in host memory, so the GPU reads it
         # itself (a copy engine would need it contiguous, which costs a host-side copy first)
         batch, count = arena.shape[0], stop - start
@@ -71,7 +100,7 @@ class TritonTransferEngine(TorchTransferEngine):
         rows = torch.empty((batch, count, *arena.shape[3:]), dtype=arena.dtype, device=self.compute_device)
         gather_rows(arena[:, :, slot], tokens, rows, self.num_programs)
         self.stats.bytes_prefill_read += rows.numel() * rows.element_size()
-        return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
+        return rows
 
     def gather_rows(
         self, arena: torch.Tensor, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None
