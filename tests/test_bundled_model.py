@@ -7,7 +7,7 @@ on a 2-core CPU). The CLI's passkey demo (the README's main job) runs in the def
 from __future__ import annotations
 
 import json
-import math
+import logging
 
 import pytest
 import torch
@@ -55,7 +55,7 @@ def test_default_config_finds_the_passkey_where_dense_does(bundled, length, dept
 
     # it really ran sparse: every decode step selected 6.7% of the prompt at each filter layer
     stats = engine.stats()
-    budget = math.ceil(0.067 * ids.shape[1])
+    budget = int(0.067 * ids.shape[1])  # rounded down, as the original does
     assert set(stats["selected_per_step"]) == {"2", "6", "18"}
     assert all(steps and set(steps) == {budget} for steps in stats["selected_per_step"].values())
     # the host tier holds the full KV of the 22 sparse layers: tokens x kv_heads x head_dim x (k, v) x fp32
@@ -64,6 +64,28 @@ def test_default_config_finds_the_passkey_where_dense_does(bundled, length, dept
     tokens = ids.shape[1] + stats["new_tokens"] - 1
     expected = len(engine.plan.sparse_layers) * tokens * config.num_key_value_heads * head_dim * 2 * 4
     assert engine.memory_report()["tiers"]["host"] == expected
+
+
+def test_seed_config_with_adjacent_filter_layers_runs(bundled, caplog):
+    """The original runs ``do_select_layers "2,3"``: filter layer 2's segment has no sparse layer and runs
+    dense; filter layer 3 selects for layers 5..29. Same here, end to end on the bundled model: at a full
+    budget the answer is dense's token for token, at 6.7% every step selects the same number of tokens."""
+    model, tokenizer = bundled
+    text, _ = build_passkey_prompt(tokenizer, 600, 0.5, seed=0)
+    seed = {"do_select_layers": "2,3", "num_wait_load_layers": 1, "num_of_selected_tokens": 0.067}
+    seed |= {"selector_cls": "last", "real_offload": True, "dense_more": True, "cache_cls": "multi"}
+    with caplog.at_level(logging.INFO, logger="omnikv_runtime"):
+        engine = okv.initialize(model, seed, tokenizer=tokenizer)
+    assert engine.plan.describe() == "DDDFW" + "s" * 25
+    assert "filter layer 2: its segment (layers 2..2) has no sparse layer" in caplog.text
+    _, ids = _answer(engine, tokenizer, text, max_new_tokens=6)
+    steps = engine.stats()["selected_per_step"]
+    assert set(steps) == {"3"} and set(steps["3"]) == {max(int(0.067 * ids.shape[1]), 64)}  # min_token_budget
+    full = okv.initialize(model, {**seed, "num_of_selected_tokens": 1.0}, tokenizer=tokenizer)
+    dense = okv.initialize(model, "configs/dense.json", tokenizer=tokenizer)
+    outputs = [e.generate(ids, max_new_tokens=6) for e in (full, dense)]
+    assert torch.equal(outputs[0], outputs[1])
+    assert set(full.stats()["selected_per_step"]["3"]) == {ids.shape[1]}
 
 
 def test_cli_passkey_demo_reports_both_answers(bundled, capsys, monkeypatch):
@@ -76,7 +98,7 @@ def test_cli_passkey_demo_reports_both_answers(bundled, capsys, monkeypatch):
     omni = result["omnikv"]
     assert 2300 <= omni["prompt_tokens"] <= 2500
     assert omni["plan"] == "DDFWssFWssssssssssFWssssssssss"
-    assert set(omni["selected_tokens_per_step"].values()) == {math.ceil(0.067 * omni["prompt_tokens"])}
+    assert set(omni["selected_tokens_per_step"].values()) == {int(0.067 * omni["prompt_tokens"])}
     assert omni["bytes"]["host"] > 0 and omni["bytes"]["bytes_fetched"] > 0
     assert result["dense"]["selected_tokens_per_step"] == {}
 
@@ -107,7 +129,7 @@ def test_cli_bad_config_is_one_clear_line(capsys, tmp_path):
     bad.write_text(json.dumps({"omnikv": {"token_budget": 1.5}}), encoding="utf-8")
     assert cli.main(["generate", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("omnikv: error: config field 'omnikv.token_budget' = 1.5")
+    assert err.startswith(f"omnikv: error: {bad}: config field 'omnikv.token_budget' = 1.5")
     assert "Traceback" not in err
 
 
