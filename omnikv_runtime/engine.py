@@ -11,13 +11,16 @@ from typing import Any
 import psutil
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput
 
 from omnikv_runtime.attention import BASE_MASK_FUNCTIONS, register_attention
 from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import DecodeLoop, loop_settings
+from omnikv_runtime.engine_guards import ExclusiveUse, mark_prefill_forwards
 from omnikv_runtime.errors import PromptError, UnsupportedModelError
 from omnikv_runtime.fused_layers import install_fused_layers
+from omnikv_runtime.generate_args import check_generate_call, with_generation_options
 from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
 from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
@@ -30,6 +33,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 def check_supported(model: PreTrainedModel) -> None:
     """Raise UnsupportedModelError unless `model` is a decoder-only LM of a family we support."""
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(
+            f"expected a transformers model (AutoModelForCausalLM.from_pretrained(...)), got {type(model).__name__}; "
+            "to load one by name or path, pass it as initialize(model='smollm2-135m') or in the config's model section"
+        )
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
@@ -86,6 +94,8 @@ class Engine:
         self._last_run: dict[str, Any] = {}
         self._last_loop = None  # the decode loop's phase times of the last generate, if it ran
         self._decode_loops: dict[int, DecodeLoop] = {}  # batch size -> a loop with a captured step, kept
+        self._exclusive = ExclusiveUse()  # generate calls from several threads run one at a time
+        mark_prefill_forwards(model)  # model.generate with a cache from new_cache() tells prefill from decode
         if config.model.max_context_len:  # refuse at initialize what can never fit (CUDA)
             self.check_memory(1, config.model.max_context_len, 1)
         logger.info(
@@ -128,7 +138,8 @@ class Engine:
 
         ``reserve_tokens`` sizes the buffers up front (prompt + new tokens). ``prompt_tokens`` (the
         padded prompt length) keeps a chunked prefill whose last chunk is one token from being
-        mistaken for a decode step; pass it when you drive ``generate`` with ``prefill_chunk_size``.
+        mistaken for a decode step; ``model.generate`` tells the cache by itself (the engine hooks
+        its input preparation), so it is needed only when driving the model's forward by hand.
         """
         budget = self.config.omnikv.budget_tokens
         cache = OmniKVCache(
@@ -169,24 +180,25 @@ class Engine:
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
         **generate_kwargs: Any,
-    ) -> torch.Tensor:
-        """Generate through the tiered cache; returns prompt + new ids, like ``model.generate``.
+    ) -> torch.Tensor | ModelOutput:
+        """Generate through the tiered cache; returns prompt + new ids, like ``model.generate`` (its output
+        object with ``return_dict_in_generate=True``).
 
         Greedy unless ``do_sample=True`` (then ``temperature``, ``top_k``, ``top_p``), stopping at
         ``eos_token_id`` or ``stop_strings``: these run in the engine's own loop (chunked prefill,
         then a static decode step replayed from a CUDA graph on CUDA). Anything else (beam search,
         logits processors, ...) goes to transformers' ``generate`` with the same cache, step by step.
+        ``max_length`` (prompt + new) stands in for ``max_new_tokens``. Bad ids, masks or lengths raise
+        PromptError before anything runs. Calls from several threads run one after the other.
         """
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask).reshape(input_ids.shape)
-        max_new_tokens = max_new_tokens or self.config.generation.max_new_tokens
+        default_new = self.config.generation.max_new_tokens
+        call = check_generate_call(self.model, default_new, input_ids, attention_mask, max_new_tokens, generate_kwargs)
+        input_ids, attention_mask, max_new_tokens, generate_kwargs = call
         self.check_prompt(input_ids.shape[1], max_new_tokens)
-        if "past_key_values" in generate_kwargs or "cache" in generate_kwargs:
-            raise ValueError("Engine.generate makes its own cache; call model.generate to pass one")
-        generate_kwargs.setdefault("do_sample", False)
+        with self._exclusive.hold():
+            return self._generate(input_ids, attention_mask, max_new_tokens, generate_kwargs)
+
+    def _generate(self, input_ids, attention_mask, max_new_tokens: int, generate_kwargs: dict[str, Any]) -> Any:
         if self.tokenizer is not None and generate_kwargs.get("pad_token_id") is None:
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         settings = loop_settings(self.model, self.tokenizer, generate_kwargs)
@@ -214,16 +226,14 @@ class Engine:
         self.transfer.synchronize()  # the host tier holds every token when generate returns
         end = time.perf_counter()
         self._last_run = {"start": start, "end": end, "prompt_tokens": input_ids.shape[1], "batch": input_ids.shape[0]}
-        self._last_run["new_tokens"] = output.shape[1] - input_ids.shape[1]
+        self._last_run["new_tokens"] = getattr(output, "sequences", output).shape[1] - input_ids.shape[1]
         return output
 
-    def _transformers_generate(self, cache, input_ids, attention_mask, max_new_tokens, kwargs) -> torch.Tensor:
-        if self.config.prefill.chunk_size and "prefill_chunk_size" not in kwargs:
-            kwargs["prefill_chunk_size"] = self.config.prefill.chunk_size
+    def _transformers_generate(self, cache, input_ids, attention_mask, max_new_tokens, kwargs) -> Any:
+        chunk = {"prefill_chunk_size": self.config.prefill.chunk_size} if self.config.prefill.chunk_size else {}
+        kwargs = with_generation_options(kwargs, {"max_new_tokens": max_new_tokens}, chunk)
         kwargs[self._cache_keyword] = cache
-        return self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
-        )
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def graph_blocker(self) -> str | None:
         """Why decode steps cannot be captured in a CUDA graph here, or None when they can."""
@@ -370,25 +380,27 @@ class Engine:
 
 
 def initialize(
-    model: PreTrainedModel | None = None,
+    model: PreTrainedModel | str | Path | None = None,
     config: str | Path | dict[str, Any] | OmniKVConfig | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     trust_remote_code: bool = False,
 ) -> Engine:
     """Wrap `model` (or the config's model, loaded) with the OmniKV runtime.
 
-    A model handed in wins over the config's ``model`` section; omitted config fields take defaults.
-    ``trust_remote_code``: see :func:`~omnikv_runtime.config.load_config`.
+    A model handed in wins over the config's ``model`` section; a name or path (``"smollm2-135m"``, an
+    HF folder, a ``.gguf`` file) is loaded with the config's dtype and device. Omitted config fields
+    take defaults. ``trust_remote_code``: see :func:`~omnikv_runtime.config.load_config`.
     """
     cfg = load_config(config, trust_remote_code=trust_remote_code)
-    if model is None:
+    if model is None or isinstance(model, (str, Path)):
         from omnikv_runtime.models import load_model
 
-        model, tokenizer = load_model(
-            cfg.model.name_or_path,
+        model, loaded_tokenizer = load_model(
+            cfg.model.name_or_path if model is None else str(model),
             dtype=cfg.model.dtype,
             attn_implementation=cfg.model.attn_implementation,
             device=cfg.model.device,
             quantization=cfg.model.quantization,
         )
+        tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     return Engine(model, cfg, tokenizer=tokenizer)
