@@ -15,31 +15,70 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import stat
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.engine import Engine
-from omnikv_runtime.errors import OmniKVError
+from omnikv_runtime.errors import OmniKVError, PromptError
 
 logger = logging.getLogger(__name__)
 
 DEMO_TOKENS = 2500
 DEMO_DEPTH = 0.5
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def _decode(data: bytes, where: str) -> str:
+    """UTF-8 text of a prompt, or a PromptError naming ``where`` and the first bad byte."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptError(
+            f"{where} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): save it as UTF-8"
+        ) from None
+    if not text.strip():
+        raise PromptError(f"{where} is empty: give a prompt (without one, `omnikv generate` runs the passkey demo)")
+    return text
+
+
+def _stdin_is_piped() -> bool:
+    """Whether stdin is a pipe or a redirected file (a prompt was meant), not a terminal or /dev/null."""
+    if sys.stdin is None:
+        return False
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # a replaced stdin (io.StringIO) without a descriptor
+        return not sys.stdin.isatty()
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def _read_stdin() -> str:
+    buffer = getattr(sys.stdin, "buffer", None)
+    return _decode(buffer.read(), "stdin") if buffer is not None else _decode(sys.stdin.read().encode(), "stdin")
 
 
 def _read_prompt(prompt_file: str | None) -> str | None:
-    """The prompt from --prompt-file (``-`` for stdin), else piped stdin, else None (the demo)."""
+    """The prompt from --prompt-file (``-`` for stdin), else piped stdin, else None (the demo).
+
+    Raises PromptError for a missing, unreadable, non-UTF-8 or empty prompt: checked before the model loads.
+    """
     if prompt_file == "-":
-        return sys.stdin.read()
+        return _read_stdin()
     if prompt_file:
-        with open(prompt_file, encoding="utf-8") as handle:
-            return handle.read()
-    if sys.stdin is not None and not sys.stdin.isatty():
-        text = sys.stdin.read()
-        return text if text.strip() else None
+        try:
+            data = Path(prompt_file).read_bytes()
+        except OSError as exc:
+            raise PromptError(f"--prompt-file {prompt_file}: cannot read it ({exc.strerror or exc})") from None
+        return _decode(data, f"--prompt-file {prompt_file}")
+    if _stdin_is_piped():
+        return _read_stdin()
     return None
 
 
@@ -80,6 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from omnikv_runtime.passkey import build_passkey_prompt, passkey_found
 
     config = load_config(args.config)
+    prompt = _read_prompt(args.prompt_file)  # a bad prompt is reported before the (slow) model load
     if config.model.cpu_num_threads:
         torch.set_num_threads(config.model.cpu_num_threads)
     section = config.model
@@ -87,8 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         section.name_or_path, section.dtype, section.attn_implementation, section.device, section.quantization
     )
     engine = Engine(model, config, tokenizer=tokenizer)
-    max_new = args.max_new_tokens or config.generation.max_new_tokens
-    prompt = _read_prompt(args.prompt_file)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else config.generation.max_new_tokens
     if prompt is not None:
         return {
             "mode": "prompt",
@@ -148,6 +187,40 @@ CONFIG_COMMANDS = ("generate", "plan", "run", "profile", "eval", "analyze-layers
 TRUST_HELP = "import the modules a config names as 'module:Class' policies (runs their code)"
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _configure_logging(verbose: bool, command: str) -> Callable[[], None]:
+    """Log lines to stderr; returns what undoes it. Under ``omnikv run`` only the package's logger gets
+    a handler: the root logger stays unconfigured, so the script's own ``logging.basicConfig`` works."""
+    level = logging.INFO if verbose else logging.WARNING
+    if command != "run":
+        logging.basicConfig(level=level, format=LOG_FORMAT)
+        return lambda: None
+    package = logging.getLogger("omnikv_runtime")
+    saved = package.level, package.propagate
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package.addHandler(handler)
+    package.setLevel(level)
+    package.propagate = False  # printed once, whatever the script does with the root logger
+
+    def restore() -> None:
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+
+    return restore
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnikv", description="OmniKV tiered-KV runtime for transformers")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
@@ -155,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate with OmniKV (no prompt: the passkey demo)")
     generate.add_argument("--config", default="default", help="config path or bundled name (default: default)")
     generate.add_argument("--prompt-file", help="file with the prompt, '-' for stdin")
-    generate.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: from the config)")
+    generate.add_argument("--max-new-tokens", type=_positive_int, help="tokens to generate (default: from the config)")
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     generate.set_defaults(handler=cmd_generate)
     for module_name in COMMAND_MODULES:
@@ -167,9 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    restore_logging = _configure_logging(args.verbose, args.command)
     try:
         if getattr(args, "trust_remote_code", False):  # import the config's policy modules now, opted in
             load_config(args.config, trust_remote_code=True)
@@ -177,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OmniKVError, OSError) as exc:
         print(f"omnikv: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        restore_logging()
     if isinstance(result, int):
         return result
     if getattr(args, "json", False):

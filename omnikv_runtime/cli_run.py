@@ -1,10 +1,13 @@
 """``omnikv run``: run an unmodified Python script with the OmniKV runtime.
 
-    omnikv run [--config C] [--profile-memory DIR] [--stats-json F] script.py [args...]
+    omnikv run [--config C] [--profile-memory DIR] [--stats-json F] [--strict] script.py [args...]
 
 Every causal LM the script loads with ``from_pretrained`` (supported families) generates through
-OmniKV; forwards without a cache (training, scoring) are unchanged. The script's arguments, output,
-exceptions and exit code pass through. See :mod:`omnikv_runtime.launcher`.
+OmniKV; forwards without a cache (training, scoring) are unchanged. A model the runtime cannot take
+runs without it after one warning (``--strict``: the run stops with exit code 2). The script's
+arguments, output, exceptions, exit code and its own logging setup pass through: the runtime's log
+lines go to stderr through a handler of the ``omnikv_runtime`` logger, the root logger is the
+script's. See :mod:`omnikv_runtime.launcher`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ def register(commands: Any) -> None:
     run.add_argument("--config", default="default", help="runtime config path or bundled name (default: default)")
     run.add_argument("--profile-memory", metavar="DIR", help="profile memory over the run; report written to DIR")
     run.add_argument("--stats-json", metavar="FILE", help="write each wrapped model's generate stats here")
+    run.add_argument(
+        "--strict", action="store_true", help="stop when a model cannot run with OmniKV (default: warn, run it as is)"
+    )
     run.add_argument("script", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     run.set_defaults(handler=cmd_run)
@@ -26,5 +32,5 @@ def register(commands: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from omnikv_runtime.launcher import Launcher
 
-    launcher = Launcher(args.config, stats_path=args.stats_json, profile_dir=args.profile_memory)
+    launcher = Launcher(args.config, stats_path=args.stats_json, profile_dir=args.profile_memory, strict=args.strict)
     return launcher.run(args.script, list(args.args))

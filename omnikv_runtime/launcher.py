@@ -6,8 +6,10 @@ Like ``deepspeed script.py`` or ``accelerate launch``: the script runs as ``pyth
 through) is patched so that each causal LM of a supported family gets an :class:`Engine`: its
 attention becomes OmniKV's (the base implementation whenever no OmniKV cache is passed, so training
 and scoring forwards are unchanged) and its ``generate`` gets an OmniKV cache (OmniKV: Hao et al.,
-"Dynamic Context Selection for Efficient Long-Context LLMs", ICLR 2025). Other models are left alone
-with a warning. Exit code, output and exceptions of the script pass through.
+"Dynamic Context Selection for Efficient Long-Context LLMs", ICLR 2025). A model the runtime cannot
+take (another architecture, or one the config's layer plan does not fit) is left alone with one
+warning, or stops the run with ``strict``. Exit code, output, exceptions and logging setup of the
+script pass through; the launcher adds no arguments that transformers would warn about.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from transformers import PreTrainedModel
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import loop_settings
 from omnikv_runtime.engine import SUPPORTED_MODEL_TYPES, Engine
+from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError, UnsupportedModelError
+from omnikv_runtime.generate_args import as_token_count, with_generation_options
 from omnikv_runtime.layout import reserve_tokens
 
 logger = logging.getLogger(__name__)
@@ -39,14 +43,20 @@ _UNSUPPORTED_GENERATE = ("assistant_model", "penalty_alpha", "prompt_lookup_num_
 _LOOP_OWN = ("input_ids", "inputs", "attention_mask", "max_new_tokens", "max_length")  # passed separately
 
 
-def _max_new_tokens(model: PreTrainedModel, kwargs: dict[str, Any], prompt: int) -> int:
-    """What ``generate`` will produce at most (for the cache's reserve and the memory check)."""
+class StrictRunError(OmniKVError, RuntimeError):
+    """``omnikv run --strict``: the script loaded a model the runtime cannot take."""
+
+
+def _max_new_tokens(model: PreTrainedModel, kwargs: dict[str, Any], prompt: int) -> Any:
+    """What ``generate`` will produce at most, as the script asked it (the engine checks the value)."""
     config = kwargs.get("generation_config") or model.generation_config
-    new = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None)
-    if new:
-        return int(new)
-    max_length = kwargs.get("max_length") or getattr(config, "max_length", None) or 20
-    return max(int(max_length) - prompt, 1)
+    new = kwargs.get("max_new_tokens")
+    new = getattr(config, "max_new_tokens", None) if new is None else new
+    if new is not None:
+        return new
+    max_length = kwargs.get("max_length")
+    max_length = getattr(config, "max_length", None) if max_length is None else max_length
+    return max(int(max_length if max_length is not None else 20) - prompt, 1)
 
 
 class WrappedModel:
@@ -76,7 +86,12 @@ class WrappedModel:
             return self._original(*args, **kwargs)
         engine = self.engine
         batch, prompt = inputs.shape
-        new_tokens = _max_new_tokens(self.model, kwargs, prompt)
+        try:
+            new_tokens = as_token_count("max_new_tokens", _max_new_tokens(self.model, kwargs, prompt))
+        except (PromptError, TypeError, ValueError):
+            new_tokens = 0
+        if new_tokens < 1:  # transformers reports a bad length to the script as it would without the runtime
+            return self._original(*args, **kwargs)
         if len(args) <= 1:  # the engine's own decode loop (a CUDA graph on CUDA) when it runs these settings
             loop_kwargs = {key: value for key, value in kwargs.items() if key not in _LOOP_OWN}
             config = kwargs.get("generation_config") or self.model.generation_config
@@ -89,9 +104,9 @@ class WrappedModel:
         beams = kwargs.get("num_beams") or getattr(self.model.generation_config, "num_beams", 1) or 1
         engine.check_memory(batch * beams, prompt, new_tokens)
         cache = engine.new_cache(reserve_tokens=reserve_tokens(prompt, new_tokens), prompt_tokens=prompt)
+        if engine.config.prefill.chunk_size:  # into the script's generation_config, if it passed one
+            kwargs = with_generation_options(kwargs, defaults={"prefill_chunk_size": engine.config.prefill.chunk_size})
         kwargs[engine._cache_keyword] = cache
-        if engine.config.prefill.chunk_size and "prefill_chunk_size" not in kwargs:
-            kwargs["prefill_chunk_size"] = engine.config.prefill.chunk_size
         engine.transfer.reset_stats()
         start = time.perf_counter()
         output = self._original(*args, **kwargs)
@@ -124,6 +139,8 @@ class Launcher:
         stats_path: write the wrapped models' generate stats here as JSON when the script ends
             (default: ``$OMNIKV_RUN_STATS``, if set).
         profile_dir: profile memory over the whole script and write the report there.
+        strict: a model the runtime cannot take stops the script (StrictRunError) instead of
+            running without OmniKV after a warning.
     """
 
     def __init__(
@@ -131,8 +148,10 @@ class Launcher:
         config: str | Path | dict[str, Any] | OmniKVConfig | None = None,
         stats_path: str | Path | None = None,
         profile_dir: str | Path | None = None,
+        strict: bool = False,
     ) -> None:
         self.config = load_config(config)
+        self.strict = strict
         self.stats_path = stats_path or os.environ.get(STATS_ENV) or None
         self.profile_dir = profile_dir
         self.wrapped: list[WrappedModel] = []
@@ -146,20 +165,25 @@ class Launcher:
             return None  # a base model, an encoder, a head without generate: nothing to do
         model_type = getattr(model.config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            logger.warning(
-                "omnikv run: %s (model type '%s') is not supported (%s); it runs without OmniKV",
-                type(model).__name__,
-                model_type,
-                ", ".join(SUPPORTED_MODEL_TYPES),
-            )
-            self.skipped.append({"class": type(model).__name__, "model_type": model_type})
-            return None
-        engine = Engine(model, self.config.model_copy(deep=True))
+            return self._skip(model, f"model type '{model_type}' is not supported ({', '.join(SUPPORTED_MODEL_TYPES)})")
+        try:
+            engine = Engine(model, self.config.model_copy(deep=True))
+        except (ConfigError, UnsupportedModelError) as exc:  # e.g. filter layers past this model's last layer
+            return self._skip(model, str(exc))
         self.wrapped.append(WrappedModel(model, engine))
         if self.profiler is not None:
             self.profiler.watch(engine)
         logger.info("omnikv run: %s runs generate through OmniKV (%s)", type(model).__name__, engine.plan.describe())
         return engine
+
+    def _skip(self, model: PreTrainedModel, reason: str) -> None:
+        """Leave ``model`` as it is, with one warning (``strict``: raise StrictRunError)."""
+        name = type(model).__name__
+        if self.strict:
+            raise StrictRunError(f"{name} cannot run with OmniKV: {reason} (without --strict it would run as it is)")
+        logger.warning("omnikv run: %s runs without OmniKV: %s", name, reason)
+        self.skipped.append({"class": name, "model_type": getattr(model.config, "model_type", ""), "reason": reason})
+        return None
 
     @contextlib.contextmanager
     def patched(self) -> Iterator[None]:
@@ -201,6 +225,9 @@ class Launcher:
             code = _exit_code(exc.code)
         except KeyboardInterrupt:
             raise
+        except StrictRunError as exc:
+            print(f"omnikv run: error: {exc}", file=sys.stderr)
+            code = 2
         except BaseException:  # noqa: BLE001 - reported like the interpreter does, exit code 1
             kind, value, trace = sys.exc_info()
             trace = _script_frames(trace, path)
