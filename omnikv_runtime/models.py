@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from omnikv_runtime.errors import ModelLoadError
@@ -32,6 +33,14 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _CACHE_ENV = "OMNIKV_MODEL_CACHE"
 _CACHE_FORMAT = 1  # bump to invalidate converted folders written by older code
+# a folder holds weights if it has one of these (or any *.safetensors shard)
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 
 
 @dataclass(frozen=True)
@@ -126,14 +135,19 @@ def _cache_root() -> Path | None:
     return Path(base) / "omnikv_runtime" / "models"
 
 
-def _converted_folder(gguf: Path) -> Path | None:
-    """Return an HF folder holding the dequantized GGUF model, converting it first if needed."""
+def _converted_folder(gguf: Path, discard: bool = False) -> Path | None:
+    """Return an HF folder holding the dequantized GGUF model, converting it first if needed.
+
+    ``discard``: delete the folder already there (it failed to load) and convert again.
+    """
     root = _cache_root()
     if root is None:
         return None
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_FORMAT}".encode())
     folder = root / f"{gguf.stem}-{key.hexdigest()[:16]}"
+    if discard:
+        shutil.rmtree(folder, ignore_errors=True)
     if (folder / "config.json").is_file():
         return folder
     logger.info("Converting %s into an HF folder at %s (one-off, slow)", gguf, folder)
@@ -156,6 +170,20 @@ def _converted_folder(gguf: Path) -> Path | None:
     return folder
 
 
+def _load_gguf(gguf: Path, dtype: torch.dtype, attn: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A GGUF model through its converted folder (converted again, once, if that copy does not load)."""
+    folder = _converted_folder(gguf)
+    if folder is not None:
+        try:
+            return _load_hf_folder(folder, dtype, attn)
+        except ModelLoadError as exc:  # a damaged copy (a full disk, a killed writer) would fail on every call
+            logger.warning("The converted copy of %s does not load (%s); converting it again", gguf, exc)
+        folder = _converted_folder(gguf, discard=True)
+    if folder is None:
+        return _load_gguf_raw(gguf, dtype, attn)
+    return _load_hf_folder(folder, dtype, attn)
+
+
 def _quantization_config(quantization: str):
     """A bitsandbytes config for ``8bit``/``4bit``, None for ``none``."""
     if quantization == "none":
@@ -167,9 +195,24 @@ def _quantization_config(quantization: str):
     return BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit")
 
 
+def _check_hf_folder(folder: Path) -> None:
+    """ModelLoadError naming what an HF folder lacks (weights, tokenizer) before transformers tries it."""
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{folder} has config.json but no weights (model.safetensors, a sharded index or pytorch_model.bin): "
+            "copy the model's weight files into the folder"
+        )
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{folder} has weights but no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...): copy them from "
+            "the model's repository, or load the model yourself and pass it with its tokenizer to initialize()"
+        )
+
+
 def _load_hf_folder(
     folder: Path, dtype: torch.dtype, attn: str, quantization: str = "none"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    _check_hf_folder(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
@@ -179,6 +222,11 @@ def _load_hf_folder(
             local_files_only=True,
             quantization_config=_quantization_config(quantization),
         )
+    except SafetensorError as exc:
+        raise ModelLoadError(
+            f"Could not load the HF model folder {folder}: a .safetensors file is damaged or incomplete ({exc}); "
+            "download or copy it again"
+        ) from exc
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"Could not load the HF model folder {folder}: {exc}") from exc
     return model, tokenizer
@@ -188,11 +236,26 @@ def resolve_device(device: str | None) -> torch.device:
     """``auto``/None: CUDA when visible, else CPU. Asking for CUDA where there is none is a ModelLoadError."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(
+            f"model.device {device!r} is not a device torch knows: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(
             f"model.device is {device!r} but no CUDA device is visible: set model.device to 'cpu' or 'auto', "
             "or install a CUDA build of torch on a machine with a GPU"
+        )
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"model.device is {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible: "
+            "pick an index below that, or 'cuda'"
+        )
+    backend = getattr(torch, resolved.type, None)
+    if resolved.type not in ("cpu", "cuda") and not (backend is not None and backend.is_available()):
+        raise ModelLoadError(
+            f"model.device is {device!r} but torch has no {resolved.type} device here: use 'auto', 'cpu' or 'cuda'"
         )
     return resolved
 
@@ -225,11 +288,7 @@ def load_model(
         if quantization != "none":
             raise ModelLoadError(f"quantization {quantization!r} applies to HF folders, not to the GGUF file {path}")
         _require_gguf_support()
-        folder = _converted_folder(path)
-        if folder is not None:
-            model, tokenizer = _load_hf_folder(folder, torch_dtype, attn_implementation)
-        else:
-            model, tokenizer = _load_gguf_raw(path, torch_dtype, attn_implementation)
+        model, tokenizer = _load_gguf(path, torch_dtype, attn_implementation)
     elif path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = _load_hf_folder(path, torch_dtype, attn_implementation, quantization)
     else:
