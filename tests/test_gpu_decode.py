@@ -203,8 +203,9 @@ def test_layer_kernels_equal_transformers_ops(dtype):
     cos, sin = torch.randn(1, 9, 128, device="cuda", dtype=dtype), torch.randn(1, 9, 128, device="cuda", dtype=dtype)
     q_rot, k_rot = ops.rotary_embedding(q, k, cos, sin)
     q_ref, k_ref = ops.rotary_embedding_torch(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    # within one rounding of transformers' ops: the GPU may fuse a product with the sum that follows
-    one_rounding = {"rtol": 8e-3, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 2e-6, "atol": 1e-6}
+    # within one rounding of transformers' ops: the GPU may fuse a product with the sum that follows,
+    # and where the two products cancel, one rounding of a product (|q·cos| up to ~5) is what is left
+    one_rounding = {"rtol": 8e-3, "atol": 4e-2} if dtype == torch.bfloat16 else {"rtol": 2e-6, "atol": 2e-6}
     torch.testing.assert_close(q_rot, q_ref, **one_rounding)
     torch.testing.assert_close(k_rot, k_ref, **one_rounding)
     assert not torch.equal(q_rot, q.transpose(1, 2))
