@@ -32,16 +32,22 @@ class Sample:
 def read_jsonl(path: Path, required: Iterable[str], limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-empty line of ``path``; checks ``required`` keys.
 
-    Raises EvalDataError for a missing file, a line that is not a JSON object, or a missing field.
+    Raises EvalDataError for a missing file, a line that is not a JSON object, a missing field, or a
+    file without samples.
     ``limit`` stops after that many samples (later lines are not read).
     """
     if not path.is_file():
         raise EvalDataError(f"{path}: file not found (expected one JSONL file per task in the data directory)")
     rows: list[tuple[int, dict[str, Any]]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             if limit is not None and len(rows) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                where = f"{path}, line {number}"
+                raise EvalDataError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -58,6 +64,8 @@ def read_jsonl(path: Path, required: Iterable[str], limit: int | None = None) ->
                     f"{path}, line {number}: missing field {missing[0]!r} (this task needs {sorted(required)})"
                 )
             rows.append((number, obj))
+    if not rows and limit != 0:
+        raise EvalDataError(f"{path}: no samples (the file is empty or holds only blank lines)")
     return rows
 
 

@@ -165,11 +165,14 @@ def _load(task: str, data_dir: Path | None, limit: int | None) -> list[Sample]:
         if not isinstance(answers, list) or not answers:
             raise field_error(path, line, "answers", answers, "a non-empty list of reference answers")
         classes = obj.get("all_classes") or []
-        if not isinstance(classes, list):
-            raise field_error(path, line, "all_classes", classes, "a list of class names or null")
+        if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+            raise field_error(path, line, "all_classes", classes, "a list of class names (strings) or null")
+        length = obj.get("length")
+        if task.endswith("_e") and (isinstance(length, bool) or not isinstance(length, int) or length < 0):
+            raise field_error(path, line, "length", length, "the context's length in words, a whole number >= 0")
         sample_id = str(obj.get("_id", f"line{line}"))
         fields = {"context": str(obj["context"]), "input": str(obj["input"])}
-        extra = {"all_classes": classes, "length": obj.get("length")}
+        extra = {"all_classes": classes, "length": length if isinstance(length, int) else None}
         samples.append(Sample(task, sample_id, fields, [str(a) for a in answers], extra))
     return samples
 

@@ -8,10 +8,12 @@ Layout of a run directory (``--out``)::
     results.json         scores per task, failures, the average; no timings, so a resumed run
                          writes the same file as an uninterrupted one
 
-A rerun skips the sample ids already in ``raw/`` (whatever world size wrote them). With
+A rerun skips the sample ids already in ``raw/`` (whatever world size wrote them); a record torn
+by a kill, or one that cannot be read, is redone (see :mod:`omnikv_runtime.eval.records`). With
 ``world_size`` W > 1, W worker processes (spawned; one per GPU when CUDA is there, else CPU
 processes splitting the cores) each load the model and take every W-th pending sample. A task
-whose data cannot be read is recorded under ``failed`` and the other tasks still run.
+whose data cannot be read, or that has no samples, is recorded under ``failed`` and the other tasks
+still run.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.errors import OmniKVError, did_you_mean
 from omnikv_runtime.eval import infinitebench, longbench, synthetic
 from omnikv_runtime.eval.data import EvalDataError, Sample
+from omnikv_runtime.eval.records import raw_files, read_raw, read_run_record, repair_tail, write_json
 from omnikv_runtime.eval.task import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -101,20 +104,6 @@ def _load_samples(spec: TaskSpec, options: EvalOptions) -> list[Sample]:
     return samples
 
 
-def _read_raw(out: Path, task: str) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = {}
-    for path in sorted((out / "raw").glob(f"{task}.rank*.jsonl")):
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    logger.warning("%s: skipping a partial line (an interrupted write); it will be redone", path)
-                    continue
-                done[record["id"]] = record
-    return done
-
-
 def context_limit(config: OmniKVConfig, model: Any, benchmark: str) -> int:
     """Prompt + generated tokens allowed: model.max_context_len, else 128K for InfiniteBench, capped by the model."""
     model_max = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 10**9
@@ -177,7 +166,9 @@ def run_shard(
         if not wanted:
             continue
         samples = [s for s in _load_samples(spec, options) if s.id in wanted]
-        with (out / "raw" / f"{spec.name}.rank{rank}.jsonl").open("a", encoding="utf-8") as sink:
+        raw = out / "raw" / f"{spec.name}.rank{rank}.jsonl"
+        repair_tail(raw)  # a record torn by a kill must not swallow the next one
+        with raw.open("a", encoding="utf-8") as sink:
             for sample in tqdm(samples, desc=spec.name, position=rank, disable=None, leave=world_size == 1):
                 if spec.prepare is not None:
                     sample = spec.prepare(sample, tokenizer)
@@ -197,14 +188,13 @@ def run_shard(
 def _check_run_dir(out: Path, config: OmniKVConfig, options: EvalOptions) -> None:
     run = {"config": config.to_dict(), "benchmark": options.benchmark}
     path = out / "run.json"
-    if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        if {k: previous.get(k) for k in run} != run:
-            raise EvalError(
-                f"{out} holds a run of another config or benchmark; give another --out or delete the directory"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**run, "options": asdict(options)}, indent=2), encoding="utf-8")
+    try:
+        previous = read_run_record(path)
+    except EvalDataError as exc:
+        raise EvalError(str(exc)) from None
+    if previous is not None and {k: previous.get(k) for k in run} != run:
+        raise EvalError(f"{out} holds a run of another config or benchmark; give another --out or delete the directory")
+    write_json(path, {**run, "options": asdict(options)})
 
 
 def _summarise(spec: TaskSpec, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -230,14 +220,25 @@ def _summarise(spec: TaskSpec, records: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def check_options(options: EvalOptions) -> None:
+    """EvalError for counts below 1 (a negative --limit would silently drop samples)."""
+    for name, value in (
+        ("--world-size", options.world_size),
+        ("--limit", options.limit),
+        ("--samples", options.samples),
+        ("--max-new-tokens", options.max_new_tokens),
+    ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise EvalError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
 def run_eval(config: Any, options: EvalOptions, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run (or resume) an evaluation; returns what it writes to ``results.json``.
 
     ``model``/``tokenizer`` (optional, world size 1 only) reuse an already loaded model.
     """
     cfg = load_config(config)
-    if options.world_size < 1:
-        raise EvalError(f"--world-size must be at least 1, got {options.world_size}")
+    check_options(options)
     specs = task_specs(options)
     out = Path(options.out)
     _check_run_dir(out, cfg, options)
@@ -265,8 +266,14 @@ def plan_shards(
             logger.error("task %s skipped: %s", spec.name, exc)
             failed[spec.name] = str(exc)
             continue
+        if not samples:
+            failed[spec.name] = "no samples: the task's data holds none (an empty file?)"
+            logger.error("task %s skipped: %s", spec.name, failed[spec.name])
+            continue
         loaded[spec.name] = samples
-        done = _read_raw(out, spec.name)
+        for path in raw_files(out, spec.name):
+            repair_tail(path)
+        done = read_raw(out, spec.name)
         pending = [s.id for s in samples if s.id not in done]
         logger.info("%s: %d samples, %d done, %d to run", spec.name, len(samples), len(done), len(pending))
         for rank in range(options.world_size):
@@ -301,7 +308,7 @@ def _collect(specs, loaded, failed, options: EvalOptions, cfg: OmniKVConfig) -> 
     for spec in specs:
         if spec.name not in loaded:
             continue
-        done = _read_raw(out, spec.name)
+        done = read_raw(out, spec.name)
         records = [done[s.id] for s in loaded[spec.name] if s.id in done]
         missing = len(loaded[spec.name]) - len(records)
         with (out / f"{spec.name}.jsonl").open("w", encoding="utf-8") as sink:
@@ -320,5 +327,5 @@ def _collect(specs, loaded, failed, options: EvalOptions, cfg: OmniKVConfig) -> 
         "failed": failed,
         "average": round(mean(scores), 2) if scores else None,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / "results.json", results)
     return results
