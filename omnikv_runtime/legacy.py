@@ -184,7 +184,8 @@ def _model_cls(key: str, value: Any, data: dict[str, Any]) -> str:
         return "it is the seed's OmniKV model, which this runtime implements (the family comes from the checkpoint)"
     if any(mark in name for mark in DENSE_MODEL_MARKS):
         return "the seed's dense model: omnikv.enabled = false"
-    kind = next((what for cls, what in OTHER_MODELS.items() if cls in name), "not a model class the seed defines")
+    baseline = next((cls for cls in ("h2o", "quest", "infllm") if cls in name), name)  # the seed matches these by part
+    kind = OTHER_MODELS.get(baseline, "not a model class the seed defines")
     allowed = f"{OMNIKV_MODELS} (OmniKV) or a name with {DENSE_MODEL_MARKS} (dense)"
     raise ConfigError(key, value, f"{allowed}; '{name}': {kind}, which this runtime does not run")
 
