@@ -168,7 +168,7 @@ class Launcher:
             return self._skip(model, f"model type '{model_type}' is not supported ({', '.join(SUPPORTED_MODEL_TYPES)})")
         try:
             engine = Engine(model, self.config.model_copy(deep=True))
-        except (ConfigError, UnsupportedModelError) as exc:  # e.g. filter layers past this model's last layer
+        except (ConfigError, UnsupportedModelError, PromptError) as exc:  # e.g. filter layers past its last layer
             return self._skip(model, str(exc))
         self.wrapped.append(WrappedModel(model, engine))
         if self.profiler is not None:

@@ -109,3 +109,12 @@ def test_a_damaged_converted_copy_is_converted_again(model_folder, tmp_path, mon
         assert torch.equal(tensor, third.state_dict()[name]), name
     fourth, _ = load_model(str(gguf))  # the new copy is sound: no third conversion
     assert len(conversions) == 2 and fourth.config.num_hidden_layers == 8
+
+
+def test_initialize_loads_the_bundled_model_by_name():
+    import omnikv_runtime as okv
+
+    engine = okv.initialize("smollm2-135m", config="dense")
+    assert engine.num_layers == 30 and engine.tokenizer is not None
+    ids = engine.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    assert engine.generate(ids, max_new_tokens=2).shape[1] == ids.shape[1] + 2

@@ -200,3 +200,22 @@ def test_initialize_takes_a_model_name_or_path(tmp_path, monkeypatch):
     assert loaded[-1][0] == str(tmp_path) and engine.tokenizer == "mine"
     with pytest.raises(okv.UnsupportedModelError, match="expected a transformers model .*got dict"):
         okv.initialize({"not": "a model"}, omni(budget=12))
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "none"])
+def test_policies_keep_no_request_state_on_themselves(eviction):
+    """Every selection and eviction policy is unchanged by a request: what a request carries from step to
+    step lives in its cache, so one policy object (and one engine) can serve requests side by side."""
+    from omnikv_runtime.policies import SELECTION_POLICIES
+
+    model = make_model("llama")
+    ids, mask = make_prompt(2)
+    for name in sorted(SELECTION_POLICIES):
+        offload = {"hot_cache_tokens": 8, "eviction": {"type": eviction}}
+        engine = okv.initialize(model, omni(budget=12, selector={"type": name}, offload=offload))
+        before = (dict(vars(engine.policy)), dict(vars(engine.eviction)))
+        engine.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
+        after = (vars(engine.policy), vars(engine.eviction))
+        assert (before[0].keys(), before[1].keys()) == (after[0].keys(), after[1].keys()), name
+        for was, now in zip(before, after):
+            assert all(was[key] is now[key] or was[key] == now[key] for key in was), name
