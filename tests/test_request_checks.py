@@ -143,6 +143,35 @@ def test_one_engine_from_two_threads_gives_each_request_its_tokens():
         assert len(results[index]) == 3 and all(torch.equal(out, expected[index]) for out in results[index])
 
 
+def test_caches_of_one_engine_serve_model_generate_on_two_threads():
+    model = make_model("llama")
+    engine = okv.initialize(model, omni(budget=12, selector={"type": "h2o"}))
+    keyword = cache_keyword(model)
+    prompts = [make_prompt(1, seed=seed)[0] for seed in (3, 4)]
+
+    def run(prompt):
+        with torch.no_grad():
+            return model.generate(
+                prompt, max_new_tokens=10, do_sample=False, pad_token_id=PAD, **{keyword: engine.new_cache()}
+            )
+
+    expected = [run(p) for p in prompts]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def work(index: int) -> None:
+        start.wait()
+        results[index] += [run(prompts[index]) for _ in range(3)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in (0, 1):
+        assert len(results[index]) == 3 and all(torch.equal(out, expected[index]) for out in results[index])
+
+
 def test_generate_inside_generate_is_a_clear_error(engine, ids):
     class Nested:
         def __call__(self, input_ids, scores, **kwargs):
