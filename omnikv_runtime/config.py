@@ -190,7 +190,7 @@ class GenerationSection(_Section):
 class ProfilingSection(_Section):
     """The memory profiler (``omnikv profile``, ``omnikv run --profile-memory``, ``okv.profile_memory``)."""
 
-    interval_ms: StrictFloat | StrictInt = Field(default=10, ge=1, le=MAX_INTERVAL_MS, allow_inf_nan=False)
+    interval_ms: StrictFloat | StrictInt = Field(default=10, ge=1, le=MAX_INTERVAL_MS)  # NaN and inf fail the bounds
     trace: bool = True  # a torch.profiler Chrome trace next to report.json
     png: bool = True  # the timeline plot (needs matplotlib)
 

@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 import torch
 
-from omnikv_runtime.config import ProfilingSection
+from omnikv_runtime.config import ProfilingSection, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -256,8 +256,8 @@ def profile_memory(
     With ``out_dir`` the report, the PNG timeline and the Chrome trace are written there on exit;
     without it, read ``prof.report()``.
     """
-    if isinstance(config, dict):
-        config = ProfilingSection(**config)
+    if isinstance(config, dict):  # checked like the config file's profiling section
+        config = load_config({"profiling": config}).profiling
     if config is None and engine is not None and not isinstance(engine, (list, tuple)):
         config = engine.config.profiling
     profiler = MemoryProfiler(out_dir, config)

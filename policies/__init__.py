@@ -3,7 +3,8 @@
 Selection (built in: OmniKV's ``last``, ``softmax_last``, ``uniform``, ``exp``; the baselines ``full``,
 ``streaming_llm``, ``h2o``, ``snapkv``, ``quest``, ``infllm``; see docs/policies.md) and eviction of
 the GPU hot cache (``lru``, ``lfu``, ``none``). A user's class loads by
-``"package.module:ClassName"``; it must subclass :class:`SelectionPolicy` or :class:`EvictionPolicy`.
+``"package.module:ClassName"`` when the caller opts in (``trust_remote_code=True``); it must subclass
+:class:`SelectionPolicy` or :class:`EvictionPolicy`.
 """
 
 from __future__ import annotations

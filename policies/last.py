@@ -15,7 +15,7 @@ from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy
 
 
 class LastQueryPolicy(SelectionPolicy):
-    """Top-k tokens by max-over-heads logit of the current query (the seed's default)."""
+    """Top-k tokens by max-over-heads logit of the current query (the original example config's selector)."""
 
     name = "last"
     graph_safe = True
