@@ -223,96 +223,105 @@ class Bench:
         rows = []
         layers = self.config.num_hidden_layers
         for mode in self.args.modes:
-            offload = "cpu" if mode == "offload" else "none"
-            plan = okv.LayerPlan.build(layers, FILTER_LAYERS, 1, mode != "dense")
-            sparse = len(plan.sparse_layers)
-            host_tier = sparse * batch * context * self.per_token_layer
-            dense_tier = (layers - sparse) * batch * context * self.per_token_layer
-            gpu_needed = dense_tier + (host_tier if offload == "none" else 0)
-            base = {"context": context, "batch": batch, "path": f"omnikv_{mode}"}
-            budgets = self.args.budgets if mode != "dense" else ["all"]
-            if not fits(gpu_needed, self.device):
-                for budget in budgets:
-                    rows.append(
-                        {**base, "budget": budget, "skipped": f"{gpu_needed / 2**30:.0f} GiB of KV does not fit"}
-                    )
-                continue
-            hot_settings = [0, *self.args.hot_multiples] if offload == "cpu" else [0]
-            config = {
-                "omnikv": {"filter_layers": FILTER_LAYERS, "wait_layers": 1, "token_budget": 2048},
-                "offload": {"device": offload, "transfer": self.args.transfer},
-            }
-            if mode == "dense":
-                config["omnikv"]["enabled"] = False
-            engine = okv.initialize(self.model, config)
-            variants = [(False, True)] + [(True, True)] * bool(self.args.eager) + [(False, False)] * self.args.unfused
-            runs = len(budgets) * len(hot_settings) * len(variants)
-            cache = engine.new_cache(reserve_tokens=context + runs * self.steps_per_row() + 64, prompt_tokens=context)
-            started = time.perf_counter()
-            fill(cache, self.config, batch, context, self.device, self.dtype)
-            fill_s = round(time.perf_counter() - started, 1)
-            for budget in budgets:
-                k = (
-                    context
-                    if budget == "all"
-                    else budget
-                    if isinstance(budget, int)
-                    else max(64, int(budget * context + 0.999))
-                )
-                for multiple in hot_settings:
-                    for eager, fused in variants:
-                        row = {**base, "budget": budget, "selected": k, "fill_s": fill_s, "cuda_graph": not eager}
-                        if multiple:
-                            row["path"] += f"_hot{multiple}x"
-                        if eager:
-                            row["path"] += "_eager"
-                        if not fused:
-                            row["path"] += "_unfused"
-                        cache.fused_layers = fused and engine.fused_layers
-                        row["fused_layers"] = cache.fused_layers
-                        cache.budget = lambda _context, k=k: min(k, _context)
-                        cache.budget_tokens = min(k, cache.context_len)
-                        cache.resize_hot_cache(multiple * k, self.device)
-                        engine.transfer.reset_stats()
-                        loop = DecodeLoop(
-                            self.model,
-                            cache,
-                            self.keyword,
-                            SamplingSettings(),
-                            StopSettings(),
-                            max_new_tokens=self.steps_per_row() + 1,
-                            use_graph=self.device.type == "cuda" and not eager,
+            for wait in self.args.wait_layers if mode != "dense" else [1]:
+                offload = "cpu" if mode == "offload" else "none"
+                plan = okv.LayerPlan.build(layers, FILTER_LAYERS, wait, mode != "dense")
+                sparse = len(plan.sparse_layers)
+                host_tier = sparse * batch * context * self.per_token_layer
+                dense_tier = (layers - sparse) * batch * context * self.per_token_layer
+                gpu_needed = dense_tier + (host_tier if offload == "none" else 0)
+                base = {
+                    "context": context,
+                    "batch": batch,
+                    "path": f"omnikv_{mode}" + (f"_wait{wait}" if wait != 1 else ""),
+                }
+                budgets = self.args.budgets if mode != "dense" else ["all"]
+                if not fits(gpu_needed, self.device):
+                    for budget in budgets:
+                        rows.append(
+                            {**base, "budget": budget, "skipped": f"{gpu_needed / 2**30:.0f} GiB of KV does not fit"}
                         )
-                        loop.start_after_fill(batch, self.device)
-                        label = f"{row['path']}_{context}_{batch}_{budget}"
-                        first_cell = (context, batch) == (self.args.contexts[0], self.args.batches[0])
-                        trace = first_cell and not eager and row["path"] in self.args.trace_paths
-                        row.update(self.measure(loop.run_step, label, trace=trace))
-                        row["capture_ms"] = round(loop.times.capture * 1e3, 1)
-                        steps = self.steps_per_row()
-                        fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
-                        written = engine.transfer.stats.bytes_written
-                        row["pcie_bytes_per_step"] = int((fetched + written) / steps) if offload == "cpu" else 0
-                        if offload == "cpu" and self.links["pcie_gbps"]:
-                            row["pcie_floor_ms"] = round(
-                                row["pcie_bytes_per_step"] / (self.links["pcie_gbps"] * 1e9) * 1e3, 3
+                    continue
+                hot_settings = [0, *self.args.hot_multiples] if offload == "cpu" else [0]
+                config = {
+                    "omnikv": {"filter_layers": FILTER_LAYERS, "wait_layers": wait, "token_budget": 2048},
+                    "offload": {"device": offload, "transfer": self.args.transfer},
+                }
+                if mode == "dense":
+                    config["omnikv"]["enabled"] = False
+                engine = okv.initialize(self.model, config)
+                variants = (
+                    [(False, True)] + [(True, True)] * bool(self.args.eager) + [(False, False)] * self.args.unfused
+                )
+                runs = len(budgets) * len(hot_settings) * len(variants)
+                cache = engine.new_cache(
+                    reserve_tokens=context + runs * self.steps_per_row() + 64, prompt_tokens=context
+                )
+                started = time.perf_counter()
+                fill(cache, self.config, batch, context, self.device, self.dtype)
+                fill_s = round(time.perf_counter() - started, 1)
+                for budget in budgets:
+                    k = (
+                        context
+                        if budget == "all"
+                        else budget
+                        if isinstance(budget, int)
+                        else max(64, int(budget * context + 0.999))
+                    )
+                    for multiple in hot_settings:
+                        for eager, fused in variants:
+                            row = {**base, "budget": budget, "selected": k, "fill_s": fill_s, "cuda_graph": not eager}
+                            if multiple:
+                                row["path"] += f"_hot{multiple}x"
+                            if eager:
+                                row["path"] += "_eager"
+                            if not fused:
+                                row["path"] += "_unfused"
+                            cache.fused_layers = fused and engine.fused_layers
+                            row["fused_layers"] = cache.fused_layers
+                            cache.budget = lambda _context, k=k: min(k, _context)
+                            cache.budget_tokens = min(k, cache.context_len)
+                            cache.resize_hot_cache(multiple * k, self.device)
+                            engine.transfer.reset_stats()
+                            loop = DecodeLoop(
+                                self.model,
+                                cache,
+                                self.keyword,
+                                SamplingSettings(),
+                                StopSettings(),
+                                max_new_tokens=self.steps_per_row() + 1,
+                                use_graph=self.device.type == "cuda" and not eager,
                             )
-                        read = dense_tier + sparse * batch * min(k, context) * self.per_token_layer
-                        row["roofline_ms"] = self.roofline_ms(read)
-                        if multiple:
-                            hot = cache.hot_counters()
-                            row["hot_hit_rate"] = round(
-                                hot["hot_hits"] / max(1, hot["hot_hits"] + hot["hot_misses"]), 3
-                            )
-                        if row["roofline_ms"]:
-                            row["vs_roofline"] = round(row["wall_ms"] / row["roofline_ms"], 3)
-                        rows.append(row)
-                        del loop
-            del cache, engine
-            gc.collect()
-            if hasattr(torch._C, "_host_emptyCache"):  # hand cached pinned blocks back to the OS
-                torch._C._host_emptyCache()
-            torch.cuda.empty_cache() if self.device.type == "cuda" else None
+                            loop.start_after_fill(batch, self.device)
+                            label = f"{row['path']}_{context}_{batch}_{budget}"
+                            first_cell = (context, batch) == (self.args.contexts[0], self.args.batches[0])
+                            trace = first_cell and not eager and row["path"] in self.args.trace_paths
+                            row.update(self.measure(loop.run_step, label, trace=trace))
+                            row["capture_ms"] = round(loop.times.capture * 1e3, 1)
+                            steps = self.steps_per_row()
+                            fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
+                            written = engine.transfer.stats.bytes_written
+                            row["pcie_bytes_per_step"] = int((fetched + written) / steps) if offload == "cpu" else 0
+                            if offload == "cpu" and self.links["pcie_gbps"]:
+                                row["pcie_floor_ms"] = round(
+                                    row["pcie_bytes_per_step"] / (self.links["pcie_gbps"] * 1e9) * 1e3, 3
+                                )
+                            read = dense_tier + sparse * batch * min(k, context) * self.per_token_layer
+                            row["roofline_ms"] = self.roofline_ms(read)
+                            if multiple:
+                                hot = cache.hot_counters()
+                                row["hot_hit_rate"] = round(
+                                    hot["hot_hits"] / max(1, hot["hot_hits"] + hot["hot_misses"]), 3
+                                )
+                            if row["roofline_ms"]:
+                                row["vs_roofline"] = round(row["wall_ms"] / row["roofline_ms"], 3)
+                            rows.append(row)
+                            del loop
+                del cache, engine
+                gc.collect()
+                if hasattr(torch._C, "_host_emptyCache"):  # hand cached pinned blocks back to the OS
+                    torch._C._host_emptyCache()
+                torch.cuda.empty_cache() if self.device.type == "cuda" else None
         return rows
 
 
@@ -385,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--trace-dir", help="keep Chrome traces of the profiled steps of the first cell here")
     parser.add_argument("--trace-paths", default="omnikv_gpu,omnikv_offload", help="paths whose trace is kept")
+    parser.add_argument("--wait-layers", default="1", help="wait layers after each filter layer (a list: one row each)")
     parser.add_argument("--hot-multiples", default="2", help="hot cache sizes as multiples of the budget")
     parser.add_argument("--transfer", default="auto")
     parser.add_argument("--steps", type=int, default=12)
@@ -407,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     args.static_batches = [int(x) for x in args.static_batches.split(",") if x]
     args.modes = [x for x in args.modes.split(",") if x]
     args.hot_multiples = [int(x) for x in args.hot_multiples.split(",") if x]
+    args.wait_layers = [int(x) for x in args.wait_layers.split(",") if x]
     args.trace_paths = args.trace_paths.split(",")
 
     device, model, config, dtype = random_model(args.device, args.tiny)
