@@ -250,15 +250,18 @@ def _bundled_config(name: str) -> Path | None:
     """The path of a config shipped with the package (`default`, `dense`, ...), if there is one."""
     try:
         candidate = resources.files("omnikv_runtime.configs").joinpath(f"{name}.json")
-    except (ModuleNotFoundError, ValueError):
+        return Path(str(candidate)) if candidate.is_file() else None
+    except (ModuleNotFoundError, OSError, ValueError):  # no such package; a name no file can have
         return None
-    return Path(str(candidate)) if candidate.is_file() else None
 
 
 def _config_path(source: str | Path) -> Path:
     path = Path(source)
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise ConfigError("<file>", str(source), f"a path to an existing JSON file ({exc})") from None
     bundled = _bundled_config(str(source)) if not path.suffix and "/" not in str(source) else None
     if bundled is None:
         raise ConfigError("<file>", str(source), "a path to an existing JSON file or a bundled config name")

@@ -53,7 +53,10 @@ def _dotted(config_cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
     cls: type[BaseModel] | None = config_cls
     for item in loc:
         if isinstance(item, int):
-            parts[-1] = f"{parts[-1]}[{item}]" if parts else str(item)
+            if parts:
+                parts[-1] = f"{parts[-1]}[{item}]"
+            else:  # a top-level key that is not a string
+                parts.append(f"[{item}]")
             continue
         if cls is None:
             continue  # a union member tag such as 'int' or 'float'

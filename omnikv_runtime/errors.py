@@ -41,7 +41,7 @@ def _short_repr(value: object, limit: int = 200) -> str:
     """``repr(value)``, cut to `limit` characters (a fuzzed or huge value must not flood the message)."""
     try:
         text = repr(value)
-    except (RecursionError, ValueError):  # a deeply nested value, or an int past the digit limit
+    except Exception:  # a deeply nested value, an int past the digit limit, an object whose repr fails
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else f"{text[: limit - 5]} ...{text[-1]}"
 

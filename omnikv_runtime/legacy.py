@@ -97,7 +97,9 @@ def _int(key: str, value: Any) -> int:
 
 
 def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, value, "a finite number")
+    if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(key, value, "a finite number")
     return value
 

@@ -123,7 +123,7 @@ def check_arguments(cls: type, params: dict[str, Any], section: str) -> None:
             raise ConfigError(field, value, "an integer" if hint is int else "a number")
         if hint is int and not isinstance(value, int):
             raise ConfigError(field, value, "an integer (a whole number, written without a decimal point)")
-        if hint is float and not math.isfinite(value):
+        if hint is float and isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(field, value, "a finite number")
         if name in limits and isinstance(value, (int, float)) and not isinstance(value, bool):
             low, high = limits[name]

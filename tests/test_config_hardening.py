@@ -90,6 +90,34 @@ def test_a_deeply_nested_dict_is_a_config_error():
     assert len(str(excinfo.value)) < 1000  # the value is shown cut short, not dumped
 
 
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {1: 2},
+        {"omnikv": {"selector": {"type": "h2o", 3: 1}}},
+        {"omnikv": _Unprintable()},
+        {"omnikv": {"selector": {"type": "h2o", "recent_ratio": _Unprintable()}}},
+        {"omnikv": {"selector": {"type": "exp", "decay": 10**400}}},
+        {"do_select_layers": "2", "rope_factor": 10**400},
+        {"do_select_layers": "2", "model_cls": _Unprintable()},
+        "{'omnikv': " + "x" * 5000 + "}",  # a string that is no file name the system allows
+        "configs/../no\x00such.json",
+    ],
+    ids=[
+        *("int-key", "int-argument", "unprintable", "unprintable-argument"),
+        *("huge-decay", "huge-rope", "seed-unprintable", "long-name", "nul"),
+    ],
+)
+def test_python_values_json_cannot_hold_are_config_errors(config):
+    with pytest.raises(okv.ConfigError):
+        okv.load_config(config)
+
+
 # sizes --------------------------------------------------------------------------------------------------
 
 
