@@ -145,12 +145,18 @@ class OffloadSection(_Section):
 
     ``hot_cache_tokens`` > 0 keeps that many recently fetched rows per segment on the GPU, so a
     step fetches only the selected rows it does not hold (2-4x the token budget is a good size).
+
+    ``host_dtype``: how the host tier stores keys and values. ``"auto"``: the model's dtype.
+    ``"float8_e4m3fn"``: one byte per element plus a float32 scale per token and KV head, so the
+    host tier holds about twice the tokens and each step moves about half the bytes; rows are
+    dequantized to the model's dtype as they are fetched.
     """
 
     device: Literal["cpu", "none"] = "cpu"
     pin_memory: bool = True
     transfer: Literal["auto", "torch", "triton"] = "auto"
     hot_cache_tokens: StrictInt = Field(default=0, ge=0, le=MAX_TOKENS)
+    host_dtype: Literal["auto", "float8_e4m3fn"] = "auto"
     eviction: EvictionSection = Field(default_factory=EvictionSection)
 
     @field_validator("eviction", mode="before")
