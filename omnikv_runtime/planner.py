@@ -288,7 +288,8 @@ def _activations(
     Prefill, last chunk of ``c`` tokens over ``L`` cached ones: hidden states and q/k/v/RoPE copies,
     then the larger of the MLP (gate, up, product: ``3 c × intermediate``) and attention: with a
     past, the ``[c, L]`` bool mask and its float copy, K/V repeated to every query head, and for a
-    sparse layer its full KV read back from the host tier. A single-chunk prefill has no mask and
+    sparse layer its full KV read back from the host tier (its earlier tokens, those joined with
+    the chunk's, and the next sparse layer's read started ahead). A single-chunk prefill has no mask and
     keeps grouped heads. Decode: a filter layer's logits over every context key (in the keys' dtype for
     half precision, then float32 copies), plus the LM head's logits.
     """
@@ -299,8 +300,8 @@ def _activations(
     if past:
         attention += chunk * context * (1 + d)
         attention += 2 * g.num_heads * context * g.head_dim * d
-        if plan.sparse_layers and config.offload.device == "cpu":
-            attention += context * g.kv_row_bytes(d)
+        if plan.sparse_layers and config.offload.device == "cpu":  # this layer's earlier KV read back,
+            attention += 3 * context * g.kv_row_bytes(d)  # joined with the chunk's, and the next layer's read
     prefill = b * (chunk * g.hidden * d * 4 + max(3 * chunk * g.intermediate * d, attention))
     decode_core = b * (g.hidden * d * 4 + 3 * g.intermediate * d + g.vocab * (d + 8))
     selection = 0
