@@ -180,12 +180,15 @@ def _gptq(key: str, value: Any, data: dict[str, Any]) -> str:
     return "GPTQ applies only with load_in_4bit in the seed"
 
 
+def _dense_model(value: Any) -> bool:
+    """True for a seed model_cls that names the original's dense model."""
+    return isinstance(value, str) and any(mark in value for mark in DENSE_MODEL_MARKS)
+
+
 def _model_cls(key: str, value: Any, data: dict[str, Any]) -> str:
     name = _str(key, value)
     if name in OMNIKV_MODELS:
         return "it is the seed's OmniKV model, which this runtime implements (the family comes from the checkpoint)"
-    if any(mark in name for mark in DENSE_MODEL_MARKS):
-        return "the seed's dense model: omnikv.enabled = false"
     baseline = next((cls for cls in ("h2o", "quest", "infllm") if cls in name), name)  # the seed matches these by part
     kind = OTHER_MODELS.get(baseline, "not a model class the seed defines")
     allowed = f"{OMNIKV_MODELS} (OmniKV) or a name with {DENSE_MODEL_MARKS} (dense)"
@@ -194,8 +197,7 @@ def _model_cls(key: str, value: Any, data: dict[str, Any]) -> str:
 
 def _cache_cls(key: str, value: Any, data: dict[str, Any]) -> str:
     name = _str(key, value)
-    model = data.get("model_cls")
-    if isinstance(model, str) and any(mark in model for mark in DENSE_MODEL_MARKS):
+    if _dense_model(data.get("model_cls")):
         return "the seed's dense model does not use it"
     if name in OMNIKV_CACHES:
         return "it is the seed's cache of the OmniKV model; the tiers and transfers here are this runtime's own"
@@ -293,11 +295,12 @@ def from_legacy(data: dict[str, Any]) -> dict[str, Any]:
             check, reason = NO_EFFECT[key]
             check(key, value)
             logger.info("seed config key %r has no effect here: %s", key, reason)
+        elif key == "model_cls" and _dense_model(value):
+            out["omnikv"]["enabled"] = False
+            logger.info("seed model_cls %r is the original's dense model: omnikv.enabled = false", value)
         elif key in CONDITIONAL:
             reason = CONDITIONAL[key](key, value, flat)
             logger.info("seed config key %r = %r has no effect here: %s", key, value, reason)
-            if key == "model_cls" and "omnikv.enabled" in reason:
-                out["omnikv"]["enabled"] = False
         else:
             known = sorted(SEED_KEYS | SECTION_NAMES)
             raise ConfigError(str(key), value, f"a seed OmniKV key{did_you_mean(str(key), known)}; known: {known}")
