@@ -41,7 +41,8 @@ def read_json(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(FILE, where, "JSON nested less deeply (it exceeds Python's recursion limit)") from None
     except ValueError as exc:  # the integer digit limit, or NaN/Infinity
-        raise ConfigError(FILE, where, f"valid JSON ({exc})") from None
+        reason = "an integer past Python's 4300-digit limit" if "digits" in str(exc) else str(exc)
+        raise ConfigError(FILE, where, f"valid JSON ({reason})") from None
     if not isinstance(data, dict):
         raise ConfigError(FILE, where, "a JSON object at the top level")
     return data

@@ -39,7 +39,7 @@ def _file_error(tmp_path: Path, content: bytes) -> okv.ConfigError:
         (b'{"omnikv": {"selector": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}", "nested less deeply"),
         (b'{"model": {"name_or_path": "caf\xe9"}}', "UTF-8 text (byte 31"),
         ('{"omnikv": {}}'.encode("utf-16"), "UTF-8 text"),
-        (b'{"omnikv": {"token_budget": 1' + b"0" * 5000 + b"}}", "digits"),
+        (b'{"omnikv": {"token_budget": 1' + b"0" * 5000 + b"}}", "4300-digit limit"),
         (b'{"omnikv": {"token_budget": NaN}}', "NaN is not a JSON value"),
         (b'{"profiling": {"interval_ms": Infinity}}', "Infinity is not a JSON value"),
         (b"", "valid JSON"),
