@@ -304,7 +304,14 @@ class OmniKVCache(Cache):
         if self.hot_cache_tokens and arena is not None:
             batch = arena.data.shape[0]
             segment.hot = HotCache(
-                self.eviction, batch, self.hot_cache_tokens, arena.row_shape, arena.dtype, device, arena.capacity
+                self.eviction,
+                batch,
+                self.hot_cache_tokens,
+                arena.row_shape,
+                arena.dtype,
+                device,
+                arena.capacity,
+                host_row_bytes=arena.fetch_row_bytes,
             )
 
     def resize_hot_cache(self, hot_cache_tokens: int, device: torch.device) -> None:

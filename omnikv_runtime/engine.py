@@ -87,7 +87,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.fused_layers = self._fuse_layers(model, config.generation.fused_layers)
         offload = config.offload
-        self.transfer = make_transfer_engine(self.device, offload.device, offload.pin_memory, offload.transfer)
+        self.transfer = make_transfer_engine(
+            self.device, offload.device, offload.pin_memory, offload.transfer, offload.host_dtype
+        )
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
         self._cache_keyword = _cache_keyword(model)
         self._last_cache: OmniKVCache | None = None

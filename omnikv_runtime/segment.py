@@ -64,7 +64,7 @@ class SegmentState:
 
     def write_back(self, transfer: TransferEngine, counters: DecodeCounters) -> None:
         """Copy the step's packed row (every sparse layer) from the ring to the arena at its column."""
-        transfer.write_row(self.arena.data, counters.position, self.ring, counters.tail_slot)
+        self.arena.write_row(counters.position, self.ring, counters.tail_slot)
 
     def set_selection(self, indices: torch.Tensor, selectable: torch.Tensor, transfer: TransferEngine) -> None:
         """Store the filter layer's choice ``[batch, k]`` and start fetching its rows (offload)."""

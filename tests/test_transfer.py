@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from omnikv_runtime.transfer import HostArena, TorchTransferEngine, make_transfer_engine
+from omnikv_runtime.transfer import HostArena, TorchTransferEngine, make_transfer_engine, pinning
 
 CPU = torch.device("cpu")
 BATCH, LAYERS, HEADS, DIM = 2, 3, 2, 8
@@ -133,42 +133,45 @@ def test_make_transfer_engine_places_the_host_tier():
 
 
 def test_pinned_allocation_failure_falls_back_to_pageable_memory(monkeypatch, caplog):
-    real_empty = torch.empty
     attempts = []
 
-    def empty(*args, **kwargs):
-        if kwargs.get("pin_memory"):
-            attempts.append(kwargs)
-            raise RuntimeError("cudaHostAlloc failed: out of locked memory")
-        return real_empty(*args, **kwargs)
+    def register(pointer: int, size: int) -> int:
+        attempts.append(size)
+        return 2  # cudaErrorMemoryAllocation
+
+    def unregister(pointer: int) -> int:
+        raise AssertionError("a registration that failed must not be undone")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(pinning, "_cudart_register", lambda: (register, unregister))
     # a compute device other than the host's makes the engine offload (and want pinned memory)
     engine = TorchTransferEngine(torch.device("meta"), CPU, pin_memory=True)
     assert engine.offloaded
     caplog.set_level(logging.WARNING)
     host = engine.allocate_host((BATCH, 10, LAYERS, 2, HEADS, DIM), torch.float16)
 
-    assert len(attempts) == 1 and attempts[0]["device"] == CPU
+    assert attempts == [BATCH * 10 * LAYERS * 2 * HEADS * DIM * 2]  # exactly the tensor's bytes, once
     assert host.shape == (BATCH, 10, LAYERS, 2, HEADS, DIM) and host.dtype == torch.float16
-    assert host.device == CPU and not host.is_pinned()
-    assert engine.stats.pinned_fallbacks == 1
+    assert host.device == CPU
+    host.fill_(1.5)  # ordinary pageable memory, usable
+    assert float(host.float().sum()) == 1.5 * host.numel()
+    assert engine.stats.pinned_fallbacks == 1 and pinning.pinned_bytes() == 0
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "pinned allocation" in warnings[0].getMessage() and "pageable" in warnings[0].getMessage()
+    assert "pinning" in warnings[0].getMessage() and "pageable" in warnings[0].getMessage()
+    engine.allocate_host((1, 4), torch.float32)
+    assert engine.stats.pinned_fallbacks == 2 and len(caplog.records) == 1  # warned once
     engine.reset_stats()
-    assert engine.stats.pinned_fallbacks == 1  # kept across per-generate resets
-    assert engine.stats.as_dict()["pinned_fallbacks"] == 1
+    assert engine.stats.pinned_fallbacks == 2  # kept across per-generate resets
+    assert engine.stats.as_dict()["pinned_fallbacks"] == 2
 
 
 def test_no_pinning_attempt_when_not_offloaded_or_not_asked(monkeypatch):
-    def empty(*args, **kwargs):
-        raise AssertionError(f"unexpected allocation {kwargs}")
+    def refuse():
+        raise AssertionError("unexpected pinning")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty() if k.get("pin_memory") else real_empty(*a, **k))
+    monkeypatch.setattr(pinning, "_cudart_register", refuse)
     for engine in (TorchTransferEngine(CPU, CPU, True), TorchTransferEngine(torch.device("meta"), CPU, False)):
         host = engine.allocate_host((1, 2, 1, 2, 1, 4), torch.float32)
         assert host.device == CPU and engine.stats.pinned_fallbacks == 0

@@ -12,22 +12,41 @@ import torch
 
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.transfer.base import TransferEngine, TransferStats
+from omnikv_runtime.transfer.fp8 import HOST_DTYPES, storage_dtype
 from omnikv_runtime.transfer.host_arena import HostArena
 from omnikv_runtime.transfer.hot_cache import HotCache
+from omnikv_runtime.transfer.pinning import pinned_bytes
 from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
 
-__all__ = ["HostArena", "HotCache", "TorchTransferEngine", "TransferEngine", "TransferStats", "make_transfer_engine"]
+__all__ = [
+    "HostArena",
+    "HotCache",
+    "TorchTransferEngine",
+    "TransferEngine",
+    "TransferStats",
+    "make_transfer_engine",
+    "pinned_bytes",
+]
 
 
 def make_transfer_engine(
-    compute_device: torch.device, offload_device: str, pin_memory: bool, kind: str = "auto"
+    compute_device: torch.device, offload_device: str, pin_memory: bool, kind: str = "auto", host_dtype: str = "auto"
 ) -> TransferEngine:
     """The transfer engine for a run.
 
     The host tier lives in CPU memory (``offload_device="cpu"``) or on the compute device
     (``"none"``). ``kind``: ``"triton"`` (CUDA: Triton gather on a side stream), ``"torch"``
     (anywhere), or ``"auto"`` (triton where CUDA and Triton are present, else torch).
+    ``host_dtype``: ``"auto"`` (the model's dtype) or ``"float8_e4m3fn"`` (an FP8 host tier; with
+    ``offload_device="cpu"`` only, where rows are fetched rather than read in place).
     """
+    if host_dtype not in HOST_DTYPES:
+        raise ConfigError("offload.host_dtype", host_dtype, f"one of {sorted(HOST_DTYPES)}")
+    if host_dtype != "auto" and offload_device != "cpu":
+        raise ConfigError(
+            "offload.host_dtype", host_dtype, "'auto' with offload.device = 'none' (the FP8 tier is a host tier)"
+        )
+    storage = storage_dtype(host_dtype)
     compute_device = torch.device(compute_device)
     host_device = torch.device("cpu") if offload_device == "cpu" else compute_device
     triton_ready = compute_device.type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -38,5 +57,6 @@ def make_transfer_engine(
     if kind == "triton" or (kind == "auto" and triton_ready):
         from omnikv_runtime.transfer.triton_engine import TritonTransferEngine
 
-        return TritonTransferEngine(compute_device, host_device, pin_memory)
-    return TorchTransferEngine(compute_device, host_device, pin_memory, fetches_rows=offload_device == "cpu")
+        return TritonTransferEngine(compute_device, host_device, pin_memory, host_dtype=storage)
+    fetches = offload_device == "cpu"
+    return TorchTransferEngine(compute_device, host_device, pin_memory, fetches_rows=fetches, host_dtype=storage)

@@ -6,6 +6,11 @@ its own CUDA stream, events per layer) that implements the same methods.
 
 All tensors in the host tier are token-major: ``[batch, tokens, layers, 2, kv_heads, head_dim]``,
 the sparse layers of one segment packed per token, so one selected token is one contiguous row.
+
+An FP8 host tier (``host_dtype`` float8_e4m3fn, :mod:`omnikv_runtime.transfer.fp8`) holds codes in
+that layout and float32 ``scales`` ``[batch, tokens, layers, 2, kv_heads]`` beside them; every
+method that touches the tier takes them as ``scales``. Writes quantize, reads dequantize: what
+reaches the compute device is in the model's dtype.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class TransferStats:
     bytes_prefill_read: int = 0  # host rows read back for full attention during chunked prefill
     gathers: int = 0
     pinned_fallbacks: int = 0  # pinned allocations that failed and fell back to pageable memory
+    # byte counts are of the host tier's storage: FP8 codes plus their scales for an FP8 tier
 
     def copy(self) -> TransferStats:
         return TransferStats(**self.as_dict())
@@ -62,6 +68,8 @@ class TransferEngine(ABC):
             compute device (:meth:`gather_rows`) or attention reads them in place. Default: when
             the host tier sits in another memory. A CPU-only run of an offload config sets it, so
             that it runs the same fetch path as a GPU machine (both tiers then share one memory).
+        host_dtype: the host tier's element type, or None for the model's dtype; float8_e4m3fn
+            makes it an FP8 tier (only where rows are fetched: attention never reads it in place).
     """
 
     name = "abstract"
@@ -72,11 +80,15 @@ class TransferEngine(ABC):
         host_device: torch.device,
         pin_memory: bool,
         fetches_rows: bool | None = None,
+        host_dtype: torch.dtype | None = None,
     ) -> None:
         self.compute_device = torch.device(compute_device)
         self.host_device = torch.device(host_device)
         self.pin_memory = pin_memory
         self.fetches_rows = self.offloaded if fetches_rows is None else fetches_rows
+        if host_dtype is not None and not self.fetches_rows:
+            raise ValueError(f"a {host_dtype} host tier needs an engine that fetches rows (offload.device='cpu')")
+        self.host_dtype = host_dtype
         self.stats = TransferStats()
 
     @property
@@ -89,14 +101,38 @@ class TransferEngine(ABC):
         """Allocate a host-tier tensor (pinned when asked and possible)."""
 
     @abstractmethod
-    def write_rows(self, arena: torch.Tensor, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write_rows(
+        self,
+        arena: torch.Tensor,
+        slot: int,
+        start: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scales: torch.Tensor | None = None,
+    ) -> None:
         """Store ``keys``/``values`` ``[batch, kv_heads, n, head_dim]`` at tokens ``start..start+n`` of ``slot``."""
 
     @abstractmethod
-    def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``start..stop`` of layer ``slot`` on the compute device: ``[batch, kv_heads, n, head_dim]``."""
+    def read_rows(
+        self,
+        arena: torch.Tensor,
+        slot: int,
+        stop: int,
+        start: int = 0,
+        scales: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``start..stop`` of layer ``slot`` on the compute device: ``[batch, kv_heads, n, head_dim]``
+        (in ``dtype``, the model's, when the tier is FP8)."""
 
-    def prefetch_rows(self, arena: torch.Tensor, slot: int, stop: int) -> None:
+    def prefetch_rows(
+        self,
+        arena: torch.Tensor,
+        slot: int,
+        stop: int,
+        scales: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         """Start reading tokens ``0..stop`` of layer ``slot``, so that a later :meth:`read_rows` of
         exactly those tokens finds them on the compute device. Engines that read synchronously
         ignore it."""
@@ -108,7 +144,12 @@ class TransferEngine(ABC):
 
     @abstractmethod
     def gather_rows(
-        self, arena: torch.Tensor, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None
+        self,
+        arena: torch.Tensor,
+        indices: torch.Tensor,
+        staging: torch.Tensor,
+        hot: HotCache | None = None,
+        scales: torch.Tensor | None = None,
     ) -> None:
         """Fetch the tokens ``indices`` ``[batch, k]`` of every layer slot into ``staging``.
 
@@ -119,7 +160,14 @@ class TransferEngine(ABC):
         """
 
     @abstractmethod
-    def write_row(self, arena: torch.Tensor, position: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor) -> None:
+    def write_row(
+        self,
+        arena: torch.Tensor,
+        position: torch.Tensor,
+        ring: torch.Tensor,
+        slot: torch.Tensor,
+        scales: torch.Tensor | None = None,
+    ) -> None:
         """Decode write-back: ``arena[:, position] = ring[:, slot]`` (packed rows; both indices int64
         ``[1]`` tensors on the compute device, so no host value is involved)."""
 

@@ -1,16 +1,23 @@
 """The host tier of one segment: the full KV of its sparse layers for every token.
 
 Layout ``[batch, capacity, layers, 2, kv_heads, head_dim]`` (token-major, the segment's sparse
-layers packed per token), allocated through the transfer engine (pinned where it can) and grown
-only when a request outgrows the reserved capacity.
+layers packed per token), allocated through the transfer engine (pinned, at its exact size, where
+it can) and grown only when a request outgrows the reserved capacity.
+
+With an FP8 host tier (the engine's ``host_dtype`` float8_e4m3fn) ``data`` holds float8 codes and
+``scales`` ``[batch, capacity, layers, 2, kv_heads]`` float32 beside them, both views of one
+allocation (one pinned region). ``dtype`` stays the model's: what reads and gathers return.
 """
 
 from __future__ import annotations
 
 import torch
 
+from omnikv_runtime.transfer import fp8
 from omnikv_runtime.transfer.base import TransferEngine
 from omnikv_runtime.transfer.hot_cache import HotCache
+
+_SCALES_ALIGN = 64  # bytes: the scales start on their own cache line
 
 
 class HostArena:
@@ -28,9 +35,28 @@ class HostArena:
     ) -> None:
         self.engine = engine
         self.row_shape = (num_layers, 2, kv_heads, head_dim)
-        self.dtype = dtype
-        self.data = engine.allocate_host((batch, max(capacity, 1), *self.row_shape), dtype)
+        self.dtype = dtype  # the model's: rows come back in it
+        self.storage_dtype = engine.host_dtype or dtype
+        self.quantized = fp8.is_quantized(self.storage_dtype)
+        self.scales: torch.Tensor | None = None
+        self.data, self.scales = self._allocate(batch, max(capacity, 1))
         self.lengths = [0] * num_layers
+
+    def _allocate(self, batch: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shape = (batch, capacity, *self.row_shape)
+        if not self.quantized:
+            return self.engine.allocate_host(shape, self.storage_dtype), None
+        codes = torch.Size(shape).numel()
+        offset = -(-codes // _SCALES_ALIGN) * _SCALES_ALIGN
+        scale_shape = shape[:-1]
+        block = self.engine.allocate_host((offset + torch.Size(scale_shape).numel() * 4,), torch.uint8)
+        data = block[:codes].view(self.storage_dtype).view(shape)
+        scales = block[offset:].view(fp8.SCALE_DTYPE).view(scale_shape)
+        return data, scales
+
+    def _raw(self, tensor: torch.Tensor) -> torch.Tensor:
+        """FP8 codes as bytes (copies and indexing of any kind work on them), else the tensor itself."""
+        return tensor.view(torch.uint8) if self.quantized else tensor
 
     @property
     def capacity(self) -> int:
@@ -38,12 +64,19 @@ class HostArena:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one token of one layer (keys and values)."""
+        """Host bytes of one token of one layer (keys and values; with their scales when FP8)."""
         _, _, heads, dim = self.row_shape
-        return 2 * heads * dim * self.dtype.itemsize
+        return fp8.packed_row_bytes(1, heads, dim, self.dtype.itemsize, self.quantized)
+
+    @property
+    def fetch_row_bytes(self) -> int:
+        """Host bytes of one packed token row (every layer): what fetching one selected token moves."""
+        return self.row_shape[0] * self.row_bytes
 
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        """Bytes allocated (codes and scales)."""
+        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.data.numel() * self.data.element_size() + scales
 
     def used_bytes(self) -> int:
         return self.data.shape[0] * sum(self.lengths) * self.row_bytes
@@ -53,32 +86,36 @@ class HostArena:
         if tokens <= self.capacity:
             return
         self.engine.synchronize()  # writes in flight must land before the host copies the old arena
-        grown = self.engine.allocate_host(
-            (self.data.shape[0], max(tokens, 2 * self.capacity), *self.row_shape), self.dtype
-        )
         filled = max(self.lengths)
-        grown[:, :filled].copy_(self.data[:, :filled])
-        self.data = grown
+        data, scales = self._allocate(self.data.shape[0], max(tokens, 2 * self.capacity))
+        self._raw(data[:, :filled]).copy_(self._raw(self.data[:, :filled]))
+        if scales is not None:
+            scales[:, :filled].copy_(self.scales[:, :filled])
+        self.data, self.scales = data, scales
 
     def append(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Store new tokens of layer ``slot``; returns that layer's length afterwards."""
         start = self.lengths[slot]
         self.ensure_capacity(start + keys.shape[2])
-        self.engine.write_rows(self.data, slot, start, keys, values)
+        self.engine.write_rows(self.data, slot, start, keys, values, self.scales)
         self.lengths[slot] = start + keys.shape[2]
         return self.lengths[slot]
 
     def read(self, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``start..stop`` of layer ``slot`` on the compute device."""
-        return self.engine.read_rows(self.data, slot, stop, start)
+        """Tokens ``start..stop`` of layer ``slot`` on the compute device (in the model's dtype)."""
+        return self.engine.read_rows(self.data, slot, stop, start, self.scales, self.dtype)
 
     def prefetch(self, slot: int, stop: int) -> None:
         """Start reading tokens ``0..stop`` of layer ``slot`` ahead of :meth:`read` (if reads are asynchronous)."""
-        self.engine.prefetch_rows(self.data, slot, stop)
+        self.engine.prefetch_rows(self.data, slot, stop, self.scales, self.dtype)
 
     def gather(self, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None) -> None:
         """Fetch tokens ``indices`` ``[batch, k]`` of every layer into the packed ``staging`` rows (through ``hot``)."""
-        self.engine.gather_rows(self.data, indices, staging, hot)
+        self.engine.gather_rows(self.data, indices, staging, hot, self.scales)
+
+    def write_row(self, position: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor) -> None:
+        """Decode write-back: ``self[:, position] = ring[:, slot]`` (packed rows, device-side indices)."""
+        self.engine.write_row(self.data, position, ring, slot, self.scales)
 
     def wait(self, slot: int) -> None:
         """Order the compute stream after the last gather of layer ``slot`` (no host synchronisation)."""
@@ -87,4 +124,11 @@ class HostArena:
     def select_batch(self, batch_index: torch.Tensor) -> None:
         """Keep (and reorder) batch rows, as beam search asks."""
         self.engine.synchronize()
-        self.data = self.data.index_select(0, batch_index.to(self.data.device))
+        index = batch_index.to(self.data.device)
+        if not self.quantized:
+            self.data = self.data.index_select(0, index)
+            return
+        data, scales = self._allocate(index.numel(), self.capacity)
+        self._raw(data).copy_(self._raw(self.data).index_select(0, index))
+        scales.copy_(self.scales.index_select(0, index))
+        self.data, self.scales = data, scales

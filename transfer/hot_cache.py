@@ -34,6 +34,7 @@ class HotCache:
         dtype: torch.dtype,
         device: torch.device,
         token_capacity: int,
+        host_row_bytes: int | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"a hot cache needs at least one slot, got {slots}")
@@ -47,6 +48,8 @@ class HotCache:
         self.state = policy.init_state(batch, slots + 1, self.device)
         self.host_rows: torch.Tensor | None = None  # plan's outputs, [batch, k]
         self.hot_slots: torch.Tensor | None = None
+        # bytes one row takes in the host tier (a miss moves them): less than a hot row for an FP8 tier
+        self.host_row_bytes = host_row_bytes if host_row_bytes is not None else self.row_bytes
         self.hits = torch.zeros((), dtype=torch.long, device=device)
         self.misses = torch.zeros((), dtype=torch.long, device=device)
 
@@ -130,14 +133,14 @@ class HotCache:
         self.misses.zero_()
 
     def counters(self) -> dict[str, int]:
-        """Hits, misses, bytes saved and bytes fetched (misses) so far; reads device counters, so call it
-        outside the decode loop."""
+        """Hits, misses, bytes saved and bytes fetched (misses) so far, in the host tier's bytes; reads
+        device counters, so call it outside the decode loop."""
         hits, misses = int(self.hits), int(self.misses)
         return {
             "hot_hits": hits,
             "hot_misses": misses,
-            "hot_bytes_saved": hits * self.row_bytes,
-            "hot_bytes_fetched": misses * self.row_bytes,
+            "hot_bytes_saved": hits * self.host_row_bytes,
+            "hot_bytes_fetched": misses * self.host_row_bytes,
         }
 
     def select_batch(self, batch_index: torch.Tensor) -> None:

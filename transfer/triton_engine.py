@@ -13,6 +13,10 @@ chunk's offload overlaps the next chunk's compute; the transfer stream orders th
 later gather. A chunked prefill reads each sparse layer's earlier tokens back from the host tier:
 the cache asks for the next sparse layer's read (:meth:`prefetch_rows`) while the current one
 computes, so the read overlaps compute instead of stalling it.
+
+An FP8 host tier goes through the same kernels: the writes quantize on the GPU before the bytes
+cross PCIe, the gather and the prefill reads dequantize on the GPU after, so only FP8 codes and
+their scales cross the link and the GPU's buffers stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from omnikv_runtime.transfer.hot_cache import HotCache
-from omnikv_runtime.transfer.torch_engine import TorchTransferEngine
+from omnikv_runtime.transfer.torch_engine import TorchTransferEngine, tier_bytes
 from omnikv_runtime.transfer.triton_gather import DEFAULT_PROGRAMS, copy_row, gather_rows, scatter_rows
 
 
@@ -36,8 +40,9 @@ class TritonTransferEngine(TorchTransferEngine):
         pin_memory: bool,
         num_programs: int = DEFAULT_PROGRAMS,
         fetches_rows: bool | None = None,
+        host_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(compute_device, host_device, pin_memory, fetches_rows)
+        super().__init__(compute_device, host_device, pin_memory, fetches_rows, host_dtype)
         if self.compute_device.type != "cuda":
             raise ValueError(f"the Triton transfer engine needs a CUDA compute device, got {self.compute_device}")
         self.num_programs = num_programs
@@ -46,16 +51,24 @@ class TritonTransferEngine(TorchTransferEngine):
         # (arena, slot) -> (stop, rows, event): a prefill's read of the next layer, started early
         self._ahead: dict[tuple[int, int], tuple[int, torch.Tensor, torch.cuda.Event]] = {}
 
-    def write_rows(self, arena: torch.Tensor, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write_rows(
+        self,
+        arena: torch.Tensor,
+        slot: int,
+        start: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scales: torch.Tensor | None = None,
+    ) -> None:
         if not (arena.is_pinned() and keys.is_cuda):  # device arena, or pageable after a failed pin: plain copies
-            super().write_rows(arena, slot, start, keys, values)
+            super().write_rows(arena, slot, start, keys, values, scales)
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.compute_device))  # the new KV is computed
         with torch.cuda.stream(self.stream):
-            scatter_rows(arena, slot, start, keys, values)
+            scatter_rows(arena, slot, start, keys, values, scales)
         keys.record_stream(self.stream)  # keep the KV alive until the write has run
         values.record_stream(self.stream)
-        self.stats.bytes_written += 2 * keys.numel() * keys.element_size()
+        self.stats.bytes_written += tier_bytes(2 * keys.numel(), arena.element_size(), keys.shape[-1], scales)
 
     def graph_safe(self, arena: torch.Tensor) -> bool:
         """The GPU reads pinned host memory and device memory itself; pageable memory it cannot."""
@@ -64,7 +77,15 @@ class TritonTransferEngine(TorchTransferEngine):
     def synchronize(self) -> None:
         self.stream.synchronize()
 
-    def read_rows(self, arena: torch.Tensor, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_rows(
+        self,
+        arena: torch.Tensor,
+        slot: int,
+        stop: int,
+        start: int = 0,
+        scales: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         compute = torch.cuda.current_stream(self.compute_device)
         ahead = self._ahead.pop((arena.data_ptr(), slot), None)
         if ahead is not None and ahead[0] == stop and start == 0:
@@ -73,17 +94,24 @@ class TritonTransferEngine(TorchTransferEngine):
         else:
             compute.wait_stream(self.stream)  # writes in flight land first
             if not arena.is_pinned():
-                return super().read_rows(arena, slot, stop, start)
-            rows = self._read(arena, slot, start, stop)
+                return super().read_rows(arena, slot, stop, start, scales, dtype)
+            rows = self._read(arena, slot, start, stop, scales, dtype)
         return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
 
-    def prefetch_rows(self, arena: torch.Tensor, slot: int, stop: int) -> None:
+    def prefetch_rows(
+        self,
+        arena: torch.Tensor,
+        slot: int,
+        stop: int,
+        scales: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         """Read the layer's tokens on the transfer stream, after the writes queued there, while
         the compute stream runs the layers before it (a chunked prefill's next sparse layer)."""
         if not arena.is_pinned() or stop <= 0:
             return
         with torch.cuda.stream(self.stream):  # the buffer and indices belong to the transfer stream
-            rows = self._read(arena, slot, 0, stop)
+            rows = self._read(arena, slot, 0, stop, scales, dtype)
             event = torch.cuda.Event()
             event.record(self.stream)
         rows.record_stream(torch.cuda.current_stream(self.compute_device))  # read there: no reuse before that
@@ -92,21 +120,36 @@ class TritonTransferEngine(TorchTransferEngine):
     def discard_prefetches(self) -> None:
         self._ahead.clear()
 
-    def _read(self, arena: torch.Tensor, slot: int, start: int, stop: int) -> torch.Tensor:
+    def _read(
+        self,
+        arena: torch.Tensor,
+        slot: int,
+        start: int,
+        stop: int,
+        scales: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         # one layer's slice of each token's packed row: strided in host memory, so the GPU reads it
         # itself (a copy engine would need it contiguous, which costs a host-side copy first)
         batch, count = arena.shape[0], stop - start
         tokens = torch.arange(start, stop, device=self.compute_device).expand(batch, count)
-        rows = torch.empty((batch, count, *arena.shape[3:]), dtype=arena.dtype, device=self.compute_device)
-        gather_rows(arena[:, :, slot], tokens, rows, self.num_programs)
-        self.stats.bytes_prefill_read += rows.numel() * rows.element_size()
+        out_dtype = arena.dtype if scales is None else dtype
+        rows = torch.empty((batch, count, *arena.shape[3:]), dtype=out_dtype, device=self.compute_device)
+        layer_scales = None if scales is None else scales[:, :, slot]
+        gather_rows(arena[:, :, slot], tokens, rows, self.num_programs, scales=layer_scales)
+        self.stats.bytes_prefill_read += tier_bytes(rows.numel(), arena.element_size(), rows.shape[-1], scales)
         return rows
 
     def gather_rows(
-        self, arena: torch.Tensor, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None
+        self,
+        arena: torch.Tensor,
+        indices: torch.Tensor,
+        staging: torch.Tensor,
+        hot: HotCache | None = None,
+        scales: torch.Tensor | None = None,
     ) -> None:
         if arena.device.type == "cpu" and not arena.is_pinned():  # pageable (a pin failed): the GPU cannot read it
-            super().gather_rows(arena, indices, staging, hot)
+            super().gather_rows(arena, indices, staging, hot, scales)
             return
         compute = torch.cuda.current_stream(self.compute_device)
         host_rows, hot_slots = indices, None
@@ -122,18 +165,26 @@ class TritonTransferEngine(TorchTransferEngine):
                     self.num_programs,
                     hot=hot.data[:, :, slot] if hot is not None else None,
                     hot_slots=hot_slots,
+                    scales=scales[:, :, slot] if scales is not None else None,
                 )
                 self._events.setdefault((arena.data_ptr(), slot), torch.cuda.Event()).record(self.stream)
         if hot is None:
-            self.stats.bytes_fetched += staging.numel() * staging.element_size()
+            self.stats.bytes_fetched += tier_bytes(staging.numel(), arena.element_size(), staging.shape[-1], scales)
         self.stats.gathers += 1
 
-    def write_row(self, arena: torch.Tensor, position: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor) -> None:
+    def write_row(
+        self,
+        arena: torch.Tensor,
+        position: torch.Tensor,
+        ring: torch.Tensor,
+        slot: torch.Tensor,
+        scales: torch.Tensor | None = None,
+    ) -> None:
         if arena.device.type == "cpu" and not arena.is_pinned():
-            super().write_row(arena, position, ring, slot)
+            super().write_row(arena, position, ring, slot, scales)
             return
-        copy_row(arena, position, ring, slot)  # on the compute stream; later gathers wait for it
-        self.stats.bytes_written += ring[:, 0].numel() * ring.element_size()
+        copy_row(arena, position, ring, slot, scales)  # on the compute stream; later gathers wait for it
+        self.stats.bytes_written += tier_bytes(ring[:, 0].numel(), arena.element_size(), ring.shape[-1], scales)
 
     def wait(self, arena: torch.Tensor, slot: int) -> None:
         event = self._events.get((arena.data_ptr(), slot))

@@ -10,6 +10,11 @@ It is persistent and narrow: ``num_programs`` CTAs (about 32) loop over the rows
 H100 (a 201 MB gather next to two 8192-cubed matmuls), 32 CTAs reach the PCIe link's bandwidth and
 leave the rest of the GPU to compute on another stream, where one CTA per row serialises with it.
 Under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors (how CI tests it).
+
+An FP8 host tier (:mod:`omnikv_runtime.transfer.fp8`) is read by the same kernel: it loads the
+one-byte codes and each group's scale and writes values of the output's dtype, so PCIe carries
+the FP8 bytes and the GPU's buffers stay in the model's dtype. Its quantizing writes live in
+:mod:`omnikv_runtime.transfer.triton_fp8`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from omnikv_runtime.transfer.triton_fp8 import copy_row_fp8, fp8_decode, scatter_rows_fp8
 
 DEFAULT_PROGRAMS = 32
 MAX_BLOCK = 4096  # elements of one row per inner step
@@ -30,6 +37,7 @@ def _gather_rows_kernel(
     target,  # [batch, k, row], device; rows contiguous
     hot,  # [batch, slots + 1, row], device (HOT only)
     hot_slots,  # [batch, k] int64, device (HOT only): slot a hit reads or a miss fills
+    scales,  # [batch, tokens, row / head_dim] float32 (SCALED only): source holds uint8 e4m3 codes
     rows_total,  # batch * k
     k,
     row_elems,
@@ -39,9 +47,13 @@ def _gather_rows_kernel(
     target_row_stride,
     hot_batch_stride,
     hot_row_stride,
+    scales_batch_stride,
+    scales_row_stride,
+    head_dim,
     ROWS: tl.constexpr,  # rows in flight per iteration: small rows need several to fill the link
     BLOCK: tl.constexpr,  # elements per row per inner step
     HOT: tl.constexpr,  # delta fetch through a hot cache
+    SCALED: tl.constexpr,  # dequantize FP8 codes with a scale per head_dim values
 ):
     program = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -55,6 +67,8 @@ def _gather_rows_kernel(
         from_source = live & (tokens >= 0)
         source_rows = source + batch_row * source_batch_stride + tl.maximum(tokens, 0) * source_row_stride
         target_rows = target + batch_row * target_batch_stride + (jobs % k) * target_row_stride
+        if SCALED:
+            scale_rows = scales + batch_row * scales_batch_stride + tl.maximum(tokens, 0) * scales_row_stride
         if HOT:
             slots = tl.load(hot_slots + jobs, mask=live, other=0).to(tl.int64)
             hot_rows = hot + batch_row * hot_batch_stride + slots * hot_row_stride
@@ -63,6 +77,10 @@ def _gather_rows_kernel(
             offsets = start + columns
             inside = (offsets < row_elems)[None, :]
             values = tl.load(source_rows[:, None] + offsets[None, :], mask=from_source[:, None] & inside)
+            if SCALED:
+                group = offsets // head_dim
+                scale = tl.load(scale_rows[:, None] + group[None, :], mask=from_source[:, None] & inside, other=0.0)
+                values = (fp8_decode(values) * scale).to(target.dtype.element_ty)
             if HOT:
                 cached = tl.load(hot_rows[:, None] + offsets[None, :], mask=from_hot[:, None] & inside)
                 values = tl.where(from_hot[:, None], cached, values)
@@ -86,6 +104,7 @@ def gather_rows(
     hot: torch.Tensor | None = None,
     hot_slots: torch.Tensor | None = None,
     tile_elements: int = TILE_ELEMENTS,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[b, j] = source[b, indices[b, j]]`` for rows of any shape, by the persistent kernel.
 
@@ -101,9 +120,13 @@ def gather_rows(
             ``source``; every row read from ``source`` is also stored at ``hot[b, hot_slots[b, j]]``
             (point uncached misses at the scratch slot).
         tile_elements: elements in flight per CTA and step (rows x block); small rows need more rows.
+        scales: an FP8 source: ``source`` holds float8_e4m3fn codes ``[batch, tokens, *row, head_dim]``
+            and ``scales`` their float32 scales ``[batch, tokens, *row]`` (each row contiguous);
+            ``out`` (and ``hot``) receive the dequantized values in their own dtype.
     """
     batch, k = indices.shape
-    if out.shape[:2] != (batch, k) or out.shape[2:] != source.shape[2:] or out.dtype != source.dtype:
+    dtype_ok = out.dtype == source.dtype if scales is None else out.dtype.is_floating_point
+    if out.shape[:2] != (batch, k) or out.shape[2:] != source.shape[2:] or not dtype_ok:
         raise ValueError(
             f"out {tuple(out.shape)} {out.dtype} does not fit rows of {tuple(source.shape)} {source.dtype}"
         )
@@ -112,6 +135,11 @@ def gather_rows(
     use_hot = hot is not None
     if use_hot and (hot.shape[2:] != source.shape[2:] or not _rows_contiguous(hot) or hot_slots.shape != (batch, k)):
         raise ValueError(f"hot cache {tuple(hot.shape)} does not fit rows of {tuple(source.shape)}")
+    if use_hot and hot.dtype != out.dtype:
+        raise ValueError(f"hot cache {hot.dtype} and output {out.dtype} differ")
+    scaled = scales is not None
+    if scaled and (scales.shape != source.shape[:-1] or scales.dtype != torch.float32 or not _rows_contiguous(scales)):
+        raise ValueError(f"scales {tuple(scales.shape)} {scales.dtype} do not fit codes {tuple(source.shape)}")
     row_elems = source[0, 0].numel() if source.shape[0] and source.shape[1] else 0
     if batch * k == 0 or row_elems == 0:
         return out
@@ -120,11 +148,12 @@ def gather_rows(
     programs = max(1, min(num_programs, triton.cdiv(batch * k, rows)))
     indices = indices.contiguous()
     _gather_rows_kernel[(programs,)](
-        source,
+        source.view(torch.uint8) if scaled else source,
         indices,
         out,
         hot if use_hot else out,
         hot_slots.contiguous() if use_hot else indices,
+        scales if scaled else out,
         batch * k,
         k,
         row_elems,
@@ -134,9 +163,13 @@ def gather_rows(
         out.stride(1),
         hot.stride(0) if use_hot else 0,
         hot.stride(1) if use_hot else 0,
+        scales.stride(0) if scaled else 0,
+        scales.stride(1) if scaled else 0,
+        source.shape[-1] if scaled else 1,
         ROWS=rows,
         BLOCK=block,
         HOT=use_hot,
+        SCALED=scaled,
     )
     return out
 
@@ -163,11 +196,19 @@ def _copy_row_kernel(
 
 
 def copy_row(
-    target: torch.Tensor, target_index: torch.Tensor, source: torch.Tensor, source_index: torch.Tensor
+    target: torch.Tensor,
+    target_index: torch.Tensor,
+    source: torch.Tensor,
+    source_index: torch.Tensor,
+    scales: torch.Tensor | None = None,
 ) -> None:
     """``target[b, target_index] = source[b, source_index]`` for every batch row, with both indices
     int64 ``[1]`` tensors on the GPU (a decode step's write-back: no host value, so a CUDA graph
-    replays it at each step's position). ``target`` may be pinned host memory."""
+    replays it at each step's position). ``target`` may be pinned host memory. With ``scales`` the
+    target is an FP8 tier: the row is quantized into it (see :func:`copy_row_fp8`)."""
+    if scales is not None:
+        copy_row_fp8(target, scales, target_index, source, source_index)
+        return
     if target.shape[0] != source.shape[0] or target.shape[2:] != source.shape[2:]:
         raise ValueError(f"rows of {tuple(source.shape)} do not fit {tuple(target.shape)}")
     if not (_rows_contiguous(target) and _rows_contiguous(source)):
@@ -223,9 +264,20 @@ def _scatter_rows_kernel(
     tl.store(target + heads * dim + offsets, value_row, mask=inside)
 
 
-def scatter_rows(arena: torch.Tensor, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+def scatter_rows(
+    arena: torch.Tensor,
+    slot: int,
+    start: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scales: torch.Tensor | None = None,
+) -> None:
     """``arena[b, start + t, slot] = (keys[b, :, t], values[b, :, t])``, written by the GPU (UVA stores
-    into pinned host memory), one program per token; keys and values may have any strides."""
+    into pinned host memory), one program per token; keys and values may have any strides. With
+    ``scales`` the arena is an FP8 tier: quantized on the way (see :func:`scatter_rows_fp8`)."""
+    if scales is not None:
+        scatter_rows_fp8(arena, scales, slot, start, keys, values)
+        return
     batch, heads, n, dim = keys.shape
     if arena.shape[0] != batch or arena.shape[-2:] != (heads, dim) or not arena.is_contiguous():
         raise ValueError(f"rows of {tuple(keys.shape)} do not fit the arena {tuple(arena.shape)}")
