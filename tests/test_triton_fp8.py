@@ -1,0 +1,129 @@
+"""The FP8 host tier's Triton kernels under TRITON_INTERPRET=1, on CPU tensors, against the torch
+quantizer (itself checked against a plain reference in test_fp8_host_tier.py), outputs poisoned.
+
+The kernels round with integer arithmetic, so they must equal torch's cast bit for bit, including
+ties and subnormals. The interpreter must be chosen before triton is imported: a child process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+CHECK = r"""
+import torch
+import triton
+import triton.language as tl
+from omnikv_runtime.transfer import fp8
+from omnikv_runtime.transfer.triton_fp8 import fp8_decode, fp8_encode
+from omnikv_runtime.transfer.triton_gather import copy_row, gather_rows, scatter_rows
+
+FP8, POISON = torch.float8_e4m3fn, 0x7F
+torch.manual_seed(0)
+as_bytes = lambda t: t.view(torch.uint8)
+
+
+@triton.jit
+def round_trip(x, codes, back, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    c = fp8_encode(tl.load(x + offsets, mask=inside, other=0.0))
+    tl.store(codes + offsets, c, mask=inside)
+    tl.store(back + offsets, fp8_decode(c), mask=inside)
+
+
+# every finite code, the midpoints between neighbours (ties) and the floats next to them, random values
+table = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+finite = table[torch.isfinite(table)].unique()
+middle = (finite[1:] + finite[:-1]) / 2
+x = torch.cat([
+    finite, middle, torch.nextafter(middle, torch.tensor(1e9)), torch.nextafter(middle, torch.tensor(-1e9)),
+    torch.cat([torch.randn(20000) * s for s in (1e-3, 1.0, 100.0)]).clamp(-448, 448),
+    torch.tensor([0.0, -0.0, 1e-40, 2.0**-10, 3 * 2.0**-10]),
+])
+codes = torch.empty(x.shape, dtype=torch.uint8)
+back = torch.empty(x.shape)
+round_trip[(triton.cdiv(x.numel(), 1024),)](x, codes, back, x.numel(), BLOCK=1024)
+assert torch.equal(codes, as_bytes(x.to(FP8))), (x[codes != as_bytes(x.to(FP8))][:5])
+assert torch.equal(back, codes.view(FP8).float())
+
+# decode write-back: one packed ring row quantized into a poisoned arena at a device-side position;
+# a long row (Llama-like: 3 layers x K,V x 8 heads x 128) spreads over several programs
+for shape, dtype in [((2, 4, 3, 2, 2, 16), torch.bfloat16), ((1, 3, 3, 2, 8, 128), torch.float32)]:
+    ring = (torch.randn(shape) * torch.logspace(-6, 6, shape[-1])).to(dtype)
+    ring[0, 2, 0, 1, 0] = 0.0
+    arena = torch.empty((shape[0], 12, *shape[2:]), dtype=FP8)
+    as_bytes(arena).fill_(POISON)
+    scales = torch.full(arena.shape[:-1], float("nan"))
+    copy_row(arena, torch.tensor([9]), ring, torch.tensor([2]), scales=scales)
+    want_codes, want_scales = fp8.quantize(ring[:, 2])
+    assert torch.equal(as_bytes(arena[:, 9]), as_bytes(want_codes)) and torch.equal(scales[:, 9], want_scales)
+    assert (as_bytes(arena[:, :9]) == POISON).all() and (as_bytes(arena[:, 10:]) == POISON).all()
+    assert torch.isnan(scales[:, :9]).all() and torch.isnan(scales[:, 10:]).all()
+
+# prefill write: keys/values of any strides into one layer slot; 3 heads and head_dim 24 (not powers of two)
+arena = torch.empty((2, 12, 3, 2, 3, 24), dtype=FP8)
+as_bytes(arena).fill_(POISON)
+scales = torch.full(arena.shape[:-1], float("nan"))
+keys = (torch.randn(2, 5, 3, 24) * 50).transpose(1, 2).to(torch.bfloat16)  # [batch, heads, n, dim], strided
+values = (torch.randn(2, 3, 5, 24) / 7).to(torch.bfloat16)
+scatter_rows(arena, 1, 4, keys, values, scales=scales)
+for part, kv in enumerate((keys, values)):
+    want_codes, want_scales = fp8.quantize(kv.transpose(1, 2))
+    assert torch.equal(as_bytes(arena[:, 4:9, 1, part]), as_bytes(want_codes))
+    assert torch.equal(scales[:, 4:9, 1, part], want_scales)
+written = torch.zeros(arena.shape[:3], dtype=torch.bool)
+written[:, 4:9, 1] = True
+assert (as_bytes(arena)[~written] == POISON).all() and torch.isnan(scales[~written]).all()
+
+# the gather dequantizes inside the kernel, into outputs of the model's dtype, whole rows or one layer's slice
+source = torch.randn(2, 30, 3, 2, 2, 16) * 20
+codes, scales = fp8.quantize(source)
+indices = torch.stack([torch.randperm(30)[:7] for _ in range(2)])
+for dtype in (torch.bfloat16, torch.float32):
+    expected = fp8.dequantize(codes, scales, dtype)[torch.arange(2)[:, None], indices]
+    out = torch.full((2, 7, 3, 2, 2, 16), float("nan"), dtype=dtype)
+    gather_rows(codes, indices, out, num_programs=3, scales=scales)
+    assert torch.equal(out, expected), dtype
+    staging = torch.full((2, 7, 3, 2, 2, 16), float("nan"), dtype=dtype)
+    gather_rows(codes[:, :, 1], indices, staging[:, :, 1], num_programs=2, scales=scales[:, :, 1])
+    assert torch.equal(staging[:, :, 1], expected[:, :, 1]) and torch.isnan(staging[:, :, [0, 2]].float()).all()
+
+# through a hot cache (model dtype): -1 reads the slot; a host read is dequantized into its slot too
+hot = torch.randn(2, 5, 3, 2, 2, 16).to(torch.bfloat16)
+host_rows = torch.tensor([[4, -1, 17, 29, -1], [-1, -1, 0, 8, 3]])
+hot_slots = torch.tensor([[0, 2, 4, 1, 3], [1, 0, 4, 4, 2]])
+values = fp8.dequantize(codes, scales, torch.bfloat16)
+expected, expected_hot = torch.empty(2, 5, 3, 2, 2, 16, dtype=torch.bfloat16), hot.clone()
+for b in range(2):
+    for j in range(5):
+        if host_rows[b, j] >= 0:
+            expected[b, j] = expected_hot[b, hot_slots[b, j]] = values[b, host_rows[b, j]]
+        else:
+            expected[b, j] = hot[b, hot_slots[b, j]]
+out = torch.full_like(expected, float("nan"))
+for j in range(3):  # one launch per layer, as the engine does
+    layer = dict(hot=hot[:, :, j], hot_slots=hot_slots, scales=scales[:, :, j])
+    gather_rows(codes[:, :, j], host_rows, out[:, :, j], 2, **layer)
+assert torch.equal(out, expected) and torch.equal(hot[:, :4], expected_hot[:, :4])
+
+for bad in (scales[:, :, :, 0], scales.double()):
+    try:
+        gather_rows(codes, indices, torch.empty(2, 7, 3, 2, 2, 16), scales=bad)
+    except ValueError as exc:
+        assert "scales" in str(exc)
+    else:
+        raise AssertionError("mismatched scales were accepted")
+print("ok")
+"""
+
+
+def test_fp8_kernels_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # import the installed package, not the cwd
+    done = subprocess.run(
+        [sys.executable, *isolated, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
