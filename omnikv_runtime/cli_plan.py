@@ -3,7 +3,8 @@
     omnikv plan --config C --context 131072 --batch 4 [--gpu-memory 80GB] [--host-memory 512GB] [--json]
 
 Prints the bytes of the weights, each KV tier and activations, whether the run
-fits dense and with OmniKV, and the longest context that fits each way. The model's geometry comes
+fits dense and with OmniKV, and the longest context that fits each way (for OmniKV with offload to
+the host, once per host-tier dtype: the model's and FP8). The model's geometry comes
 from ``--model-config`` (a config.json, an HF folder or a known name) or the config's model; no
 weights are read.
 """
@@ -19,6 +20,7 @@ import torch
 from omnikv_runtime.config import load_config
 from omnikv_runtime.planner import DTYPE_BYTES, parse_bytes, plan_memory, resolve_geometry
 from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
+from omnikv_runtime.transfer.fp8 import HOST_DTYPES
 
 DEFAULT_GPU_MEMORY = 80 * 10**9  # one H100 80 GB card, when no CUDA device is visible
 
@@ -33,6 +35,9 @@ def register(commands: Any) -> None:
     plan.add_argument("--host-memory", help="host memory for the pinned tier, e.g. 512GB (default: this machine)")
     plan.add_argument("--model-config", help="config.json, HF folder or known name (default: the config's model)")
     plan.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights/KV dtype (default: model.dtype)")
+    plan.add_argument(
+        "--host-dtype", choices=sorted(HOST_DTYPES), help="host tier storage (default: offload.host_dtype)"
+    )
     plan.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="share of each memory kept free")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(handler=cmd_plan)
@@ -40,6 +45,8 @@ def register(commands: Any) -> None:
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args.config)
+    if args.host_dtype:
+        config.offload.host_dtype = args.host_dtype
     geometry = resolve_geometry(config, args.model_config)
     new_tokens = args.new_tokens or config.generation.max_new_tokens
     if args.gpu_memory:
@@ -76,6 +83,28 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                 geometry, variant, args.batch, new_tokens, gpu_memory, host_memory, args.headroom, args.dtype, False
             ),
         }
+    if "omnikv" in report and config.offload.device == "cpu":
+        report["omnikv"]["longest_context_by_host_dtype"] = {}
+        for host_dtype in HOST_DTYPES:
+            variant = config.model_copy(deep=True)
+            variant.offload.host_dtype = host_dtype
+            figures = {}
+            for name, prefill in (("with_prefill", True), ("decode_only", False)):
+                figures[name] = longest_context(
+                    geometry,
+                    variant,
+                    args.batch,
+                    new_tokens,
+                    gpu_memory,
+                    host_memory,
+                    args.headroom,
+                    args.dtype,
+                    prefill,
+                )
+            figures["host_bytes_per_token"] = plan_memory(
+                geometry, variant, args.context, args.batch, new_tokens, args.dtype
+            ).host_bytes_per_token
+            report["omnikv"]["longest_context_by_host_dtype"][host_dtype] = figures
     return report
 
 
@@ -102,7 +131,7 @@ def print_report(report: dict[str, Any]) -> None:
         ("KV gpu tail ring (new tokens)", lambda p: p["tiers"]["gpu_tail"]),
         ("KV gpu hot cache", lambda p: p["tiers"]["gpu_hot"] + p["tiers"]["gpu_hot_state"]),
         ("KV host tier (allocated)", lambda p: p["tiers"]["host_allocated"]),
-        ("KV host tier (pinned, pow2)", lambda p: p["tiers"]["host_reserved"]),
+        ("KV host tier (pinned, exact)", lambda p: p["tiers"]["host_reserved"]),
         ("activations, prefill chunk", lambda p: p["activations"]["prefill"]),
         ("activations, decode step", lambda p: p["activations"]["decode"]),
         ("GPU total", lambda p: p["gpu"]),
@@ -120,6 +149,14 @@ def print_report(report: dict[str, Any]) -> None:
             f"longest context that fits, {name}{offload}: {longest['context']:,} tokens "
             f"(limited by {longest['limited_by']}); decode only, cache filled without prefill: "
             f"{decode['context']:,} (limited by {decode['limited_by']})"
+        )
+    for host_dtype, figures in report.get("omnikv", {}).get("longest_context_by_host_dtype", {}).items():
+        longest, decode = figures["with_prefill"], figures["decode_only"]
+        stored = "model dtype" if host_dtype == "auto" else host_dtype
+        print(
+            f"  host tier in {stored} ({figures['host_bytes_per_token']:,} bytes per token): {longest['context']:,} "
+            f"tokens (limited by {longest['limited_by']}); decode only {decode['context']:,} "
+            f"(limited by {decode['limited_by']})"
         )
     if model.get("max_positions"):
         print(f"(the model's own position limit is {model['max_positions']:,} tokens)")

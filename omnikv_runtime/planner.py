@@ -7,6 +7,7 @@ module turns a model's geometry and a runtime config into the bytes each tier ne
 :class:`~omnikv_runtime.cache.OmniKVCache` allocates (dense buffers of ``prompt + new`` tokens, sparse
 working buffers grown by doubling, host arenas ``[batch, capacity, segment layers, 2, kv_heads,
 head_dim]``, a hot cache of ``offload.hot_cache_tokens`` rows per segment in the same packed layout),
+the host tier in ``offload.host_dtype`` (FP8 codes plus a float32 scale per token, layer and KV head),
 plus an estimate of transformers' sdpa activations. :mod:`omnikv_runtime.planner_fit` answers whether
 a run fits and the longest context that does.
 """
@@ -22,6 +23,8 @@ from typing import Any
 from omnikv_runtime.config import OmniKVConfig
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.layout import LayerPlan, reserve_tokens, tail_ring_tokens
+from omnikv_runtime.transfer.fp8 import packed_row_bytes
+from omnikv_runtime.transfer.host_arena import allocation_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -161,10 +164,6 @@ def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = Non
     return ModelGeometry.from_hf_config(hf_config_dict(config, model_config))
 
 
-def _pow2_ceil(value: int) -> int:
-    return 1 << (value - 1).bit_length() if value > 1 else value
-
-
 def arena_rows(context: int, new_tokens: int, chunk_size: int | None) -> int:
     """Token capacity of a host arena: the reserve (prompt + new, rounded up), or the first prefill chunk if larger."""
     first_chunk = min(chunk_size or context, context)
@@ -188,6 +187,8 @@ class MemoryPlan:
     activations: dict[str, int] = field(default_factory=dict)
     gpu: int = 0
     host: int = 0
+    host_dtype: str = "auto"  # the host tier's storage: "auto" (the model's dtype) or "float8_e4m3fn"
+    host_bytes_per_token: int = 0  # one token of every sparse layer in the host tier, whole batch (scales included)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,8 +211,10 @@ def plan_memory(
     slots per sparse layer), ``gpu_hot`` (the hot caches with their token maps; ``gpu_hot_state`` adds
     the eviction policy's per-slot state) and ``host`` /
     ``host_allocated`` (arenas of the sparse layers; on the GPU when ``offload.device`` is ``none``), and
-    ``host_reserved``: the pinned memory they take, each arena rounded up to a power of two as torch's
-    caching host allocator does (what ``host`` totals, and what must fit the host's memory).
+    ``host_reserved``: the memory they pin, exactly (each arena is mapped at its size and registered
+    with CUDA; what ``host`` totals, and what must fit the host's memory). With ``offload.host_dtype =
+    "float8_e4m3fn"`` the host tiers hold one byte per value plus a float32 scale per ``head_dim``
+    values; the GPU tiers stay in the model's dtype.
     ``prefill=False`` plans a cache filled directly (no prefill activations), as the capacity benchmark does.
     """
     new_tokens = config.generation.max_new_tokens if new_tokens is None else new_tokens
@@ -221,6 +224,9 @@ def plan_memory(
     section = config.omnikv
     plan = LayerPlan.build(geometry.num_layers, section.filter_layers, section.wait_layers, section.enabled)
     row = batch * geometry.kv_row_bytes(dtype_bytes)  # one token, one layer, whole batch
+    host_dtype = config.offload.host_dtype if config.offload.device == "cpu" else "auto"
+    quantized = host_dtype != "auto"
+    host_row = batch * packed_row_bytes(1, geometry.kv_heads, geometry.head_dim, dtype_bytes, quantized)
     reserve = reserve_tokens(context, new_tokens)
     stored = context + new_tokens - 1  # generate feeds every token but the last
     sparse = len(plan.sparse_layers)
@@ -233,14 +239,16 @@ def plan_memory(
         "gpu_dense": dense * max(reserve, 16) * row,
         "gpu_selected": sparse * budget * row if staged else 0,
         "gpu_tail": sparse * ring * row if decode_steps else 0,
-        "host": sparse * stored * row,
-        "host_allocated": sparse * arena_rows(context, new_tokens, config.prefill.chunk_size) * row,
+        "host": sparse * stored * host_row,
+        "host_allocated": sparse * arena_rows(context, new_tokens, config.prefill.chunk_size) * host_row,
     }
     arena_tokens = arena_rows(context, new_tokens, config.prefill.chunk_size)
-    arenas = [batch * arena_tokens * len(s.sparse_layers) * geometry.kv_row_bytes(dtype_bytes) for s in plan.segments]
-    pinned = config.offload.device == "cpu" and config.offload.pin_memory
-    # torch's caching host allocator rounds each pinned block up to a power of two
-    tiers["host_reserved"] = sum(_pow2_ceil(a) if pinned else a for a in arenas if a)
+    heads, dim = geometry.kv_heads, geometry.head_dim
+    tiers["host_reserved"] = sum(
+        allocation_bytes(batch, arena_tokens, len(s.sparse_layers), heads, dim, dtype_bytes, quantized)
+        for s in plan.segments
+        if s.sparse_layers
+    )
     hot = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
     hot_segments = [len(s.sparse_layers) for s in plan.segments if s.sparse_layers] if hot else []
     # per segment: packed rows [batch, slots + 1, layers, 2, kv_heads, head_dim], int64 token of each slot,
@@ -271,6 +279,8 @@ def plan_memory(
         gpu_kv += tiers["host_allocated"]
     result.gpu = result.weights + gpu_kv + max(result.activations.values())
     result.host = 0 if on_gpu_host else tiers["host_reserved"]
+    result.host_dtype = host_dtype
+    result.host_bytes_per_token = sparse * host_row
     return result
 
 

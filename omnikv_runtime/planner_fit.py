@@ -102,6 +102,8 @@ def suggestions(plan: MemoryPlan, config: OmniKVConfig, gpu_short: bool, host_sh
     if host_short:
         if plan.batch > 1:
             tips.append(f"lower the batch (now {plan.batch})")
+        if plan.host_dtype == "auto":
+            tips.append("set offload.host_dtype = 'float8_e4m3fn' (about half the host bytes per token)")
         tips.append("shorten the prompt, or keep the sparse layers on the GPU (offload.device = 'none') if it has room")
     return list(dict.fromkeys(tips))
 
@@ -129,7 +131,12 @@ def describe_shortfall(plan: MemoryPlan, config: OmniKVConfig, gpu_free: int, ho
         pieces.append(f"activations {_gb(max(plan.activations.values()))}")
         parts.append(f"GPU needs {_gb(plan.gpu)} ({', '.join(pieces)}) but {_gb(gpu_free)} are available")
     if host_short:
-        parts.append(f"host needs {_gb(plan.host)} (pinned KV of the sparse layers) but {_gb(host_free)} are available")
+        stored = "the model's dtype" if plan.host_dtype == "auto" else plan.host_dtype
+        per_token = f"{plan.host_bytes_per_token:,} bytes per token in {stored}"
+        parts.append(
+            f"host needs {_gb(plan.host)} (pinned KV of the sparse layers, {per_token}) but {_gb(host_free)} "
+            "are available"
+        )
     what = f"{plan.batch} x {plan.context} prompt tokens + {plan.new_tokens} new tokens"
     tips = "; ".join(suggestions(plan, config, gpu_short, host_short))
     return f"this run ({what}) does not fit: {'; '.join(parts)}. To fit: {tips}"

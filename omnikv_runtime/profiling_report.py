@@ -4,7 +4,8 @@ For each watched engine the final tier bytes of its last cache are recomputed fr
 geometry (OmniKV's layer roles: Hao et al., ICLR 2025): a tier holds
 ``layers x tokens x kv_heads x head_dim x 2 (K, V) x dtype size x batch`` bytes, with the tokens of
 each tier (dense: the reserved ``prompt + new``; selected: the budget; tail: tokens since the
-prompt; host: every stored token).
+prompt; host: every stored token). An FP8 host tier (``offload.host_dtype``) holds one byte per
+value plus a float32 scale per ``head_dim`` values.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from omnikv_runtime.layout import Role
+from omnikv_runtime.transfer.fp8 import is_quantized, packed_row_bytes
 
 
 def geometry_check(engine: Any) -> dict[str, Any] | None:
@@ -36,18 +38,21 @@ def geometry_check(engine: Any) -> dict[str, Any] | None:
     staged = decoded and cache.transfer.fetches_rows  # offload: the selected rows' staging buffers
     selected = cache.budget_tokens if staged else 0
     per = 2 * heads * head_dim * dtype_bytes * batch
+    quantized = is_quantized(cache.transfer.host_dtype)
+    host_per = packed_row_bytes(1, heads, head_dim, dtype_bytes, quantized) * batch
     tokens = {"gpu_dense": max(cache.reserve_tokens, 16), "gpu_selected": selected, "gpu_tail": tail, "host": stored}
     layers = {"gpu_dense": dense, "gpu_selected": sparse, "gpu_tail": sparse, "host": sparse}
     reported = cache.tier_bytes()
     check = {}
     for tier, count in tokens.items():
-        expected = layers[tier] * count * per
+        expected = layers[tier] * count * (host_per if tier == "host" else per)
         check[tier] = {
             "layers": layers[tier],
             "tokens": count,
             "kv_heads": heads,
             "head_dim": head_dim,
-            "dtype_bytes": dtype_bytes,
+            "dtype_bytes": 1 if tier == "host" and quantized else dtype_bytes,
+            "scale_bytes": 4 if tier == "host" and quantized else 0,
             "batch": batch,
             "expected": expected,
             "reported": reported[tier],
@@ -102,6 +107,7 @@ def build_report(profiler: Any) -> dict[str, Any]:
             {
                 "model": type(engine.model).__name__,
                 "plan": engine.plan.describe(),
+                "host_dtype": str(engine.transfer.host_dtype or "model").removeprefix("torch."),
                 "stats": engine.stats(),
                 "tiers_final": engine._last_cache.tier_bytes() if engine._last_cache is not None else {},
                 "geometry_check": geometry_check(engine),

@@ -20,6 +20,16 @@ from omnikv_runtime.transfer.hot_cache import HotCache
 _SCALES_ALIGN = 64  # bytes: the scales start on their own cache line
 
 
+def allocation_bytes(
+    batch: int, capacity: int, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, quantized: bool
+) -> int:
+    """Bytes one arena allocates (and pins): its values, or its FP8 codes then, aligned, their scales."""
+    values = batch * capacity * layers * 2 * kv_heads * head_dim
+    if not quantized:
+        return values * dtype_bytes
+    return -(-values // _SCALES_ALIGN) * _SCALES_ALIGN + values // head_dim * fp8.SCALE_DTYPE.itemsize
+
+
 class HostArena:
     """Token-major store of one segment's sparse layers; every token ever seen stays here."""
 
