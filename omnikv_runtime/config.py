@@ -201,6 +201,20 @@ class ProfilingSection(_Section):
     png: bool = True  # the timeline plot (needs matplotlib)
 
 
+class DistributedSection(_Section):
+    """Tensor parallelism through DeepSpeed (``pip install omnikv-runtime[deepspeed]``).
+
+    ``tp_size``: ranks that split each layer's heads (DeepSpeed's AutoTP); each rank holds, in
+    every tier, the KV of its own KV heads, and the filter layers' scores are reduced over the
+    group so that every rank selects the same tokens. Run under ``deepspeed --num_gpus N`` or
+    ``torchrun --nproc-per-node N``. ``backend``: the process group's, ``"auto"`` = NCCL on CUDA,
+    gloo on CPU.
+    """
+
+    tp_size: StrictInt = Field(default=1, ge=1, le=1024)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
 class OmniKVConfig(_Section):
     """The whole config. Build it with :func:`load_config`."""
 
@@ -210,6 +224,7 @@ class OmniKVConfig(_Section):
     prefill: PrefillSection = Field(default_factory=PrefillSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
     profiling: ProfilingSection = Field(default_factory=ProfilingSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
     def check_for_model(self, num_layers: int) -> None:
         """Raise ConfigError if a filter layer lies past the last of the model's `num_layers` layers.
