@@ -94,7 +94,7 @@ def _require_gguf_support() -> None:
         raise ModelLoadError(f"Loading GGUF files needs the packages {missing}. Run `pip install gguf accelerate`.")
 
 
-def _strip_quantization_leftovers(model: PreTrainedModel) -> None:
+def strip_quantization_leftovers(model: PreTrainedModel) -> None:
     """Drop GGUF quantizer markers; the weights are already dequantized to a float dtype."""
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
@@ -121,7 +121,7 @@ def _load_gguf_raw(gguf: Path, dtype: torch.dtype, attn: str) -> tuple[PreTraine
         raise ModelLoadError(f"Could not load {gguf}: {exc}. Run `pip install gguf accelerate`.") from exc
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"Could not load the GGUF file {gguf}: {exc}") from exc
-    _strip_quantization_leftovers(model)
+    strip_quantization_leftovers(model)
     return model, tokenizer
 
 
@@ -294,7 +294,7 @@ def load_model(
     else:
         raise ModelLoadError(f"{path} is neither a .gguf file nor an HF model folder containing config.json.")
 
-    _strip_quantization_leftovers(model)
+    strip_quantization_leftovers(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
