@@ -118,6 +118,7 @@ class OmniKVCache(Cache):
         self._prompt_valid: torch.Tensor | None = None  # [batch, columns] from the prefill's mask
         self.capturing = False  # a CUDA graph is recording: host-side counts are the runner's business
         self.fused_layers = False  # decoder layers given the fused forward run it for this cache
+        self.tensor_parallel_group = None  # with tensor parallelism: the ranks holding the other heads
         self.selected_log: list[dict[int, int]] = []  # per decode step: filter layer -> tokens selected
         self.forward_starts: list[tuple[float, bool]] = []  # (time, decoding) at the start of each forward
         self.selection_trace: list[dict[str, object]] | None = None  # a list records every selection (host sync!)
@@ -355,6 +356,7 @@ class OmniKVCache(Cache):
             scaling=scaling,
             layer=layer_idx,
             state=segment.policy_state,
+            head_group=self.tensor_parallel_group,
         )
         indices = self.policy.select(context)
         segment.set_selection(indices, self.selectable, self.transfer)

@@ -17,8 +17,9 @@ from omnikv_runtime.attention import BASE_MASK_FUNCTIONS, register_attention
 from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import DecodeLoop, loop_settings
+from omnikv_runtime.distributed import tensor_parallel, tensor_parallel_group
 from omnikv_runtime.engine_guards import ExclusiveUse, mark_prefill_forwards
-from omnikv_runtime.errors import PromptError, UnsupportedModelError
+from omnikv_runtime.errors import ConfigError, PromptError, UnsupportedModelError
 from omnikv_runtime.fused_layers import install_fused_layers
 from omnikv_runtime.generate_args import check_generate_call, with_generation_options
 from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
@@ -73,12 +74,21 @@ class Engine:
         text_config = model.config.get_text_config(decoder=True)
         self.num_layers = text_config.num_hidden_layers
         config.check_for_model(self.num_layers)
+        model = tensor_parallel(model, config)  # itself unless distributed.tp_size > 1
+        self.tensor_parallel_group = tensor_parallel_group(config)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         section = config.omnikv
         self.plan = LayerPlan.build(self.num_layers, section.filter_layers, section.wait_layers, section.enabled)
         self.policy = make_selection_policy(section.selector.policy_arguments())
+        if self.tensor_parallel_group is not None and not self.policy.tensor_parallel:
+            raise ConfigError(
+                "omnikv.selector.type",
+                section.selector.type,
+                "with distributed.tp_size > 1, a policy whose ranks agree on the selection: "
+                "last, softmax_last, uniform, exp or full",
+            )
         self.eviction = make_eviction_policy(config.offload.eviction.model_dump())
         self.hot_cache_tokens = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
         if config.offload.hot_cache_tokens and not self.hot_cache_tokens:
@@ -156,6 +166,7 @@ class Engine:
             tail_tokens=self.config.omnikv.tail_tokens,
         )
         cache.fused_layers = self.fused_layers
+        cache.tensor_parallel_group = self.tensor_parallel_group
         self._last_cache = cache
         return cache
 
@@ -401,7 +412,7 @@ def initialize(
             cfg.model.name_or_path if model is None else str(model),
             dtype=cfg.model.dtype,
             attn_implementation=cfg.model.attn_implementation,
-            device=cfg.model.device,
+            device="cpu" if cfg.distributed.tp_size > 1 else cfg.model.device,  # DeepSpeed places the shards
             quantization=cfg.model.quantization,
         )
         tokenizer = loaded_tokenizer if tokenizer is None else tokenizer

@@ -33,6 +33,8 @@ from omnikv_runtime.kernels.layer_ops import rms_norm, rotary_embedding, silu_mu
 logger = logging.getLogger(__name__)
 
 SUPPORTED_LAYER_CLASSES = ("LlamaDecoderLayer",)
+# DeepSpeed AutoTP's sharded linear layers (the second all-reduces its output): still linear maps
+TENSOR_PARALLEL_LINEARS = ("LinearLayer", "LinearAllreduce")
 _CACHE_KEYWORDS = ("cache", "past_key_values")
 _NOT_FOR_ATTENTION = (*_CACHE_KEYWORDS, "position_embeddings", "attention_mask")
 
@@ -52,8 +54,8 @@ def why_not_fusable(layer: nn.Module) -> str | None:
     attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     projections = [getattr(attention, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     projections += [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-    if not all(isinstance(p, nn.Linear) for p in projections):
-        return f"{name}'s projections are not plain nn.Linear modules (quantized or replaced)"
+    if not all(isinstance(p, nn.Linear) or type(p).__name__ in TENSOR_PARALLEL_LINEARS for p in projections):
+        return f"{name}'s projections are not plain linear layers (quantized or replaced)"
     activation = type(getattr(mlp, "act_fn", None))
     if not (issubclass(activation, nn.SiLU) or activation.__name__ == "SiLUActivation"):  # transformers' own SiLU
         return f"{name}'s MLP activation is {activation.__name__}, not SiLU"

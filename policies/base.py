@@ -7,12 +7,14 @@ indices ``[batch, k]`` on the same device. A policy never sees the cache.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from omnikv_runtime.config import MAX_WINDOW
+from omnikv_runtime.distributed import max_over_ranks
+from omnikv_runtime.policies.params import check_fields
 
 
 @dataclass
@@ -31,6 +33,9 @@ class SelectionContext:
         state: this filter layer's per-request state, owned by the cache (a fresh cache, a fresh
             dict): a stateful policy keeps what it carries from step to step here, never on itself,
             so one policy object serves any number of requests.
+        head_group: with tensor parallelism, the process group whose ranks hold the other heads
+            (None otherwise). A policy whose scores are a maximum over heads passes that maximum
+            through :meth:`max_over_ranks` so that every rank selects the same tokens.
     """
 
     queries: torch.Tensor
@@ -41,22 +46,36 @@ class SelectionContext:
     scaling: float
     layer: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    head_group: Any = None
 
     @property
     def context_len(self) -> int:
         return self.keys.shape[-2]
 
+    def max_over_ranks(self, scores: torch.Tensor) -> torch.Tensor:
+        """A maximum over this rank's heads, turned into the maximum over every rank's heads (in place)."""
+        return max_over_ranks(scores, self.head_group)
 
-class SelectionPolicy:
-    """Base class: score every context token, keep the top ``budget`` valid ones.
 
-    Subclasses implement :meth:`scores` (higher = keep) or override :meth:`select` entirely.
-    ``window_size`` says how many recent queries the policy wants in ``ctx.queries``.
-    ``lossless`` is True for policies that never drop KV for good (all OmniKV policies); lossy ones
-    report what they dropped in :meth:`dropped_tokens`. Per-request state goes in ``ctx.state``.
+@dataclass
+class SelectionPolicy(ABC):
+    """Base class: which context tokens a filter layer's sparse layers read this step.
 
-    ``limits`` bounds the constructor's numeric arguments when a config names them (the registry
-    checks them, and their types, before building the policy).
+    A policy is a dataclass whose fields are its parameters (a config's ``omnikv.selector`` keys
+    other than ``type``); :func:`~omnikv_runtime.policies.params.bounded` declares the values a
+    config may give. An argument the policy does not declare is refused, so every field must
+    change what the policy does.
+
+    Subclasses implement :meth:`select`, or subclass :class:`ScoredPolicy` and implement
+    ``scores``. ``window_size`` is how many recent queries the policy reads from ``ctx.queries``:
+    1 unless the policy declares a ``window_size`` field. ``lossless`` is True for policies that
+    never drop KV for good (all OmniKV policies); lossy ones report what they dropped in
+    :meth:`dropped_tokens`. Per-request state goes in ``ctx.state``, never on the policy.
+
+    ``tensor_parallel`` says that the policy's choice depends on the heads only through a maximum
+    over heads that it passes through :meth:`SelectionContext.max_over_ranks` (or not at all), so
+    ranks that each hold some of the heads select the same tokens; other policies are refused when
+    ``distributed.tp_size`` is above 1.
 
     ``graph_safe`` says that :meth:`select` may be captured in a CUDA graph and replayed: it reads
     no value back to the host, allocates nothing it keeps across steps, and keeps no state outside
@@ -64,37 +83,44 @@ class SelectionPolicy:
     decode step by step without a graph.
     """
 
-    name = "base"
-    lossless = True
-    graph_safe = False
-    # argument -> (lowest, highest) accepted from a config; types come from __init__'s annotations
-    limits: dict[str, tuple[float, float]] = {"window_size": (1, MAX_WINDOW)}
+    name: ClassVar[str] = "base"
+    lossless: ClassVar[bool] = True
+    graph_safe: ClassVar[bool] = False
+    tensor_parallel: ClassVar[bool] = False
 
-    def __init__(self, window_size: int = 1) -> None:
-        if window_size < 1:
-            raise ValueError(f"window_size must be at least 1, got {window_size}")
-        self.window_size = window_size
+    def __post_init__(self) -> None:
+        check_fields(self)
 
-    def scores(self, ctx: SelectionContext) -> torch.Tensor:
-        """``[batch, context_len]`` importance of each token (any real dtype)."""
-        raise NotImplementedError
+    @property
+    def window_size(self) -> int:
+        """Recent queries the policy reads (a policy with a ``window_size`` field overrides this)."""
+        return 1
 
+    @abstractmethod
     def select(self, ctx: SelectionContext) -> torch.Tensor:
-        """Sorted indices ``[batch, budget]`` of the tokens to keep; padded tokens come last, if at all."""
-        batch = ctx.keys.shape[0]
-        if ctx.budget >= ctx.context_len:
-            return all_indices(batch, ctx.context_len, ctx.keys.device)
-        scores = self.scores(ctx).float().masked_fill(~ctx.valid, float("-inf"))
-        indices = torch.topk(scores, ctx.budget, dim=-1, sorted=False).indices
-        return torch.sort(indices, dim=-1).values
+        """Sorted indices ``[batch, k]`` (``k <= ctx.budget``) of the tokens to read; padded tokens last, if at all."""
 
     def dropped_tokens(self, states: dict[int, dict[str, Any]]) -> dict[int, int]:
         """Filter layer -> context tokens dropped for good this request (max over batch rows), from each
         filter layer's ``ctx.state``; {} if lossless."""
         return {}
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(window_size={self.window_size})"
+
+@dataclass
+class ScoredPolicy(SelectionPolicy):
+    """A policy that scores every context token and keeps the top ``budget`` valid ones."""
+
+    @abstractmethod
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        """``[batch, context_len]`` importance of each token (any real dtype; higher = keep)."""
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        batch = ctx.keys.shape[0]
+        if ctx.budget >= ctx.context_len:
+            return all_indices(batch, ctx.context_len, ctx.keys.device)
+        scores = self.scores(ctx).float().masked_fill(~ctx.valid, float("-inf"))
+        indices = torch.topk(scores, ctx.budget, dim=-1, sorted=False).indices
+        return torch.sort(indices, dim=-1).values
 
 
 def all_indices(batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -134,7 +160,7 @@ def windowed_softmax_scores(ctx: SelectionContext, weights: torch.Tensor) -> tor
     window = logits.shape[2]
     weights = weights[-window:].to(probs)
     weights = weights / weights.sum()
-    return torch.einsum("bhwt,w->bht", probs, weights).amax(dim=1)
+    return ctx.max_over_ranks(torch.einsum("bhwt,w->bht", probs, weights).amax(dim=1))
 
 
 def window_columns(ctx: SelectionContext) -> torch.Tensor:
@@ -160,7 +186,7 @@ def seed_window_scores(ctx: SelectionContext, weights: torch.Tensor) -> torch.Te
     forced = window_columns(ctx)
     logits = head_logits(ctx).masked_fill(~(ctx.valid & ~forced)[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query seeing nothing scores 0
-    per_query = probs.amax(dim=1)  # [batch, window, context_len]: max over heads first
+    per_query = ctx.max_over_ranks(probs.amax(dim=1))  # [batch, window, context_len]: max over heads first
     weights = weights[-per_query.shape[1] :].to(per_query)
     scores = torch.einsum("bwt,w->bt", per_query, weights)
     columns = torch.arange(ctx.context_len, device=scores.device, dtype=scores.dtype)

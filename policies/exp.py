@@ -8,23 +8,32 @@ current query dominates while recent ones still vote. Lossless.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, seed_window_scores
+from omnikv_runtime.config import MAX_WINDOW
+from omnikv_runtime.policies.base import ScoredPolicy, SelectionContext, seed_window_scores
+from omnikv_runtime.policies.params import bounded
+from omnikv_runtime.policies.registry import register_selection_policy
 
 
-class ExpWindowPolicy(SelectionPolicy):
+@register_selection_policy
+@dataclass
+class ExpWindowPolicy(ScoredPolicy):
     """Top-k tokens by exponentially weighted softmax attention of recent queries."""
 
     name = "exp"
     graph_safe = True
-    limits = {**SelectionPolicy.limits, "decay": (0.0, 1.0)}
+    tensor_parallel = True
 
-    def __init__(self, window_size: int = 16, decay: float = 0.5) -> None:
-        super().__init__(window_size=window_size)
-        if not 0.0 < decay <= 1.0:
-            raise ValueError(f"decay must lie in (0, 1], got {decay}")
-        self.decay = decay
+    window_size: int = bounded(16, 1, MAX_WINDOW)  # recent queries scored
+    decay: float = bounded(0.5, 0.0, 1.0)  # weight of a query one step older than the next, in (0, 1]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decay <= 0.0:
+            raise ValueError(f"decay must lie in (0, 1], got {self.decay}")
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
         ages = torch.arange(self.window_size - 1, -1, -1, dtype=torch.float32)  # oldest first

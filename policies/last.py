@@ -8,24 +8,28 @@ the full KV is kept; selection only decides what is read this step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from omnikv_runtime.kernels import max_head_logits
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy
+from omnikv_runtime.policies.base import ScoredPolicy, SelectionContext
+from omnikv_runtime.policies.registry import register_selection_policy
 
 
-class LastQueryPolicy(SelectionPolicy):
+@register_selection_policy
+@dataclass
+class LastQueryPolicy(ScoredPolicy):
     """Top-k tokens by max-over-heads logit of the current query (the original example config's selector)."""
 
     name = "last"
     graph_safe = True
-
-    def __init__(self, window_size: int = 1) -> None:
-        super().__init__(window_size=1)
+    tensor_parallel = True
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
         # fused on CUDA: the reduction over heads never materialises [batch, heads, tokens], and
         # hidden columns (padding, the future) come out at -inf
         limit = ctx.query_positions[-1:].to(ctx.keys.device) + 1  # causality: columns up to the query's own
         keys = ctx.keys.transpose(1, 2)
-        return max_head_logits(ctx.queries[:, :, -1], keys, ctx.scaling, limit=limit, valid=ctx.valid)
+        scores = max_head_logits(ctx.queries[:, :, -1], keys, ctx.scaling, limit=limit, valid=ctx.valid)
+        return ctx.max_over_ranks(scores)

@@ -6,19 +6,22 @@ first, so a head with a flat distribution cannot outvote a sharp one by scale al
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, windowed_softmax_scores
+from omnikv_runtime.policies.base import ScoredPolicy, SelectionContext, windowed_softmax_scores
+from omnikv_runtime.policies.registry import register_selection_policy
 
 
-class SoftmaxLastPolicy(SelectionPolicy):
+@register_selection_policy
+@dataclass
+class SoftmaxLastPolicy(ScoredPolicy):
     """Top-k tokens by max over heads of the current query's softmax attention."""
 
     name = "softmax_last"
     graph_safe = True
-
-    def __init__(self, window_size: int = 1) -> None:
-        super().__init__(window_size=1)
+    tensor_parallel = True
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
         return windowed_softmax_scores(ctx, torch.ones(1))

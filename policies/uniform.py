@@ -9,19 +9,26 @@ decode step ``step``) are left out of that scoring and always selected. Lossless
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, seed_window_scores
+from omnikv_runtime.config import MAX_WINDOW
+from omnikv_runtime.policies.base import ScoredPolicy, SelectionContext, seed_window_scores
+from omnikv_runtime.policies.params import bounded
+from omnikv_runtime.policies.registry import register_selection_policy
 
 
-class UniformWindowPolicy(SelectionPolicy):
+@register_selection_policy
+@dataclass
+class UniformWindowPolicy(ScoredPolicy):
     """Top-k tokens by the summed max-over-heads softmax attention of the last ``window_size`` queries."""
 
     name = "uniform"
     graph_safe = True
+    tensor_parallel = True
 
-    def __init__(self, window_size: int = 16) -> None:
-        super().__init__(window_size=window_size)
+    window_size: int = bounded(16, 1, MAX_WINDOW)  # recent queries scored
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
         return seed_window_scores(ctx, torch.ones(self.window_size))

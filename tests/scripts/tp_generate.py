@@ -1,0 +1,83 @@
+"""Greedy tokens and filter-layer selections of a tiny random Llama under OmniKV, on the ranks that launched it.
+
+One rank: ``python tests/scripts/tp_generate.py OUT``. Tensor parallel over two ranks, as users
+launch it: ``torchrun --nproc-per-node 2 tests/scripts/tp_generate.py OUT``. Every rank writes
+``OUT.rank<R>.json``: for budgets 1.0 and 8 tokens, the tokens of ``engine.generate`` and of
+transformers' ``generate`` through the runtime's cache, and each filter layer's selected indices
+per decode step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import omnikv_runtime as okv
+
+NEW_TOKENS = 16
+
+
+def run(budget: float | int, world: int) -> dict:
+    torch.manual_seed(0)  # the same weights on every rank; DeepSpeed keeps each rank's shard of them
+    geometry = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4)
+    config = LlamaConfig(
+        vocab_size=256,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        **geometry,
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    ids[1, :7] = 0
+    engine = okv.initialize(
+        model,
+        {
+            "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": budget},
+            "offload": {"device": "cpu"},
+            "prefill": {"chunk_size": 16},
+            "distributed": {"tp_size": world},
+        },
+    )
+    tokens = engine.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0)
+    cache = engine.new_cache(reserve_tokens=48 + NEW_TOKENS, prompt_tokens=48)
+    cache.selection_trace = []
+    keyword = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        through_cache = engine.model.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **{keyword: cache}
+        )
+    heads = engine.model.model.layers[0].self_attn.k_proj.weight.shape[0] // 16  # KV heads this rank holds
+    selections: dict[str, list] = {}
+    for entry in cache.selection_trace:
+        selections.setdefault(str(entry["layer"]), []).append(entry["indices"].tolist())
+    return {
+        "tokens": tokens.tolist(),
+        "tokens_through_cache": through_cache.tolist(),
+        "selections": selections,
+        "kv_heads_on_this_rank": heads,
+    }
+
+
+def main() -> int:
+    out = sys.argv[1]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    result = {"world": world, "budgets": {str(budget): run(budget, world) for budget in (1.0, 8)}}
+    with open(f"{out}.rank{rank}.json", "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Tensor-parallel OmniKV through DeepSpeed AutoTP, on CPU with gloo, launched the way users launch it.
+
+`torchrun --nproc-per-node 2` runs tests/scripts/tp_generate.py: each rank holds one of the tiny
+model's two KV heads (and half of every layer), and both ranks must give the tokens and the
+per-step selections of every filter layer that one rank gives, at full budget and at 8 of 48
+tokens, through `engine.generate` and through transformers' `generate` with the runtime's cache.
+Without the all-reduce of the filter scores the ranks disagree (checked when this was written);
+the budget-8 run differing from the full-budget one shows the selection is doing something.
+Bad tensor-parallel configs fail with a ConfigError that says what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from okv_testlib import make_model, omni
+
+import omnikv_runtime as okv
+from omnikv_runtime.errors import ConfigError
+
+SCRIPT = Path(__file__).parent / "scripts" / "tp_generate.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run(command: list[str], out: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command + [str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_two_ranks_give_one_ranks_tokens_and_selections(tmp_path):
+    _run([sys.executable, str(SCRIPT)], tmp_path / "one")
+    port = str(_free_port())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    _run([*torchrun, str(SCRIPT)], tmp_path / "two")
+    one = json.loads((tmp_path / "one.rank0.json").read_text())
+    ranks = [json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for budget in ("1.0", "8"):
+        single = one["budgets"][budget]
+        assert single["kv_heads_on_this_rank"] == 2
+        assert single["tokens"] == single["tokens_through_cache"]
+        assert sorted(single["selections"]) == ["1", "4"] and len(single["selections"]["1"]) == 15
+        for rank in ranks:
+            shard = rank["budgets"][budget]
+            assert shard["kv_heads_on_this_rank"] == 1  # each rank holds its own KV head only
+            assert shard["tokens"] == single["tokens"]
+            assert shard["tokens_through_cache"] == single["tokens"]
+            assert shard["selections"] == single["selections"]
+    assert one["budgets"]["8"]["tokens"] != one["budgets"]["1.0"]["tokens"]
+    assert len(one["budgets"]["8"]["selections"]["1"][0][0]) == 8
+
+
+def test_tp_size_must_split_the_kv_heads():
+    with pytest.raises(ConfigError, match=r"distributed.tp_size.*divisor of the model's 2 KV heads.*\[1, 2\]"):
+        okv.initialize(make_model("llama"), {**omni(8), "distributed": {"tp_size": 3}})
+
+
+def test_tp_size_needs_a_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node N"):
+        okv.initialize(make_model("llama"), {**omni(8), "distributed": {"tp_size": 2}})
+
+
+def test_tp_size_without_deepspeed_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install omnikv-runtime\[deepspeed\]"):
+        okv.initialize(make_model("llama"), {**omni(8), "distributed": {"tp_size": 2}})
+
+
+def test_a_policy_ranks_cannot_agree_on_is_refused(monkeypatch):
+    import omnikv_runtime.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "tensor_parallel", lambda model, config: model)
+    monkeypatch.setattr(engine_module, "tensor_parallel_group", lambda config: object())
+    with pytest.raises(ConfigError, match="omnikv.selector.type.*h2o.*last, softmax_last"):
+        okv.initialize(make_model("llama"), {**omni(8, selector="h2o"), "distributed": {"tp_size": 2}})
