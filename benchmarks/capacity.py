@@ -1,21 +1,24 @@
 """Capacity: the memory planner against what the engine really allocates, and decoding at the longest context.
 
     python benchmarks/capacity.py [--config llama3_8b] [--contexts 32768,131072] [--batches 1,4]
-        [--decode-steps 4] [--gpu-memory 80GB] [--host-memory 110GiB] [--omnikv-context auto|N|0]
-        [--device cuda] [--tiny] [--out capacity.json]
+        [--host-dtypes auto,float8_e4m3fn] [--decode-steps 4] [--gpu-memory 80GB] [--host-memory 110GiB]
+        [--omnikv-context auto|N|0] [--cuda-graph] [--headroom 0.05] [--device cuda] [--tiny] [--out capacity.json]
 
-(a) For each context and batch the planner says fits, OmniKV and dense: build the engine on a
-random-weight model of the config's geometry (Llama-3-8B for ``llama3_8b``), fill the cache
-directly (random K/V written chunk by chunk through the cache's own layers and host arenas, as a
-chunked prefill would leave them; no prefill forward, so no prefill activations), decode
-``--decode-steps`` tokens, and compare ``torch.cuda.max_memory_allocated`` (decode peak),
-``memory_allocated`` (steady state) and the pinned host bytes with the planner's figures (ratio
-measured / planned), and the cache's ``tier_bytes`` with the planned tiers (exact).
+(a) For each context and batch the planner says fits, OmniKV (once per host-tier dtype) and dense:
+build the engine on a random-weight model of the config's geometry (Llama-3-8B for ``llama3_8b``),
+fill the cache directly (random K/V written chunk by chunk through the cache's own layers and host
+arenas, as a chunked prefill would leave them: generated on the GPU and written straight into the
+pinned tier, no prefill forward and no host-side copy), decode ``--decode-steps`` tokens, and
+compare ``torch.cuda.max_memory_allocated`` (decode peak), ``memory_allocated`` (steady state) and
+the host bytes pinned (registered with CUDA, counted exactly) with the planner's figures (ratio
+measured / planned), and the cache's ``tier_bytes`` with the planned tiers (exact). Each run frees
+its cache before the next: the pinned bytes after freeing are reported (0 when all went back).
 
-(b) The planner's longest context (cache filled directly, decode only) for dense and OmniKV on
-``--gpu-memory`` (default: this card) with ``--host-memory`` (default: available RAM), then a run
-that fills OmniKV's cache to that figure (or ``--omnikv-context N``; 0 skips it) and decodes.
-Also printed: the planner's figures for one 80 GB card with 512 GB of host memory (no run).
+(b) The planner's longest context (cache filled directly, decode only) for dense and for OmniKV with
+each host-tier dtype on ``--gpu-memory`` (default: this card) with ``--host-memory`` (default: the
+host memory available once the model is built), then a run per host dtype that fills OmniKV's cache
+to that figure (or ``--omnikv-context N``; 0 skips them) and decodes. Also printed: the planner's
+figures for one 80 GB card with 512 GB of host memory (no run).
 
 Prints one JSON object and a table. ``--device cpu --tiny`` runs the same logic on a tiny model.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import inspect
 import json
 import sys
 import time
@@ -34,11 +38,14 @@ import psutil
 import torch
 
 from omnikv_runtime.config import load_config
+from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
 from omnikv_runtime.engine import Engine
 from omnikv_runtime.layout import reserve_tokens
 from omnikv_runtime.planner import ModelGeometry, hf_config_dict, parse_bytes, plan_memory
-from omnikv_runtime.planner_fit import dense_twin, fits, longest_context
+from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
 from omnikv_runtime.random_model import random_model
+from omnikv_runtime.sampling import SamplingSettings
+from omnikv_runtime.transfer import pinned_bytes
 
 TINY_MODEL = dict(
     model_type="llama",
@@ -70,30 +77,63 @@ def fill_cache(cache: Any, tokens: int, batch: int, kv_heads: int, head_dim: int
             cache.append_prompt_kv(layer_idx, keys, values)
 
 
-def _host_allocator_stats() -> dict[str, int]:
-    """torch's pinned-memory allocator counters (bytes), where this torch has them."""
-    stats = getattr(torch.cuda, "host_memory_stats", None)
-    if stats is None:
-        return {}
-    return {key: value for key, value in stats().items() if "bytes" in key and key.endswith("current")}
+def _variant_name(config: Any) -> str:
+    if not config.omnikv.enabled:
+        return "dense"
+    dtype = config.offload.host_dtype
+    return "omnikv" if dtype == "auto" else f"omnikv_{dtype}"
 
 
-def _pinned_bytes(cache: Any) -> int:
-    return sum(a.nbytes() for a in cache.arenas if a is not None and a.data.device.type == "cpu" and a.data.is_pinned())
+def _cache_keyword(model) -> str:
+    """The name under which the model's forward takes the cache (``cache`` on newer transformers)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def measure(model, config, geometry, context: int, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
-    """Fill, decode ``steps`` tokens, and compare memory with the plan (cache filled: no prefill)."""
-    engine = Engine(model, config)
-    cuda = device.type == "cuda"
-    plan = plan_memory(geometry, config, context, batch, steps + 1, prefill=False)
-    gc.collect()  # the previous run's cache and engine (reference cycles) must be gone before measuring
-    if cuda:
+def _release(device: torch.device) -> None:
+    gc.collect()  # caches and engines hold reference cycles: they must be gone before the next run
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        if hasattr(torch._C, "_host_emptyCache"):
-            torch._C._host_emptyCache()  # pinned blocks of the previous run go back to the OS
+
+
+def _decode(model, engine: Engine, cache: Any, batch: int, steps: int, device: torch.device, graph: bool):
+    """``steps`` decode steps (eager, or through the engine's decode loop with a CUDA graph): ms per step."""
+    cuda = device.type == "cuda"
+    times = []
+    if graph:
+        loop = DecodeLoop(
+            model, cache, _cache_keyword(model), SamplingSettings(), StopSettings(), steps + 1, use_graph=cuda
+        )
+        loop.start_after_fill(batch, device)
+        step = loop.run_step
+    else:
+        token = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
+
+        def step() -> None:
+            nonlocal token
+            logits = model(input_ids=token, **{_cache_keyword(model): cache}, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+
+    with torch.inference_mode():
+        for _ in range(steps):
+            begin = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return times
+
+
+def measure(model, config, geometry, context: int, batch: int, steps: int, device: torch.device, graph: bool = False):
+    """Fill, decode ``steps`` tokens, and compare memory with the plan (cache filled: no prefill)."""
+    cuda = device.type == "cuda"
+    plan = plan_memory(geometry, config, context, batch, steps + 1, prefill=False)
+    _release(device)
+    pinned_before = pinned_bytes()
+    host_available = psutil.virtual_memory().available
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    engine = Engine(model, config)
     rss_before = psutil.Process().memory_info().rss
     cache = engine.new_cache(reserve_tokens=reserve_tokens(context, steps + 1), prompt_tokens=context)
     dtype = next(model.parameters()).dtype
@@ -103,78 +143,68 @@ def measure(model, config, geometry, context: int, batch: int, steps: int, devic
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     fill_seconds = time.perf_counter() - start
-    token = torch.randint(3, geometry.vocab, (batch, 1), device=device)
-    step_ms = []
-    with torch.inference_mode():
-        for _ in range(steps):
-            begin = time.perf_counter()
-            logits = model(input_ids=token, **{engine._cache_keyword: cache}, use_cache=True).logits
-            token = logits[:, -1:].argmax(-1)
-            if cuda:
-                torch.cuda.synchronize()
-            step_ms.append((time.perf_counter() - begin) * 1e3)
+    step_ms = _decode(model, engine, cache, batch, steps, device, graph)
     tiers = cache.tier_bytes()
     result: dict[str, Any] = {
-        "mode": "omnikv" if config.omnikv.enabled else "dense",
+        "mode": _variant_name(config),
+        "host_dtype": config.offload.host_dtype if config.omnikv.enabled else None,
         "context": context,
         "batch": batch,
         "decode_steps": steps,
+        "cuda_graph": graph and cuda,
         "fill_seconds": round(fill_seconds, 2),
         "decode_ms_median": round(sorted(step_ms)[len(step_ms) // 2], 2),
+        "decode_ms": [round(t, 2) for t in step_ms],
         "tiers_exact": all(plan.tiers[key] == tiers[key] for key in TIERS),
         "tiers": tiers,
         "planned_tiers": {key: plan.tiers[key] for key in TIERS},
         "planned_gpu_peak": plan.gpu,
         "planned_gpu_steady": plan.gpu - max(plan.activations.values()),
         "planned_host": plan.host,
+        "host_bytes_per_token": plan.host_bytes_per_token,
+        "host_available_before": host_available,
+        "measured_pinned": pinned_bytes() - pinned_before,
+        "measured_rss_growth": psutil.Process().memory_info().rss - rss_before,
     }
+    if plan.host:
+        result["ratio_pinned"] = round(result["measured_pinned"] / plan.host, 6) if cuda else None
     if cuda:
         result.update(
             measured_gpu_peak=torch.cuda.max_memory_allocated(device),
             measured_gpu_steady=torch.cuda.memory_allocated(device),
-            measured_pinned=_pinned_bytes(cache),
-            measured_host_allocator=_host_allocator_stats(),
-            measured_rss_growth=psutil.Process().memory_info().rss - rss_before,
-            planned_pinned_reserved=plan.tiers["host_reserved"],
+            pinning_fallbacks=engine.transfer.stats.pinned_fallbacks,
         )
         result["ratio_gpu_peak"] = round(result["measured_gpu_peak"] / plan.gpu, 4)
         result["ratio_gpu_steady"] = round(result["measured_gpu_steady"] / result["planned_gpu_steady"], 4)
-        if plan.host:
-            result["ratio_pinned"] = round(result["measured_pinned"] / plan.tiers["host_allocated"], 4)
-            counters = result["measured_host_allocator"]
-            reserved = counters.get("allocated_bytes.current") or counters.get("reserved_bytes.current")
-            if reserved:
-                result["ratio_pinned_reserved"] = round(reserved / plan.tiers["host_reserved"], 4)
-        ratios = [v for k, v in result.items() if k.startswith("ratio_")]
+        ratios = [v for k, v in result.items() if k.startswith("ratio_") and v is not None]
         result["within_5_percent"] = all(abs(r - 1) <= 0.05 for r in ratios)
     del cache, engine
-    gc.collect()
+    _release(device)
+    result["pinned_after_free"] = pinned_bytes() - pinned_before
     return result
 
 
-def _default_memories(args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
+def _gpu_memory(args: argparse.Namespace, device: torch.device) -> int:
     if args.gpu_memory:
-        gpu = parse_bytes(args.gpu_memory, "--gpu-memory")
-    elif device.type == "cuda":
-        gpu = torch.cuda.get_device_properties(device).total_memory
-    else:
-        gpu = 80 * 10**9
-    host = parse_bytes(args.host_memory, "--host-memory") if args.host_memory else psutil.virtual_memory().available
-    return gpu, host
+        return parse_bytes(args.gpu_memory, "--gpu-memory")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return 80 * 10**9
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     config = load_config(TINY_CONFIG if args.tiny else args.config)
-    model_config = None
-    if args.tiny:
-        model_config = args.tiny_config_path
+    model_config = args.tiny_config_path if args.tiny else None
     geometry = ModelGeometry.from_hf_config(hf_config_dict(config, model_config))
-    gpu_memory, host_memory = _default_memories(args, device)
     steps = args.decode_steps
     longest_asked = 0 if args.omnikv_context == "auto" else int(args.omnikv_context)
     positions = max([*args.contexts, longest_asked, 1 << 22]) + steps + 1  # random weights: no trained limit
     model = random_model(config, model_config, device, min_positions=positions)
+    gpu_memory = _gpu_memory(args, device)
+    # what the host has once the model (and the CUDA context) exist: what the host tier may take
+    host_memory = parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None
+    host_memory = host_memory or psutil.virtual_memory().available
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -183,48 +213,69 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "geometry": geometry.__dict__,
         "gpu_memory": gpu_memory,
         "host_memory": host_memory,
+        "host_memory_total": psutil.virtual_memory().total,
+        "headroom": args.headroom,
         "filled_directly": "the cache is filled with random K/V through its own layers (no prefill forward)",
         "runs": [],
     }
-    variants = {"omnikv": config, "dense": dense_twin(config)}
+    variants = {}
+    for host_dtype in args.host_dtypes:
+        variant = config.model_copy(deep=True)
+        variant.offload.host_dtype = host_dtype
+        variants[_variant_name(variant)] = variant
+    variants["dense"] = dense_twin(config)
     for context in args.contexts:
         for batch in args.batches:
             for name, variant in variants.items():
                 plan = plan_memory(geometry, variant, context, batch, steps + 1, prefill=False)
-                if not fits(plan, gpu_memory, host_memory)["all"]:
+                if not fits(plan, gpu_memory, host_memory, args.headroom)["all"]:
                     report["runs"].append({"mode": name, "context": context, "batch": batch, "skipped": "plan: no fit"})
                     continue
-                report["runs"].append(measure(model, variant, geometry, context, batch, steps, device))
+                report["runs"].append(measure(model, variant, geometry, context, batch, steps, device, args.cuda_graph))
     longest = {}
     for name, variant in variants.items():
-        here = longest_context(geometry, variant, 1, steps + 1, gpu_memory, host_memory, prefill=False)
+        here = longest_context(geometry, variant, 1, steps + 1, gpu_memory, host_memory, args.headroom, prefill=False)
         card = longest_context(geometry, variant, 1, steps + 1, 80 * 10**9, 512 * 10**9, prefill=False)
         with_prefill = longest_context(geometry, variant, 1, steps + 1, 80 * 10**9, 512 * 10**9)
         longest[name] = {"this_machine": here, "80GB_card_512GB_host": card, "80GB_card_with_prefill": with_prefill}
     report["longest_context"] = longest
-    target = longest["omnikv"]["this_machine"]["context"] if args.omnikv_context == "auto" else int(args.omnikv_context)
-    if target:
-        report["longest_run"] = measure(model, config, geometry, target, 1, steps, device)
+    report["longest_runs"] = {}
+    for name, variant in variants.items():
+        if name == "dense":
+            continue
+        target = longest[name]["this_machine"]["context"] if args.omnikv_context == "auto" else longest_asked
+        if target:
+            run_ = measure(model, variant, geometry, target, 1, steps, device, args.cuda_graph)
+            report["longest_runs"][name] = run_
+            if args.out:  # a long run's figures are kept even if a later one fails
+                write_json(report, args.out)
     return report
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(report, indent=2, default=str))
 
 
 def print_table(report: dict[str, Any]) -> None:
     gb = 1e9
     print(f"\n{report['device']}, {report['date']}; cache filled directly (no prefill)")
-    columns = [("mode", 7), ("context", 9), ("b", 2), ("plan GB", 9), ("peak GB", 9), ("ratio", 7)]
-    columns += [("pinned GB", 10), ("ratio", 7), ("tiers", 6), ("ms/step", 8)]
+    columns = [("mode", 21), ("context", 9), ("b", 2), ("plan GB", 9), ("peak GB", 9), ("ratio", 7)]
+    columns += [("pinned GB", 10), ("plan GB", 9), ("ratio", 8), ("freed", 6), ("tiers", 6), ("ms/step", 8)]
     print(" ".join(f"{name:>{width}}" for name, width in columns))
-    runs = list(report["runs"]) + ([report["longest_run"]] if "longest_run" in report else [])
+    runs = list(report["runs"]) + list(report.get("longest_runs", {}).values())
     for run_ in runs:
         if "skipped" in run_:
-            print(f"{run_['mode']:7} {run_['context']:>9} {run_['batch']:>2}  skipped ({run_['skipped']})")
+            print(f"{run_['mode']:21} {run_['context']:>9} {run_['batch']:>2}  skipped ({run_['skipped']})")
             continue
         peak = run_.get("measured_gpu_peak")
+        ratio_pinned = run_.get("ratio_pinned")
         print(
-            f"{run_['mode']:7} {run_['context']:>9} {run_['batch']:>2} {run_['planned_gpu_peak'] / gb:9.2f} "
+            f"{run_['mode']:21} {run_['context']:>9} {run_['batch']:>2} {run_['planned_gpu_peak'] / gb:9.2f} "
             f"{(peak or 0) / gb:9.2f} {run_.get('ratio_gpu_peak', float('nan')):7.3f} "
-            f"{run_.get('measured_pinned', 0) / gb:10.2f} {run_.get('ratio_pinned', float('nan')):7.3f} "
-            f"{str(run_['tiers_exact']):>6} {run_['decode_ms_median']:8.1f}"
+            f"{run_['measured_pinned'] / gb:10.2f} {run_['planned_host'] / gb:9.2f} "
+            f"{ratio_pinned if ratio_pinned is not None else float('nan'):8.4f} "
+            f"{str(run_['pinned_after_free'] == 0):>6} {str(run_['tiers_exact']):>6} {run_['decode_ms_median']:8.1f}"
         )
     for name, figures in report["longest_context"].items():
         here, card = figures["this_machine"], figures["80GB_card_512GB_host"]
@@ -238,12 +289,15 @@ def print_table(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="llama3_8b")
-    parser.add_argument("--contexts", default="32768,131072")
+    parser.add_argument("--contexts", default="32768,131072", help="part (a) contexts ('' for none)")
     parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--host-dtypes", default="auto", help="OmniKV host-tier dtypes: auto, float8_e4m3fn")
     parser.add_argument("--decode-steps", type=int, default=4)
     parser.add_argument("--gpu-memory")
-    parser.add_argument("--host-memory")
+    parser.add_argument("--host-memory", help="host memory for the tier (default: available once the model is built)")
+    parser.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="share of each memory kept free")
     parser.add_argument("--omnikv-context", default="auto")
+    parser.add_argument("--cuda-graph", action="store_true", help="decode through the engine's loop (CUDA graph)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny random llama (CPU check of the logic)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -252,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     args.contexts = [int(x) for x in args.contexts.split(",") if x]
     args.batches = [int(x) for x in args.batches.split(",") if x]
+    args.host_dtypes = [x for x in args.host_dtypes.split(",") if x]
     args.tiny_config_path = None
     if args.tiny:
         import tempfile
@@ -261,11 +316,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         path.write_text(json.dumps(TINY_MODEL))
         args.tiny_config_path = str(path)
     report = run(args)
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
+    print(json.dumps(report, indent=2, default=str))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write_json(report, args.out)
     print_table(report)
     return report
 

@@ -1,12 +1,14 @@
 """Decode-step benchmark: Llama-3-8B geometry (random bf16 weights), long contexts, HF baselines
-and OmniKV (GPU mode, offload, offload + hot cache) in one process.
+and OmniKV (GPU mode, offload, offload + hot cache, offload with an FP8 host tier) in one process.
 
 The caches are filled directly with random KV (no 128K prefill: speed does not depend on the
 values), then each path runs decode steps. For each: wall ms per step (median, host included),
 GPU-busy ms per step (union of kernel and copy intervals in a torch.profiler trace), bytes over
 PCIe per step, the PCIe floor (bytes / pinned-copy bandwidth measured here), the HBM roofline
 (bytes the step must read / device-copy bandwidth measured here), the share of the gather time
-hidden behind other kernels, and kernel launches per step.
+hidden behind other kernels, and kernel launches per step. Bytes are the host tier's own: for the
+FP8 tier (``--modes offload_fp8``) one byte per value plus a float32 scale per head_dim values, and
+``gather_gbps`` (bytes fetched per step / gather kernel time) counts those bytes.
 
     python benchmarks/decode.py --contexts 32768,131072 --batches 1,4 --budgets 2048,0.067 > decode.json
 
@@ -224,7 +226,8 @@ class Bench:
         layers = self.config.num_hidden_layers
         for mode in self.args.modes:
             for wait in self.args.wait_layers if mode != "dense" else [1]:
-                offload = "cpu" if mode == "offload" else "none"
+                offload = "cpu" if mode.startswith("offload") else "none"
+                host_dtype = "float8_e4m3fn" if mode == "offload_fp8" else "auto"
                 plan = okv.LayerPlan.build(layers, FILTER_LAYERS, wait, mode != "dense")
                 sparse = len(plan.sparse_layers)
                 host_tier = sparse * batch * context * self.per_token_layer
@@ -245,7 +248,7 @@ class Bench:
                 hot_settings = [0, *self.args.hot_multiples] if offload == "cpu" else [0]
                 config = {
                     "omnikv": {"filter_layers": FILTER_LAYERS, "wait_layers": wait, "token_budget": 2048},
-                    "offload": {"device": offload, "transfer": self.args.transfer},
+                    "offload": {"device": offload, "transfer": self.args.transfer, "host_dtype": host_dtype},
                 }
                 if mode == "dense":
                     config["omnikv"]["enabled"] = False
@@ -302,6 +305,9 @@ class Bench:
                             fetched = engine.transfer.stats.bytes_fetched + cache.hot_counters()["hot_bytes_fetched"]
                             written = engine.transfer.stats.bytes_written
                             row["pcie_bytes_per_step"] = int((fetched + written) / steps) if offload == "cpu" else 0
+                            row["bytes_fetched_per_step"] = int(fetched / steps)
+                            if offload == "cpu" and row.get("gather_ms"):
+                                row["gather_gbps"] = round(fetched / steps / (row["gather_ms"] * 1e-3) / 1e9, 1)
                             if offload == "cpu" and self.links["pcie_gbps"]:
                                 row["pcie_floor_ms"] = round(
                                     row["pcie_bytes_per_step"] / (self.links["pcie_gbps"] * 1e9) * 1e3, 3
@@ -333,6 +339,13 @@ def check_offload(rows: list[dict[str, Any]]) -> None:
         reference = hf.get((row["context"], row["batch"]))
         if row["path"].startswith("omnikv") and "wall_ms" in row and reference:
             row["speedup_vs_hf"] = round(reference["wall_ms"] / row["wall_ms"], 2)
+    model_dtype_tier = {
+        (r["context"], r["batch"], r["budget"], r["path"]): r for r in rows if "pcie_bytes_per_step" in r
+    }
+    for row in rows:
+        twin = model_dtype_tier.get((row["context"], row["batch"], row["budget"], row["path"].replace("_fp8", "")))
+        if "_fp8" in row["path"] and "pcie_bytes_per_step" in row and twin and twin["pcie_bytes_per_step"]:
+            row["pcie_bytes_vs_model_dtype_tier"] = round(row["pcie_bytes_per_step"] / twin["pcie_bytes_per_step"], 3)
     for row in rows:
         if row["path"].startswith("omnikv_offload") and "wall_ms" in row:
             reference = gpu.get((row["context"], row["batch"], row["budget"]))
@@ -354,6 +367,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "pcie_floor_ms",
         "roofline_ms",
         "gather_ms",
+        "gather_gbps",
+        "pcie_bytes_vs_model_dtype_tier",
         "gather_hidden_share",
         "hot_hit_rate",
         "vs_bound",
@@ -386,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default="dense,gpu,offload",
-        help="our paths: dense (OmniKV off: the runtime's own dense step), gpu (offload none), offload",
+        help="our paths: dense (OmniKV off: the runtime's own dense step), gpu (offload none), offload, "
+        "offload_fp8 (offload with offload.host_dtype = float8_e4m3fn)",
     )
     parser.add_argument("--eager", action="store_true", help="also time each of our paths without a CUDA graph")
     parser.add_argument(

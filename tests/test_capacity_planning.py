@@ -143,8 +143,11 @@ def test_llama3_8b_fp8_host_tier_holds_about_twice_the_tokens():
     assert "offload.host_dtype = 'float8_e4m3fn'" in message and "98,304 bytes per token" in message
 
 
-def test_plan_cli_gives_the_longest_context_per_host_dtype(capsys):
-    args = ["plan", "--config", "llama3_8b", "--context", "1048576", "--gpu-memory", "139GiB"]
+def test_plan_cli_gives_the_longest_context_per_host_dtype(capsys, tmp_path):
+    geometry = tmp_path / "config.json"  # Llama-3-8B without its trained position limit
+    geometry.write_text(json.dumps({**KNOWN_GEOMETRIES["llama3-8b"], "max_position_embeddings": 1 << 24}))
+    args = ["plan", "--config", "llama3_8b", "--model-config", str(geometry), "--context", "1048576"]
+    args += ["--gpu-memory", "139GiB"]
     assert main([*args, "--host-memory", "120GiB", "--json"]) == 0
     by_dtype = json.loads(capsys.readouterr().out)["omnikv"]["longest_context_by_host_dtype"]
     assert set(by_dtype) == {"auto", "float8_e4m3fn"}

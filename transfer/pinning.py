@@ -54,12 +54,34 @@ def check_pinnable(nbytes: int, what: str = "the host tier") -> None:
     )
 
 
+# cudaHostRegisterPortable | cudaHostRegisterMapped: pinned for every context, and mapped into the
+# device's address space (kernels read it through UVA; Triton resolves the device address)
+_REGISTER_FLAGS = 0x01 | 0x02
+
+
 def _cudart_register() -> tuple[Callable[[int, int], int], Callable[[int], int]]:
     """(register(ptr, nbytes) -> CUDA error code, unregister(ptr) -> code) from torch's cudart."""
     cudart = torch.cuda.cudart()
-    return (lambda ptr, size: int(cudart.cudaHostRegister(ptr, size, 0))), (
-        lambda ptr: int(cudart.cudaHostUnregister(ptr))
-    )
+
+    def register(pointer: int, size: int) -> int:
+        status = int(cudart.cudaHostRegister(pointer, size, _REGISTER_FLAGS))
+        if status != 0:
+            _clear_last_cuda_error()
+        return status
+
+    return register, lambda pointer: int(cudart.cudaHostUnregister(pointer))
+
+
+def _clear_last_cuda_error() -> None:
+    """Reset the thread's last CUDA runtime error after a failed registration, which torch's next kernel
+    launch check would otherwise report as its own (best effort: through the loaded libcudart)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, AttributeError) as exc:
+        logger.debug("could not reset the last CUDA error: %s", exc)
 
 
 def _mapped_pages(nbytes: int, register: Callable[[int, int], int], unregister: Callable[[int], int]):

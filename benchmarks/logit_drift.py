@@ -1,0 +1,85 @@
+"""Budget-1.0 drift against dense, per host-tier dtype (used by accuracy.py ``--logit-steps``).
+
+At a budget of 1.0 every sparse layer attends to every prompt token, so the only difference from
+dense is how the host tier stores them (FP8 codes, or the model's dtype) and rounding. Two figures:
+
+- **logits**: dense generates ``steps`` greedy tokens; each run is then fed exactly those tokens
+  (teacher forcing), so both compute logits over the same sequence, and the largest absolute
+  difference over all steps and the vocabulary is reported;
+- **tokens**: each run generates ``steps`` greedy tokens on its own; how many differ from dense's
+  at the same position, and the first step that differs (None: all equal).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+import torch
+
+import omnikv_runtime as okv
+from omnikv_runtime.layout import reserve_tokens
+from omnikv_runtime.passkey import build_passkey_prompt
+
+
+def teacher_forced_logits(engine: Any, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``[steps, vocab]``: after the prompt, then after each of ``tokens[:, :-1]``."""
+    model = engine.model
+    cache = engine.new_cache(reserve_tokens=reserve_tokens(ids.shape[1], tokens.shape[1]), prompt_tokens=ids.shape[1])
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    keyword = {name: cache}
+    with torch.inference_mode():
+        logits = [model(input_ids=ids, use_cache=True, **keyword).logits[0, -1].float()]
+        for step in range(tokens.shape[1] - 1):
+            logits.append(model(input_ids=tokens[:, step : step + 1], use_cache=True, **keyword).logits[0, -1].float())
+    return torch.stack(logits)
+
+
+def logit_drift(
+    model: Any,
+    tokenizer: Any,
+    base: Any,
+    host_dtypes: list[str],
+    length: int,
+    steps: int,
+    dense: Any = None,
+) -> dict[str, Any]:
+    """The drift figures (see the module docstring) for a passkey prompt of ``length`` tokens."""
+    text, key = build_passkey_prompt(tokenizer, length, 0.5, seed=0)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if dense is None:
+        dense = okv.initialize(model, {"omnikv": {"enabled": False}}, tokenizer=tokenizer)
+    started = time.perf_counter()
+    dense_tokens = dense.generate(ids, max_new_tokens=steps)[:, ids.shape[1] :]
+    dense_logits = teacher_forced_logits(dense, ids, dense_tokens)
+    result: dict[str, Any] = {
+        "prompt_tokens": ids.shape[1],
+        "steps": steps,
+        "budget": 1.0,
+        "dense_answer": tokenizer.decode(dense_tokens[0, :16], skip_special_tokens=True).strip(),
+        "passkey": key,
+        "runs": {},
+    }
+    for host_dtype in host_dtypes:
+        config = base.model_copy(deep=True)
+        config.omnikv.token_budget = 1.0
+        config.offload.host_dtype = host_dtype
+        engine = okv.initialize(model, config, tokenizer=tokenizer)
+        tokens = engine.generate(ids, max_new_tokens=steps)[:, ids.shape[1] :]
+        logits = teacher_forced_logits(engine, ids, dense_tokens)
+        differing = (tokens != dense_tokens)[0]
+        gap = (logits - dense_logits).abs()
+        result["runs"][host_dtype] = {
+            "steps": steps,
+            "max_abs_logit_diff": float(gap.max()),
+            "mean_abs_logit_diff": float(gap.mean()),
+            "step_of_max_diff": int(gap.max(dim=1).values.argmax()),
+            "max_abs_logit": float(dense_logits.abs().max()),
+            "teacher_forced_argmax_differs": int((logits.argmax(-1) != dense_logits.argmax(-1)).sum()),
+            "tokens_differing": int(differing.sum()),
+            "first_difference": int(differing.nonzero()[0]) if differing.any() else None,
+            "answer": tokenizer.decode(tokens[0, :16], skip_special_tokens=True).strip(),
+        }
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
