@@ -33,7 +33,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 import omnikv_runtime as okv
 from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
-from omnikv_runtime.engine import _cache_keyword
+from omnikv_runtime.engine import cache_keyword
 from omnikv_runtime.planner import KNOWN_GEOMETRIES
 from omnikv_runtime.sampling import SamplingSettings
 
@@ -132,7 +132,7 @@ class Bench:
         )
         self.weights = sum(p.numel() * p.element_size() for p in model.parameters())
         self.per_token_layer = kv_bytes_per_token_layer(config, dtype)
-        self.keyword = _cache_keyword(model)
+        self.keyword = cache_keyword(model)
 
     def roofline_ms(self, read_bytes: int) -> float | None:
         if not self.links["hbm_gbps"]:

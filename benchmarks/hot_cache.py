@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import omnikv_runtime as okv
-from omnikv_runtime.engine import _cache_keyword
+from omnikv_runtime.listeners import SelectionRecorder
 from omnikv_runtime.policies import make_eviction_policy
 from omnikv_runtime.transfer import HotCache
 
@@ -60,19 +60,19 @@ def record(args: argparse.Namespace) -> dict[str, Any]:
     for name, text in _prompts(tokenizer, args.tokens).items():
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         cache = engine.new_cache(reserve_tokens=ids.shape[1] + args.new_tokens, prompt_tokens=ids.shape[1])
-        cache.selection_trace = []
-        with torch.inference_mode():
+        trace = SelectionRecorder(contexts=False)
+        with torch.inference_mode(), engine.listening(trace):
             model.generate(
                 ids,
                 max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                **{_cache_keyword(model): cache},
+                **{engine.cache_keyword: cache},
                 prefill_chunk_size=engine.config.prefill.chunk_size,
             )
-        for layer in sorted({entry["layer"] for entry in cache.selection_trace}):
-            steps = [entry["indices"][0] for entry in cache.selection_trace if entry["layer"] == layer]
+        for layer in sorted({event.layer for event in trace.records}):
+            steps = [event.indices[0] for event in trace.records if event.layer == layer]
             tensors[f"{name}/layer{layer}"] = torch.stack(steps).to(torch.int32)
         summary[name] = {"prompt_tokens": int(ids.shape[1]), "steps": len(steps), "k": int(steps[0].shape[0])}
     metadata = {"model": "smollm2-135m", "config": str(args.config), "summary": json.dumps(summary)}

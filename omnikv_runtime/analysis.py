@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from omnikv_runtime.attention import BASE_MASK_FUNCTIONS, eager_attention
+from omnikv_runtime.attention import BASE_MASK_FUNCTIONS, attention_scaling, base_implementation, eager_attention
 from omnikv_runtime.layout import LayerPlan
 from omnikv_runtime.policies import SelectionContext, SelectionPolicy
 
@@ -61,13 +61,12 @@ def _probe_attention(model: PreTrainedModel, context_len: int) -> Iterator[dict[
     the context's keys (the first `context_len` columns)."""
     records: dict[int, list] = {}
     previous = model.config._attn_implementation
-    base_name = previous.removeprefix("omnikv").removeprefix("_") or "sdpa"
-    base_name = base_name if base_name in BASE_MASK_FUNCTIONS else "sdpa"
+    base_name = base_implementation(previous) or "sdpa"
     base = eager_attention if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
 
     def probe(module, query, key, value, attention_mask, **kwargs):
         if query.shape[2] == 1 and key.shape[2] > context_len:  # a decode step
-            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            scaling = attention_scaling(module, query, kwargs)
             records.setdefault(module.layer_idx, []).append((query.detach(), key[:, :, :context_len], float(scaling)))
         return base(module, query, key, value, attention_mask, **kwargs)
 
@@ -222,8 +221,11 @@ def save_heatmaps(metrics: dict[str, torch.Tensor], path: str, marked: list[int]
         ax.set_title(titles.get(name, name), fontsize=10)
         ax.set_xlabel("layer m (served)")
         ax.set_ylabel("layer l (selecting)")
-        for layer in marked or []:
-            ax.axhline(layer, color="red", linewidth=0.6, alpha=0.7)
+        for i, layer in enumerate(marked or []):
+            label = "red rows: suggested filter layers" if i == 0 else None
+            ax.axhline(layer, color="red", linewidth=0.6, alpha=0.7, label=label)
+        if marked and ax is axes[0]:
+            ax.legend(loc="upper right", fontsize=7, framealpha=0.85)
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

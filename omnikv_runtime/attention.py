@@ -130,6 +130,20 @@ def attention_name(base: str) -> str:
     return "omnikv" if base == "sdpa" else f"omnikv_{base}"
 
 
+def base_implementation(name: str | None) -> str | None:
+    """The base implementation under a model's attention implementation ``name`` (``"omnikv_eager"`` ->
+    ``"eager"``, ``"sdpa"`` -> ``"sdpa"``), or None when it is not one the runtime wraps."""
+    base = name or ""
+    if base.startswith("omnikv"):
+        base = base.removeprefix("omnikv").removeprefix("_") or "sdpa"
+    return base if base in BASE_MASK_FUNCTIONS else None
+
+
+def attention_scaling(module: torch.nn.Module, query: torch.Tensor, kwargs: dict) -> float:
+    """The softmax scale an attention call uses: its ``scaling`` argument, the module's, else 1/sqrt(head_dim)."""
+    return kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+
+
 def _base_function(base: str) -> Callable:
     if base == "eager":
         return eager_attention
@@ -161,13 +175,12 @@ def make_attention_function(base: str) -> Callable:
         note = take_note(getattr(module, "layer_idx", -1), key)
         if note is None:
             if base == "sdpa" and attention_mask is None and 1 < query.shape[2] < key.shape[2]:
-                scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-                return causal_chunk_attention(query, key, value, scaling)
+                return causal_chunk_attention(query, key, value, attention_scaling(module, query, kwargs))
             return base_function(module, query, key, value, attention_mask, **kwargs)
         cache = note.cache
         is_filter = cache.plan.role(note.layer_idx) is Role.FILTER
         if note.sources is not None:  # a static decode step
-            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            scaling = attention_scaling(module, query, kwargs)
             batch, heads, _, dim = query.shape
             output = decode_attention(query[:, :, 0], note.sources, scaling)
             if is_filter:
@@ -176,8 +189,7 @@ def make_attention_function(base: str) -> Callable:
         if note.layer_idx == 0:
             cache.record_prompt_mask(valid_columns(attention_mask, key.shape[0], key.shape[2], key.device))
         if base == "sdpa" and attention_mask is None and 1 < query.shape[2] < key.shape[2]:
-            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-            output = causal_chunk_attention(query, key, value, scaling)
+            output = causal_chunk_attention(query, key, value, attention_scaling(module, query, kwargs))
         else:
             output = base_function(module, query, key, value, attention_mask, **kwargs)
         if is_filter:

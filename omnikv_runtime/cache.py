@@ -31,6 +31,7 @@ from omnikv_runtime.cache_layers import DenseLayerKV, SparseLayerKV
 from omnikv_runtime.decode_state import DecodeCounters
 from omnikv_runtime.kernels import KVSource
 from omnikv_runtime.layout import LayerPlan, Role, tail_ring_tokens
+from omnikv_runtime.listeners import EngineListener, Fetch, ForwardStart, Selection
 from omnikv_runtime.policies import EvictionPolicy, LRUEviction, SelectionContext, SelectionPolicy
 from omnikv_runtime.segment import SegmentState
 from omnikv_runtime.transfer import HostArena, HotCache, TransferEngine
@@ -75,6 +76,10 @@ class OmniKVCache(Cache):
         tail_tokens: slots of the tail ring (generated tokens every sparse layer sees); older
             generated tokens join the selectable context. None: every generated token stays in
             the tail (the ring starts at the reserve's new tokens and grows if a run goes past them).
+        listeners: observers called on each forward's start, selection and fetch (see
+            :mod:`omnikv_runtime.listeners`); an engine passes its own list, so listeners it adds
+            later apply to its caches too. Called only in eager steps, never while a CUDA graph
+            records or replays.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class OmniKVCache(Cache):
         hot_cache_tokens: int = 0,
         eviction: EvictionPolicy | None = None,
         tail_tokens: int | None = None,
+        listeners: list[EngineListener] | None = None,
     ) -> None:
         layers: list[DenseLayerKV | SparseLayerKV] = []
         slots = {}
@@ -105,6 +111,7 @@ class OmniKVCache(Cache):
         self.hot_cache_tokens = hot_cache_tokens
         self.eviction = eviction if eviction is not None else LRUEviction()
         self.tail_tokens = tail_tokens
+        self.listeners = listeners if listeners is not None else []
         self.segments = [SegmentState(segment, policy.window_size) for segment in plan.segments]
         self.context_len = 0  # tokens a filter layer may select from at the last prefill
         self.decoding = False
@@ -119,9 +126,9 @@ class OmniKVCache(Cache):
         self.capturing = False  # a CUDA graph is recording: host-side counts are the runner's business
         self.fused_layers = False  # decoder layers given the fused forward run it for this cache
         self.tensor_parallel_group = None  # with tensor parallelism: the ranks holding the other heads
-        self.selected_log: list[dict[int, int]] = []  # per decode step: filter layer -> tokens selected
-        self.forward_starts: list[tuple[float, bool]] = []  # (time, decoding) at the start of each forward
-        self.selection_trace: list[dict[str, object]] | None = None  # a list records every selection (host sync!)
+        # per decode step: filter layer -> tokens selected (the runtime's own account; a CUDA-graph
+        # runner adds its replayed steps)
+        self.selected_log: list[dict[int, int]] = []
 
     # compatibility views ----------------------------------------------------------------------
     @property
@@ -175,8 +182,10 @@ class OmniKVCache(Cache):
             if not self.capturing:
                 self.advance_host(1)
                 self.selected_log.append({})
-        if not self.capturing:
-            self.forward_starts.append((time.perf_counter(), self.decoding))
+        if self.listeners and not self.capturing:
+            event = ForwardStart(self, self.decoding, like.shape[2], past, time.perf_counter())
+            for listener in self.listeners:
+                listener.forward_start(event)
 
     def _start_decode(self, like: torch.Tensor) -> None:
         """Allocate what decode steps touch and point the device counters at the first step."""
@@ -246,7 +255,6 @@ class OmniKVCache(Cache):
         self.decoding = False
         self._prompt_valid = None
         self.selected_log.clear()
-        self.forward_starts.clear()
 
     def advance_host(self, steps: int) -> None:
         """Move the host-side counts forward by ``steps`` decoded tokens (eager steps do this
@@ -359,12 +367,21 @@ class OmniKVCache(Cache):
             head_group=self.tensor_parallel_group,
         )
         indices = self.policy.select(context)
+        if self.capturing or not self.listeners:  # the hot path: no event, no clock
+            segment.set_selection(indices, self.selectable, self.transfer)
+            if not self.capturing:
+                self.selected_log[-1][layer_idx] = indices.shape[1]
+            return indices
+        self.selected_log[-1][layer_idx] = indices.shape[1]
+        selection = Selection(self, layer_idx, self.decode_steps - 1, context, indices)
+        for listener in self.listeners:
+            listener.selection(selection)
+        fetched, start = self.transfer.stats.bytes_fetched, time.perf_counter()
         segment.set_selection(indices, self.selectable, self.transfer)
-        if not self.capturing:
-            self.selected_log[-1][layer_idx] = indices.shape[1]
-        if self.selection_trace is not None:
-            step = self.decode_steps - 1
-            self.selection_trace.append({"step": step, "layer": layer_idx, "indices": indices.detach().cpu()})
+        moved = self.transfer.stats.bytes_fetched - fetched
+        fetch = Fetch(self, layer_idx, indices.shape[1], moved, start, time.perf_counter())
+        for listener in self.listeners:
+            listener.fetch(fetch)
         return indices
 
     # filling without the model ----------------------------------------------------------------

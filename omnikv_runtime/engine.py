@@ -2,65 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from omnikv_runtime.attention import BASE_MASK_FUNCTIONS, register_attention
+from omnikv_runtime.attach import attach_model, detach_model
 from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import DecodeLoop, loop_settings
 from omnikv_runtime.distributed import tensor_parallel, tensor_parallel_group
-from omnikv_runtime.engine_guards import ExclusiveUse, mark_prefill_forwards
-from omnikv_runtime.errors import ConfigError, PromptError, UnsupportedModelError
-from omnikv_runtime.fused_layers import install_fused_layers
+from omnikv_runtime.engine_guards import SUPPORTED_MODEL_TYPES, ExclusiveUse, check_supported
+from omnikv_runtime.engine_stats import FirstDecodeTimer, RunRecord, memory_report, run_stats
+from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError
 from omnikv_runtime.generate_args import check_generate_call, with_generation_options
-from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
 from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
+from omnikv_runtime.listeners import EngineListener
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+__all__ = ["SUPPORTED_MODEL_TYPES", "Engine", "cache_keyword", "check_supported", "initialize"]
 
 
-def check_supported(model: PreTrainedModel) -> None:
-    """Raise UnsupportedModelError unless `model` is a decoder-only LM of a family we support."""
-    if not isinstance(model, PreTrainedModel):
-        raise UnsupportedModelError(
-            f"expected a transformers model (AutoModelForCausalLM.from_pretrained(...)), got {type(model).__name__}; "
-            "to load one by name or path, pass it as initialize(model='smollm2-135m') or in the config's model section"
-        )
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model type '{model_type}' ({type(model).__name__}) is not supported: omnikv_runtime runs "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder-only models (attention through transformers' "
-            "AttentionInterface and a Cache). Load one of those, or run this model without the runtime."
-        )
-    if not hasattr(model, "generate"):
-        raise UnsupportedModelError(f"{type(model).__name__} has no generate(); load it with AutoModelForCausalLM")
-    text_config = model.config.get_text_config(decoder=True)
-    layer_types = getattr(text_config, "layer_types", None) or []
-    sliding = "sliding_attention" in layer_types or (model_type == "mistral" and text_config.sliding_window)
-    if sliding:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} uses sliding-window attention, which omnikv_runtime does not run (its "
-            "decode step attends to the whole context). Set config.sliding_window = None (exact while the "
-            "context fits the window), or run this model without the runtime."
-        )
-
-
-def _cache_keyword(model: PreTrainedModel) -> str:
-    """``cache`` on transformers that renamed ``past_key_values`` (5.2x), else ``past_key_values``."""
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The argument under which `model`'s forward and ``generate`` take the cache: ``cache`` on
+    transformers that renamed ``past_key_values`` (5.2x), else ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -93,57 +68,26 @@ class Engine:
         self.hot_cache_tokens = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
         if config.offload.hot_cache_tokens and not self.hot_cache_tokens:
             logger.info("offload.hot_cache_tokens is ignored with offload.device='none': every row is on the GPU")
-        model.set_attn_implementation(register_attention(self._base_attention(model, config)))
         self.device = next(model.parameters()).device
-        self.fused_layers = self._fuse_layers(model, config.generation.fused_layers)
+        # attention, fused layers, prefill marks; detach() gives the model back its base attention
+        self.base_attention, self.fused_layers = attach_model(model, config, self.device)
         offload = config.offload
         self.transfer = make_transfer_engine(
             self.device, offload.device, offload.pin_memory, offload.transfer, offload.host_dtype
         )
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
-        self._cache_keyword = _cache_keyword(model)
+        self.cache_keyword = cache_keyword(model)  # "cache" or "past_key_values", as model.generate takes it
+        self.listeners: list[EngineListener] = []  # shared with every cache the engine makes
+        self.detached = False
         self._last_cache: OmniKVCache | None = None
-        self._last_run: dict[str, Any] = {}
-        self._last_loop = None  # the decode loop's phase times of the last generate, if it ran
+        self._last_run: RunRecord | None = None
         self._decode_loops: dict[int, DecodeLoop] = {}  # batch size -> a loop with a captured step, kept
         self._exclusive = ExclusiveUse()  # generate calls from several threads run one at a time
-        mark_prefill_forwards(model)  # model.generate with a cache from new_cache() tells prefill from decode
         if config.model.max_context_len:  # refuse at initialize what can never fit (CUDA)
             self.check_memory(1, config.model.max_context_len, 1)
         logger.info(
             "OmniKV plan for %d layers: %s (D dense, F filter, W wait, s sparse)", self.num_layers, self.plan.describe()
         )
-
-    @staticmethod
-    def _base_attention(model: PreTrainedModel, config: OmniKVConfig) -> str:
-        """The model's own attention implementation (unwrapping an earlier ``omnikv``), else the config's."""
-        current = getattr(model.config, "_attn_implementation", None) or ""
-        if current.startswith("omnikv"):
-            current = current.removeprefix("omnikv").removeprefix("_") or "sdpa"
-        if current not in BASE_MASK_FUNCTIONS:
-            return config.model.attn_implementation
-        asked = config.model.attn_implementation
-        if "attn_implementation" in config.model.model_fields_set and asked != current:
-            logger.warning(
-                "the model was loaded with attn_implementation=%r; the config's %r is ignored "
-                "(a model handed to initialize wins; load it with the implementation you want)",
-                current,
-                asked,
-            )
-        return current
-
-    def _fuse_layers(self, model: PreTrainedModel, wanted: bool | str) -> bool:
-        """Install the fused decoder-layer forward where ``generation.fused_layers`` asks for it."""
-        if wanted is False or (wanted == "auto" and not (self.device.type == "cuda" and TRITON_AVAILABLE)):
-            return False
-        fused = install_fused_layers(model)
-        if fused == 0:
-            logger.log(
-                logging.WARNING if wanted is True else logging.INFO,
-                "generation.fused_layers: no decoder layer of %s can be fused; transformers' layers run",
-                type(model).__name__,
-            )
-        return fused > 0
 
     def new_cache(self, reserve_tokens: int = 0, prompt_tokens: int = 0) -> OmniKVCache:
         """A fresh tiered cache; also usable as ``model.generate(..., past_key_values=cache)``.
@@ -153,6 +97,7 @@ class Engine:
         mistaken for a decode step; ``model.generate`` tells the cache by itself (the engine hooks
         its input preparation), so it is needed only when driving the model's forward by hand.
         """
+        self._check_attached()
         budget = self.config.omnikv.budget_tokens
         cache = OmniKVCache(
             self.plan,
@@ -164,11 +109,58 @@ class Engine:
             hot_cache_tokens=self.hot_cache_tokens,
             eviction=self.eviction,
             tail_tokens=self.config.omnikv.tail_tokens,
+            listeners=self.listeners,
         )
         cache.fused_layers = self.fused_layers
         cache.tensor_parallel_group = self.tensor_parallel_group
         self._last_cache = cache
         return cache
+
+    @property
+    def last_cache(self) -> OmniKVCache | None:
+        """The cache of the last generation (or the last one :meth:`new_cache` made)."""
+        return self._last_cache
+
+    @property
+    def last_run(self) -> RunRecord | None:
+        """The record of the last generation, whichever path ran it (None before the first)."""
+        return self._last_run
+
+    def add_listener(self, listener: EngineListener) -> None:
+        """Call `listener` on the events of every cache this engine makes (see :mod:`omnikv_runtime.listeners`)."""
+        if listener not in self.listeners:
+            self.listeners.append(listener)
+
+    def remove_listener(self, listener: EngineListener) -> None:
+        """Stop calling `listener` (nothing happens if it was not registered)."""
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    @contextlib.contextmanager
+    def listening(self, listener: EngineListener) -> Iterator[EngineListener]:
+        """``with engine.listening(listener):`` registers `listener` for the block."""
+        self.add_listener(listener)
+        try:
+            yield listener
+        finally:
+            self.remove_listener(listener)
+
+    def detach(self) -> None:
+        """Give the model back as transformers runs it: its own attention implementation, its decoder
+        layers' own forward, its own input preparation; kept decode loops are freed. The engine cannot
+        generate afterwards (build a new one with :func:`initialize`). Detaching twice does nothing."""
+        if self.detached:
+            return
+        self.release_graphs()
+        detach_model(self.model, self.base_attention)
+        self.detached = True
+
+    def _check_attached(self) -> None:
+        if self.detached:
+            raise OmniKVError(
+                "this engine was detached from its model (engine.detach()): build a new one with "
+                "okv.initialize(model, config)"
+            )
 
     def check_prompt(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise PromptError for an empty prompt or one that cannot fit the model's context."""
@@ -204,6 +196,7 @@ class Engine:
         ``max_length`` (prompt + new) stands in for ``max_new_tokens``. Bad ids, masks or lengths raise
         PromptError before anything runs. Calls from several threads run one after the other.
         """
+        self._check_attached()
         default_new = self.config.generation.max_new_tokens
         call = check_generate_call(self.model, default_new, input_ids, attention_mask, max_new_tokens, generate_kwargs)
         input_ids, attention_mask, max_new_tokens, generate_kwargs = call
@@ -215,38 +208,67 @@ class Engine:
         if self.tokenizer is not None and generate_kwargs.get("pad_token_id") is None:
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         settings = loop_settings(self.model, self.tokenizer, generate_kwargs)
-        beams = generate_kwargs.get("num_beams") or 1
-        batch, prompt = input_ids.shape
-        self.transfer.reset_stats()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        start = time.perf_counter()
         with torch.inference_mode():
             if isinstance(settings, str):
                 logger.info("generate runs step by step through transformers' generate: %s", settings)
-                self._check_memory_releasing(batch * beams, prompt, max_new_tokens)
-                cache = self.new_cache(reserve_tokens=reserve_tokens(prompt, max_new_tokens), prompt_tokens=prompt)
-                output = self._transformers_generate(cache, input_ids, attention_mask, max_new_tokens, generate_kwargs)
-                self._last_loop = None
-            else:
-                loop = self._decode_loop(batch, prompt, max_new_tokens, *settings)
-                loop.prefill(input_ids, attention_mask, self.config.prefill.chunk_size)
-                self._check_graph_safe(loop)
-                output = torch.cat([input_ids, loop.decode()], dim=1)
-                self._last_loop = loop.times
-                self._decode_loops[batch] = loop  # kept: the next call of this shape reuses its buffers and graph
-        self.transfer.synchronize()  # the host tier holds every token when generate returns
-        end = time.perf_counter()
-        self._last_run = {"start": start, "end": end, "prompt_tokens": input_ids.shape[1], "batch": input_ids.shape[0]}
-        self._last_run["new_tokens"] = getattr(output, "sequences", output).shape[1] - input_ids.shape[1]
+                kwargs = with_generation_options(generate_kwargs, {"max_new_tokens": max_new_tokens})
+                kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
+                return self.generate_stepwise(self.model.generate, input_ids, max_new_tokens, (), kwargs)
+            batch, prompt = input_ids.shape
+            self.transfer.reset_stats()
+            start = time.perf_counter()
+            loop = self._decode_loop(batch, prompt, max_new_tokens, *settings)
+            loop.prefill(input_ids, attention_mask, self.config.prefill.chunk_size)
+            self._check_graph_safe(loop)
+            output = torch.cat([input_ids, loop.decode()], dim=1)
+            self._decode_loops[batch] = loop  # kept: the next call of this shape reuses its buffers and graph
+        self._end_run(start, input_ids, output, loop=loop.times)
         return output
 
-    def _transformers_generate(self, cache, input_ids, attention_mask, max_new_tokens, kwargs) -> Any:
-        chunk = {"prefill_chunk_size": self.config.prefill.chunk_size} if self.config.prefill.chunk_size else {}
-        kwargs = with_generation_options(kwargs, {"max_new_tokens": max_new_tokens}, chunk)
-        kwargs[self._cache_keyword] = cache
-        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    def generate_stepwise(
+        self,
+        generate: Callable[..., Any],
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """``generate(*args, **kwargs)`` (transformers' ``generate`` of this engine's model) step by step
+        through a fresh cache of this engine, recorded for :meth:`stats`.
+
+        What :meth:`generate` does for options its own loop does not run, and what ``omnikv run`` does
+        for a script's ``model.generate``. ``prompt_ids`` ``[batch, prompt]`` and ``max_new_tokens``
+        size the cache (beams as ``kwargs`` or the generation config ask); the config's prefill chunk
+        size applies unless the call sets one.
+        """
+        self._check_attached()
+        kwargs = dict(kwargs or {})
+        batch, prompt = prompt_ids.shape
+        config = kwargs.get("generation_config") or self.model.generation_config
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+        self._check_memory_releasing(batch * beams, prompt, max_new_tokens)
+        cache = self.new_cache(reserve_tokens=reserve_tokens(prompt, max_new_tokens), prompt_tokens=prompt)
+        if self.config.prefill.chunk_size:
+            kwargs = with_generation_options(kwargs, defaults={"prefill_chunk_size": self.config.prefill.chunk_size})
+        kwargs[self.cache_keyword] = cache
+        self.transfer.reset_stats()
+        timer = FirstDecodeTimer()
+        start = time.perf_counter()
+        with self.listening(timer):
+            output = generate(*args, **kwargs)
+        self._end_run(start, prompt_ids, output, first_decode=timer.time)
+        return output
+
+    def _end_run(self, start: float, prompt_ids: torch.Tensor, output: Any, **how: Any) -> None:
+        """Wait for the host tier to hold every token, then record the run."""
+        self.transfer.synchronize()
+        sequences = getattr(output, "sequences", output)
+        new = int(sequences.shape[1] - prompt_ids.shape[1]) if torch.is_tensor(sequences) else None
+        batch, prompt = prompt_ids.shape
+        self._last_run = RunRecord(start, time.perf_counter(), prompt, batch, new, **how)
 
     def graph_blocker(self) -> str | None:
         """Why decode steps cannot be captured in a CUDA graph here, or None when they can."""
@@ -278,7 +300,7 @@ class Engine:
         loop = DecodeLoop(
             self.model,
             cache,
-            self._cache_keyword,
+            self.cache_keyword,
             sampling,
             stop,
             max_new_tokens,
@@ -333,59 +355,11 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """What the last generate did: tokens selected per filter layer and step, bytes moved, timings."""
-        cache = self._last_cache
-        run = self._last_run
-        out: dict[str, Any] = {
-            "plan": self.plan.describe(),
-            "filter_layers": [s.filter_layer for s in self.plan.segments],
-            "sparse_layers": self.plan.sparse_layers,
-            "transfer": self.transfer.stats.as_dict(),
-        }
-        if cache is None:
-            return out
-        if cache.hot_cache_tokens:
-            hot = cache.hot_counters()
-            out["transfer"]["bytes_fetched"] += hot.pop("hot_bytes_fetched")
-            out["transfer"].update(hot)
-        steps = cache.selected_log
-        out["selected_per_step"] = {
-            str(s.filter_layer): [step.get(s.filter_layer, 0) for step in steps] for s in self.plan.segments
-        }
-        out["context_tokens"] = cache.context_len
-        dropped = cache.policy.dropped_tokens(cache.policy_states())
-        out["dropped_tokens"] = {str(layer): n for layer, n in dropped.items()}
-        out["decode_steps"] = len(steps)
-        if run:
-            first_decode = next((t for t, decoding in cache.forward_starts if decoding), run["end"])
-            out.update(
-                prompt_tokens=run["prompt_tokens"],
-                batch=run["batch"],
-                new_tokens=run["new_tokens"],
-                prefill_seconds=first_decode - run["start"],
-                decode_seconds=run["end"] - first_decode,
-            )
-            loop = self._last_loop
-            if loop is not None:
-                out.update(
-                    prefill_seconds=loop.prefill,
-                    decode_seconds=loop.decode,
-                    graph_capture_seconds=loop.capture,
-                    cuda_graph=loop.graph,
-                )
-        return out
+        return run_stats(self)
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes per KV tier of the last cache, GPU peak (CUDA only), host RSS, and weights."""
-        tiers = self._last_cache.tier_bytes() if self._last_cache is not None else {}
-        cuda = self.device.type == "cuda"
-        return {
-            "tiers": tiers,
-            "host_tier_device": str(self.transfer.host_device),
-            "compute_device": str(self.device),
-            "weights_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
-            "gpu_peak_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None,
-            "host_rss_bytes": psutil.Process().memory_info().rss,
-        }
+        return memory_report(self)
 
     def describe_layers(self) -> dict[str, list[int]]:
         """Layer indices by role."""
@@ -406,14 +380,9 @@ def initialize(
     """
     cfg = load_config(config, trust_remote_code=trust_remote_code)
     if model is None or isinstance(model, (str, Path)):
-        from omnikv_runtime.models import load_model
+        from omnikv_runtime.models import load_configured_model
 
-        model, loaded_tokenizer = load_model(
-            cfg.model.name_or_path if model is None else str(model),
-            dtype=cfg.model.dtype,
-            attn_implementation=cfg.model.attn_implementation,
-            device="cpu" if cfg.distributed.tp_size > 1 else cfg.model.device,  # DeepSpeed places the shards
-            quantization=cfg.model.quantization,
-        )
+        device = "cpu" if cfg.distributed.tp_size > 1 else None  # DeepSpeed places the shards
+        model, loaded_tokenizer = load_configured_model(cfg, None if model is None else str(model), device=device)
         tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     return Engine(model, cfg, tokenizer=tokenizer)

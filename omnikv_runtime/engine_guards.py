@@ -5,6 +5,7 @@
   not run at once; the second waits for the first (calls are serialised, never interleaved).
   Per-request state (a policy's running scores, the hot cache's bookkeeping) lives in each cache,
   so caches from ``engine.new_cache()`` may serve requests on several threads.
+* :func:`check_supported`: the model families (and attention layouts) the runtime runs.
 * :func:`mark_prefill_forwards`: a cache handed to ``model.generate`` must tell the forwards of a
   chunked prefill from decode steps, even when the prompt's last chunk is a single token.
   transformers prepares every prefill forward with ``is_first_iteration=True``; the hook reads
@@ -20,11 +21,41 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from omnikv_runtime.cache import OmniKVCache
-from omnikv_runtime.errors import OmniKVError
+from omnikv_runtime.errors import OmniKVError, UnsupportedModelError
 
 _MARKER = "_omnikv_prefill_marker"
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Raise UnsupportedModelError unless `model` is a decoder-only LM of a family we support."""
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(
+            f"expected a transformers model (AutoModelForCausalLM.from_pretrained(...)), got {type(model).__name__}; "
+            "to load one by name or path, pass it as initialize(model='smollm2-135m') or in the config's model section"
+        )
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' ({type(model).__name__}) is not supported: omnikv_runtime runs "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder-only models (attention through transformers' "
+            "AttentionInterface and a Cache). Load one of those, or run this model without the runtime."
+        )
+    if not hasattr(model, "generate"):
+        raise UnsupportedModelError(f"{type(model).__name__} has no generate(); load it with AutoModelForCausalLM")
+    text_config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(text_config, "layer_types", None) or []
+    sliding = "sliding_attention" in layer_types or (model_type == "mistral" and text_config.sliding_window)
+    if sliding:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses sliding-window attention, which omnikv_runtime does not run (its "
+            "decode step attends to the whole context). Set config.sliding_window = None (exact while the "
+            "context fits the window), or run this model without the runtime."
+        )
 
 
 class EngineBusyError(OmniKVError, RuntimeError):
@@ -81,6 +112,13 @@ def mark_prefill_forwards(model: Any) -> None:
     # a method bound to the model (not a closure over it): a deep copy of the model gets its own
     model.prepare_inputs_for_generation = types.MethodType(_marking_prepare_inputs, model)
     setattr(model, _MARKER, True)
+
+
+def unmark_prefill_forwards(model: Any) -> None:
+    """Undo :func:`mark_prefill_forwards`: the model's own ``prepare_inputs_for_generation`` again."""
+    if getattr(model, _MARKER, False):
+        del model.prepare_inputs_for_generation  # the instance attribute: the class's method shows again
+        delattr(model, _MARKER)
 
 
 def _marking_prepare_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -85,6 +85,22 @@ def install_fused_layers(model: PreTrainedModel) -> int:
     return fused
 
 
+def remove_fused_layers(model: PreTrainedModel) -> int:
+    """Give every fused decoder layer its own forward back (undoes :func:`install_fused_layers`);
+    returns how many layers it restored."""
+    restored = 0
+    for layer in decoder_layers(model):
+        original = layer.__dict__.pop("_omnikv_unfused_forward", None)
+        if original is None:
+            continue
+        if getattr(original, "__self__", None) is layer and original.__func__ is type(layer).forward:
+            layer.__dict__.pop("forward", None)  # the class's own forward shows again
+        else:
+            layer.forward = original  # a forward set on the instance before fusing
+        restored += 1
+    return restored
+
+
 def _attention_function(attention: nn.Module):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

@@ -21,7 +21,6 @@ import logging
 import os
 import runpy
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,7 @@ from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import loop_settings
 from omnikv_runtime.engine import SUPPORTED_MODEL_TYPES, Engine
 from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError, UnsupportedModelError
-from omnikv_runtime.generate_args import as_token_count, with_generation_options
-from omnikv_runtime.layout import reserve_tokens
+from omnikv_runtime.generate_args import as_token_count
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ class WrappedModel:
         if passes_cache or unsupported or kwargs.get("use_cache") is False or not _is_ids(inputs):
             return self._original(*args, **kwargs)
         engine = self.engine
-        batch, prompt = inputs.shape
+        prompt = inputs.shape[1]
         try:
             new_tokens = as_token_count("max_new_tokens", _max_new_tokens(self.model, kwargs, prompt))
         except (PromptError, TypeError, ValueError):
@@ -101,18 +99,8 @@ class WrappedModel:
                 output = engine.generate(inputs, attention_mask=mask, max_new_tokens=new_tokens, **loop_kwargs)
                 self.calls.append(engine.stats())
                 return output
-        beams = kwargs.get("num_beams") or getattr(self.model.generation_config, "num_beams", 1) or 1
-        engine.check_memory(batch * beams, prompt, new_tokens)
-        cache = engine.new_cache(reserve_tokens=reserve_tokens(prompt, new_tokens), prompt_tokens=prompt)
-        if engine.config.prefill.chunk_size:  # into the script's generation_config, if it passed one
-            kwargs = with_generation_options(kwargs, defaults={"prefill_chunk_size": engine.config.prefill.chunk_size})
-        kwargs[engine._cache_keyword] = cache
-        engine.transfer.reset_stats()
-        start = time.perf_counter()
-        output = self._original(*args, **kwargs)
-        sequences = getattr(output, "sequences", output)
-        engine._last_run = {"start": start, "end": time.perf_counter(), "prompt_tokens": prompt, "batch": batch}
-        engine._last_run["new_tokens"] = int(sequences.shape[1] - prompt) if torch.is_tensor(sequences) else None
+        # transformers' generate as the script called it, through a fresh OmniKV cache
+        output = engine.generate_stepwise(self._original, inputs, new_tokens, args, kwargs)
         self.calls.append(engine.stats())
         return output
 

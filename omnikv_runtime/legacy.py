@@ -268,6 +268,27 @@ def _map(key: str, value: Any, out: dict[str, dict[str, Any]], selector: dict[st
         out[section][field] = value
 
 
+def _drop_unused_window(selector: dict[str, Any]) -> None:
+    """The seed's ``window_size`` serves only its window selectors: with a registered selector that has
+    no window it has no effect here (one log line); its value is still checked."""
+    from omnikv_runtime.config import MAX_WINDOW
+    from omnikv_runtime.policies.params import check_value, parameters
+    from omnikv_runtime.policies.registry import SELECTION_ALIASES, SELECTION_POLICIES
+
+    if "window_size" not in selector or not isinstance(selector.get("type"), str):
+        return
+    cls = SELECTION_POLICIES.get(SELECTION_ALIASES.get(selector["type"], selector["type"]))
+    if cls is None or "window_size" in parameters(cls):
+        return  # a window selector, or a class the policy check resolves later
+    value = selector.pop("window_size")
+    check_value("window_size", value, int, (1, MAX_WINDOW))
+    logger.info(
+        "seed config key 'window_size' = %r has no effect here: selector %r reads only the current query",
+        value,
+        selector["type"],
+    )
+
+
 def _merge(out: dict[str, dict[str, Any]], sections: dict[str, Any]) -> None:
     """Add the sections written in a seed config to what its seed keys map to; a field set twice is refused."""
     for name, given in sections.items():
@@ -310,6 +331,7 @@ def from_legacy(data: dict[str, Any]) -> dict[str, Any]:
         _map(key, value, out, selector)
     if defaults:
         logger.info("seed config: keys left out take the original's defaults: %s", defaults)
+    _drop_unused_window(selector)
     if selector:
         out["omnikv"]["selector"] = selector
     _merge(out, {name: data[name] for name in SECTION_NAMES if name in data})

@@ -17,12 +17,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from omnikv_runtime.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from omnikv_runtime.config import OmniKVConfig
 
 logger = logging.getLogger(__name__)
 
@@ -305,3 +309,18 @@ def load_model(
     model.eval()
     logger.info("Loaded %s (%s, %s attention) on %s", path, torch_dtype, attn_implementation, model.device)
     return model, tokenizer
+
+
+def load_configured_model(
+    config: OmniKVConfig, name_or_path: str | None = None, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`load_model` as a config's ``model`` section asks: its model (or `name_or_path`), dtype,
+    attention implementation, device (or `device`) and quantization."""
+    section = config.model
+    return load_model(
+        section.name_or_path if name_or_path is None else name_or_path,
+        dtype=section.dtype,
+        attn_implementation=section.attn_implementation,
+        device=section.device if device is None else device,
+        quantization=section.quantization,
+    )

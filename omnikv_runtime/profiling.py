@@ -5,17 +5,18 @@ trades GPU memory for host memory and PCIe traffic; this shows the trade over ti
 thread records GPU memory (torch allocator, per device), host RSS and pinned bytes (psutil; pinned
 = the host tier when it is pinned), bytes per KV tier (``cache.tier_bytes()``) and the transfer
 counters; marks record each prefill chunk, each decode step and each filter layer's fetch (forward
-hooks on the model and a wrapper around ``OmniKVCache.select`` of the caches the engine makes: no
-change to the cache). On exit it writes ``report.json``, ``timeline.png`` (matplotlib, optional)
-and a torch.profiler Chrome trace (``trace.json.gz``, opens in Perfetto) with the memory samples
-added as counter tracks.
+hooks on the model for the bounds of each forward; the engine's listener events for what the
+forward was and for the fetches). On exit it writes ``report.json``, ``timeline.png``
+(matplotlib, optional) and a torch.profiler Chrome trace (``trace.json.gz``, opens in Perfetto)
+with the memory samples added as counter tracks and the fetches as spans. A decode step replayed
+from a CUDA graph runs no Python and leaves no mark (``generation.cuda_graphs = false`` marks
+every step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import gzip
 import json
 import logging
@@ -29,6 +30,7 @@ import psutil
 import torch
 
 from omnikv_runtime.config import ProfilingSection, load_config
+from omnikv_runtime.listeners import EngineListener, Fetch, ForwardStart
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,8 @@ class MemoryProfiler:
         self._thread: threading.Thread | None = None
         self._torch_profiler: Any = None
         self._hooks: list[Any] = []
-        self._open: dict[int, tuple[dict[str, Any], Any]] = {}
-        self._caches: dict[int, Any] = {}  # engine -> the latest cache it made while profiled
+        self._open: dict[int, list[Any]] = {}  # model -> [its open mark, its record_function or None]
+        self._watchers: list[_EngineWatch] = []
         self.t0 = time.perf_counter()
         self._process = psutil.Process()
         self._cuda = torch.cuda.is_available()
@@ -60,77 +62,51 @@ class MemoryProfiler:
     def watch(self, engine: Any) -> None:
         """Record this engine's tiers, its model's forwards and its caches' fetches."""
         self.engines.append(engine)
-        engine.release_graphs()  # a kept decode loop would serve the next call from a cache not watched here
-        original = engine.new_cache
-
-        @functools.wraps(original)
-        def new_cache(*args: Any, **kwargs: Any) -> Any:
-            cache = original(*args, **kwargs)
-            self._instrument(cache)
-            self._caches[id(engine)] = cache
-            return cache
-
-        engine.new_cache = new_cache
+        engine.release_graphs()  # a kept decode loop would replay steps that leave no mark
+        watcher = _EngineWatch(self, engine)
+        engine.add_listener(watcher)
+        self._watchers.append(watcher)
         self._hooks.append(engine.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._hooks.append(engine.model.register_forward_hook(self._after_forward, with_kwargs=True))
 
-    def _instrument(self, cache: Any) -> None:
-        select = cache.select
-        transfer = cache.transfer
-
-        def timed_select(layer_idx: int, *args: Any, **kwargs: Any) -> Any:
-            before = transfer.stats.bytes_fetched
-            start = time.perf_counter()
-            with torch.profiler.record_function(f"omnikv.fetch.layer{layer_idx}"):
-                indices = select(layer_idx, *args, **kwargs)
-            end = time.perf_counter()
-            mark = {"kind": "fetch", "layer": layer_idx, "start": start - self.t0, "end": end - self.t0}
-            mark.update(tokens=int(indices.shape[1]), bytes=transfer.stats.bytes_fetched - before)
-            with self._lock:
-                self.marks.append(mark)
-            return indices
-
-        cache.select = timed_select
-
-    @staticmethod
-    def _cache_of(kwargs: dict[str, Any]) -> Any:
-        from omnikv_runtime.cache import OmniKVCache
-
-        for key in ("cache", "past_key_values"):
-            if isinstance(kwargs.get(key), OmniKVCache):
-                return kwargs[key]
-        return None
-
     def _before_forward(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-        cache = self._cache_of(kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         tokens = int(ids.shape[1]) if torch.is_tensor(ids) else 0
-        past = cache.get_seq_length() if cache is not None else 0
-        if cache is None:
-            kind = "forward"
-        elif tokens == 1 and past > 0 and past >= cache.prompt_tokens:
-            kind = "decode"
-        else:
-            kind = "prefill"
-        mark = {"kind": kind, "tokens": tokens, "past": past, "start": time.perf_counter() - self.t0}
-        function = torch.profiler.record_function(f"omnikv.{kind}")
-        function.__enter__()
-        self._open[id(module)] = (mark, function)
+        # a forward without the runtime's cache stays "forward"; the cache's forward_start event says
+        # which kind an OmniKV forward is
+        mark = {"kind": "forward", "tokens": tokens, "past": 0, "start": time.perf_counter() - self.t0}
+        self._open[id(module)] = [mark, None]
         self.sample()
+
+    def _forward_started(self, model: Any, decoding: bool, tokens: int, past: int) -> None:
+        opened = self._open.get(id(model))
+        if opened is None or opened[1] is not None:
+            return
+        kind = "decode" if decoding else "prefill"
+        opened[0].update(kind=kind, tokens=tokens, past=past)
+        opened[1] = torch.profiler.record_function(f"omnikv.{kind}")
+        opened[1].__enter__()
 
     def _after_forward(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         mark, function = self._open.pop(id(module), (None, None))
         if mark is None:
             return
-        function.__exit__(None, None, None)
+        if function is not None:
+            function.__exit__(None, None, None)
         if self._cuda:
             torch.cuda.synchronize()  # the step's end, not its launch; marks bound real GPU work
         mark["end"] = time.perf_counter() - self.t0
         with self._lock:
             self.marks.append(mark)
         self.sample()
+
+    def _fetched(self, event: Fetch) -> None:
+        mark = {"kind": "fetch", "layer": event.layer, "start": event.start - self.t0, "end": event.end - self.t0}
+        mark.update(tokens=event.tokens, bytes=event.bytes)
+        with self._lock:
+            self.marks.append(mark)
 
     # sampling -------------------------------------------------------------------------------
     def sample(self) -> dict[str, Any]:
@@ -148,8 +124,8 @@ class MemoryProfiler:
         tiers: dict[str, int] = {}
         transfer = {"bytes_fetched": 0, "bytes_written": 0, "gathers": 0}
         pinned = 0
-        for engine in list(self.engines):
-            cache = self._caches.get(id(engine))
+        for watcher in list(self._watchers):
+            engine, cache = watcher.engine, watcher.cache
             if cache is not None:
                 for key, value in cache.tier_bytes().items():
                     tiers[key] = tiers.get(key, 0) + value
@@ -188,6 +164,8 @@ class MemoryProfiler:
         self.sample()
         for hook in self._hooks:
             hook.remove()
+        for watcher in self._watchers:
+            watcher.engine.remove_listener(watcher)
         if self._torch_profiler is not None:
             self._torch_profiler.__exit__(None, None, None)
         if self.out_dir is not None:
@@ -223,9 +201,14 @@ class MemoryProfiler:
         trace = json.loads(raw.read_text(encoding="utf-8"))
         events = trace["traceEvents"] if isinstance(trace, dict) else trace
         start = next((e for e in events if e.get("name") == _START_MARK and "ts" in e), None)
-        if start is not None:  # memory samples as Perfetto counter tracks, on the profiler's clock
+        if start is not None:  # memory samples as Perfetto counter tracks, fetches as spans, on the profiler's clock
             base = float(start["ts"])
             pid = start.get("pid", 0)
+            tid = start.get("tid", 0)
+            for mark in (m for m in self.marks if m["kind"] == "fetch"):
+                span = {"name": f"omnikv.fetch.layer{mark['layer']}", "ph": "X", "pid": pid, "tid": tid}
+                span.update(ts=base + mark["start"] * 1e6, dur=(mark["end"] - mark["start"]) * 1e6)
+                events.append(span)
             for entry in self.samples:
                 ts = base + entry["t"] * 1e6
                 events.append({"name": "KV tiers (bytes)", "ph": "C", "ts": ts, "pid": pid, "args": entry["tiers"]})
@@ -241,6 +224,22 @@ class MemoryProfiler:
             json.dump(trace, handle)
         raw.unlink()
         return target
+
+
+class _EngineWatch(EngineListener):
+    """The profiler's listener on one engine: what kind each forward is, the fetches, the latest cache."""
+
+    def __init__(self, profiler: MemoryProfiler, engine: Any) -> None:
+        self.profiler = profiler
+        self.engine = engine
+        self.cache: Any = None  # the latest cache the engine's forwards ran through while profiled
+
+    def forward_start(self, event: ForwardStart) -> None:
+        self.cache = event.cache
+        self.profiler._forward_started(self.engine.model, event.decoding, event.tokens, event.past)
+
+    def fetch(self, event: Fetch) -> None:
+        self.profiler._fetched(event)
 
 
 def _pinned(tensor: torch.Tensor) -> bool:

@@ -21,14 +21,14 @@ from omnikv_runtime.transfer.fp8 import is_quantized, packed_row_bytes
 
 def geometry_check(engine: Any) -> dict[str, Any] | None:
     """Reported vs expected bytes per tier for the engine's last cache (None before any run)."""
-    cache = engine._last_cache
+    cache = engine.last_cache
     if cache is None or not cache.layers or not cache.layers[0].is_initialized:
         return None
     text = engine.model.config.get_text_config(decoder=True)
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     dtype_bytes = cache.layers[0].dtype.itemsize
-    batch = engine._last_run.get("batch") or 1
+    batch = engine.last_run.batch if engine.last_run is not None else 1
     roles = engine.plan.roles
     dense = sum(role is not Role.SPARSE for role in roles)
     sparse = len(roles) - dense
@@ -109,7 +109,7 @@ def build_report(profiler: Any) -> dict[str, Any]:
                 "plan": engine.plan.describe(),
                 "host_dtype": str(engine.transfer.host_dtype or "model").removeprefix("torch."),
                 "stats": engine.stats(),
-                "tiers_final": engine._last_cache.tier_bytes() if engine._last_cache is not None else {},
+                "tiers_final": engine.last_cache.tier_bytes() if engine.last_cache is not None else {},
                 "geometry_check": geometry_check(engine),
             }
         )

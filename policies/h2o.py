@@ -13,24 +13,26 @@ is dropped for good, so with a fixed budget the first decode step decides the ke
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, last_valid
+from omnikv_runtime.config import MAX_WINDOW
+from omnikv_runtime.policies.base import SelectionContext, last_valid
 from omnikv_runtime.policies.lossy import LayerState, LossyPolicy, window_attention
+from omnikv_runtime.policies.params import bounded
+from omnikv_runtime.policies.registry import register_selection_policy
 
 
+@register_selection_policy
+@dataclass
 class H2OPolicy(LossyPolicy):
     """Heavy hitters (accumulated attention) plus ``recent_ratio`` of the budget as recent tokens."""
 
     name = "h2o"
 
-    limits = {**SelectionPolicy.limits, "recent_ratio": (0.0, 1.0)}
-
-    def __init__(self, window_size: int = 4096, recent_ratio: float = 0.5) -> None:
-        super().__init__(window_size=window_size)
-        if not 0.0 <= recent_ratio <= 1.0:
-            raise ValueError(f"recent_ratio must be in [0, 1], got {recent_ratio}")
-        self.recent_ratio = recent_ratio
+    window_size: int = bounded(4096, 1, MAX_WINDOW)  # prompt queries whose attention seeds the scores
+    recent_ratio: float = bounded(0.5, 0.0, 1.0)  # share of the budget kept for the latest tokens
 
     def rank(self, ctx: SelectionContext, state: LayerState) -> torch.Tensor:
         keep = state.alive & ctx.valid

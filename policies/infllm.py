@@ -15,52 +15,42 @@ Lossless: the next step may retrieve other blocks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from omnikv_runtime.config import MAX_TOKENS
 from omnikv_runtime.policies.base import (
+    ScoredPolicy,
     SelectionContext,
-    SelectionPolicy,
     causal_columns,
     first_valid,
     last_valid,
     ranked_groups,
 )
+from omnikv_runtime.policies.params import bounded
+from omnikv_runtime.policies.registry import register_selection_policy
 
 
-class InfLLMPolicy(SelectionPolicy):
+@register_selection_policy
+@dataclass
+class InfLLMPolicy(ScoredPolicy):
     """Initial tokens, a local window, and the blocks whose representative keys best match the query."""
 
     name = "infllm"
     graph_safe = True
 
-    limits = {
-        **SelectionPolicy.limits,
-        "block_size": (1, 4096),
-        "representatives": (1, 4096),
-        "init_tokens": (0, MAX_TOKENS),
-        "local_ratio": (0.0, 1.0),
-    }
+    block_size: int = bounded(16, 1, 4096)  # consecutive context tokens per block
+    representatives: int = bounded(4, 1, 4096)  # representative keys per block, at most block_size
+    init_tokens: int = bounded(4, 0, MAX_TOKENS)  # first real tokens always kept
+    local_ratio: float = bounded(0.25, 0.0, 1.0)  # share of the budget kept for the latest tokens
 
-    def __init__(
-        self,
-        window_size: int = 1,
-        block_size: int = 16,
-        representatives: int = 4,
-        init_tokens: int = 4,
-        local_ratio: float = 0.25,
-    ) -> None:
-        super().__init__(window_size=1)
-        if block_size < 1 or not 1 <= representatives <= block_size:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.representatives > self.block_size:
             raise ValueError(
-                f"need block_size >= 1 and 1 <= representatives <= block_size, got {block_size}, {representatives}"
+                f"representatives must be at most block_size, got {self.representatives} > {self.block_size}"
             )
-        if init_tokens < 0 or not 0.0 <= local_ratio <= 1.0:
-            raise ValueError(f"need init_tokens >= 0 and local_ratio in [0, 1], got {init_tokens}, {local_ratio}")
-        self.block_size = block_size
-        self.representatives = representatives
-        self.init_tokens = init_tokens
-        self.local_ratio = local_ratio
 
     def _representatives(self, ctx: SelectionContext, usable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Representative keys ``[batch, kv_heads, blocks, r, dim]`` and which are real ``[batch, blocks, r]``."""

@@ -6,11 +6,16 @@ A baseline for the eviction policies (a static cache filled on first use, like t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from omnikv_runtime.policies.eviction_base import EvictionPolicy
+from omnikv_runtime.policies.registry import register_eviction_policy
 
 
+@register_eviction_policy
+@dataclass
 class NoEviction(EvictionPolicy):
     """Never evict: a filled slot keeps its row for the rest of the request (infinite priority)."""
 

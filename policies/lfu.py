@@ -7,11 +7,16 @@ replacement", JACM 1971, analyse it). Suits selections with a stable core of hea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from omnikv_runtime.policies.eviction_base import EvictionPolicy
+from omnikv_runtime.policies.registry import register_eviction_policy
 
 
+@register_eviction_policy
+@dataclass
 class LFUEviction(EvictionPolicy):
     """Evict the slot with the fewest uses since its row arrived; ties go to the older use."""
 

@@ -10,6 +10,7 @@ runtime's tail, which every policy keeps.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ class LayerState:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the policy's own running state
 
 
+@dataclass
 class LossyPolicy(SelectionPolicy):
     """Base of the lossy policies: subclasses implement :meth:`rank` (higher = keep).
 
@@ -43,9 +45,9 @@ class LossyPolicy(SelectionPolicy):
 
     lossless = False
 
+    @abstractmethod
     def rank(self, ctx: SelectionContext, state: LayerState) -> torch.Tensor:
         """``[batch, context_len]`` scores of the context tokens; only the alive ones count."""
-        raise NotImplementedError
 
     def dropped_tokens(self, states: dict[int, dict[str, Any]]) -> dict[int, int]:
         dropped = {}
@@ -84,9 +86,6 @@ class LossyPolicy(SelectionPolicy):
         chosen = torch.zeros_like(state.alive).scatter_(1, indices, True)
         state.alive = state.alive & (chosen | ~ctx.valid)
         return indices
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(window_size={self.window_size})"
 
 
 def window_attention(ctx: SelectionContext, keep: torch.Tensor, last_only: bool = False) -> torch.Tensor:

@@ -7,11 +7,16 @@ to the next on the bundled model, so rows selected recently are the likeliest to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from omnikv_runtime.policies.eviction_base import EvictionPolicy
+from omnikv_runtime.policies.registry import register_eviction_policy
 
 
+@register_eviction_policy
+@dataclass
 class LRUEviction(EvictionPolicy):
     """Evict the slot whose row was last used longest ago."""
 

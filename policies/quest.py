@@ -11,24 +11,24 @@ last one partly). Lossless: nothing is dropped; the next step may pick other pag
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, causal_columns, ranked_groups
+from omnikv_runtime.policies.base import ScoredPolicy, SelectionContext, causal_columns, ranked_groups
+from omnikv_runtime.policies.params import bounded
+from omnikv_runtime.policies.registry import register_selection_policy
 
 
-class QuestPolicy(SelectionPolicy):
+@register_selection_policy
+@dataclass
+class QuestPolicy(ScoredPolicy):
     """Top pages by the current query's upper bound on ``q·k`` from page-wise key min/max."""
 
     name = "quest"
     graph_safe = True
 
-    limits = {**SelectionPolicy.limits, "page_size": (1, 4096)}
-
-    def __init__(self, window_size: int = 1, page_size: int = 16) -> None:
-        super().__init__(window_size=1)
-        if page_size < 1:
-            raise ValueError(f"page_size must be at least 1, got {page_size}")
-        self.page_size = page_size
+    page_size: int = bounded(16, 1, 4096)  # consecutive context tokens per page
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
         batch, kv_heads, length, dim = ctx.keys.shape

@@ -9,13 +9,13 @@ registered; no other module is imported without it.
 from __future__ import annotations
 
 import importlib
-import math
-import typing
+import inspect
 from typing import Any
 
 from omnikv_runtime.errors import ConfigError, did_you_mean
 from omnikv_runtime.policies.base import SelectionPolicy
 from omnikv_runtime.policies.eviction_base import EvictionPolicy
+from omnikv_runtime.policies.params import check_arguments, parameters
 
 SELECTION_POLICIES: dict[str, type[SelectionPolicy]] = {}
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {}
@@ -31,16 +31,42 @@ OPT_IN = (
 _TRUSTED: dict[tuple[type, str], type] = {}  # (base class, "module:Class") -> class imported with the opt-in
 
 
+def _check_registrable(cls: type, base: type) -> None:
+    """TypeError unless `cls` is a concrete subclass of `base` with a name and declared parameters."""
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"{cls!r} is not a subclass of {base.__name__}")
+    if inspect.isabstract(cls):
+        raise TypeError(f"{cls.__name__} does not implement {_abstract(cls)}")
+    if not isinstance(cls.name, str) or not cls.name or cls.name == base.name or ":" in cls.name:
+        raise TypeError(f"{cls.__name__}.name must be its own registered name (no ':'), got {cls.name!r}")
+    parameters(cls)  # refuses **kwargs: a policy declares what it takes
+
+
 def register_selection_policy(cls: type[SelectionPolicy]) -> type[SelectionPolicy]:
-    """Register `cls` under ``cls.name`` (usable as a class decorator)."""
+    """Class decorator: register a selection policy under ``cls.name``."""
+    _check_registrable(cls, SelectionPolicy)
     SELECTION_POLICIES[cls.name] = cls
     return cls
 
 
 def register_eviction_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
-    """Register an eviction policy under ``cls.name`` (usable as a class decorator)."""
+    """Class decorator: register an eviction policy under ``cls.name``."""
+    _check_registrable(cls, EvictionPolicy)
     EVICTION_POLICIES[cls.name] = cls
     return cls
+
+
+_SIGNATURES = {
+    "select": "select(ctx)",
+    "scores": "scores(ctx)",
+    "rank": "rank(ctx, state)",
+    "priority": "priority(state)",
+}
+
+
+def _abstract(cls: type) -> str:
+    """The methods `cls` leaves abstract, as they are called."""
+    return " and ".join(_SIGNATURES.get(name, f"{name}()") for name in sorted(cls.__abstractmethods__))
 
 
 def resolve_policy_class(
@@ -82,64 +108,29 @@ def resolve_policy_class(
         raise ConfigError(field, spec, f"a class that module '{module_name}' defines; it has no '{class_name}'")
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(field, spec, f"a subclass of omnikv_runtime.policies.{base.__name__}")
-    missing = missing_methods(cls)
-    if missing:
-        raise ConfigError(field, spec, f"a class that implements {missing} (it inherits the base's unimplemented one)")
+    if inspect.isabstract(cls):
+        raise ConfigError(field, spec, f"a class that implements {_abstract(cls)} (it leaves it abstract)")
+    try:
+        parameters(cls)
+    except TypeError as exc:
+        raise ConfigError(field, spec, f"a class that declares its parameters ({exc})") from None
     _TRUSTED[(base, spec)] = cls
     return cls
 
 
-def missing_methods(cls: type) -> str:
-    """What a policy class leaves unimplemented ('' if nothing): the interface check of the registry."""
-    from omnikv_runtime.policies.lossy import LossyPolicy
-
-    if issubclass(cls, LossyPolicy):
-        return "" if cls.rank is not LossyPolicy.rank else "rank(ctx, state)"
-    if issubclass(cls, SelectionPolicy):
-        overrides = cls.scores is not SelectionPolicy.scores or cls.select is not SelectionPolicy.select
-        return "" if overrides else "scores(ctx) or select(ctx)"
-    if issubclass(cls, EvictionPolicy):
-        return "" if cls.priority is not EvictionPolicy.priority else "priority(state)"
-    return ""
-
-
-def check_arguments(cls: type, params: dict[str, Any], section: str) -> None:
-    """ConfigError naming ``section.<argument>`` for an argument of the wrong type or outside the class's
-    ``limits`` (``{name: (low, high)}``); types come from the constructor's annotations (int, float,
-    bool, str; others are left to the constructor)."""
+def _build(cls: type, params: dict[str, Any], section: str, given: dict[str, Any]) -> Any:
+    check_arguments(cls, params, section)
     try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # a user class with annotations that do not resolve: no type checks
-        hints = {}
-    limits: dict[str, tuple[float, float]] = getattr(cls, "limits", {})
-    for name, value in params.items():
-        field = f"{section}.{name}"
-        hint = hints.get(name)
-        if hint is bool and not isinstance(value, bool):
-            raise ConfigError(field, value, "true or false")
-        if hint is str and not isinstance(value, str):
-            raise ConfigError(field, value, "a string")
-        if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(field, value, "an integer" if hint is int else "a number")
-        if hint is int and not isinstance(value, int):
-            raise ConfigError(field, value, "an integer (a whole number, written without a decimal point)")
-        if hint is float and isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(field, value, "a finite number")
-        if name in limits and isinstance(value, (int, float)) and not isinstance(value, bool):
-            low, high = limits[name]
-            if not low <= value <= high:
-                raise ConfigError(field, value, f"a value from {low} to {high}")
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(section, given, f"arguments {cls.__name__} accepts ({exc})") from None
 
 
 def make_selection_policy(selector: dict[str, Any], trust_remote_code: bool = False) -> SelectionPolicy:
     """Build the policy a config's ``omnikv.selector`` section describes."""
     params = dict(selector)
     cls = resolve_policy_class(str(params.pop("type", "last")), trust_remote_code=trust_remote_code)
-    check_arguments(cls, params, "omnikv.selector")
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("omnikv.selector", selector, f"arguments {cls.__name__} accepts ({exc})") from None
+    return _build(cls, params, "omnikv.selector", selector)
 
 
 def make_eviction_policy(eviction: dict[str, Any], trust_remote_code: bool = False) -> EvictionPolicy:
@@ -147,8 +138,4 @@ def make_eviction_policy(eviction: dict[str, Any], trust_remote_code: bool = Fal
     params = dict(eviction)
     spec = str(params.pop("type", "lru"))
     cls = resolve_policy_class(spec, EVICTION_POLICIES, EvictionPolicy, EVICTION_FIELD, trust_remote_code)
-    check_arguments(cls, params, "offload.eviction")
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("offload.eviction", eviction, f"arguments {cls.__name__} accepts ({exc})") from None
+    return _build(cls, params, "offload.eviction", eviction)

@@ -11,24 +11,31 @@ made once. Lossy: everything else is dropped for good.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, last_valid
+from omnikv_runtime.config import MAX_WINDOW
+from omnikv_runtime.policies.base import SelectionContext, last_valid
 from omnikv_runtime.policies.lossy import LayerState, LossyPolicy, window_attention
+from omnikv_runtime.policies.params import bounded
+from omnikv_runtime.policies.registry import register_selection_policy
 
 
+@register_selection_policy
+@dataclass
 class SnapKVPolicy(LossyPolicy):
     """Pooled observation-window attention at the first decode step; the window itself is always kept."""
 
     name = "snapkv"
 
-    limits = {**SelectionPolicy.limits, "kernel_size": (1, 1023)}
+    window_size: int = bounded(32, 1, MAX_WINDOW)  # the observation window: the prompt's last queries
+    kernel_size: int = bounded(7, 1, 1023)  # width of the pooling, odd
 
-    def __init__(self, window_size: int = 32, kernel_size: int = 7) -> None:
-        super().__init__(window_size=window_size)
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-        self.kernel_size = kernel_size
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
 
     def rank(self, ctx: SelectionContext, state: LayerState) -> torch.Tensor:
         if not state.first and "votes" in state.extra:

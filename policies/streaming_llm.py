@@ -9,25 +9,25 @@ for the rest. Lossy: every other context token is dropped for good at the first 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from omnikv_runtime.config import MAX_TOKENS
-from omnikv_runtime.policies.base import SelectionContext, SelectionPolicy, causal_columns, first_valid
+from omnikv_runtime.policies.base import SelectionContext, causal_columns, first_valid
 from omnikv_runtime.policies.lossy import LayerState, LossyPolicy
+from omnikv_runtime.policies.params import bounded
+from omnikv_runtime.policies.registry import register_selection_policy
 
 
+@register_selection_policy
+@dataclass
 class StreamingLLMPolicy(LossyPolicy):
     """``sink_tokens`` attention sinks plus the most recent context tokens, query-independent."""
 
     name = "streaming_llm"
 
-    limits = {**SelectionPolicy.limits, "sink_tokens": (0, MAX_TOKENS)}
-
-    def __init__(self, window_size: int = 1, sink_tokens: int = 4) -> None:
-        super().__init__(window_size=1)
-        if sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be at least 0, got {sink_tokens}")
-        self.sink_tokens = sink_tokens
+    sink_tokens: int = bounded(4, 0, MAX_TOKENS)  # first real tokens of each row always kept
 
     def rank(self, ctx: SelectionContext, state: LayerState) -> torch.Tensor:
         length = ctx.context_len

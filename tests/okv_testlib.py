@@ -25,7 +25,9 @@ from transformers import (
 from transformers.modeling_utils import AttentionInterface
 
 from omnikv_runtime.cache import _NOTES
+from omnikv_runtime.engine import cache_keyword  # noqa: F401 - the tests' name for it
 from omnikv_runtime.layout import Role
+from omnikv_runtime.listeners import CacheRecorder, SelectionRecorder
 
 VOCAB = 256
 PAD = 0
@@ -267,25 +269,18 @@ def split_forwards(calls: list[AttentionCall]) -> list[list[AttentionCall]]:
 
 
 def capture_caches(engine) -> list:
-    """Make `engine` record every cache it creates (Engine.generate builds its own)."""
-    caches: list = []
-    original = engine.new_cache
+    """The list of caches `engine`'s forwards run through from now on (Engine.generate builds its own)."""
+    recorder = CacheRecorder()
+    engine.add_listener(recorder)
+    return recorder.caches
 
-    def new_cache(*args, **kwargs):
-        cache = original(*args, **kwargs)
-        caches.append(cache)
-        return cache
 
-    engine.new_cache = new_cache
-    return caches
+def record_selections(engine) -> list:
+    """The list of `engine`'s selection events from now on (a Selection each, its tensors copied)."""
+    recorder = SelectionRecorder()
+    engine.add_listener(recorder)
+    return recorder.records
 
 
 def is_sparse(engine, layer: int) -> bool:
     return engine.plan.role(layer) is Role.SPARSE
-
-
-def cache_keyword(model) -> str:
-    """The name under which this transformers version's forward takes the cache."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from okv_testlib import PAD, make_model, make_prompt, omni
+from okv_testlib import PAD, make_model, make_prompt, omni, record_selections
 
 import omnikv_runtime as okv
 from omnikv_runtime import analysis
@@ -33,10 +33,9 @@ def test_probe_selects_what_the_runtime_filter_layers_select(family):
         assert attention.shape == (STEPS, 4, ids.shape[1])
         torch.testing.assert_close(attention.sum(-1), torch.ones(STEPS, 4))
     engine = okv.initialize(model, omni(budget=ids.shape[1]))
-    contexts = []
-    select = engine.policy.select
-    engine.policy.select = lambda ctx: (contexts.append(ctx), select(ctx))[1]
+    log = record_selections(engine)
     engine.generate(ids, max_new_tokens=STEPS + 1, pad_token_id=PAD)
+    contexts = [event.context for event in log]
     assert len(contexts) == 2 * STEPS
     for step in range(STEPS):
         for layer in (1, 4):

@@ -47,7 +47,7 @@ def test_small_budget_keeps_host_tier_off_gpu(cuda_model):
     engine = okv.initialize(cuda_model, config)
     output = engine.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0)
     assert output.shape == (2, 316)
-    cache = engine._last_cache
+    cache = engine.last_cache
     for arena in cache.arenas:
         assert arena.data.device.type == "cpu"
         assert arena.data.is_pinned()
@@ -146,4 +146,4 @@ def test_pageable_host_tier_still_gives_the_same_tokens(cuda_model, monkeypatch)
     output = engine.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
     assert torch.equal(output, expected)
     assert engine.stats()["transfer"]["pinned_fallbacks"] >= 1
-    assert all(not arena.data.is_pinned() for arena in engine._last_cache.arenas)
+    assert all(not arena.data.is_pinned() for arena in engine.last_cache.arenas)

@@ -42,7 +42,7 @@ def test_tiers_and_pinned_bytes_match_the_plan_on_cuda(cuda_llama, tmp_path):
     with okv.profile_memory(engine, out_dir=tmp_path, config={"trace": False, "png": False}) as prof:
         engine.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=6, pad_token_id=PAD)
     plan = plan_memory(ModelGeometry.from_hf_config(cuda_llama.config), config, ids.shape[1], 2, 6)
-    cache = engine._last_cache
+    cache = engine.last_cache
     tiers = cache.tier_bytes()
     for key in ("gpu_dense", "gpu_selected", "gpu_tail", "host", "host_allocated"):
         assert plan.tiers[key] == tiers[key], key

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import user_policy_example
-from okv_testlib import PAD, PROMPT_LEN, dense_reference, make_model, make_prompt, omni
+from okv_testlib import PAD, PAD_TOKENS, PROMPT_LEN, dense_reference, make_model, make_prompt, omni, record_selections
 
 import omnikv_runtime as okv
 from omnikv_runtime.policies import SELECTION_POLICIES, SelectionContext, make_selection_policy
@@ -18,20 +18,6 @@ BUDGET = 12
 NEW_TOKENS = 6
 LOSSY = ("streaming_llm", "h2o", "snapkv")
 FAMILIES = ("llama", "qwen2")
-
-
-def record_selections(engine) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Make the engine's policy log (filter layer, valid mask, indices) of every selection."""
-    log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    select = engine.policy.select
-
-    def recording(ctx: SelectionContext) -> torch.Tensor:
-        indices = select(ctx)
-        log.append((ctx.layer, ctx.valid.clone(), indices.clone()))
-        return indices
-
-    engine.policy.select = recording
-    return log
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -60,23 +46,26 @@ def test_policy_matrix_in_the_runtime(family_runs, name):
     log = logs[0]
     filters = [s.filter_layer for s in engine.plan.segments]
     assert len(log) == len(filters) * (NEW_TOKENS - 1)  # every filter layer at every decode step
-    assert [layer for layer, _, _ in log[: len(filters)]] == filters
-    for _, valid, indices in log:
+    assert [event.layer for event in log[: len(filters)]] == filters
+    mask = make_prompt(2)[1].bool()
+    for event in log:
+        valid, indices = event.context.valid, event.indices
+        assert torch.equal(valid, mask)  # the policy is told exactly which positions are padding
         expected = PROMPT_LEN if name == "full" else BUDGET
-        assert indices.shape == (2, expected)
+        assert event.context.budget == BUDGET and indices.shape == (2, expected)
         assert (indices[:, 1:] > indices[:, :-1]).all() and indices.max() < PROMPT_LEN
         if name != "full":  # 33 real tokens in the padded row > budget: padding is never picked
-            assert valid.gather(1, indices).all()
+            assert valid.gather(1, indices).all() and (indices[1] >= PAD_TOKENS).all()
     # deterministic: a second engine reproduces tokens and every selection
     assert torch.equal(outputs[0], outputs[1])
-    assert all(torch.equal(a[2], b[2]) for a, b in zip(logs[0], logs[1]))
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(logs[0], logs[1]))
     policy = engine.policy
     if name in LOSSY:
         assert not policy.lossless
         # each row keeps exactly the budget of its real tokens: 40 - 12 dropped in row 0, 33 - 12 in row 1
         assert dropped[0] == {str(layer): PROMPT_LEN - BUDGET for layer in filters}
         for layer in filters:  # a dropped token never comes back: every selection is the first one
-            steps = [indices for logged, _, indices in log if logged == layer]
+            steps = [event.indices for event in log if event.layer == layer]
             assert all(torch.equal(step, steps[0]) for step in steps)
     else:
         assert policy.lossless and dropped[0] == {}
@@ -87,7 +76,7 @@ def test_policy_matrix_in_the_runtime(family_runs, name):
 def test_the_matrix_is_not_trivial(family_runs):
     """Control: policies choose differently, and a sparse selection changes the output versus dense."""
     family, runs = family_runs
-    firsts = {name: runs[name][2][0][0][2] for name in runs if name != "full"}
+    firsts = {name: runs[name][2][0][0].indices for name in runs if name != "full"}
     assert len({tuple(v.flatten().tolist()) for v in firsts.values()}) >= len(firsts) - 1
     dense = dense_reference(family, 2)[:, : PROMPT_LEN + NEW_TOKENS]
     assert sum(not torch.equal(runs[name][1][0], dense) for name in runs) >= 5
@@ -107,7 +96,7 @@ def test_lossy_state_resets_for_each_request(name):
     fresh_log = record_selections(fresh_engine)
     fresh = fresh_engine.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
     assert torch.equal(reused, fresh)
-    assert all(torch.equal(a[2], b[2]) for a, b in zip(log, fresh_log))
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(log, fresh_log))
     assert engine.stats()["dropped_tokens"] == {"1": PROMPT_LEN - BUDGET, "4": PROMPT_LEN - BUDGET}
 
 
@@ -225,31 +214,7 @@ def test_lossy_state_follows_the_context():
     assert wide.tolist() == [[0, 5, 6, 7, 8, 9]] * 2 and policy.dropped_tokens(states) == {3: 4, 7: 16}
 
 
-# registry ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("spec", "allowed"),
-    [
-        ("user_policy_example:", "both parts given"),
-        (":RecentBoostPolicy", "both parts given"),
-        ("user_policy_example:RecentBoostPolicy:extra", "one ':'"),
-        ("user_policy_example:HollowPolicy", "implements scores(ctx) or select(ctx)"),
-        ("user_policy_example:HollowLossyPolicy", "implements rank(ctx, state)"),
-        ("user_policy_example.nowhere:RecentBoostPolicy", "importable module"),
-        ("h2oo", "did you mean 'h2o'"),
-    ],
-)
-def test_bad_policy_specs_are_config_errors(spec, allowed):
-    with pytest.raises(okv.ConfigError) as excinfo:
-        okv.load_config({"omnikv": {"selector": {"type": spec}}}, trust_remote_code=True)
-    assert excinfo.value.field == "omnikv.selector.type" and allowed in str(excinfo.value)
-
-
-def test_bad_policy_arguments_name_the_argument():
-    with pytest.raises(okv.ConfigError) as excinfo:
-        okv.load_config({"omnikv": {"selector": {"type": "quest", "page_size": 0}}})
-    assert excinfo.value.field == "omnikv.selector.page_size" and "from 1 to 4096" in str(excinfo.value)
+# defaults ------------------------------------------------------------------------------------------------
 
 
 def test_unset_selector_fields_keep_the_policys_defaults():
@@ -272,7 +237,7 @@ def test_docs_example_is_the_tested_user_policy():
     assert len(example.splitlines()) <= 30
     # the docs' imports and class run on their own and select as the tested class does
     namespace: dict = {}
-    exec(next(block for block in blocks if block.startswith("import torch")) + example, namespace)
+    exec(next(block for block in blocks if block.startswith("from dataclasses")) + example, namespace)
     keys, queries = planted(length=64, spots=(20,))
     ctx = synthetic(keys, queries, 10)
     chosen = namespace["RecentBoostPolicy"](recent=4).select(ctx)
@@ -288,7 +253,7 @@ def test_docs_example_runs_in_the_engine():
     assert type(engine.policy) is user_policy_example.RecentBoostPolicy and engine.policy.recent == 5
     log = record_selections(engine)
     engine.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
-    for _, _, indices in log:
+    for indices in (event.indices for event in log):
         assert indices.shape == (2, BUDGET) and set(range(PROMPT_LEN - 5, PROMPT_LEN)) <= set(indices[0].tolist())
         assert (indices[1] >= int((mask[1] == 0).sum())).all()
     # beside the kept recent tokens it ranks like `last`: with recent=0 it is `last`

@@ -45,10 +45,12 @@ def test_the_original_example_loads_with_its_values(caplog):
     assert config.omnikv.enabled and config.omnikv.filter_layers == [2, 8, 18]
     assert config.omnikv.wait_layers == 1 and config.omnikv.token_budget == 0.067
     assert config.offload.device == "none"  # real_offload false
-    assert (config.omnikv.selector.type, config.omnikv.selector.window_size) == ("last", 16)
+    # the original's `last` ignores its window_size 16: here no policy takes an argument it ignores
+    assert (config.omnikv.selector.type, config.omnikv.selector.window_size) == ("last", None)
     inert = [r.getMessage() for r in caplog.records if "has no effect here" in r.getMessage()]
-    assert len(inert) == 3 and all(any(f"'{key}'" in line for line in inert) for key in ("model_cls", "cache_cls"))
+    assert len(inert) == 4 and all(any(f"'{key}'" in line for line in inert) for key in ("model_cls", "cache_cls"))
     assert any("'dense_more'" in line for line in inert)
+    assert any("'window_size' = 16" in line and "selector 'last'" in line for line in inert)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -76,7 +78,6 @@ def test_every_key_the_original_reads_is_known():
         ("num_of_selected_tokens", 512, "omnikv.token_budget", 512),
         ("selector_cls", "uniform", "omnikv.selector.type", "uniform"),
         ("selector_cls", "softmax_before_last", "omnikv.selector.type", "softmax_last"),
-        ("window_size", 8, "omnikv.selector.window_size", 8),
         ("model_cls", "raw_llama", "omnikv.enabled", False),  # the original's dense model
         ("model_cls", "llama3_262k", "omnikv.enabled", False),
     ],
@@ -218,7 +219,6 @@ def test_bad_filter_layers_name_the_seed_key(value):
     ("key", "value", "sectioned"),
     [
         ("num_wait_load_layers", -1, "omnikv.wait_layers"),
-        ("window_size", 0, "omnikv.selector.window_size"),
         ("num_of_selected_tokens", 1.5, "omnikv.token_budget"),
         ("cpu_num_threads", 10**12, "model.cpu_num_threads"),
         ("model_name", 7, "model.name_or_path"),
@@ -228,6 +228,25 @@ def test_errors_of_mapped_keys_name_the_seed_key(key, value, sectioned):
     with pytest.raises(okv.ConfigError) as excinfo:
         okv.load_config({**BASE, key: value})
     assert excinfo.value.field == key and f"it sets {sectioned} here" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("selector", ["uniform", "exp"])
+def test_the_seed_window_goes_to_the_window_selectors(caplog, selector):
+    config = _load(caplog, {"selector_cls": selector, "window_size": 8})
+    assert (config.omnikv.selector.type, config.omnikv.selector.window_size) == (selector, 8)
+    with pytest.raises(okv.ConfigError) as excinfo:
+        okv.load_config({**BASE, "selector_cls": selector, "window_size": 0})
+    assert excinfo.value.field == "window_size" and "it sets omnikv.selector.window_size here" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("selector", ["last", "softmax_before_last"])
+def test_the_seed_window_has_no_effect_on_the_current_query_selectors(caplog, selector):
+    config = _load(caplog, {"selector_cls": selector, "window_size": 8})
+    assert config.omnikv.selector.window_size is None
+    assert "'window_size' = 8 has no effect here" in caplog.text
+    with pytest.raises(okv.ConfigError) as excinfo:  # its value is checked all the same
+        okv.load_config({**BASE, "selector_cls": selector, "window_size": 0})
+    assert excinfo.value.field == "window_size" and "from 1 to 4096" in str(excinfo.value)
 
 
 def test_keys_left_out_take_the_originals_defaults(caplog):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from okv_testlib import PROMPT_LEN, make_model, make_prompt, omni
+from okv_testlib import PROMPT_LEN, make_model, make_prompt, omni, record_selections
 
 import omnikv_runtime as okv
 from omnikv_runtime.policies import SELECTION_POLICIES, SelectionContext, make_selection_policy
@@ -100,19 +100,11 @@ def test_the_engine_hands_the_window_the_original_keeps():
     generated ones, and the selection holds those prompt tokens (left-padded row 1 too)."""
     window, budget, steps = 6, 12, 9
     engine = okv.initialize(make_model("llama"), omni(budget=budget, selector={"type": "uniform", "window_size": 6}))
-    seen = []
-    select = engine.policy.select
-
-    def recording(ctx: SelectionContext) -> torch.Tensor:
-        indices = select(ctx)
-        seen.append((ctx.query_positions.clone(), indices.clone()))
-        return indices
-
-    engine.policy.select = recording
+    log = record_selections(engine)
     ids, mask = make_prompt(2)
     engine.generate(ids, attention_mask=mask, max_new_tokens=steps)
-    assert len(seen) == 2 * (steps - 1)  # two filter layers per decode step
-    for number, (positions, indices) in enumerate(seen):
+    assert len(log) == 2 * (steps - 1)  # two filter layers per decode step
+    for number, (positions, indices) in enumerate((e.context.query_positions, e.indices) for e in log):
         step = number // 2 + 1
         assert positions.tolist() == list(range(PROMPT_LEN + step - window, PROMPT_LEN + step))
         kept = set(range(PROMPT_LEN - max(0, window - step), PROMPT_LEN))

@@ -126,31 +126,6 @@ def test_sparse_keys_are_the_selected_rows_then_the_tail(selector, offload, atte
         assert counts == {BUDGET}
 
 
-@pytest.mark.parametrize("selector", ["last", "softmax_last", "uniform", "exp"])
-def test_padded_positions_are_never_selected(selector):
-    pad = 30  # row 1 keeps 10 real tokens, more than the budget of 8
-    model = make_model("llama")
-    ids, mask = make_prompt(2, pad=pad)
-    engine = okv.initialize(model, omni(budget=BUDGET, selector=selector))
-    records = []
-    select = engine.policy.select
-
-    def recording_select(ctx):
-        indices = select(ctx)
-        records.append((ctx.valid.clone(), ctx.budget, indices.clone()))
-        return indices
-
-    engine.policy.select = recording_select
-    engine.generate(ids, attention_mask=mask, max_new_tokens=STEPS, pad_token_id=PAD)
-
-    assert len(records) == 2 * (STEPS - 1)  # two filter layers per decode step
-    for valid, budget, indices in records:
-        assert torch.equal(valid, mask.bool())  # the policy is told exactly which positions are padding
-        assert budget == BUDGET and indices.shape == (2, BUDGET)
-        assert (indices[:, 1:] > indices[:, :-1]).all()
-        assert valid.gather(1, indices).all(), indices[1].tolist()
-
-
 @pytest.mark.parametrize("offload", ["cpu", "none"])
 def test_host_tier_holds_every_token_bit_for_bit(offload):
     family, new_tokens = "mistral", STEPS

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from omnikv_runtime.policies import LossyPolicy, SelectionContext, SelectionPolicy, head_logits
+from omnikv_runtime.config import MAX_TOKENS
+from omnikv_runtime.policies import LossyPolicy, ScoredPolicy, SelectionContext, SelectionPolicy, bounded, head_logits
 from omnikv_runtime.policies.base import last_valid
 
 
-class FirstTokensPolicy(SelectionPolicy):
+@dataclass
+class FirstTokensPolicy(ScoredPolicy):
     """Keeps the first `budget` real tokens of each row; counts its calls."""
 
     name = "first_tokens"
-
-    def __init__(self, window_size: int = 1) -> None:
-        super().__init__(window_size=1)
-        self.calls = 0
+    calls: int = field(default=0, init=False)
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
         self.calls += 1
@@ -23,6 +24,7 @@ class FirstTokensPolicy(SelectionPolicy):
         return earliest_first.expand(ctx.keys.shape[0], ctx.context_len)
 
 
+@dataclass
 class VaryingCountPolicy(SelectionPolicy):
     """Top tokens by key norm, `budget` of them on even decode positions and `budget - 3` on odd ones.
 
@@ -30,9 +32,6 @@ class VaryingCountPolicy(SelectionPolicy):
     """
 
     name = "varying_count"
-
-    def __init__(self, window_size: int = 1) -> None:
-        super().__init__(window_size=1)
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         position = int(ctx.query_positions[-1])
@@ -52,19 +51,15 @@ class NotAPolicy:
 # --- the worked example of docs/policies.md (the docs test checks the two stay identical) ---
 
 
-class RecentBoostPolicy(SelectionPolicy):
+@dataclass
+class RecentBoostPolicy(ScoredPolicy):
     """OmniKV's ``last`` scoring, but the `recent` latest context tokens are always kept.
 
     Lossless (the default): it only chooses what sparse layers read this step.
     """
 
     name = "recent_boost"
-
-    def __init__(self, window_size: int = 1, recent: int = 8) -> None:
-        super().__init__(window_size=1)  # only the current query is needed
-        if recent < 0:
-            raise ValueError(f"recent must be at least 0, got {recent}")
-        self.recent = recent
+    recent: int = bounded(8, 0, MAX_TOKENS)  # latest context tokens always kept
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
         # [batch, q_heads, 1, context] logits of the current query; a token's score is its best head's
@@ -78,12 +73,30 @@ class RecentBoostPolicy(SelectionPolicy):
 
 
 class HollowPolicy(SelectionPolicy):
-    """Subclasses the interface but implements neither scores nor select."""
+    """Subclasses the interface but does not implement select."""
 
     name = "hollow"
+
+
+class HollowScoredPolicy(ScoredPolicy):
+    """A scored policy without scores."""
+
+    name = "hollow_scored"
 
 
 class HollowLossyPolicy(LossyPolicy):
     """A lossy policy without rank."""
 
     name = "hollow_lossy"
+
+
+class KeywordsPolicy(ScoredPolicy):
+    """Takes any keyword argument: it could not say which it uses."""
+
+    name = "keywords"
+
+    def __init__(self, **options) -> None:
+        self.options = options
+
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:  # pragma: no cover - must never be called
+        raise AssertionError("KeywordsPolicy must be rejected at config time")
