@@ -9,7 +9,6 @@ per decode step.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import omnikv_runtime as okv
+from omnikv_runtime.listeners import SelectionRecorder
 
 NEW_TOKENS = 16
 
@@ -51,16 +51,20 @@ def run(budget: float | int, world: int) -> dict:
     )
     tokens = engine.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0)
     cache = engine.new_cache(reserve_tokens=48 + NEW_TOKENS, prompt_tokens=48)
-    cache.selection_trace = []
-    keyword = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
-    with torch.inference_mode():
+    trace = SelectionRecorder(contexts=False)
+    with torch.inference_mode(), engine.listening(trace):
         through_cache = engine.model.generate(
-            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **{keyword: cache}
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            **{engine.cache_keyword: cache},
         )
     heads = engine.model.model.layers[0].self_attn.k_proj.weight.shape[0] // 16  # KV heads this rank holds
     selections: dict[str, list] = {}
-    for entry in cache.selection_trace:
-        selections.setdefault(str(entry["layer"]), []).append(entry["indices"].tolist())
+    for event in trace.records:
+        selections.setdefault(str(event.layer), []).append(event.indices.tolist())
     return {
         "tokens": tokens.tolist(),
         "tokens_through_cache": through_cache.tolist(),
