@@ -31,6 +31,7 @@ setup(
         "transformers>=5.4,<6",
         "pydantic>=2.5",
         "psutil>=5.9",
+        "tqdm>=4.60",  # progress bars of the omnikv commands
     ],
     extras_require={
         "smollm2": ["gguf>=0.10", "accelerate>=1.0"],
@@ -45,7 +46,7 @@ setup(
             "deepspeed>=0.16",  # pure Python without CUDA: the two-rank tensor-parallel test runs on gloo
         ],
         "plot": ["matplotlib>=3.7"],
-        "eval": ["jieba>=0.42", "matplotlib>=3.7", "tqdm>=4.60"],
+        "eval": ["jieba>=0.42", "matplotlib>=3.7"],
         "gpu": ["triton>=3.0"],
         "flash": ["flash-attn>=2.6"],
         "deepspeed": ["deepspeed>=0.16"],

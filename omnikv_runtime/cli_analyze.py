@@ -15,11 +15,12 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from omnikv_runtime.errors import ConfigError
+
+if TYPE_CHECKING:  # imported by the handler: building the parser (--help) needs no torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ def _rounded(matrix: torch.Tensor) -> list[list[float]]:
 
 
 def cmd_analyze_layers(args: argparse.Namespace) -> int:
+    from omnikv_runtime import progress
     from omnikv_runtime.analysis import mean_metrics, plan_score, probe_layers, save_heatmaps, suggest_filter_layers
     from omnikv_runtime.config import load_config
-    from omnikv_runtime.models import load_model
+    from omnikv_runtime.cpu_threads import apply_cpu_threads
+    from omnikv_runtime.models import load_configured_model
     from omnikv_runtime.policies import make_selection_policy
 
     config = load_config(args.config)
@@ -82,14 +85,8 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
         raise ConfigError("--count", count, "at least 1 filter layer")
     if args.steps < 1:
         raise ConfigError("--steps", args.steps, "at least 1 decode step")
-    model_section = config.model
-    model, tokenizer = load_model(
-        model_section.name_or_path,
-        model_section.dtype,
-        model_section.attn_implementation,
-        model_section.device,
-        model_section.quantization,
-    )
+    apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
+    model, tokenizer = load_configured_model(config)
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
     if not 0 <= first < layers:
         raise ConfigError("--first-layer", first, f"a layer index in 0..{layers - 1}")
@@ -97,7 +94,9 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
         raise ConfigError("--count", count, f"1..{layers - first} filter layers from layer {first}")
     policy = make_selection_policy(section.selector.policy_arguments())
     probes, per_prompt = [], []
-    for name, ids in _prompts(args, tokenizer, config.generation.use_chat_template):
+    prompts = _prompts(args, tokenizer, config.generation.use_chat_template)
+    bar = progress.bar(len(prompts), "probing prompts", unit="prompt")
+    for name, ids in prompts:
         budget = section.budget_tokens(ids.shape[1])
         logger.info("probing %s (%d tokens, top-%d)", name, ids.shape[1], budget)
         probe = probe_layers(model, ids, policy, budget, steps=args.steps, pad_token_id=tokenizer.pad_token_id)
@@ -105,6 +104,8 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
         per_prompt.append(
             {"prompt": name, "tokens": probe.context_len, "top_k": [s.tolist() for s in probe.selections]}
         )
+        bar.update(1)
+    bar.close()
     metrics = mean_metrics(probes)
     suggested = suggest_filter_layers(metrics[SCORE], count, first, section.wait_layers)
     configured = plan_score(metrics[SCORE], section.filter_layers, section.wait_layers)

@@ -77,17 +77,25 @@ def register(commands: Any) -> None:
     ev.add_argument("--tasks", type=_csv(str), help="comma-separated task names (default: all of the benchmark)")
     ev.add_argument("--data-dir", help="directory with the benchmark's <task>.jsonl files")
     ev.add_argument("--limit", type=int, help="first N samples of each task")
-    ev.add_argument("--world-size", type=int, default=1, help="worker processes (one per GPU on CUDA)")
+    ev.add_argument(
+        "--world-size", type=int, default=1, help="worker processes (one per GPU on CUDA; default: %(default)s)"
+    )
     ev.add_argument("--out", help="run directory (default: eval_runs/<benchmark>-<config>)")
     ev.add_argument("--max-new-tokens", type=int, help="cap every task's generation length (smoke tests)")
     ev.add_argument("--lengths", type=_csv(int), help="synthetic: prompt lengths in tokens (default 1000,2000,3000)")
     ev.add_argument("--depths", type=_csv(float), help="synthetic: needle depths in [0, 1] (default 0.1,0.5,0.9)")
-    ev.add_argument("--samples", type=int, default=1, help="synthetic: samples per length and depth")
-    ev.add_argument("--seed", type=int, default=0, help="synthetic: seed of the generated samples")
+    ev.add_argument(
+        "--samples", type=int, default=1, help="synthetic: samples per length and depth (default: %(default)s)"
+    )
+    ev.add_argument(
+        "--seed", type=int, default=0, help="synthetic: seed of the generated samples (default: %(default)s)"
+    )
     ev.set_defaults(handler=cmd_eval)
 
     rep = commands.add_parser("eval-report", help="compare eval run directories: markdown table + PNG chart")
     rep.add_argument("runs", nargs="+", help="run directories written by `omnikv eval`")
-    rep.add_argument("--out", default="eval_report", help="output prefix: PREFIX.md and PREFIX.png")
+    rep.add_argument(
+        "--out", default="eval_report", help="output prefix: PREFIX.md and PREFIX.png (default: %(default)s)"
+    )
     rep.add_argument("--no-chart", action="store_true", help="markdown only")
     rep.set_defaults(handler=cmd_report)

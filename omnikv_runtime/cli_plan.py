@@ -6,22 +6,21 @@ Prints the bytes of the weights, each KV tier and activations, whether the run
 fits dense and with OmniKV, and the longest context that fits each way (for OmniKV with offload to
 the host, once per host-tier dtype: the model's and FP8). The model's geometry comes
 from ``--model-config`` (a config.json, an HF folder or a known name) or the config's model; no
-weights are read.
+weights are read. A run longer than the model's position limit (``max_position_embeddings``) does
+not fit, whatever the memory: the report says so, and the longest context is capped there.
 """
 
 from __future__ import annotations
 
 import argparse
+import typing
 from typing import Any
 
-import psutil
-import torch
+from omnikv_runtime.config import DTYPES, OffloadSection
 
-from omnikv_runtime.config import load_config
-from omnikv_runtime.planner import DTYPE_BYTES, parse_bytes, plan_memory, resolve_geometry
-from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
-from omnikv_runtime.transfer.fp8 import HOST_DTYPES
-
+# torch and the planner are imported by the handler: building the parser (--help) needs neither
+HEADROOM_HELP = "0.05"  # planner_fit.DEFAULT_HEADROOM, written out so that --help imports nothing (tested)
+POSITION_LIMIT = "the model's position limit"
 DEFAULT_GPU_MEMORY = 80 * 10**9  # one H100 80 GB card, when no CUDA device is visible
 
 
@@ -34,16 +33,38 @@ def register(commands: Any) -> None:
     plan.add_argument("--gpu-memory", help="GPU memory, e.g. 80GB (default: this CUDA device, else 80GB)")
     plan.add_argument("--host-memory", help="host memory for the pinned tier, e.g. 512GB (default: this machine)")
     plan.add_argument("--model-config", help="config.json, HF folder or known name (default: the config's model)")
-    plan.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights/KV dtype (default: model.dtype)")
+    plan.add_argument("--dtype", choices=sorted(DTYPES), help="weights/KV dtype (default: model.dtype)")
+    host_dtypes = typing.get_args(OffloadSection.model_fields["host_dtype"].annotation)
     plan.add_argument(
-        "--host-dtype", choices=sorted(HOST_DTYPES), help="host tier storage (default: offload.host_dtype)"
+        "--host-dtype", choices=sorted(host_dtypes), help="host tier storage (default: offload.host_dtype)"
     )
-    plan.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="share of each memory kept free")
+    plan.add_argument("--headroom", type=float, help=f"share of each memory kept free (default: {HEADROOM_HELP})")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(handler=cmd_plan)
 
 
+def _within_positions(longest: dict[str, Any], max_positions: int | None, new_tokens: int) -> dict[str, Any]:
+    """A longest-context answer capped at the model's position limit (prompt + new tokens)."""
+    if not max_positions or longest["context"] <= max_positions - new_tokens:
+        return longest
+    return {
+        "context": max(0, max_positions - new_tokens),
+        "limited_by": POSITION_LIMIT,
+        "memory_allows": longest["context"],
+    }
+
+
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
+    import psutil
+    import torch
+
+    from omnikv_runtime.config import load_config
+    from omnikv_runtime.planner import parse_bytes, plan_memory, resolve_geometry
+    from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
+    from omnikv_runtime.transfer.fp8 import HOST_DTYPES
+
+    if args.headroom is None:
+        args.headroom = DEFAULT_HEADROOM
     config = load_config(args.config)
     if args.host_dtype:
         config.offload.host_dtype = args.host_dtype
@@ -70,17 +91,34 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         "host_memory_source": host_source,
         "headroom": args.headroom,
     }
+    max_positions = geometry.max_positions
+    report["fits_model"] = {
+        "max_positions": max_positions,
+        "tokens": args.context + new_tokens,
+        "fits": not max_positions or args.context + new_tokens <= max_positions,
+    }
     variants = {"omnikv": config, "dense": dense_twin(config)} if config.omnikv.enabled else {"dense": config}
     for name, variant in variants.items():
         plan = plan_memory(geometry, variant, args.context, args.batch, new_tokens, args.dtype)
+        memory_fits = fits(plan, gpu_memory, host_memory, args.headroom)
+        memory_fits["positions"] = report["fits_model"]["fits"]
+        memory_fits["all"] = memory_fits["all"] and memory_fits["positions"]
         report[name] = {
             **plan.as_dict(),
-            "fits": fits(plan, gpu_memory, host_memory, args.headroom),
-            "longest_context": longest_context(
-                geometry, variant, args.batch, new_tokens, gpu_memory, host_memory, args.headroom, args.dtype
+            "fits": memory_fits,
+            "longest_context": _within_positions(
+                longest_context(
+                    geometry, variant, args.batch, new_tokens, gpu_memory, host_memory, args.headroom, args.dtype
+                ),
+                max_positions,
+                new_tokens,
             ),
-            "longest_context_decode_only": longest_context(
-                geometry, variant, args.batch, new_tokens, gpu_memory, host_memory, args.headroom, args.dtype, False
+            "longest_context_decode_only": _within_positions(
+                longest_context(
+                    geometry, variant, args.batch, new_tokens, gpu_memory, host_memory, args.headroom, args.dtype, False
+                ),
+                max_positions,
+                new_tokens,
             ),
         }
     if "omnikv" in report and config.offload.device == "cpu":
@@ -90,16 +128,20 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             variant.offload.host_dtype = host_dtype
             figures = {}
             for name, prefill in (("with_prefill", True), ("decode_only", False)):
-                figures[name] = longest_context(
-                    geometry,
-                    variant,
-                    args.batch,
+                figures[name] = _within_positions(
+                    longest_context(
+                        geometry,
+                        variant,
+                        args.batch,
+                        new_tokens,
+                        gpu_memory,
+                        host_memory,
+                        args.headroom,
+                        args.dtype,
+                        prefill,
+                    ),
+                    max_positions,
                     new_tokens,
-                    gpu_memory,
-                    host_memory,
-                    args.headroom,
-                    args.dtype,
-                    prefill,
                 )
             figures["host_bytes_per_token"] = plan_memory(
                 geometry, variant, args.context, args.batch, new_tokens, args.dtype
@@ -158,8 +200,18 @@ def print_report(report: dict[str, Any]) -> None:
             f"tokens (limited by {longest['limited_by']}); decode only {decode['context']:,} "
             f"(limited by {decode['limited_by']})"
         )
-    if model.get("max_positions"):
-        print(f"(the model's own position limit is {model['max_positions']:,} tokens)")
+    limit = report["fits_model"]
+    if not limit["fits"]:
+        print(
+            f"\nDOES NOT FIT THE MODEL: {report['context']:,} prompt + {report['new_tokens']:,} new tokens = "
+            f"{limit['tokens']:,} tokens, past the model's position limit of {limit['max_positions']:,} "
+            "(max_position_embeddings): generate refuses it, whatever the memory. Shorten the context or use a "
+            "model with a longer one."
+        )
+    elif limit["max_positions"]:
+        print(
+            f"(the model's own position limit is {limit['max_positions']:,} tokens; this run uses {limit['tokens']:,})"
+        )
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | int:

@@ -14,12 +14,10 @@ the PNG from a report.json later (where matplotlib is installed).
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from omnikv_runtime.config import load_config
-from omnikv_runtime.engine import Engine
+if TYPE_CHECKING:  # imported by the handlers: building the parser (--help) needs no torch
+    import torch
 
 
 def register(commands: Any) -> None:
@@ -42,6 +40,8 @@ def register(commands: Any) -> None:
 
 
 def _model_and_prompt(args: argparse.Namespace, config: Any) -> tuple[Any, Any, torch.Tensor]:
+    import torch
+
     from omnikv_runtime.models import resolve_device
 
     device = resolve_device(args.device or config.model.device)
@@ -53,13 +53,10 @@ def _model_and_prompt(args: argparse.Namespace, config: Any) -> tuple[Any, Any, 
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_tokens), generator=generator)
         return model, None, ids
-    from omnikv_runtime.models import load_model
+    from omnikv_runtime.models import load_configured_model
     from omnikv_runtime.passkey import build_passkey_prompt
 
-    section = config.model
-    model, tokenizer = load_model(
-        section.name_or_path, section.dtype, section.attn_implementation, str(device), section.quantization
-    )
+    model, tokenizer = load_configured_model(config, device=str(device))
     text, _ = build_passkey_prompt(
         tokenizer, args.prompt_tokens, 0.5, seed=0, use_chat_template=config.generation.use_chat_template
     )
@@ -68,11 +65,16 @@ def _model_and_prompt(args: argparse.Namespace, config: Any) -> tuple[Any, Any, 
 
 
 def cmd_profile(args: argparse.Namespace) -> dict[str, Any] | int:
+    import torch
+
+    from omnikv_runtime.config import load_config
+    from omnikv_runtime.cpu_threads import apply_cpu_threads
+    from omnikv_runtime.engine import Engine
     from omnikv_runtime.profiling import profile_memory
+    from omnikv_runtime.run_report import tier_label
 
     config = load_config(args.config)
-    if config.model.cpu_num_threads:
-        torch.set_num_threads(config.model.cpu_num_threads)
+    apply_cpu_threads(config.model.cpu_num_threads, args.device or config.model.device)
     model, tokenizer, ids = _model_and_prompt(args, config)
     engine = Engine(model, config, tokenizer=tokenizer)
     new_tokens = args.max_new_tokens or config.generation.max_new_tokens
@@ -96,12 +98,13 @@ def cmd_profile(args: argparse.Namespace) -> dict[str, Any] | int:
     print(f"profile of {ids.shape[0]} x {ids.shape[1]} prompt tokens + {new_tokens} new ({engine.plan.describe()})")
     steps = f"decode steps {summary['decode_steps']}, fetches {summary['fetches']}"
     print(f"  prefill forwards {summary['prefill_forwards']}, {steps}")
+    compute, host = str(engine.device), str(engine.transfer.host_device)
     for tier, value in summary["peak_tiers"].items():
-        print(f"  peak {tier:24} {value / 2**20:12.2f} MiB")
+        print(f"  peak {tier_label(tier, compute, host):33} {value / 2**20:12.2f} MiB")
     for device, peaks in summary.get("peak_gpu", {}).items():
-        print(f"  GPU {device} peak allocated        {peaks['max_allocated'] / 2**20:12.2f} MiB")
+        print(f"  {'GPU ' + device + ' peak allocated':38} {peaks['max_allocated'] / 2**20:12.2f} MiB")
     pinned = summary["peak_pinned"] / 2**20
-    print(f"  host RSS peak                 {summary['peak_host_rss'] / 2**20:12.2f} MiB, pinned {pinned:.2f} MiB")
+    print(f"  {'host RSS peak':38} {summary['peak_host_rss'] / 2**20:12.2f} MiB, pinned {pinned:.2f} MiB")
     checks = result["geometry_check"] or {}
     matches = all(c["match"] for c in checks.values())
     print(f"  tier bytes = layers x tokens x kv_heads x head_dim x 2 x dtype x batch: {matches}")

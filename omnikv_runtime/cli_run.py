@@ -8,6 +8,9 @@ runs without it after one warning (``--strict``: the run stops with exit code 2)
 arguments, output, exceptions, exit code and its own logging setup pass through: the runtime's log
 lines go to stderr through a handler of the ``omnikv_runtime`` logger, the root logger is the
 script's. See :mod:`omnikv_runtime.launcher`.
+
+Environment: ``OMNIKV_RUN_STATS=FILE`` stands for ``--stats-json FILE`` (the launcher reads it,
+``--stats-json`` wins); ``OMNIKV_MODEL_CACHE`` is where converted GGUF models are kept.
 """
 
 from __future__ import annotations
@@ -15,12 +18,25 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+EPILOG = """environment:
+  OMNIKV_RUN_STATS=FILE  write the stats as --stats-json FILE does (--stats-json wins)
+  OMNIKV_MODEL_CACHE     folder of GGUF models converted for fast loading ('off': none)"""
+
 
 def register(commands: Any) -> None:
-    run = commands.add_parser("run", help="run a script; its models generate through OmniKV")
+    run = commands.add_parser(
+        "run",
+        help="run a script; its models generate through OmniKV",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--config", default="default", help="runtime config path or bundled name (default: default)")
     run.add_argument("--profile-memory", metavar="DIR", help="profile memory over the run; report written to DIR")
-    run.add_argument("--stats-json", metavar="FILE", help="write each wrapped model's generate stats here")
+    run.add_argument(
+        "--stats-json",
+        metavar="FILE",
+        help="write each wrapped model's generate stats here (default: $OMNIKV_RUN_STATS, if set)",
+    )
     run.add_argument(
         "--strict", action="store_true", help="stop when a model cannot run with OmniKV (default: warn, run it as is)"
     )

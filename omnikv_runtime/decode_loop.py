@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from omnikv_runtime import progress
 from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.sampling import SamplingSettings, choose_tokens
 
@@ -204,6 +205,7 @@ class DecodeLoop:
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         self._allocate(batch, device, positions[:, -1:] + 1, length)
         chunk = chunk_size or length
+        bar = progress.bar(length, "prefill", unit="tok")
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
             output = self._forward(
@@ -212,6 +214,8 @@ class DecodeLoop:
                 attention_mask[:, :end],
                 torch.arange(start, end, device=device),
             )
+            bar.update(end - start)  # the chunk's forward has been launched (no synchronisation added)
+        bar.close()
         self._emit(output.logits[:, -1])
         if self.max_new_tokens > 1:
             self.cache.start_decoding(self.ids)  # so that even the first step may be a replay
@@ -270,12 +274,21 @@ class DecodeLoop:
         """Generate the remaining tokens; returns the new tokens ``[batch, n]`` (n <= max_new_tokens)."""
         started = time.perf_counter()
         emitted, done = 1, self._check(1)
+        bar = progress.bar(self.max_new_tokens, "decode", unit="tok", initial=1)
+        # the bar moves where the loop meets the host anyway (no synchronisation of its own); on the
+        # CPU there is nothing to wait for, so it moves every token
+        each_token = not self.ids.is_cuda
         while emitted < self.max_new_tokens and not done:
             run = min(self.check_every, self.max_new_tokens - emitted)
             for _ in range(run):
                 self.run_step()
+                if each_token:
+                    bar.update(1)
             emitted += run
             done = self._check(emitted)
+            if not each_token:
+                bar.update(run)
+        bar.close()
         self._synchronize()
         self.times.decode = time.perf_counter() - started - self.times.capture
         self.times.decode_steps = emitted - 1

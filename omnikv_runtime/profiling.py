@@ -20,6 +20,7 @@ import datetime
 import gzip
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ from omnikv_runtime.listeners import EngineListener, Fetch, ForwardStart
 logger = logging.getLogger(__name__)
 
 _START_MARK = "omnikv.profile_start"
+KINETO_LOG_LEVEL_ENV = "KINETO_LOG_LEVEL"
+QUIET_KINETO_LOG_LEVEL = "6"  # above kineto's USDT lines (5) and errors (4)
 
 
 class MemoryProfiler:
@@ -145,6 +148,10 @@ class MemoryProfiler:
     # lifecycle ------------------------------------------------------------------------------
     def start(self) -> MemoryProfiler:
         if self.out_dir is not None and self.config.trace:
+            # torch's profiler library (kineto) writes "USDT: ... profiler_start" lines straight to
+            # stderr; its level 6 silences them. Read once, when the first profile starts; a level
+            # set in the environment is kept.
+            os.environ.setdefault(KINETO_LOG_LEVEL_ENV, QUIET_KINETO_LOG_LEVEL)
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self._cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -101,30 +101,23 @@ def test_parse_bytes():
         parse_bytes("eighty", "--gpu-memory")
 
 
-def test_plan_cli_json(capsys):
-    assert (
-        main(
-            [
-                "plan",
-                "--config",
-                "llama3_8b",
-                "--context",
-                "32768",
-                "--gpu-memory",
-                "80GB",
-                "--host-memory",
-                "512GB",
-                "--json",
-            ]
-        )
-        == 0
-    )
+def test_plan_cli_json(capsys, tmp_path):
     import json
 
+    argv = ["plan", "--config", "llama3_8b", "--context", "32768", "--gpu-memory", "80GB", "--host-memory", "512GB"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["parameters"] == 8_030_261_248
+    # the memory holds 32K tokens, but Llama-3-8B has 8,192 positions: the run does not fit the model
+    assert report["omnikv"]["fits"] == {"gpu": True, "host": True, "positions": False, "all": False}
+    assert report["dense"]["fits"]["gpu"] and not report["dense"]["fits"]["all"]
+    # the same geometry with a longer position limit (a long-context variant) fits, with OmniKV further
+    geometry = tmp_path / "config.json"
+    geometry.write_text(json.dumps({**KNOWN_GEOMETRIES["llama3-8b"], "max_position_embeddings": 1 << 24}))
+    assert main([*argv, "--model-config", str(geometry), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["omnikv"]["fits"]["all"] and report["dense"]["fits"]["all"]
     assert report["omnikv"]["longest_context"]["context"] > report["dense"]["longest_context"]["context"]
-    assert report["model"]["parameters"] == 8_030_261_248
 
 
 def test_plan_cli_bad_model_config(capsys):

@@ -70,7 +70,7 @@ def bar_chart(runs: list[dict[str, Any]], path: str | Path) -> Path:
         ax.bar(positions, values, width=width, label=run["label"])
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=30, ha="right")
-    ax.set_ylabel("score (x100)")
+    ax.set_ylabel("score (0-100: the task's metric as a percentage)")
     ax.set_ylim(0, 100)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     ax.set_title("omnikv eval: " + ", ".join(sorted({run.get("benchmark", "?") for run in runs})))

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from omnikv_runtime import progress
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.errors import OmniKVError, did_you_mean
 from omnikv_runtime.eval import infinitebench, longbench, synthetic
@@ -132,17 +133,24 @@ def run_shard(
     assignments: dict[str, list[str]],
     model: Any = None,
     tokenizer: Any = None,
+    show_progress: bool | None = None,
 ) -> None:
-    """Predict the assigned sample ids of each task, appending to ``raw/<task>.rank<rank>.jsonl``."""
-    from tqdm.auto import tqdm
+    """Predict the assigned sample ids of each task, appending to ``raw/<task>.rank<rank>.jsonl``.
 
+    ``show_progress``: draw a bar of samples per task on stderr (None: as the process is set, see
+    :mod:`omnikv_runtime.progress`); a spawned worker (given it) draws one line and no generation bars.
+    """
+    from omnikv_runtime.cpu_threads import apply_cpu_threads
     from omnikv_runtime.engine import Engine
     from omnikv_runtime.eval.predict import Predictor
 
+    draw_samples = progress.progress_bars_enabled() if show_progress is None else show_progress
+    if show_progress is not None and world_size > 1:  # a spawned worker: one line each, no generation bars
+        progress.disable_progress_bars()
     config = load_config(config_data)
     _worker_device(config, rank, world_size)
-    if config.model.cpu_num_threads and world_size == 1:
-        torch.set_num_threads(config.model.cpu_num_threads)
+    if world_size == 1:
+        apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     if model is None:
         from omnikv_runtime.models import load_model
 
@@ -168,8 +176,11 @@ def run_shard(
         samples = [s for s in _load_samples(spec, options) if s.id in wanted]
         raw = out / "raw" / f"{spec.name}.rank{rank}.jsonl"
         repair_tail(raw)  # a record torn by a kill must not swallow the next one
+        bar = progress.bar(
+            len(samples), spec.name, unit="sample", position=rank, leave=world_size == 1, enabled=draw_samples
+        )
         with raw.open("a", encoding="utf-8") as sink:
-            for sample in tqdm(samples, desc=spec.name, position=rank, disable=None, leave=world_size == 1):
+            for sample in samples:
                 if spec.prepare is not None:
                     sample = spec.prepare(sample, tokenizer)
                 try:
@@ -183,6 +194,8 @@ def run_shard(
                     record["length"] = sample.extra.get("length")
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sink.flush()
+                bar.update(1)
+        bar.close()
 
 
 def _check_run_dir(out: Path, config: OmniKVConfig, options: EvalOptions) -> None:
@@ -288,7 +301,19 @@ def _run_workers(cfg: OmniKVConfig, options: EvalOptions, assignments, model, to
         return
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=run_shard, args=(rank, options.world_size, data, options, assignments[rank]))
+        context.Process(
+            target=run_shard,
+            args=(
+                rank,
+                options.world_size,
+                data,
+                options,
+                assignments[rank],
+                None,
+                None,
+                progress.progress_bars_enabled(),
+            ),
+        )
         for rank in range(options.world_size)
     ]
     for worker in workers:

@@ -1,0 +1,120 @@
+"""What one generation did, in words that hold on every device: the report of ``omnikv generate``.
+
+The cache names its tiers ``gpu_dense``, ``gpu_selected``, ... after where they live on a CUDA
+machine. Reports name them by role and print the device they are on, so a CPU run does not claim
+a GPU. A run of a config with ``omnikv.enabled = false`` is reported as dense. When the token
+budget covers the whole prompt, every sparse layer attends to all of it (as dense attention
+does), but its KV still lives in the host tier and is fetched again at each step: the report says
+so, next to the bytes that moved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# cache tier key -> what the tier is
+TIER_LABELS = {
+    "gpu_dense": "dense layers",
+    "gpu_selected": "selected-row buffers",
+    "gpu_tail": "tail ring",
+    "gpu_hot": "hot cache",
+    "host": "host tier, used",
+    "host_allocated": "host tier, allocated",
+}
+# cache tier key -> key of the CLI's JSON report (no device in the name)
+_JSON_KEYS = {
+    "gpu_dense": "dense",
+    "gpu_selected": "selected",
+    "gpu_tail": "tail",
+    "gpu_hot": "hot",
+    "host": "host",
+    "host_allocated": "host_allocated",
+}
+
+
+def tier_label(tier: str, compute_device: str | None = None, host_device: str | None = None) -> str:
+    """A tier key as words with its device: ``gpu_dense`` on a CPU run is ``dense layers (cpu)``."""
+    label = TIER_LABELS.get(tier, tier)
+    device = host_device if tier.startswith("host") else compute_device
+    return f"{label} ({device})" if device else label
+
+
+def _dense_reason(engine: Any) -> str:
+    if not engine.config.omnikv.enabled:
+        return "omnikv.enabled is false in the config"
+    return "the layer plan has no sparse layer"
+
+
+def summarize_run(engine: Any, prompt_tokens: int, answer: str) -> dict[str, Any]:
+    """The JSON report of an engine's last generate call."""
+    stats = engine.stats()
+    memory = engine.memory_report()
+    selected = {layer: (max(steps) if steps else 0) for layer, steps in stats.get("selected_per_step", {}).items()}
+    context = stats.get("context_tokens", prompt_tokens)
+    enabled = engine.config.omnikv.enabled and bool(engine.plan.sparse_layers)
+    tiers = {_JSON_KEYS.get(key, key): value for key, value in memory["tiers"].items()}
+    return {
+        "answer": answer.strip(),
+        "runs": "omnikv" if enabled else "dense",
+        "dense_because": None if enabled else _dense_reason(engine),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": stats.get("new_tokens"),
+        "decode_steps": stats.get("decode_steps", 0),
+        "plan": stats["plan"],
+        "compute_device": memory["compute_device"],
+        "offload": engine.config.offload.device,  # "cpu": the sparse layers' KV in host memory; "none": on the device
+        "host_tier_device": memory["host_tier_device"],
+        "budget_tokens": engine.config.omnikv.budget_tokens(context) if enabled else None,
+        "selected_tokens_per_step": selected,
+        # the budget covered the whole prompt: attention was dense, the tiers and fetches were not
+        "whole_context_selected": bool(selected) and min(selected.values()) >= context,
+        "bytes": {**tiers, **stats["transfer"]},
+        "prefill_seconds": round(stats.get("prefill_seconds", 0.0), 3),
+        "decode_seconds": round(stats.get("decode_seconds", 0.0), 3),
+    }
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.2f} MiB"
+
+
+def run_lines(name: str, run: dict[str, Any]) -> list[str]:
+    """The text report of one run (a :func:`summarize_run` dict)."""
+    lines = [f"[{name}] layers {run['plan']} (D dense, F filter, W wait, s sparse)"]
+    if run["runs"] == "dense":
+        lines.append(f"  attention            dense in every layer ({run['dense_because']})")
+    lines.append(f"  prompt tokens        {run['prompt_tokens']}, new tokens {run['new_tokens']}")
+    selected = run["selected_tokens_per_step"]
+    if selected:
+        per_layer = ", ".join(f"layer {k}: {v}" for k, v in selected.items())
+        whole = run["whole_context_selected"]
+        lines.append(f"  selected per step    {per_layer}" + (" (the whole context)" if whole else " tokens"))
+    if run["whole_context_selected"]:
+        lines.append(
+            "  note                 the prompt is within the token budget: the sparse layers attended to all of it,"
+        )
+        lines.append(
+            "                       as dense does, but their KV is still kept in the host tier and fetched each step"
+        )
+    tiers, device, host = run["bytes"], run["compute_device"], run["host_tier_device"]
+    on_device = [f"dense layers {_mib(tiers.get('dense', 0))}"]
+    if run["runs"] == "omnikv":
+        on_device += [
+            f"selected-row buffers {_mib(tiers.get('selected', 0))}",
+            f"tail ring {_mib(tiers.get('tail', 0))}",
+        ]
+        if tiers.get("hot"):
+            on_device.append(f"hot cache {_mib(tiers['hot'])}")
+    lines.append(f"  KV on {device:<14} {', '.join(on_device)}")
+    if run["runs"] == "omnikv":
+        where = f"host tier ({host})" if run["offload"] == "cpu" else f"full KV ({host})"
+        sparse = run["plan"].count("s")
+        lines.append(f"  {where:<20} {_mib(tiers.get('host', 0))}: every token of the {sparse} sparse layers")
+        steps = run["decode_steps"]
+        per_step = f" ({_mib(tiers['bytes_fetched'] // steps)} a step)" if steps else ""
+        lines.append(
+            f"  fetched / written    {_mib(tiers['bytes_fetched'])} in {steps} decode steps{per_step} / "
+            f"{_mib(tiers['bytes_written'])}"
+        )
+    lines.append(f"  prefill / decode     {run['prefill_seconds']:.2f} s / {run['decode_seconds']:.2f} s")
+    return lines
