@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from omnikv_runtime import cli
+from omnikv_runtime import cli, progress
 from omnikv_runtime.config import load_config
 from omnikv_runtime.eval import infinitebench, longbench, metrics
 from omnikv_runtime.eval.predict import Predictor
@@ -188,10 +188,26 @@ def _assert_same_as_one_worker(one: dict, two: dict, tmp_path: Path) -> None:
     assert (tmp_path / "w1" / "passkey.jsonl").read_bytes() == (tmp_path / "w2" / "passkey.jsonl").read_bytes()
 
 
-def test_shards_of_two_workers_merge_to_the_one_worker_results(bundled, tmp_path):
+def test_shards_of_two_workers_merge_to_the_one_worker_results(bundled, tmp_path, monkeypatch):
     """The two ranks' shards (run here one after the other, in this process) merge into W=1's files."""
     model, tokenizer = bundled
+    bars = []
+
+    class Recorder:  # the samples bar of each task: its total, its line and how far it moved
+        def __init__(self, total, desc, unit="it", position=None, **kwargs):
+            self.row = {"desc": desc, "total": total, "unit": unit, "position": position, "done": 0}
+            bars.append(self.row)
+
+        def update(self, n=1):
+            self.row["done"] += n
+
+        def close(self):
+            self.row["closed"] = True
+
+    monkeypatch.setattr(progress, "bar", Recorder)
     one = run_eval(DENSE, _sharded_options(tmp_path / "w1", 1), model, tokenizer)
+    samples_bars = [b for b in bars if b["unit"] == "sample"]
+    assert samples_bars == [{"desc": "passkey", "total": 2, "unit": "sample", "position": 0, "done": 2, "closed": True}]
     options = _sharded_options(tmp_path / "w2", 2)
     _, _, assignments = plan_shards(task_specs(options), options)
     assert assignments[0]["passkey"] == ["passkey-150-0.2-0"] and assignments[1]["passkey"] == ["passkey-150-0.8-0"]
