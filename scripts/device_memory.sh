@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Memory planner / profiler runs on a CUDA machine without network (issue 6).
+# Memory planner and profiler runs on a CUDA machine without network access (Llama-3-8B's geometry, random weights: nothing is downloaded).
 #   scripts/device_memory.sh capacity   # (a) planner vs allocation, Llama-3-8B geometry, 32K/128K, batch 1 and 4
 #   scripts/device_memory.sh longest    # (b) longest context dense / OmniKV, decode at the OmniKV figure
 #   scripts/device_memory.sh profile    # PNG (if matplotlib) + Perfetto trace of one 8B-geometry run
