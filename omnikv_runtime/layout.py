@@ -79,11 +79,6 @@ class LayerPlan:
     def sparse_layers(self) -> list[int]:
         return [layer for layer, role in enumerate(self.roles) if role is Role.SPARSE]
 
-    @property
-    def full_kv_layers(self) -> list[int]:
-        """Layers whose full KV stays on the compute device."""
-        return [layer for layer, role in enumerate(self.roles) if role is not Role.SPARSE]
-
     def describe(self) -> str:
         letters = {Role.DENSE: "D", Role.FILTER: "F", Role.WAIT: "W", Role.SPARSE: "s"}
         return "".join(letters[role] for role in self.roles)

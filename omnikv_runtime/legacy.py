@@ -19,7 +19,6 @@ with a did-you-mean.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import re
@@ -236,12 +235,8 @@ def _parse_layers(value: Any) -> list[Any]:
     return [int(part) for part in parts if part]
 
 
-def _check_bitsandbytes(key: str) -> None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(key, True, "8-bit/4-bit loading needs bitsandbytes: `pip install bitsandbytes` (CUDA only)")
-
-
 def _map(key: str, value: Any, out: dict[str, dict[str, Any]], selector: dict[str, Any]) -> None:
+    from omnikv_runtime.config import BITSANDBYTES_MISSING, bitsandbytes_installed
     from omnikv_runtime.policies.registry import SELECTION_ALIASES
 
     section, field = MAPPED[key]
@@ -251,7 +246,8 @@ def _map(key: str, value: Any, out: dict[str, dict[str, Any]], selector: dict[st
         out[section][field] = "flash_attention_2" if _bool(key, value) else "sdpa"
     elif key in ("load_in_8bit", "load_in_4bit"):
         if _bool(key, value):
-            _check_bitsandbytes(key)
+            if not bitsandbytes_installed():
+                raise ConfigError(key, True, f"{BITSANDBYTES_MISSING}; or false")
             out[section][field] = "8bit" if key == "load_in_8bit" else "4bit"
     elif key == "real_offload":
         out[section][field] = "cpu" if _bool(key, value) else "none"

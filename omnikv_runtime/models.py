@@ -192,8 +192,10 @@ def _quantization_config(quantization: str):
     """A bitsandbytes config for ``8bit``/``4bit``, None for ``none``."""
     if quantization == "none":
         return None
-    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-        raise ModelLoadError(f"quantization {quantization!r} needs bitsandbytes and a CUDA GPU; set it to 'none'")
+    from omnikv_runtime.config import BITSANDBYTES_MISSING, bitsandbytes_installed
+
+    if not bitsandbytes_installed() or not torch.cuda.is_available():
+        raise ModelLoadError(f"quantization {quantization!r}: {BITSANDBYTES_MISSING}, on a CUDA GPU; or 'none'")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit")

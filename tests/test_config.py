@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from okv_testlib import PLAN, PROMPT_LEN, is_sparse, make_model, omni, split_forwards
+from pydantic import BaseModel, Field
 
 import omnikv_runtime as okv
+from omnikv_runtime import config_doc
 from omnikv_runtime.config import OmniKVConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -299,3 +301,36 @@ def test_initialize_accepts_every_config_form(tmp_path, tiny_llama):
 def test_empty_config_takes_the_defaults():
     assert okv.load_config({}) == okv.load_config(None) == OmniKVConfig()
     assert okv.load_config({}).omnikv.filter_layers == [2, 8, 18]
+
+
+# the schema is the one account of each field ------------------------------------------------------------
+
+
+def test_readme_config_table_is_generated_from_the_schema():
+    readme = (CONFIG_DIR.parent / "README.md").read_text(encoding="utf-8")
+    assert config_doc.START in readme and config_doc.END in readme
+    assert config_doc.replace_table(readme) == readme, (
+        "README's config table is not the schema's: run `python -m omnikv_runtime.config_doc --write README.md`"
+    )
+
+
+def test_every_config_field_is_in_the_table_with_its_default():
+    rows = {path.strip("`"): (default, meaning) for path, default, meaning in config_doc.config_rows()}
+    config = OmniKVConfig().model_dump(mode="json")
+    for section, fields in config.items():
+        for name, value in fields.items():
+            default, meaning = rows[f"{section}.{name}"]
+            assert default == f"`{json.dumps(value)}`" and meaning
+    assert rows["omnikv.selector.type"][0] == '`"last"`' and "offload.eviction.type" in rows
+
+
+def test_a_field_without_a_description_is_refused():
+    class Section(BaseModel):
+        described: int = Field(default=1, description="a number")
+        bare: int = 2
+
+    class Config(BaseModel):
+        section: Section = Field(default_factory=Section)
+
+    with pytest.raises(ValueError, match="section.bare has no description"):
+        config_doc.config_rows(Config)
