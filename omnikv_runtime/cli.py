@@ -41,6 +41,7 @@ PROGRESS_COMMANDS = ("generate", "run", "profile", "eval", "analyze-layers")  # 
 TRUST_HELP = "import the modules a config names as 'module:Class' policies (runs their code)"
 QUIET_HELP = "no progress bars on stderr (they are drawn only when stderr is a terminal)"
 HF_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"  # transformers' and the Hub's bars (read when they are imported)
+TQDM_OFF_ENV = "TQDM_DISABLE"  # every other tqdm bar (transformers' GGUF conversion draws its own)
 
 
 def version_text() -> str:
@@ -78,19 +79,22 @@ def _configure_logging(verbose: bool, command: str) -> Callable[[], None]:
 
 
 def _set_progress(args: argparse.Namespace) -> Callable[[], None]:
-    """Bars on unless ``--quiet``; transformers' own bars (loading weights) off when ours would not
-    show (``--quiet``, or stderr is not a terminal; under ``omnikv run`` only with ``--quiet``, the
-    script's output is its own). Returns what undoes it."""
-    saved_bars, saved_env = progress.progress_bars_enabled(), os.environ.get(HF_BARS_ENV)
+    """Bars on unless ``--quiet``; the libraries' own bars (loading weights, converting a GGUF file)
+    off when ours would not show (``--quiet``, or stderr is not a terminal; under ``omnikv run`` only
+    with ``--quiet``: the script's output is its own). Returns what undoes it."""
+    saved_bars = progress.progress_bars_enabled()
+    saved_env = {name: os.environ.get(name) for name in (HF_BARS_ENV, TQDM_OFF_ENV)}
     quiet = getattr(args, "quiet", True)
     progress.enable_progress_bars(not quiet)
     if quiet or (args.command != "run" and not progress.stderr_is_terminal()):
-        os.environ.setdefault(HF_BARS_ENV, "1")
+        for name in saved_env:
+            os.environ.setdefault(name, "1")
 
     def restore() -> None:
         progress.enable_progress_bars(saved_bars)
-        if saved_env is None:
-            os.environ.pop(HF_BARS_ENV, None)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
 
     return restore
 

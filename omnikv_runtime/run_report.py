@@ -41,7 +41,7 @@ def tier_label(tier: str, compute_device: str | None = None, host_device: str | 
 
 def _dense_reason(engine: Any) -> str:
     if not engine.config.omnikv.enabled:
-        return "omnikv.enabled is false in the config"
+        return "omnikv.enabled = false"
     return "the layer plan has no sparse layer"
 
 

@@ -136,21 +136,26 @@ def test_bars_move_per_chunk_and_per_token_on_the_cpu(monkeypatch, tiny_llama):
     assert moves["decode"] == [1, 1, 1, 1, 1, 1, 1, "closed"]  # the first token comes from the prefill
 
 
-def test_quiet_turns_our_bars_and_transformers_bars_off_until_the_command_ends(monkeypatch):
-    monkeypatch.delenv(cli.HF_BARS_ENV, raising=False)
+def test_quiet_turns_our_bars_and_the_libraries_bars_off_until_the_command_ends(monkeypatch):
+    names = (cli.HF_BARS_ENV, cli.TQDM_OFF_ENV)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
     parser = cli.build_parser()
     for argv, bars in ((["generate", "--quiet"], False), (["generate"], True), (["plan", "--context", "9"], False)):
         restore = cli._set_progress(parser.parse_args(argv))
         assert progress.progress_bars_enabled() is bars, argv
-        assert os.environ.get(cli.HF_BARS_ENV) == "1"  # pytest's stderr is no terminal: transformers' bars off
+        assert [os.environ.get(name) for name in names] == ["1", "1"]  # pytest's stderr is no terminal
         restore()
-        assert not progress.progress_bars_enabled() and cli.HF_BARS_ENV not in os.environ
+        assert not progress.progress_bars_enabled() and not set(names) & set(os.environ)
     restore = cli._set_progress(parser.parse_args(["run", "script.py"]))  # the script's own bars stay
-    assert cli.HF_BARS_ENV not in os.environ
+    assert not set(names) & set(os.environ)
     restore()
     restore = cli._set_progress(parser.parse_args(["run", "--quiet", "script.py"]))
-    assert os.environ.get(cli.HF_BARS_ENV) == "1"
+    assert [os.environ.get(name) for name in names] == ["1", "1"]
     restore()
+    monkeypatch.setenv(cli.TQDM_OFF_ENV, "0")  # a user's own setting is kept, and left as it was
+    cli._set_progress(parser.parse_args(["generate", "--quiet"]))()
+    assert os.environ[cli.TQDM_OFF_ENV] == "0"
 
 
 def test_cpu_thread_default_leaves_a_core_free(monkeypatch):
@@ -193,7 +198,7 @@ def test_cpu_report_names_the_device_not_a_gpu(tiny_llama):
 def test_a_dense_config_is_reported_as_dense(tiny_llama):
     ids, mask = make_prompt(1)
     run, text = _report(okv.initialize(tiny_llama, "dense"), ids, mask)
-    assert run["runs"] == "dense" and run["dense_because"] == "omnikv.enabled is false in the config"
+    assert run["runs"] == "dense" and run["dense_because"] == "omnikv.enabled = false"
     assert text.startswith("[dense] layers DDDDDDDD") and "[omnikv]" not in text
     assert "fetched" not in text and "host tier" not in text
 
@@ -257,3 +262,22 @@ def test_heatmap_legend_and_eval_chart_axis(monkeypatch, tmp_path):
     run = {"label": "a", "benchmark": "synthetic", "tasks": {"passkey": {"score": 50.0}}}
     bar_chart([run], tmp_path / "c.png")
     assert figures[-1].axes[0].get_ylabel().startswith("score (0-100")
+
+
+def test_a_cache_from_new_cache_goes_in_by_either_keyword(tiny_llama):
+    """transformers 5.24 takes ``cache=`` (``past_key_values=`` still works, with a FutureWarning); the
+    README's quick start shows the first and mentions the second."""
+    import inspect
+    import warnings
+
+    engine = okv.initialize(tiny_llama, omni(budget=16))
+    ids, mask = make_prompt(1)
+    keywords = ["past_key_values"] + (["cache"] if "cache" in inspect.signature(tiny_llama.forward).parameters else [])
+    outputs = []
+    for keyword in keywords:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            new = {keyword: engine.new_cache()}
+            outputs.append(tiny_llama.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **new))
+        assert engine.stats()["decode_steps"] == 3  # the runtime's cache served the call
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
