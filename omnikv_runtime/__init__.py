@@ -6,6 +6,7 @@ Quick start::
     model, tok = okv.load_model("smollm2-135m")
     engine = okv.initialize(model, config="configs/default.json", tokenizer=tok)
     out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+    engine.detach()  # the model runs as transformers runs it again; or: with okv.attach(model, config) as engine:
 
 The names below are imported on first use (``import omnikv_runtime`` alone loads neither torch nor
 transformers), so the command line answers ``--help`` and ``--version`` at once.
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (imported when the name is first read)
 _EXPORTS = {
+    "attach": "omnikv_runtime.model_patches",
     "OmniKVCache": "omnikv_runtime.cache",
     "OmniKVConfig": "omnikv_runtime.config",
     "load_config": "omnikv_runtime.config",
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from omnikv_runtime.engine import SUPPORTED_MODEL_TYPES, Engine, initialize
     from omnikv_runtime.errors import ConfigError, ModelLoadError, OmniKVError, PromptError, UnsupportedModelError
     from omnikv_runtime.layout import LayerPlan, Role
+    from omnikv_runtime.model_patches import attach
     from omnikv_runtime.profiling import MemoryProfiler, profile_memory
 
 
@@ -88,6 +91,7 @@ __all__ = [
     "Role",
     "UnsupportedModelError",
     "__version__",
+    "attach",
     "initialize",
     "load_config",
     "load_model",

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from omnikv_runtime.attach import attach_model, detach_model
+from omnikv_runtime.model_patches import attach_model, detach_model
 from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import DecodeLoop, loop_settings

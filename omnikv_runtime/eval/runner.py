@@ -152,12 +152,9 @@ def run_shard(
     if world_size == 1:
         apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     if model is None:
-        from omnikv_runtime.models import load_model
+        from omnikv_runtime.models import load_configured_model
 
-        section = config.model
-        model, tokenizer = load_model(
-            section.name_or_path, section.dtype, section.attn_implementation, section.device, section.quantization
-        )
+        model, tokenizer = load_configured_model(config)
     engine = Engine(model, config, tokenizer=tokenizer)
     predictor = Predictor(
         engine,
