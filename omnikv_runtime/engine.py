@@ -90,7 +90,7 @@ class Engine:
         )
 
     def new_cache(self, reserve_tokens: int = 0, prompt_tokens: int = 0) -> OmniKVCache:
-        """A fresh tiered cache; also usable as ``model.generate(..., past_key_values=cache)``.
+        """A fresh tiered cache; also usable as ``model.generate(..., cache=cache)`` (older: ``past_key_values=``).
 
         ``reserve_tokens`` sizes the buffers up front (prompt + new tokens). ``prompt_tokens`` (the
         padded prompt length) keeps a chunked prefill whose last chunk is one token from being
