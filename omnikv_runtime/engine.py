@@ -14,7 +14,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from omnikv_runtime.model_patches import attach_model, detach_model
 from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import DecodeLoop, loop_settings
@@ -25,6 +24,7 @@ from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError
 from omnikv_runtime.generate_args import check_generate_call, with_generation_options
 from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
 from omnikv_runtime.listeners import EngineListener
+from omnikv_runtime.model_patches import attach_model, detach_model
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
 
