@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from omnikv_runtime.run_report import TIER_LABELS
+
 logger = logging.getLogger(__name__)
 
 _TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host")
@@ -35,6 +37,7 @@ def plot_report(report: dict[str, Any] | str | Path, path: str | Path) -> bool:
     if not isinstance(report, dict):
         report = json.loads(Path(report).read_text(encoding="utf-8"))
     samples, marks = report["samples"], report["marks"]
+    compute = "GPU" if any(s.get("gpu") for s in samples) else "CPU"
     times = [s["t"] for s in samples]
     figure, (memory, tiers, bandwidth) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
     gib = 2**30
@@ -49,9 +52,9 @@ def plot_report(report: dict[str, Any] | str | Path, path: str | Path) -> bool:
     for tier in _TIERS:
         values = [s["tiers"].get(tier, 0) / gib for s in samples]
         if any(values):
-            tiers.plot(times, values, label=tier)
+            tiers.plot(times, values, label=TIER_LABELS.get(tier, tier))
     tiers.set_ylabel("GiB")
-    tiers.set_title("KV bytes per tier")
+    tiers.set_title(f"KV bytes per tier (compute device: {compute})")
     fetches = [m for m in marks if m["kind"] == "fetch"]
     if fetches:
         starts = [m["start"] for m in fetches]
@@ -65,7 +68,7 @@ def plot_report(report: dict[str, Any] | str | Path, path: str | Path) -> bool:
     bandwidth.plot(times, rates, color="tab:green", label="between samples")
     bandwidth.set_ylabel("GB/s")
     bandwidth.set_xlabel("seconds")
-    bandwidth.set_title("fetch bandwidth (selected rows, host tier to GPU)")
+    bandwidth.set_title(f"fetch bandwidth (selected rows, host tier to {compute})")
     for axis in (memory, tiers, bandwidth):
         for mark in marks:
             if mark["kind"] == "prefill":

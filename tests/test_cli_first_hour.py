@@ -281,3 +281,19 @@ def test_a_cache_from_new_cache_goes_in_by_either_keyword(tiny_llama):
             outputs.append(tiny_llama.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **new))
         assert engine.stats()["decode_steps"] == 3  # the runtime's cache served the call
     assert all(torch.equal(out, outputs[0]) for out in outputs)
+
+
+def test_profile_timeline_names_tiers_by_role_and_the_cpu(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from omnikv_runtime.profiling_plot import plot_report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    sample = {"host_rss": 1, "pinned": 0, "tiers": {"gpu_dense": 5, "host": 3}, "transfer": {"bytes_fetched": 0}}
+    report = {"samples": [{"t": 0.0, **sample}, {"t": 1.0, **sample}], "marks": [], "meta": {"device": "cpu"}}
+    assert plot_report(report, tmp_path / "t.png")
+    tiers, bandwidth = figures[0].axes[1], figures[0].axes[2]
+    assert [t.get_text() for t in tiers.get_legend().get_texts()] == ["dense layers", "host tier, used"]
+    assert "CPU" in tiers.get_title() and "GPU" not in tiers.get_title() + bandwidth.get_title()
