@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",") if x]  # '' skips the grid (only --logit-steps)
     depths = [float(x) for x in args.depths.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     base = okv.load_config(args.config)

@@ -3,11 +3,14 @@
 At a budget of 1.0 every sparse layer attends to every prompt token, so the only difference from
 dense is how the host tier stores them (FP8 codes, or the model's dtype) and rounding. Two figures:
 
-- **logits**: dense generates ``steps`` greedy tokens; each run is then fed exactly those tokens
+- **logits**: dense decodes ``steps`` greedy tokens; each run is then fed exactly those tokens
   (teacher forcing), so both compute logits over the same sequence, and the largest absolute
   difference over all steps and the vocabulary is reported;
-- **tokens**: each run generates ``steps`` greedy tokens on its own; how many differ from dense's
+- **tokens**: each run decodes ``steps`` greedy tokens on its own; how many differ from dense's
   at the same position, and the first step that differs (None: all equal).
+
+Decoding is driven by hand through each engine's cache and never stops at EOS, so every run
+really makes ``steps`` steps (the model goes on past its answer).
 """
 
 from __future__ import annotations
@@ -23,17 +26,24 @@ from omnikv_runtime.layout import reserve_tokens
 from omnikv_runtime.passkey import build_passkey_prompt
 
 
-def teacher_forced_logits(engine: Any, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Float32 logits ``[steps, vocab]``: after the prompt, then after each of ``tokens[:, :-1]``."""
+def decode_by_hand(engine: Any, ids: torch.Tensor, steps: int, forced: torch.Tensor | None = None):
+    """``steps`` greedy steps through the engine's cache, without stopping at EOS: (tokens ``[1, steps]``,
+    float32 logits ``[steps, vocab]``). With ``forced`` ``[1, steps]`` each step is fed those tokens
+    instead of its own (teacher forcing), so two runs compute logits over the same sequence."""
     model = engine.model
-    cache = engine.new_cache(reserve_tokens=reserve_tokens(ids.shape[1], tokens.shape[1]), prompt_tokens=ids.shape[1])
+    cache = engine.new_cache(reserve_tokens=reserve_tokens(ids.shape[1], steps), prompt_tokens=ids.shape[1])
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     keyword = {name: cache}
+    logits, tokens = [], []
     with torch.inference_mode():
-        logits = [model(input_ids=ids, use_cache=True, **keyword).logits[0, -1].float()]
-        for step in range(tokens.shape[1] - 1):
-            logits.append(model(input_ids=tokens[:, step : step + 1], use_cache=True, **keyword).logits[0, -1].float())
-    return torch.stack(logits)
+        step_logits = model(input_ids=ids, use_cache=True, **keyword).logits[0, -1].float()
+        for step in range(steps):
+            logits.append(step_logits)
+            tokens.append(step_logits.argmax().view(1, 1))
+            if step + 1 < steps:
+                fed = tokens[-1] if forced is None else forced[:, step : step + 1]
+                step_logits = model(input_ids=fed, use_cache=True, **keyword).logits[0, -1].float()
+    return torch.cat(tokens, dim=1), torch.stack(logits)
 
 
 def logit_drift(
@@ -51,8 +61,7 @@ def logit_drift(
     if dense is None:
         dense = okv.initialize(model, {"omnikv": {"enabled": False}}, tokenizer=tokenizer)
     started = time.perf_counter()
-    dense_tokens = dense.generate(ids, max_new_tokens=steps)[:, ids.shape[1] :]
-    dense_logits = teacher_forced_logits(dense, ids, dense_tokens)
+    dense_tokens, dense_logits = decode_by_hand(dense, ids, steps)
     result: dict[str, Any] = {
         "prompt_tokens": ids.shape[1],
         "steps": steps,
@@ -66,8 +75,8 @@ def logit_drift(
         config.omnikv.token_budget = 1.0
         config.offload.host_dtype = host_dtype
         engine = okv.initialize(model, config, tokenizer=tokenizer)
-        tokens = engine.generate(ids, max_new_tokens=steps)[:, ids.shape[1] :]
-        logits = teacher_forced_logits(engine, ids, dense_tokens)
+        tokens, _ = decode_by_hand(engine, ids, steps)
+        _, logits = decode_by_hand(engine, ids, steps, forced=dense_tokens)
         differing = (tokens != dense_tokens)[0]
         gap = (logits - dense_logits).abs()
         result["runs"][host_dtype] = {

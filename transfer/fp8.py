@@ -11,7 +11,7 @@ exponent, and a dequantized value (at most four significant bits) is exactly rep
 bfloat16, float16 and float32. So the torch path here, the Triton kernels (which round with
 integer arithmetic) and a reference quantizer agree bit for bit, on the GPU and on CPU alike.
 The relative error of a value is at most 2**-4 (half a step of a 3-bit mantissa), as with an
-``amax / 448`` scale; only values below ``max|x| / 2**15`` of their group lose more (subnormals).
+``amax / 448`` scale; only values below about ``max|x| / 2**14`` of their group lose more (subnormals).
 """
 
 from __future__ import annotations
