@@ -100,10 +100,14 @@ def _mapped_pages(nbytes: int, register: Callable[[int, int], int], unregister: 
 
         def __del__(self) -> None:
             global _pinned_bytes
-            if self.status == 0:
+            if self.status != 0:
+                return
+            try:
                 unregister(ctypes.addressof(self))
                 with _lock:
                     _pinned_bytes -= nbytes
+            except Exception:  # interpreter shutdown: CUDA and this module may already be gone
+                pass
             # the mapping is unmapped right after: this array held its only other reference
 
     array = Pages.from_buffer(pages)
