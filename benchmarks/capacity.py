@@ -43,20 +43,10 @@ from omnikv_runtime.engine import Engine
 from omnikv_runtime.layout import reserve_tokens
 from omnikv_runtime.planner import ModelGeometry, hf_config_dict, parse_bytes, plan_memory
 from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
-from omnikv_runtime.random_model import random_model
+from omnikv_runtime.random_model import TINY_LLAMA, random_model
 from omnikv_runtime.sampling import SamplingSettings
 from omnikv_runtime.transfer import pinned_bytes
 
-TINY_MODEL = dict(
-    model_type="llama",
-    num_hidden_layers=8,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    hidden_size=64,
-    intermediate_size=128,
-    vocab_size=256,
-    max_position_embeddings=512,
-)
 TINY_CONFIG = {
     "model": {"dtype": "float32"},
     "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 8},
@@ -313,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from pathlib import Path
 
         path = Path(tempfile.mkdtemp()) / "config.json"
-        path.write_text(json.dumps(TINY_MODEL))
+        path.write_text(json.dumps(TINY_LLAMA))
         args.tiny_config_path = str(path)
     report = run(args)
     print(json.dumps(report, indent=2, default=str))

@@ -35,7 +35,9 @@ import omnikv_runtime as okv
 from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
 from omnikv_runtime.engine import cache_keyword
 from omnikv_runtime.planner import KNOWN_GEOMETRIES
+from omnikv_runtime.random_model import SMALL_LLAMA
 from omnikv_runtime.sampling import SamplingSettings
+from omnikv_runtime.tables import format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_timing.py, also under python -P
 from step_timing import (  # noqa: E402
@@ -53,10 +55,10 @@ FILTER_LAYERS = [2, 8, 18]
 
 def model_config(tiny: bool) -> LlamaConfig:
     if tiny:
-        geometry = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=24, num_attention_heads=8)
-        geometry.update(num_key_value_heads=2, vocab_size=1000)
+        geometry = {**SMALL_LLAMA, "num_hidden_layers": 24, "vocab_size": 1000}
     else:  # Llama-3-8B, the planner's geometry
-        geometry = {key: value for key, value in KNOWN_GEOMETRIES["llama3-8b"].items() if key != "model_type"}
+        geometry = dict(KNOWN_GEOMETRIES["llama3-8b"])
+    geometry.pop("model_type")
     geometry["max_position_embeddings"] = 1 << 21
     config = LlamaConfig(**geometry, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     config._attn_implementation = "sdpa"
@@ -375,13 +377,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "vs_roofline",
         "speedup_vs_hf",
     ]
-    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
-    for row in rows:
-        if "skipped" in row:
-            lines.append(" | ".join(str(row.get(c, "")) for c in columns[:4]) + f" | skipped: {row['skipped']}")
-        else:
-            lines.append(" | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    return "\n".join(lines)
+    # a skipped row says why in its first measured column
+    rows = [{**row, "wall_ms": f"skipped: {row['skipped']}"} if "skipped" in row else row for row in rows]
+    return format_table(rows, [(column, column, "") for column in columns], markdown=True)
 
 
 def parse_budget(text: str) -> int | float:

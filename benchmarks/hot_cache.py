@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 import omnikv_runtime as okv
 from omnikv_runtime.listeners import SelectionRecorder
 from omnikv_runtime.policies import make_eviction_policy
+from omnikv_runtime.tables import format_table
 from omnikv_runtime.transfer import HotCache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -237,9 +238,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     columns = ["prompt", "k", "steps", "hot", "bytes_per_step", "reduction", "hit_rate", "gather_ms_per_step"]
-    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
-    lines += [" | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns) for row in rows]
-    return "\n".join(lines)
+    return format_table(rows, [(column, column, "") for column in columns], markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:

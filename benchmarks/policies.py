@@ -22,6 +22,7 @@ import torch
 
 import omnikv_runtime as okv
 from omnikv_runtime.passkey import build_multi_needle_prompt, passkey_found
+from omnikv_runtime.tables import format_table
 
 DEFAULT_POLICIES = "last,streaming_llm,h2o,snapkv,quest,infllm"
 
@@ -147,14 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json_out).write_text(text + "\n", encoding="utf-8")
     if args.plot:
         plot(summary, args.plot)
-    header = f"\n{'policy':<16}{'found':>7}{'cases':>7}{'dense found':>13}{'distractor':>12}{'seconds':>9}"
-    print(header, file=sys.stderr)
-    for name, result in results.items():
-        print(
-            f"{name:<16}{result['correct']:>7}{result['cases']:>7}{result['correct_where_dense_correct']:>13}"
-            f"{result['distractor_answers']:>12}{result['seconds']:>9}",
-            file=sys.stderr,
-        )
+    columns = [("policy", "policy", ""), ("found", "correct", ""), ("cases", "cases", "")]
+    columns += [("dense found", "correct_where_dense_correct", ""), ("distractor", "distractor_answers", "")]
+    columns += [("seconds", "seconds", "")]
+    rows = [{"policy": name, **result} for name, result in results.items()]
+    print("\n" + format_table(rows, columns), file=sys.stderr)
     return 0
 
 

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from omnikv_runtime.tables import format_table
+
 
 def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     for _ in range(warmup):
@@ -125,16 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     print(json.dumps(summary))
-    print(
-        f"\n{'row bytes':>10}{'pinned copy':>13}{'ours':>9}{'seed':>9}{'ours/copy':>11}{'ours/seed':>11}{'exact':>7}",
-        file=sys.stderr,
-    )
-    for row in results:
-        print(
-            f"{row['row_bytes']:>10}{row['pinned_copy_GBps']:>13.1f}{row['ours_GBps']:>9.1f}{row['seed_GBps']:>9.1f}"
-            f"{row['ours_vs_pinned_copy']:>11.2f}{row['ours_over_seed']:>11.1f}{row['ours_exact']!s:>7}",
-            file=sys.stderr,
-        )
+    columns = [("row bytes", "row_bytes", ""), ("pinned copy", "pinned_copy_GBps", ".1f")]
+    columns += [("ours", "ours_GBps", ".1f"), ("seed", "seed_GBps", ".1f"), ("ours/copy", "ours_vs_pinned_copy", ".2f")]
+    columns += [("ours/seed", "ours_over_seed", ".1f"), ("exact", "ours_exact", "")]
+    print("\n" + format_table(results, columns), file=sys.stderr)
     return 0
 
 

@@ -4,12 +4,35 @@ on machines without their weights, e.g. Llama-3-8B geometry for the OmniKV capac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from omnikv_runtime.config import OmniKVConfig
 from omnikv_runtime.planner import hf_config_dict
+
+# The tiny Llama of the CPU test suite and of the benchmarks' CPU checks: 8 layers, 4 query heads and
+# 2 KV heads of 16 dimensions; a model of it runs a decode step in about a millisecond.
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+}
+# A small Llama for GPU tests and benchmarks: heads of 32 dimensions (the kernels' smallest tile), 8 query
+# and 2 KV heads; callers set the layers, vocabulary and positions they need.
+SMALL_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+}
 
 
 def random_model(

@@ -12,22 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from omnikv_runtime.config import MAX_WINDOW
-from omnikv_runtime.policies.base import ScoredPolicy, SelectionContext, seed_window_scores
 from omnikv_runtime.policies.params import bounded
 from omnikv_runtime.policies.registry import register_selection_policy
+from omnikv_runtime.policies.uniform import UniformWindowPolicy
 
 
 @register_selection_policy
 @dataclass
-class ExpWindowPolicy(ScoredPolicy):
-    """Top-k tokens by exponentially weighted softmax attention of recent queries."""
+class ExpWindowPolicy(UniformWindowPolicy):
+    """Top-k tokens by exponentially weighted softmax attention of recent queries (``uniform`` with weights
+    that halve, by default, with each step of age)."""
 
     name = "exp"
-    graph_safe = True
-    tensor_parallel = True
 
-    window_size: int = bounded(16, 1, MAX_WINDOW)  # recent queries scored
     decay: float = bounded(0.5, 0.0, 1.0)  # weight of a query one step older than the next, in (0, 1]
 
     def __post_init__(self) -> None:
@@ -35,6 +32,6 @@ class ExpWindowPolicy(ScoredPolicy):
         if self.decay <= 0.0:
             raise ValueError(f"decay must lie in (0, 1], got {self.decay}")
 
-    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+    def weights(self) -> torch.Tensor:
         ages = torch.arange(self.window_size - 1, -1, -1, dtype=torch.float32)  # oldest first
-        return seed_window_scores(ctx, self.decay**ages)
+        return self.decay**ages

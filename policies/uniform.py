@@ -30,5 +30,9 @@ class UniformWindowPolicy(ScoredPolicy):
 
     window_size: int = bounded(16, 1, MAX_WINDOW)  # recent queries scored
 
+    def weights(self) -> torch.Tensor:
+        """``[window_size]`` weight of each query of the window, oldest first."""
+        return torch.ones(self.window_size)
+
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
-        return seed_window_scores(ctx, torch.ones(self.window_size))
+        return seed_window_scores(ctx, self.weights())

@@ -33,6 +33,26 @@ def tiny_llama():
     return make_model("llama")
 
 
+@pytest.fixture(scope="session")
+def bundled_session():
+    """The bundled model (SmolLM2-135M-Instruct) and its tokenizer, loaded once for the whole run."""
+    from omnikv_runtime.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def bundled(bundled_session):
+    """``(model, tokenizer)``: the session's bundled model. Engines a test builds on it are detached when the
+    test ends, so every test gets the model as transformers runs it."""
+    from omnikv_runtime.model_patches import detach_model
+
+    model, tokenizer = bundled_session
+    base = model.config._attn_implementation
+    yield model, tokenizer
+    detach_model(model, base)
+
+
 @pytest.fixture
 def attention_spy():
     """``attention_spy(hook=None, after=None) -> calls``: spy on the registered "omnikv" attention for the

@@ -28,13 +28,14 @@ from omnikv_runtime.cache import _NOTES
 from omnikv_runtime.engine import cache_keyword  # noqa: F401 - the tests' name for it
 from omnikv_runtime.layout import Role
 from omnikv_runtime.listeners import CacheRecorder, SelectionRecorder
+from omnikv_runtime.random_model import SMALL_LLAMA, TINY_LLAMA
 
-VOCAB = 256
+VOCAB = TINY_LLAMA["vocab_size"]
 PAD = 0
 PROMPT_LEN = 40
 PAD_TOKENS = 7  # left padding of the second row in batch-2 prompts
 NEW_TOKENS = 32
-NUM_LAYERS = 8
+NUM_LAYERS = TINY_LLAMA["num_hidden_layers"]
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # filter layers 1 and 4, one wait layer each: D F W s F W s s
@@ -43,13 +44,7 @@ SPARSE_LAYERS = [3, 6, 7]
 PLAN = "DFWsFWss"
 
 _COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=NUM_LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
+    {key: value for key, value in TINY_LLAMA.items() if key != "model_type"},
     bos_token_id=None,
     eos_token_id=None,  # no early stop: every run produces exactly the tokens asked for
     pad_token_id=PAD,
@@ -79,8 +74,8 @@ def make_model(family: str = "llama", seed: int = 0, attn_implementation: str = 
 def cuda_llama(**overrides: Any):
     """A random float32 Llama of 8 layers (8 heads, 2 KV heads, vocabulary 512) on CUDA, seed 0."""
     torch.manual_seed(0)
-    geometry = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8)
-    config = LlamaConfig(vocab_size=512, num_key_value_heads=2, max_position_embeddings=4096, **geometry, **overrides)
+    geometry = {key: value for key, value in SMALL_LLAMA.items() if key != "model_type"}
+    config = LlamaConfig(vocab_size=512, num_hidden_layers=8, max_position_embeddings=4096, **geometry, **overrides)
     return LlamaForCausalLM(config).to("cuda", torch.float32).eval()
 
 
@@ -114,8 +109,8 @@ def omni(budget: int | float = 1.0, selector: Any = None, **sections: Any) -> di
     return {"omnikv": section, **sections}
 
 
-def dense_generate(model, ids, mask, new_tokens: int = NEW_TOKENS, **kwargs):
-    """Plain HF greedy generation (default DynamicCache)."""
+def greedy_generate(model, ids, mask, new_tokens: int = NEW_TOKENS, **kwargs):
+    """transformers' greedy ``generate`` (its default DynamicCache unless ``kwargs`` pass a cache)."""
     with torch.no_grad():
         return model.generate(
             ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD, **kwargs
@@ -134,24 +129,14 @@ def dense_reference(
     """Dense greedy output of a fresh, never-initialized model; cached (do not modify the result)."""
     model = make_model(family, attn_implementation=attn_implementation)
     ids, mask = make_prompt(batch, length, pad)
-    out = dense_generate(model, ids, mask, new_tokens)
+    out = greedy_generate(model, ids, mask, new_tokens)
     assert out.shape == (batch, length + new_tokens)
     return out
 
 
 def dense_cache(family: str, ids, mask, new_tokens: int, **kwargs):
     """The DynamicCache a dense greedy generate of `new_tokens` tokens leaves (prompt + new - 1 tokens)."""
-    model = make_model(family)
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=PAD,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
+    out = greedy_generate(make_model(family), ids, mask, new_tokens, return_dict_in_generate=True, **kwargs)
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = out.past_key_values

@@ -92,7 +92,8 @@ def test_suggestion_finds_the_best_plan_exhaustively_and_greedily(monkeypatch):
         suggest_filter_layers(recall, 12, first_layer=1, wait_layers=0)
 
 
-def test_analyze_layers_cli_on_the_bundled_model(tmp_path, capsys):
+def test_analyze_layers_cli_on_the_bundled_model(bundled, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("omnikv_runtime.models.load_model", lambda *args, **kwargs: bundled)  # loaded once a run
     prompt = tmp_path / "prompt.txt"
     filler = "The sea is calm. The grass is soft. " * 12
     prompt.write_text(f"Remember this: the code word is banana. {filler}What is the code word?", encoding="utf-8")

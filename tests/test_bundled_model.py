@@ -25,14 +25,13 @@ GRID = [pytest.param(1000, depth, id=f"1k-{depth}") for depth in DEPTHS] + [
 ]
 
 
-@pytest.fixture(scope="module")
-def bundled():
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """conftest pins 1 thread for the tiny models; the bundled model is compute-bound."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # conftest pins 1 thread for the tiny models; this one is compute-bound
-    try:
-        yield load_model("smollm2-135m")
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _answer(engine: okv.Engine, tokenizer, text: str, max_new_tokens: int = 12) -> tuple[str, torch.Tensor]:

@@ -15,8 +15,8 @@ from okv_testlib import (
     PLAN,
     PROMPT_LEN,
     capture_caches,
-    dense_generate,
     dense_reference,
+    greedy_generate,
     make_model,
     make_prompt,
     omni,
@@ -56,7 +56,7 @@ def _generate_with_own_cache(family: str, batch: int, keyword: str):
     engine = okv.initialize(model, omni(budget=1.0))
     cache = engine.new_cache()
     assert isinstance(cache, okv.OmniKVCache)
-    out = dense_generate(model, ids, mask, NEW_TOKENS, **{keyword: cache})
+    out = greedy_generate(model, ids, mask, NEW_TOKENS, **{keyword: cache})
     return out, cache
 
 
@@ -137,7 +137,7 @@ def test_small_budget_really_changes_the_output():
 def test_one_token_prompt_equals_dense():
     model = make_model("qwen2")
     ids = torch.tensor([[17]])
-    reference = dense_generate(make_model("qwen2"), ids, torch.ones_like(ids), 10)
+    reference = greedy_generate(make_model("qwen2"), ids, torch.ones_like(ids), 10)
     engine = okv.initialize(model, omni(budget=8))
     out = engine.generate(ids, max_new_tokens=10, pad_token_id=PAD)
     assert torch.equal(out, reference)
@@ -177,9 +177,20 @@ def test_beam_search_and_sampling_reorder_the_tiered_cache():
     sparse = okv.initialize(model, omni(budget=8))
     beams = sparse.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, pad_token_id=PAD)
     assert beams.shape == (2, PROMPT_LEN + 12)
+    # sampling with two returns per prompt: the same draws as transformers' with the same seed
+    sample = dict(max_new_tokens=12, do_sample=True, num_return_sequences=2, pad_token_id=PAD)
+    fresh = make_model("llama")
     torch.manual_seed(0)
-    sampled = sparse.generate(
-        ids, attention_mask=mask, max_new_tokens=12, do_sample=True, num_return_sequences=2, pad_token_id=PAD
-    )
-    assert sampled.shape == (4, PROMPT_LEN + 12)
-    assert sparse.stats()["batch"] == 2
+    with torch.no_grad():
+        reference = fresh.generate(ids, attention_mask=mask, **sample)
+    torch.manual_seed(0)
+    assert torch.equal(engine.generate(ids, attention_mask=mask, **sample), reference)
+    torch.manual_seed(0)
+    sampled = sparse.generate(ids, attention_mask=mask, **sample)
+    torch.manual_seed(0)
+    assert torch.equal(sparse.generate(ids, attention_mask=mask, **sample), sampled)  # the seed decides
+    assert sampled.shape == (4, PROMPT_LEN + 12) and not torch.equal(sampled, reference)  # budget 8 changes it
+    assert not torch.equal(sampled[0], sampled[1])  # two draws for one prompt differ
+    stats = sparse.stats()
+    assert stats["batch"] == 2 and stats["decode_steps"] == 11
+    assert stats["selected_per_step"] == {"1": [8] * 11, "4": [8] * 11}

@@ -14,18 +14,12 @@ from omnikv_runtime.config import load_config
 from omnikv_runtime.eval import infinitebench, longbench, metrics
 from omnikv_runtime.eval.predict import Predictor
 from omnikv_runtime.eval.runner import EvalError, EvalOptions, plan_shards, run_eval, run_shard, task_specs
-from omnikv_runtime.models import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LONGBENCH_FIXTURES = sorted(p.stem for p in (FIXTURES / "longbench").glob("*.jsonl"))
 DENSE = {"omnikv": {"enabled": False}, "offload": {"device": "none"}}
 # OmniKV at a budget far below these prompts' lengths: filter layers 2, 6, 18 as configs/default.json
 SPARSE = {"omnikv": {"filter_layers": [2, 6, 18], "token_budget": 16, "min_token_budget": 1}}
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return load_model("smollm2-135m")
 
 
 def _records(run_dir: Path, task: str) -> list[dict]:

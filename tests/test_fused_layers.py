@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from okv_testlib import PAD, cache_keyword, make_model, make_prompt, omni
+from okv_testlib import PAD, cache_keyword, greedy_generate, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
 from omnikv_runtime.fused_layers import install_fused_layers, why_not_fusable
@@ -26,17 +26,8 @@ from omnikv_runtime.layout import reserve_tokens
 
 def _generate_through_cache(engine, model, ids, mask, new_tokens=16):
     cache = engine.new_cache(reserve_tokens=reserve_tokens(ids.shape[1], new_tokens), prompt_tokens=ids.shape[1])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=PAD,
-            output_scores=True,
-            return_dict_in_generate=True,
-            **{cache_keyword(model): cache},
-        )
+    kwargs = {"output_scores": True, "return_dict_in_generate": True, cache_keyword(model): cache}
+    out = greedy_generate(model, ids, mask, new_tokens, **kwargs)
     return out.sequences, torch.stack(out.scores)
 
 

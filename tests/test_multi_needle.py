@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from omnikv_runtime.models import load_model
 from omnikv_runtime.passkey import MULTI_NEEDLE, build_multi_needle_prompt, build_passkey_prompt
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_model("smollm2-135m")[1]
+@pytest.fixture
+def tokenizer(bundled):
+    return bundled[1]
 
 
 @pytest.mark.parametrize("needles", [2, 4])

@@ -13,8 +13,11 @@ import omnikv_runtime as okv
 from omnikv_runtime.cli import main
 from omnikv_runtime.launcher import Launcher
 from omnikv_runtime.profiling_plot import plot_report
+from omnikv_runtime.random_model import TINY_LLAMA
 
-KV_HEADS, HEAD_DIM, FLOAT32 = 2, 16, 4  # the tiny models' geometry
+KV_HEADS = TINY_LLAMA["num_key_value_heads"]
+HEAD_DIM = TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"]
+FLOAT32 = 4
 
 
 def _tier_bytes(layers: int, tokens: int, batch: int) -> int:

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from okv_testlib import PAD, PROMPT_LEN, VOCAB, cache_keyword, make_model, make_prompt, omni
+from okv_testlib import PAD, PROMPT_LEN, VOCAB, cache_keyword, greedy_generate, make_model, make_prompt, omni
 from transformers import GenerationConfig
 
 import omnikv_runtime as okv
@@ -194,17 +194,7 @@ def test_new_cache_in_model_generate_tells_a_one_token_last_chunk_from_decode():
 
     def run(chunk: int | None, **cache_args):
         cache = engine.new_cache(**cache_args)
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=NEW,
-                do_sample=False,
-                pad_token_id=PAD,
-                prefill_chunk_size=chunk,
-                **{keyword: cache},
-            )
-        return out, cache
+        return greedy_generate(model, ids, mask, NEW, prefill_chunk_size=chunk, **{keyword: cache}), cache
 
     told, told_cache = run(8, prompt_tokens=41)
     untold, cache = run(8)
