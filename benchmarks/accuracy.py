@@ -31,6 +31,7 @@ from logit_drift import logit_drift  # noqa: E402
 
 import omnikv_runtime as okv  # noqa: E402
 from omnikv_runtime.passkey import build_passkey_prompt, passkey_found  # noqa: E402
+from omnikv_runtime.tables import format_table
 
 
 def run_grid(engine, tokenizer, lengths, depths, seeds, max_new_tokens: int) -> list[dict]:
@@ -136,13 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer, base, host_dtypes, args.logit_length, args.logit_steps, dense=dense
         )
     print(json.dumps(summary))
-    print(f"\n{'variant':<22}{'found':>8}{'cases':>8}{'where dense found':>20}{'seconds':>10}", file=sys.stderr)
-    for name, result in results.items():
-        print(
-            f"{name:<22}{result['correct']:>8}{result['cases']:>8}"
-            f"{result['correct_where_dense_correct']:>20}{result['seconds']:>10}",
-            file=sys.stderr,
-        )
+    columns = [("variant", "variant", ""), ("found", "correct", ""), ("cases", "cases", "")]
+    columns += [("where dense found", "correct_where_dense_correct", ""), ("seconds", "seconds", "")]
+    rows = [{"variant": name, **result} for name, result in results.items()]
+    print("\n" + format_table(rows, columns), file=sys.stderr)
     for host_dtype, drift in summary.get("logit_drift", {}).get("runs", {}).items():
         print(
             f"budget 1.0, host tier {host_dtype}: max |logit - dense| {drift['max_abs_logit_diff']:.4g} "

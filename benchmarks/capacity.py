@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import inspect
 import json
 import sys
 import time
@@ -39,7 +38,7 @@ import torch
 
 from omnikv_runtime.config import load_config
 from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
-from omnikv_runtime.engine import Engine
+from omnikv_runtime.engine import Engine, cache_keyword
 from omnikv_runtime.layout import reserve_tokens
 from omnikv_runtime.planner import ModelGeometry, hf_config_dict, parse_bytes, plan_memory
 from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
@@ -74,11 +73,6 @@ def _variant_name(config: Any) -> str:
     return "omnikv" if dtype == "auto" else f"omnikv_{dtype}"
 
 
-def _cache_keyword(model) -> str:
-    """The name under which the model's forward takes the cache (``cache`` on newer transformers)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _release(device: torch.device) -> None:
     gc.collect()  # caches and engines hold reference cycles: they must be gone before the next run
     if device.type == "cuda":
@@ -92,7 +86,7 @@ def _decode(model, engine: Engine, cache: Any, batch: int, steps: int, device: t
     times = []
     if graph:
         loop = DecodeLoop(
-            model, cache, _cache_keyword(model), SamplingSettings(), StopSettings(), steps + 1, use_graph=cuda
+            model, cache, cache_keyword(model), SamplingSettings(), StopSettings(), steps + 1, use_graph=cuda
         )
         loop.start_after_fill(batch, device)
         step = loop.run_step
@@ -101,7 +95,7 @@ def _decode(model, engine: Engine, cache: Any, batch: int, steps: int, device: t
 
         def step() -> None:
             nonlocal token
-            logits = model(input_ids=token, **{_cache_keyword(model): cache}, use_cache=True).logits
+            logits = model(input_ids=token, **{cache_keyword(model): cache}, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
 
     with torch.inference_mode():
