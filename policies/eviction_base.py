@@ -29,6 +29,8 @@ class EvictionPolicy(ABC):
     """
 
     name: ClassVar[str] = "base"
+    # the per-slot tensors (float32 ``[batch, columns]``) the policy keeps, with their starting value
+    slot_state: ClassVar[dict[str, float]] = {}
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -36,7 +38,10 @@ class EvictionPolicy(ABC):
     def init_state(self, batch: int, columns: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Fresh state for ``[batch, columns]`` slots. The last column is a scratch slot that absorbs
         the writes of rows that use no slot, so every update is a plain scatter of fixed shape."""
-        return {"step": torch.zeros((), dtype=torch.float32, device=device)}
+        state = {"step": torch.zeros((), dtype=torch.float32, device=device)}
+        for name, value in self.slot_state.items():
+            state[name] = torch.full((batch, columns), value, dtype=torch.float32, device=device)
+        return state
 
     @abstractmethod
     def priority(self, state: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -20,11 +20,7 @@ class NoEviction(EvictionPolicy):
     """Never evict: a filled slot keeps its row for the rest of the request (infinite priority)."""
 
     name = "none"
-
-    def init_state(self, batch: int, columns: int, device: torch.device) -> dict[str, torch.Tensor]:
-        state = super().init_state(batch, columns, device)
-        state["never"] = torch.full((batch, columns), float("inf"), device=device)
-        return state
+    slot_state = {"never": float("inf")}
 
     def priority(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         return state["never"]

@@ -11,29 +11,23 @@ from dataclasses import dataclass
 
 import torch
 
-from omnikv_runtime.policies.eviction_base import EvictionPolicy
+from omnikv_runtime.policies.lru import LRUEviction
 from omnikv_runtime.policies.registry import register_eviction_policy
 
 
 @register_eviction_policy
 @dataclass
-class LFUEviction(EvictionPolicy):
-    """Evict the slot with the fewest uses since its row arrived; ties go to the older use."""
+class LFUEviction(LRUEviction):
+    """Evict the slot with the fewest uses since its row arrived; ties go to the older use (LRU's clock)."""
 
     name = "lfu"
-
-    def init_state(self, batch: int, columns: int, device: torch.device) -> dict[str, torch.Tensor]:
-        state = super().init_state(batch, columns, device)
-        state["uses"] = torch.zeros(batch, columns, dtype=torch.float32, device=device)
-        state["last_used"] = torch.zeros(batch, columns, dtype=torch.float32, device=device)
-        return state
+    slot_state = {"uses": 0.0, "last_used": 0.0}
 
     def priority(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         # uses dominate; the last-use step (always < 2**20 apart here) breaks ties towards the older row
         return state["uses"] * 2.0**20 + state["last_used"]
 
     def touch(self, state: dict[str, torch.Tensor], slots: torch.Tensor, filled: torch.Tensor) -> None:
-        super().touch(state, slots, filled)
+        super().touch(state, slots, filled)  # the step and the last use
         uses = state["uses"]
         uses.scatter_(1, slots, torch.where(filled, 1.0, uses.gather(1, slots) + 1.0))
-        state["last_used"].scatter_(1, slots, state["step"].expand(slots.shape))

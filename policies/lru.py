@@ -21,11 +21,7 @@ class LRUEviction(EvictionPolicy):
     """Evict the slot whose row was last used longest ago."""
 
     name = "lru"
-
-    def init_state(self, batch: int, columns: int, device: torch.device) -> dict[str, torch.Tensor]:
-        state = super().init_state(batch, columns, device)
-        state["last_used"] = torch.zeros(batch, columns, dtype=torch.float32, device=device)
-        return state
+    slot_state = {"last_used": 0.0}
 
     def priority(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         return state["last_used"]
