@@ -20,7 +20,6 @@ a value back to the host or depends on one that changes, so the same code runs s
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from omnikv_runtime.cache_layers import DenseLayerKV, SparseLayerKV
 from omnikv_runtime.decode_state import DecodeCounters
 from omnikv_runtime.kernels import KVSource
 from omnikv_runtime.layout import LayerPlan, Role, tail_ring_tokens
-from omnikv_runtime.listeners import EngineListener, Fetch, ForwardStart, Selection
+from omnikv_runtime.listeners import EngineListener, announce_forward, fetch_with_events
 from omnikv_runtime.policies import EvictionPolicy, LRUEviction, SelectionContext, SelectionPolicy
 from omnikv_runtime.segment import SegmentState
 from omnikv_runtime.transfer import HostArena, HotCache, TransferEngine
@@ -183,9 +182,7 @@ class OmniKVCache(Cache):
                 self.advance_host(1)
                 self.selected_log.append({})
         if self.listeners and not self.capturing:
-            event = ForwardStart(self, self.decoding, like.shape[2], past, time.perf_counter())
-            for listener in self.listeners:
-                listener.forward_start(event)
+            announce_forward(self, like.shape[2], past)
 
     def _start_decode(self, like: torch.Tensor) -> None:
         """Allocate what decode steps touch and point the device counters at the first step."""
@@ -367,21 +364,12 @@ class OmniKVCache(Cache):
             head_group=self.tensor_parallel_group,
         )
         indices = self.policy.select(context)
-        if self.capturing or not self.listeners:  # the hot path: no event, no clock
+        if not self.capturing:
+            self.selected_log[-1][layer_idx] = indices.shape[1]
+        if self.listeners and not self.capturing:  # eager steps only; without listeners no event, no clock
+            fetch_with_events(self, segment, context, indices)
+        else:
             segment.set_selection(indices, self.selectable, self.transfer)
-            if not self.capturing:
-                self.selected_log[-1][layer_idx] = indices.shape[1]
-            return indices
-        self.selected_log[-1][layer_idx] = indices.shape[1]
-        selection = Selection(self, layer_idx, self.decode_steps - 1, context, indices)
-        for listener in self.listeners:
-            listener.selection(selection)
-        fetched, start = self.transfer.stats.bytes_fetched, time.perf_counter()
-        segment.set_selection(indices, self.selectable, self.transfer)
-        moved = self.transfer.stats.bytes_fetched - fetched
-        fetch = Fetch(self, layer_idx, indices.shape[1], moved, start, time.perf_counter())
-        for listener in self.listeners:
-            listener.fetch(fetch)
         return indices
 
     # filling without the model ----------------------------------------------------------------

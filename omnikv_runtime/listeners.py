@@ -20,6 +20,7 @@ registered the cache builds no event and reads no clock.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,27 @@ class Fetch:
     bytes: int  # bytes the transfer engine moved for it
     start: float  # time.perf_counter() around the fetch
     end: float
+
+
+def announce_forward(cache: Any, tokens: int, past: int) -> None:
+    """Send a :class:`ForwardStart` to `cache`'s listeners (the cache calls this only when it has some)."""
+    event = ForwardStart(cache, cache.decoding, tokens, past, time.perf_counter())
+    for listener in cache.listeners:
+        listener.forward_start(event)
+
+
+def fetch_with_events(cache: Any, segment: Any, context: SelectionContext, indices: torch.Tensor) -> None:
+    """The segment's fetch of the selected rows, with its :class:`Selection` before and :class:`Fetch` after
+    (the cache calls this instead of the plain fetch only when it has listeners)."""
+    selection = Selection(cache, context.layer, cache.decode_steps - 1, context, indices)
+    for listener in cache.listeners:
+        listener.selection(selection)
+    fetched, start = cache.transfer.stats.bytes_fetched, time.perf_counter()
+    segment.set_selection(indices, cache.selectable, cache.transfer)
+    moved = cache.transfer.stats.bytes_fetched - fetched
+    event = Fetch(cache, context.layer, indices.shape[1], moved, start, time.perf_counter())
+    for listener in cache.listeners:
+        listener.fetch(event)
 
 
 class EngineListener:

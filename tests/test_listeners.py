@@ -4,14 +4,12 @@ the cache reads no clock and builds no event without them, and calls none while 
 from __future__ import annotations
 
 import time
-import types
 
 import pytest
 import torch
 from okv_testlib import PAD, PROMPT_LEN, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
-from omnikv_runtime import cache as cache_module
 from omnikv_runtime.listeners import EngineListener, Fetch, ForwardStart, Selection
 
 NEW = 5
@@ -59,17 +57,23 @@ def test_events_of_a_generation(offload):
 
 
 def test_no_listener_no_clock_and_no_event(monkeypatch):
-    """The hot path: without a listener the cache never reads the clock (and so builds no event)."""
+    """The hot path: without a listener a decode step reads no clock (and so builds no event): a run of more
+    steps reads the clock as often as a shorter one."""
     reads = []
-    clock = types.SimpleNamespace(perf_counter=lambda: reads.append(1) or time.perf_counter())
-    monkeypatch.setattr(cache_module, "time", clock)
+    clock = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: reads.append(1) or clock())
     engine = okv.initialize(make_model("llama"), omni(budget=8))
     ids, mask = make_prompt(2)
-    engine.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD)
-    assert reads == []
+
+    def clock_reads(new_tokens: int) -> int:
+        reads.clear()
+        engine.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=PAD)
+        return len(reads)
+
+    assert clock_reads(3) == clock_reads(9)
     with engine.listening(EngineListener()):  # a listener that overrides nothing: events are built
-        engine.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD)
-    assert len(reads) == 1 + (NEW - 1) + 2 * 2 * (NEW - 1)  # forward starts; each fetch's start and end
+        # per decode step: its forward's start, and each of the two fetches' start and end
+        assert clock_reads(9) - clock_reads(3) == 6 * (1 + 2 * 2)
 
 
 def test_no_event_while_a_cuda_graph_records():
