@@ -44,6 +44,7 @@ from omnikv_runtime.planner import ModelGeometry, hf_config_dict, parse_bytes, p
 from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
 from omnikv_runtime.random_model import TINY_LLAMA, random_model
 from omnikv_runtime.sampling import SamplingSettings
+from omnikv_runtime.tables import format_table
 from omnikv_runtime.transfer import pinned_bytes
 
 TINY_CONFIG = {
@@ -244,23 +245,18 @@ def write_json(report: dict[str, Any], path: str) -> None:
 def print_table(report: dict[str, Any]) -> None:
     gb = 1e9
     print(f"\n{report['device']}, {report['date']}; cache filled directly (no prefill)")
-    columns = [("mode", 21), ("context", 9), ("b", 2), ("plan GB", 9), ("peak GB", 9), ("ratio", 7)]
-    columns += [("pinned GB", 10), ("plan GB", 9), ("ratio", 8), ("freed", 6), ("tiers", 6), ("ms/step", 8)]
-    print(" ".join(f"{name:>{width}}" for name, width in columns))
+
+    def giga(key: str):
+        return lambda row: None if row.get(key) is None else row[key] / gb
+
+    columns = [("mode", "mode", ""), ("context", "context", ""), ("b", "batch", "")]
+    columns += [("plan GB", giga("planned_gpu_peak"), ".2f"), ("peak GB", giga("measured_gpu_peak"), ".2f")]
+    columns += [("ratio", "ratio_gpu_peak", ".3f"), ("pinned GB", giga("measured_pinned"), ".2f")]
+    columns += [("plan GB", giga("planned_host"), ".2f"), ("ratio", "ratio_pinned", ".4f")]
+    columns += [("freed", lambda row: None if "skipped" in row else row["pinned_after_free"] == 0, "")]
+    columns += [("tiers", "tiers_exact", ""), ("ms/step", "decode_ms_median", ".1f"), ("skipped", "skipped", "")]
     runs = list(report["runs"]) + list(report.get("longest_runs", {}).values())
-    for run_ in runs:
-        if "skipped" in run_:
-            print(f"{run_['mode']:21} {run_['context']:>9} {run_['batch']:>2}  skipped ({run_['skipped']})")
-            continue
-        peak = run_.get("measured_gpu_peak")
-        ratio_pinned = run_.get("ratio_pinned")
-        print(
-            f"{run_['mode']:21} {run_['context']:>9} {run_['batch']:>2} {run_['planned_gpu_peak'] / gb:9.2f} "
-            f"{(peak or 0) / gb:9.2f} {run_.get('ratio_gpu_peak', float('nan')):7.3f} "
-            f"{run_['measured_pinned'] / gb:10.2f} {run_['planned_host'] / gb:9.2f} "
-            f"{ratio_pinned if ratio_pinned is not None else float('nan'):8.4f} "
-            f"{str(run_['pinned_after_free'] == 0):>6} {str(run_['tiers_exact']):>6} {run_['decode_ms_median']:8.1f}"
-        )
+    print(format_table(runs, columns))
     for name, figures in report["longest_context"].items():
         here, card = figures["this_machine"], figures["80GB_card_512GB_host"]
         print(
