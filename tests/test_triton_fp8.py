@@ -90,6 +90,16 @@ for dtype in (torch.bfloat16, torch.float32):
     gather_rows(codes[:, :, 1], indices, staging[:, :, 1], num_programs=2, scales=scales[:, :, 1])
     assert torch.equal(staging[:, :, 1], expected[:, :, 1]) and torch.isnan(staging[:, :, [0, 2]].float()).all()
 
+# whole Llama-like rows (48 heads of 128: two inner steps of 32 heads) and a head_dim of 24 (masked lanes)
+for shape in [(1, 50, 3, 2, 8, 128), (2, 20, 2, 2, 3, 24)]:
+    codes, scales = fp8.quantize(torch.randn(shape) * 3)
+    picked = torch.stack([torch.randperm(shape[1])[:9] for _ in range(shape[0])])
+    out = torch.full((shape[0], 9, *shape[2:]), float("nan"), dtype=torch.bfloat16)
+    gather_rows(codes, picked, out, num_programs=2, scales=scales)
+    expected = fp8.dequantize(codes, scales, torch.bfloat16)[torch.arange(shape[0])[:, None], picked]
+    assert torch.equal(out, expected), shape
+codes, scales = fp8.quantize(source)
+
 # through a hot cache (model dtype): -1 reads the slot; a host read is dequantized into its slot too
 hot = torch.randn(2, 5, 3, 2, 2, 16).to(torch.bfloat16)
 host_rows = torch.tensor([[4, -1, 17, 29, -1], [-1, -1, 0, 8, 3]])

@@ -11,6 +11,10 @@ with :func:`fp8_decode`.
   into one layer slot of the arena, one program per token.
 - :func:`copy_row_fp8`: a decode step's packed row from the GPU tail ring into the arena at a
   device-side position (no host value: a CUDA graph replays it).
+- :func:`gather_rows_fp8`: selected rows (or one layer's slice of them) out of the arena into a
+  buffer of the model's dtype, dequantized on the way; the persistent loop of
+  :func:`~omnikv_runtime.transfer.triton_gather.gather_rows`, with tiles of whole heads so that each
+  row's scales are one short contiguous read, not one per value.
 """
 
 from __future__ import annotations
@@ -219,3 +223,112 @@ def scatter_rows_fp8(
         HEADS=triton.next_power_of_2(heads),
         DIM=triton.next_power_of_2(dim),
     )
+
+
+@triton.jit
+def _gather_rows_kernel_fp8(
+    codes,  # [batch, tokens, groups * dim] uint8 e4m3 codes, host (pinned) or device; rows contiguous
+    scales,  # [batch, tokens, groups] float32; rows contiguous
+    indices,  # [batch, k] int64, device: token to read (-1: read the hot slot instead)
+    target,  # [batch, k, groups * dim] model dtype, device; rows contiguous
+    hot,  # [batch, slots + 1, groups * dim] model dtype, device (HOT only)
+    hot_slots,  # [batch, k] int64, device (HOT only)
+    rows_total,
+    k,
+    groups,
+    dim,
+    codes_batch_stride,
+    codes_row_stride,
+    scales_batch_stride,
+    scales_row_stride,
+    target_batch_stride,
+    target_row_stride,
+    hot_batch_stride,
+    hot_row_stride,
+    ROWS: tl.constexpr,
+    GROUPS: tl.constexpr,  # heads (groups of dim values) per inner step
+    DIM: tl.constexpr,
+    HOT: tl.constexpr,
+):
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    row_offsets = tl.arange(0, ROWS)
+    group_offsets = tl.arange(0, GROUPS)
+    columns = tl.arange(0, DIM)
+    for first in range(program * ROWS, rows_total, programs * ROWS):
+        jobs = tl.cast(first, tl.int64) + row_offsets  # int64: host arenas pass 2**31 elements
+        live = jobs < rows_total
+        batch_row = jobs // k
+        tokens = tl.load(indices + jobs, mask=live, other=0).to(tl.int64)
+        from_source = live & (tokens >= 0)
+        token = tl.maximum(tokens, 0)
+        code_rows = codes + batch_row * codes_batch_stride + token * codes_row_stride
+        scale_rows = scales + batch_row * scales_batch_stride + token * scales_row_stride
+        target_rows = target + batch_row * target_batch_stride + (jobs % k) * target_row_stride
+        if HOT:
+            slots = tl.load(hot_slots + jobs, mask=live, other=0).to(tl.int64)
+            hot_rows = hot + batch_row * hot_batch_stride + slots * hot_row_stride
+            from_hot = live & (tokens < 0)
+        for start in range(0, groups, GROUPS):
+            group = start + group_offsets
+            cells = (group[:, None] * dim + columns[None, :])[None, :, :]  # [1, GROUPS, DIM]
+            inside = ((group < groups)[:, None] & (columns < dim)[None, :])[None, :, :]
+            read = from_source[:, None, None] & inside
+            quantized = tl.load(code_rows[:, None, None] + cells, mask=read, other=0)
+            scale_mask = from_source[:, None] & (group < groups)[None, :]
+            scale = tl.load(scale_rows[:, None] + group[None, :], mask=scale_mask, other=0.0)
+            values = (fp8_decode(quantized) * scale[:, :, None]).to(target.dtype.element_ty)
+            if HOT:
+                cached = tl.load(hot_rows[:, None, None] + cells, mask=from_hot[:, None, None] & inside)
+                values = tl.where(from_hot[:, None, None], cached, values)
+                # a miss lands in its slot too (uncached misses write the scratch row)
+                tl.store(hot_rows[:, None, None] + cells, values, mask=read)
+            tl.store(target_rows[:, None, None] + cells, values, mask=live[:, None, None] & inside)
+
+
+def gather_rows_fp8(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    out: torch.Tensor,
+    num_programs: int,
+    hot: torch.Tensor | None,
+    hot_slots: torch.Tensor | None,
+    tile_elements: int,
+) -> torch.Tensor:
+    """``out[b, j] = dequantize(codes[b, indices[b, j]], scales[b, indices[b, j]])`` (and the hot-cache
+    delta fetch), for arguments already checked by ``gather_rows``: ``codes`` ``[batch, tokens, *row,
+    head_dim]``, ``scales`` ``[batch, tokens, *row]``, each row contiguous; ``indices`` contiguous."""
+    batch, k = indices.shape
+    dim = codes.shape[-1]
+    groups = codes[0, 0].numel() // dim
+    block = triton.next_power_of_2(dim)
+    per_step = max(1, min(triton.next_power_of_2(groups), MAX_TILE // block))
+    rows = max(1, min(64, tile_elements // (per_step * block)))
+    programs = max(1, min(num_programs, triton.cdiv(batch * k, rows)))
+    use_hot = hot is not None
+    _gather_rows_kernel_fp8[(programs,)](
+        codes.view(torch.uint8),
+        scales,
+        indices,
+        out,
+        hot if use_hot else out,
+        hot_slots if use_hot else indices,
+        batch * k,
+        k,
+        groups,
+        dim,
+        codes.stride(0),
+        codes.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        out.stride(0),
+        out.stride(1),
+        hot.stride(0) if use_hot else 0,
+        hot.stride(1) if use_hot else 0,
+        ROWS=rows,
+        GROUPS=per_step,
+        DIM=block,
+        HOT=use_hot,
+    )
+    return out

@@ -11,10 +11,10 @@ H100 (a 201 MB gather next to two 8192-cubed matmuls), 32 CTAs reach the PCIe li
 leave the rest of the GPU to compute on another stream, where one CTA per row serialises with it.
 Under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors (how CI tests it).
 
-An FP8 host tier (:mod:`omnikv_runtime.transfer.fp8`) is read by the same kernel: it loads the
-one-byte codes and each group's scale and writes values of the output's dtype, so PCIe carries
-the FP8 bytes and the GPU's buffers stay in the model's dtype. Its quantizing writes live in
-:mod:`omnikv_runtime.transfer.triton_fp8`.
+An FP8 host tier (:mod:`omnikv_runtime.transfer.fp8`) is read by its sibling kernel in
+:mod:`omnikv_runtime.transfer.triton_fp8` (same persistent loop, ``gather_rows(..., scales=...)``):
+it loads the one-byte codes and each head's scale and writes values of the output's dtype, so PCIe
+carries the FP8 bytes and the GPU's buffers stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from omnikv_runtime.transfer.triton_fp8 import copy_row_fp8, fp8_decode, scatter_rows_fp8
+from omnikv_runtime.transfer.triton_fp8 import copy_row_fp8, gather_rows_fp8, scatter_rows_fp8
 
 DEFAULT_PROGRAMS = 32
 MAX_BLOCK = 4096  # elements of one row per inner step
@@ -37,7 +37,6 @@ def _gather_rows_kernel(
     target,  # [batch, k, row], device; rows contiguous
     hot,  # [batch, slots + 1, row], device (HOT only)
     hot_slots,  # [batch, k] int64, device (HOT only): slot a hit reads or a miss fills
-    scales,  # [batch, tokens, row / head_dim] float32 (SCALED only): source holds uint8 e4m3 codes
     rows_total,  # batch * k
     k,
     row_elems,
@@ -47,13 +46,9 @@ def _gather_rows_kernel(
     target_row_stride,
     hot_batch_stride,
     hot_row_stride,
-    scales_batch_stride,
-    scales_row_stride,
-    head_dim,
     ROWS: tl.constexpr,  # rows in flight per iteration: small rows need several to fill the link
     BLOCK: tl.constexpr,  # elements per row per inner step
     HOT: tl.constexpr,  # delta fetch through a hot cache
-    SCALED: tl.constexpr,  # dequantize FP8 codes with a scale per head_dim values
 ):
     program = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -67,8 +62,6 @@ def _gather_rows_kernel(
         from_source = live & (tokens >= 0)
         source_rows = source + batch_row * source_batch_stride + tl.maximum(tokens, 0) * source_row_stride
         target_rows = target + batch_row * target_batch_stride + (jobs % k) * target_row_stride
-        if SCALED:
-            scale_rows = scales + batch_row * scales_batch_stride + tl.maximum(tokens, 0) * scales_row_stride
         if HOT:
             slots = tl.load(hot_slots + jobs, mask=live, other=0).to(tl.int64)
             hot_rows = hot + batch_row * hot_batch_stride + slots * hot_row_stride
@@ -77,10 +70,6 @@ def _gather_rows_kernel(
             offsets = start + columns
             inside = (offsets < row_elems)[None, :]
             values = tl.load(source_rows[:, None] + offsets[None, :], mask=from_source[:, None] & inside)
-            if SCALED:
-                group = offsets // head_dim
-                scale = tl.load(scale_rows[:, None] + group[None, :], mask=from_source[:, None] & inside, other=0.0)
-                values = (fp8_decode(values) * scale).to(target.dtype.element_ty)
             if HOT:
                 cached = tl.load(hot_rows[:, None] + offsets[None, :], mask=from_hot[:, None] & inside)
                 values = tl.where(from_hot[:, None], cached, values)
@@ -147,13 +136,15 @@ def gather_rows(
     rows = max(1, min(64, tile_elements // block))  # about 8K elements (16 KB of bf16) in flight per CTA
     programs = max(1, min(num_programs, triton.cdiv(batch * k, rows)))
     indices = indices.contiguous()
+    if scaled:
+        hot_slots = hot_slots.contiguous() if use_hot else None
+        return gather_rows_fp8(source, scales, indices, out, programs, hot, hot_slots, tile_elements)
     _gather_rows_kernel[(programs,)](
-        source.view(torch.uint8) if scaled else source,
+        source,
         indices,
         out,
         hot if use_hot else out,
         hot_slots.contiguous() if use_hot else indices,
-        scales if scaled else out,
         batch * k,
         k,
         row_elems,
@@ -163,13 +154,9 @@ def gather_rows(
         out.stride(1),
         hot.stride(0) if use_hot else 0,
         hot.stride(1) if use_hot else 0,
-        scales.stride(0) if scaled else 0,
-        scales.stride(1) if scaled else 0,
-        source.shape[-1] if scaled else 1,
         ROWS=rows,
         BLOCK=block,
         HOT=use_hot,
-        SCALED=scaled,
     )
     return out
 
