@@ -61,7 +61,11 @@ class ModelSection(_Section):
         default="none", description="`8bit`/`4bit` need bitsandbytes (CUDA)"
     )
     cpu_num_threads: StrictInt | None = Field(
-        default=None, gt=0, le=MAX_THREADS, description="torch threads for CPU runs"
+        default=None,
+        gt=0,
+        le=MAX_THREADS,
+        description="torch threads of the `omnikv` commands' CPU runs; `null`: one fewer than the cores "
+        "(at least 1), or `OMP_NUM_THREADS` if set",
     )
 
     @field_validator("quantization")
