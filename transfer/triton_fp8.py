@@ -1,11 +1,11 @@
-"""Triton pieces of the FP8 host tier: quantizing writes into it, and the code conversions.
+"""Triton kernels of the FP8 host tier: quantizing writes into it, dequantizing reads out of it.
 
 The format is :mod:`omnikv_runtime.transfer.fp8`'s (float8 e4m3 codes, a power-of-two float32
-scale per group of ``head_dim`` values). The conversions are integer arithmetic on the bits, not
-casts, so that they round to nearest even the same way on every GPU and under
-``TRITON_INTERPRET=1`` (whose float8 casts truncate); a dequantized value then converts to the
-model's dtype exactly. The gather kernel (:mod:`omnikv_runtime.transfer.triton_gather`) decodes
-with :func:`fp8_decode`.
+scale per group of ``head_dim`` values). The conversions (:func:`fp8_encode`, :func:`fp8_decode`)
+are integer arithmetic on the bits, not casts, so that they round to nearest even the same way on
+every GPU and under ``TRITON_INTERPRET=1`` (whose float8 casts truncate); a dequantized value then
+converts to the model's dtype exactly. :mod:`omnikv_runtime.transfer.triton_gather`'s entry points
+(``gather_rows``, ``copy_row``, ``scatter_rows``) call these when given ``scales``.
 
 - :func:`scatter_rows_fp8`: a prefill chunk's keys and values ``[batch, kv_heads, n, head_dim]``
   into one layer slot of the arena, one program per token.
