@@ -330,5 +330,6 @@ def gather_rows_fp8(
         GROUPS=per_step,
         DIM=block,
         HOT=use_hot,
+        num_warps=8,  # 8K values per step: with 4 warps the decoding spills registers (ptxas, sm_90)
     )
     return out
