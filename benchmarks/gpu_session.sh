@@ -29,9 +29,11 @@ for part in "$@"; do
     decode) python3 benchmarks/decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" > /dev/null 2> "$OUT/decode.err"
             grep -v "^\[" "$OUT/decode.err" | tail -25 ;;
     e2e) python3 benchmarks/end_to_end.py ${E2E_ARGS:-} > "$OUT/e2e.json" 2> "$OUT/e2e.err"; tail -8 "$OUT/e2e.err" ;;
-    capacity)
-      python3 -m omnikv_runtime.cli plan --config configs/llama3_8b.json --context 1048576 --new-tokens 13 \
-        > "$OUT/plan.txt" 2>&1; tail -4 "$OUT/plan.txt"
+    capacity)  # the plan for Llama-3-8B's geometry without its trained 8K position limit (random weights)
+      python3 -c 'import json, sys; from omnikv_runtime.planner import KNOWN_GEOMETRIES as G
+json.dump({**G["llama3-8b"], "max_position_embeddings": 1 << 24}, open(sys.argv[1], "w"))' "$OUT/llama3_8b_long.json"
+      python3 -m omnikv_runtime.cli plan --config configs/llama3_8b.json --model-config "$OUT/llama3_8b_long.json" \
+        --context 1048576 --new-tokens 13 > "$OUT/plan.txt" 2>&1; tail -4 "$OUT/plan.txt"
       python3 benchmarks/capacity.py ${CAPACITY_ARGS:---contexts 131072 --batches 1 --host-dtypes auto,float8_e4m3fn \
         --decode-steps 12 --cuda-graph} --out "$OUT/capacity.json" > "$OUT/capacity.log" 2>&1
       tail -12 "$OUT/capacity.log" ;;
