@@ -55,10 +55,11 @@ def test_exact_pinning_registers_the_tier_and_frees_it(host_dtype):
         if host_dtype != "auto":  # the FP8 round trip of what was written, bit for bit
             written = fp8.dequantize(*fp8.quantize(written), torch.bfloat16)
         assert torch.equal(got, written)
+    held = psutil.virtual_memory().available  # after the kernels ran (compiling them takes host memory too)
     del arena, read_keys, read_values
     gc.collect()
     assert pinning.pinned_bytes() == before
-    assert psutil.virtual_memory().available > available - 0.1 * exact  # handed back to the system
+    assert psutil.virtual_memory().available - held > 0.9 * exact  # handed back to the system
 
 
 def test_fp8_kernels_on_the_gpu_equal_the_torch_quantizer():
