@@ -315,7 +315,7 @@ class ProfilingSection(_Section):
 
 
 class DistributedSection(_Section):
-    """Tensor parallelism through DeepSpeed (``pip install omnikv-runtime[deepspeed]``).
+    """Tensor parallelism and ZeRO-Inference weight offload (``pip install omnikv-runtime[deepspeed]``).
 
     Each rank holds, in every tier, the KV of its own KV heads, and the filter layers' scores are
     reduced over the group so that every rank selects the same tokens.
@@ -332,4 +332,12 @@ class DistributedSection(_Section):
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         default="auto", description="the process group's backend: `auto` (NCCL on CUDA, gloo on CPU), `nccl` or `gloo`"
+    )
+    offload_weights: StrictBool = Field(
+        default=False,
+        description=(
+            "ZeRO-Inference: keep the weights in pinned host memory and stream them in layer by layer through "
+            "DeepSpeed ZeRO stage 3, beside OmniKV's KV offload (one rank; decode runs without a CUDA graph and "
+            "without fused layers; see docs/multi_gpu.md)"
+        ),
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 from typing import Any
 
 import torch
@@ -41,6 +42,11 @@ def check_tensor_parallel(model: PreTrainedModel, tp_size: int) -> None:
     """Raise ConfigError unless ``tp_size`` splits the model's heads evenly (KV heads included)."""
     text = model.config.get_text_config(decoder=True)
     heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    check_head_split(heads, kv_heads, tp_size)
+
+
+def check_head_split(heads: int, kv_heads: int, tp_size: int) -> None:
+    """Raise ConfigError unless ``tp_size`` divides both head counts (each rank holds whole KV heads)."""
     if kv_heads % tp_size or heads % tp_size:
         divisors = [d for d in range(1, kv_heads + 1) if kv_heads % d == 0 and heads % d == 0]
         raise ConfigError(
@@ -51,15 +57,25 @@ def check_tensor_parallel(model: PreTrainedModel, tp_size: int) -> None:
         )
 
 
-def _import_deepspeed():
+def _import_deepspeed(field: str = "distributed.tp_size", value: Any = "> 1", purpose: str = "tensor parallelism"):
     try:
         return importlib.import_module("deepspeed")
     except ImportError as exc:
+        off = "1" if field == "distributed.tp_size" else "false"
         raise ConfigError(
-            "distributed.tp_size",
-            "> 1",
-            "1, or install DeepSpeed for tensor parallelism (`pip install omnikv-runtime[deepspeed]`)",
+            field, value, f"{off}, or install DeepSpeed for {purpose} (`pip install omnikv-runtime[deepspeed]`)"
         ) from exc
+
+
+def _prepare_backend(backend: str) -> str:
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":  # DeepSpeed's compiled shared-memory all-reduce crashes on CPU; plain gloo works
+        ops = importlib.import_module("deepspeed.ops")
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if torch.cuda.is_available() and backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return backend
 
 
 def _join_process_group(deepspeed: Any, backend: str, tp_size: int) -> None:
@@ -69,13 +85,7 @@ def _join_process_group(deepspeed: Any, backend: str, tp_size: int) -> None:
             tp_size,
             f"1 in a plain `python` run; for {tp_size} ranks start the script with {LAUNCHERS}",
         )
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "gloo":  # DeepSpeed's compiled shared-memory all-reduce crashes on CPU; plain gloo works
-        ops = importlib.import_module("deepspeed.ops")
-        ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if torch.cuda.is_available() and backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = _prepare_backend(backend)
     deepspeed.init_distributed(dist_backend=backend)
     world = dist.get_world_size()
     if world != tp_size:
@@ -86,8 +96,20 @@ def _join_process_group(deepspeed: Any, backend: str, tp_size: int) -> None:
         )
 
 
+def _refuse_both(config: OmniKVConfig) -> None:
+    section = config.distributed
+    if section.offload_weights and section.tp_size > 1:
+        raise ConfigError(
+            "distributed.offload_weights",
+            True,
+            f"false with distributed.tp_size = {section.tp_size}: ZeRO-Inference here offloads one rank's weights; "
+            "use tensor parallelism or weight offload, not both",
+        )
+
+
 def tensor_parallel(model: PreTrainedModel, config: OmniKVConfig) -> PreTrainedModel:
     """The model sharded over ``config.distributed.tp_size`` ranks (itself when it is 1)."""
+    _refuse_both(config)
     tp_size = config.distributed.tp_size
     if tp_size == 1:
         return model
@@ -115,3 +137,81 @@ def max_over_ranks(scores: torch.Tensor, group: Any) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(scores, op=dist.ReduceOp.MAX, group=group)
     return scores
+
+
+def zero_inference_config(dtype: torch.dtype, hidden: int, pin_memory: bool) -> dict[str, Any]:
+    """DeepSpeed's ZeRO-Inference config: stage-3 parameters offloaded to (pinned) host memory.
+
+    Parameters of at most ``hidden`` elements (the norms) stay resident; the prefetch bucket and
+    the live-parameter cap are two ``hidden x hidden`` matrices, as DeepSpeed's ZeRO-Inference
+    example sets them. There is no optimizer: only the parameter partitioning and fetch hooks run.
+    """
+    return {
+        "zero_optimization": {
+            "stage": 3,
+            "offload_param": {"device": "cpu", "pin_memory": pin_memory},
+            "stage3_param_persistence_threshold": hidden,
+            "stage3_prefetch_bucket_size": 2 * hidden * hidden,
+            "stage3_max_live_parameters": 2 * hidden * hidden,
+        },
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "train_micro_batch_size_per_gpu": 1,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _join_single_rank(deepspeed: Any, backend: str) -> None:
+    """A one-rank process group for ZeRO-3 (a plain `python` run starts one itself)."""
+    backend = _prepare_backend(backend)
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:  # what a launcher would set, for one rank
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        for name, value in {**launcher, "MASTER_PORT": str(port)}.items():
+            os.environ.setdefault(name, value)
+    deepspeed.init_distributed(dist_backend=backend)
+    if dist.get_world_size() != 1:
+        raise ConfigError(
+            "distributed.offload_weights",
+            True,
+            f"false in a run of {dist.get_world_size()} ranks: ZeRO-Inference weight offload runs one rank "
+            "(start it with plain `python`, or one process)",
+        )
+
+
+def offload_weights(model: PreTrainedModel, config: OmniKVConfig) -> PreTrainedModel:
+    """The model under ZeRO-Inference when ``distributed.offload_weights`` is set (else itself).
+
+    Its parameters move to host memory (pinned on CUDA); DeepSpeed's hooks fetch each module's
+    weights to the GPU just before it runs and release them after, so the GPU holds about one
+    layer's weights at a time besides OmniKV's KV tiers.
+    """
+    section = config.distributed
+    if not section.offload_weights:
+        return model
+    _refuse_both(config)
+    deepspeed = _import_deepspeed("distributed.offload_weights", True, "ZeRO-Inference weight offload")
+    _join_single_rank(deepspeed, section.backend)
+    from omnikv_runtime.models import strip_quantization_leftovers
+
+    strip_quantization_leftovers(model)
+    dtype = next(model.parameters()).dtype
+    hidden = model.config.get_text_config(decoder=True).hidden_size
+    ds_config = zero_inference_config(dtype, hidden, pin_memory=torch.cuda.is_available())
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.module.eval()
+    logger.info("ZeRO-Inference: weights offloaded to host memory, fetched layer by layer")
+    return engine.module
+
+
+def execution_device(model: PreTrainedModel, config: OmniKVConfig) -> torch.device:
+    """Where the model computes: its parameters' device, or this rank's accelerator under ZeRO-Inference
+    (whose partitioned parameters are empty placeholders)."""
+    if config.distributed.offload_weights:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    return next(model.parameters()).device

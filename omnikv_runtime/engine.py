@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode_loop import DecodeLoop, loop_settings
-from omnikv_runtime.distributed import tensor_parallel, tensor_parallel_group
+from omnikv_runtime.distributed import execution_device, offload_weights, tensor_parallel, tensor_parallel_group
 from omnikv_runtime.engine_guards import SUPPORTED_MODEL_TYPES, ExclusiveUse, check_supported
 from omnikv_runtime.engine_stats import FirstDecodeTimer, RunRecord, memory_report, run_stats
 from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError
@@ -50,6 +50,7 @@ class Engine:
         self.num_layers = text_config.num_hidden_layers
         config.check_for_model(self.num_layers)
         model = tensor_parallel(model, config)  # itself unless distributed.tp_size > 1
+        model = offload_weights(model, config)  # itself unless distributed.offload_weights
         self.tensor_parallel_group = tensor_parallel_group(config)
         self.model = model
         self.tokenizer = tokenizer
@@ -68,7 +69,7 @@ class Engine:
         self.hot_cache_tokens = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
         if config.offload.hot_cache_tokens and not self.hot_cache_tokens:
             logger.info("offload.hot_cache_tokens is ignored with offload.device='none': every row is on the GPU")
-        self.device = next(model.parameters()).device
+        self.device = execution_device(model, config)
         # attention, fused layers, prefill marks; detach() gives the model back its base attention
         self.base_attention, self.fused_layers = attach_model(model, config, self.device)
         offload = config.offload
@@ -276,6 +277,8 @@ class Engine:
             return "no CUDA device"
         if not self.config.generation.cuda_graphs:
             return "generation.cuda_graphs is false"
+        if self.config.distributed.offload_weights:
+            return "distributed.offload_weights: a CUDA graph cannot capture DeepSpeed's weight fetches"
         if not getattr(self.policy, "graph_safe", False):
             return f"the selection policy {type(self.policy).__name__} does not declare graph_safe"
         return None
@@ -382,7 +385,8 @@ def initialize(
     if model is None or isinstance(model, (str, Path)):
         from omnikv_runtime.models import load_configured_model
 
-        device = "cpu" if cfg.distributed.tp_size > 1 else None  # DeepSpeed places the shards
+        deepspeed_places = cfg.distributed.tp_size > 1 or cfg.distributed.offload_weights
+        device = "cpu" if deepspeed_places else None  # DeepSpeed places the shards or offloads the weights
         model, loaded_tokenizer = load_configured_model(cfg, None if model is None else str(model), device=device)
         tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     return Engine(model, cfg, tokenizer=tokenizer)

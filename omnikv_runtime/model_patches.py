@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from omnikv_runtime.attention import base_implementation, register_attention
 from omnikv_runtime.config import OmniKVConfig
 from omnikv_runtime.engine_guards import mark_prefill_forwards, unmark_prefill_forwards
+from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.fused_layers import install_fused_layers, remove_fused_layers
 from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
 
@@ -51,8 +52,17 @@ def base_attention(model: PreTrainedModel, config: OmniKVConfig) -> str:
     return current
 
 
-def _fuse_layers(model: PreTrainedModel, device: torch.device, wanted: bool | str) -> bool:
+def _fuse_layers(model: PreTrainedModel, device: torch.device, wanted: bool | str, weights_offloaded: bool) -> bool:
     """Install the fused decoder-layer forward where ``generation.fused_layers`` asks for it."""
+    if weights_offloaded:  # the fused forward reads norm weights itself; ZeRO-3 fetches them only in the norm's call
+        if wanted is True:
+            raise ConfigError(
+                "generation.fused_layers",
+                True,
+                'false or "auto" with distributed.offload_weights (transformers\' layers let DeepSpeed fetch '
+                "each submodule's weights)",
+            )
+        return False
     if wanted is False or (wanted == "auto" and not (device.type == "cuda" and TRITON_AVAILABLE)):
         return False
     fused = install_fused_layers(model)
@@ -70,7 +80,7 @@ def attach_model(model: PreTrainedModel, config: OmniKVConfig, device: torch.dev
     attention implementation (what :func:`detach_model` restores) and whether layers were fused."""
     base = base_attention(model, config)
     model.set_attn_implementation(register_attention(base))
-    fused = _fuse_layers(model, device, config.generation.fused_layers)
+    fused = _fuse_layers(model, device, config.generation.fused_layers, config.distributed.offload_weights)
     mark_prefill_forwards(model)  # model.generate with a cache from new_cache() tells prefill from decode
     return base, fused
 
