@@ -38,6 +38,14 @@ def register(commands: Any) -> None:
     plan.add_argument(
         "--host-dtype", choices=sorted(host_dtypes), help="host tier storage (default: offload.host_dtype)"
     )
+    plan.add_argument(
+        "--tp-size", type=int, help="GPUs splitting the heads: figures per GPU (default: distributed.tp_size)"
+    )
+    plan.add_argument(
+        "--offload-weights",
+        action="store_true",
+        help="weights in host memory, fetched layer by layer (ZeRO-Inference; default: distributed.offload_weights)",
+    )
     plan.add_argument("--headroom", type=float, help=f"share of each memory kept free (default: {HEADROOM_HELP})")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(handler=cmd_plan)
@@ -59,6 +67,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from omnikv_runtime.config import load_config
+    from omnikv_runtime.errors import ConfigError
     from omnikv_runtime.planner import parse_bytes, plan_memory, resolve_geometry
     from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
     from omnikv_runtime.transfer.fp8 import HOST_DTYPES
@@ -68,6 +77,12 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args.config)
     if args.host_dtype:
         config.offload.host_dtype = args.host_dtype
+    if args.tp_size is not None:
+        if args.tp_size < 1:
+            raise ConfigError("--tp-size", args.tp_size, "a number of GPUs of at least 1")
+        config.distributed.tp_size = args.tp_size
+    if args.offload_weights:
+        config.distributed.offload_weights = True
     geometry = resolve_geometry(config, args.model_config)
     new_tokens = args.new_tokens or config.generation.max_new_tokens
     if args.gpu_memory:
@@ -90,6 +105,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         "host_memory": host_memory,
         "host_memory_source": host_source,
         "headroom": args.headroom,
+        "tp_size": config.distributed.tp_size,
+        "offload_weights": config.distributed.offload_weights,
     }
     max_positions = geometry.max_positions
     report["fits_model"] = {
@@ -165,9 +182,18 @@ def print_report(report: dict[str, Any]) -> None:
         f"GPU {report['gpu_memory'] / 1e9:.1f} GB ({report['gpu_memory_source']}), "
         f"host {report['host_memory'] / 1e9:.1f} GB ({report['host_memory_source']})"
     )
+    tp_size = report.get("tp_size", 1)
+    if tp_size > 1:
+        print(
+            f"Tensor parallel over {tp_size} GPUs: GPU figures are per GPU ({model['kv_heads'] // tp_size} of "
+            f"{model['kv_heads']} KV heads in every tier); host figures are the whole host's ({tp_size} tiers)"
+        )
+    if report.get("offload_weights"):
+        print("ZeRO-Inference: weights in pinned host memory, fetched to the GPU layer by layer")
     names = [name for name in ("dense", "omnikv") if name in report]
+    weights_label = "weights in flight (ZeRO)" if report.get("offload_weights") else "weights"
     rows = [
-        ("weights", lambda p: p["weights"]),
+        (weights_label + (" per GPU" if tp_size > 1 else ""), lambda p: p["weights"]),
         ("KV gpu dense layers", lambda p: p["tiers"]["gpu_dense"]),
         ("KV gpu selected (budget, offload)", lambda p: p["tiers"]["gpu_selected"]),
         ("KV gpu tail ring (new tokens)", lambda p: p["tiers"]["gpu_tail"]),
@@ -179,6 +205,11 @@ def print_report(report: dict[str, Any]) -> None:
         ("GPU total", lambda p: p["gpu"]),
         ("host total (pinned)", lambda p: p["host"]),
     ]
+    if report.get("offload_weights"):
+        rows.insert(-1, ("weights on host (pinned)", lambda p: p["weights_host"]))
+    if tp_size > 1:
+        rows.insert(-1, ("host per rank (pinned)", lambda p: p["host_per_rank"]))
+        rows[-3] = ("GPU total per GPU", lambda p: p["gpu"])
     print(f"\n{'':28}" + "".join(f"{name:>14}" for name in names))
     for label, get in rows:
         print(f"{label:28}" + "".join(f"{_gb(get(report[name])):>14}" for name in names))
@@ -187,6 +218,7 @@ def print_report(report: dict[str, Any]) -> None:
         longest = report[name]["longest_context"]
         decode = report[name]["longest_context_decode_only"]
         offload = f", offload {report[name]['offload']}" if report[name]["omnikv"] else ""
+        offload += f", on {tp_size} GPUs" if tp_size > 1 else ""
         print(
             f"longest context that fits, {name}{offload}: {longest['context']:,} tokens "
             f"(limited by {longest['limited_by']}); decode only, cache filled without prefill: "

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from omnikv_runtime.config import OmniKVConfig
+from omnikv_runtime.distributed import check_head_split
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.layout import LayerPlan, reserve_tokens, tail_ring_tokens
 from omnikv_runtime.transfer.fp8 import packed_row_bytes
@@ -87,17 +88,49 @@ class ModelGeometry:
             max_positions=data.get("max_position_embeddings"),
         )
 
+    def layer_param_count(self) -> tuple[int, int]:
+        """One decoder layer's parameters: (those tensor parallelism splits, those every rank keeps whole)."""
+        h, d = self.hidden, self.head_dim
+        split = h * self.num_heads * d + 2 * h * self.kv_heads * d + self.num_heads * d * h + 3 * h * self.intermediate
+        split += (self.num_heads * d + 2 * self.kv_heads * d) if self.qkv_bias else 0
+        split += 2 * self.intermediate if self.mlp_bias else 0
+        whole = 2 * h + (h if self.o_bias else 0) + (2 * d if self.qk_norm else 0) + (h if self.mlp_bias else 0)
+        return split, whole
+
     def param_count(self) -> int:
         """Parameters computed from the geometry (embeddings, attention, MLP, norms, head)."""
-        h, d = self.hidden, self.head_dim
-        attention = h * self.num_heads * d + 2 * h * self.kv_heads * d + self.num_heads * d * h
-        attention += (self.num_heads * d + 2 * self.kv_heads * d) if self.qkv_bias else 0
-        attention += h if self.o_bias else 0
-        attention += 2 * d if self.qk_norm else 0
-        mlp = 3 * h * self.intermediate + ((2 * self.intermediate + h) if self.mlp_bias else 0)
-        per_layer = attention + mlp + 2 * h
-        head = 0 if self.tie_embeddings else self.vocab * h
-        return self.vocab * h + self.num_layers * per_layer + h + head
+        split, whole = self.layer_param_count()
+        head = 0 if self.tie_embeddings else self.vocab * self.hidden
+        return self.vocab * self.hidden + self.num_layers * (split + whole) + self.hidden + head
+
+    def rank_param_count(self, tp_size: int) -> int:
+        """Parameters one of ``tp_size`` ranks holds under DeepSpeed AutoTP: every layer's projections and
+        the LM head (along the hidden size; a tied head becomes its own copy) split over the ranks, the
+        embeddings and norms whole on every rank."""
+        if tp_size == 1:
+            return self.param_count()
+        split, whole = self.layer_param_count()
+        h = self.hidden
+        return self.vocab * h + self.vocab * h // tp_size + self.num_layers * (split // tp_size + whole) + h
+
+    def zero_inference_gpu_params(self) -> int:
+        """Parameters on the GPU at a time under ZeRO-Inference: the largest module group fetched (one decoder
+        layer, or the embeddings or LM head), the prefetch bucket (two ``hidden x hidden`` matrices) and the
+        norms kept resident (at most ``hidden`` elements each)."""
+        split, whole = self.layer_param_count()
+        h = self.hidden
+        return max(split + whole, self.vocab * h) + 2 * h * h + (2 * self.num_layers + 1) * h
+
+    def shard(self, tp_size: int) -> ModelGeometry:
+        """The geometry one of ``tp_size`` ranks computes: its query heads, KV heads and MLP columns."""
+        if tp_size == 1:
+            return self
+        return replace(
+            self,
+            num_heads=self.num_heads // tp_size,
+            kv_heads=self.kv_heads // tp_size,
+            intermediate=self.intermediate // tp_size,
+        )
 
     def kv_row_bytes(self, dtype_bytes: int) -> int:
         """Bytes of one token of one layer, keys and values, one batch row."""
@@ -189,6 +222,10 @@ class MemoryPlan:
     host: int = 0
     host_dtype: str = "auto"  # the host tier's storage: "auto" (the model's dtype) or "float8_e4m3fn"
     host_bytes_per_token: int = 0  # one token of every sparse layer in the host tier, whole batch (scales included)
+    tp_size: int = 1  # GPUs splitting the heads: every GPU figure is per GPU, ``host`` is the whole host's
+    weights_offloaded: bool = False  # ZeRO-Inference: the weights live in host memory, ``weights`` is what is in flight
+    weights_host: int = 0  # bytes of weights in (pinned) host memory
+    host_per_rank: int = 0  # one rank's pinned KV tier (and weights when offloaded)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,11 +253,20 @@ def plan_memory(
     "float8_e4m3fn"`` the host tiers hold one byte per value plus a float32 scale per ``head_dim``
     values; the GPU tiers stay in the model's dtype.
     ``prefill=False`` plans a cache filled directly (no prefill activations), as the capacity benchmark does.
+
+    With ``distributed.tp_size = N`` every GPU figure is one rank's: its ``kv_heads / N`` KV heads in
+    every tier, its share of the weights (:meth:`ModelGeometry.rank_param_count`) and its activations;
+    ``host`` is the whole host's (N host tiers, each 1/N of one GPU's) and ``host_per_rank`` one
+    rank's. With ``distributed.offload_weights`` (ZeRO-Inference) the weights are in pinned host
+    memory (``weights_host``, counted in ``host``) and ``weights`` is what the GPU holds of them at a time.
     """
     new_tokens = config.generation.max_new_tokens if new_tokens is None else new_tokens
     if context < 1 or batch < 1 or new_tokens < 1:
         raise ConfigError("plan", (context, batch, new_tokens), "context, batch and new tokens of at least 1")
     dtype_bytes = DTYPE_BYTES[dtype or config.model.dtype]
+    tp_size, offloaded = config.distributed.tp_size, config.distributed.offload_weights
+    check_head_split(geometry.num_heads, geometry.kv_heads, tp_size)
+    full, geometry = geometry, geometry.shard(tp_size)  # from here on: what one rank holds and computes
     section = config.omnikv
     plan = LayerPlan.build(geometry.num_layers, section.filter_layers, section.wait_layers, section.enabled)
     row = batch * geometry.kv_row_bytes(dtype_bytes)  # one token, one layer, whole batch
@@ -267,7 +313,7 @@ def plan_memory(
         dtype_bytes=dtype_bytes,
         layers={"dense": dense, "sparse": sparse, "total": geometry.num_layers},
         budget=budget,
-        weights=geometry.param_count() * dtype_bytes,
+        weights=(full.zero_inference_gpu_params() if offloaded else full.rank_param_count(tp_size)) * dtype_bytes,
         tiers=tiers,
         activations=_activations(geometry, config, context, batch, dtype_bytes, plan, budget),
     )
@@ -278,7 +324,10 @@ def plan_memory(
     if on_gpu_host:
         gpu_kv += tiers["host_allocated"]
     result.gpu = result.weights + gpu_kv + max(result.activations.values())
-    result.host = 0 if on_gpu_host else tiers["host_reserved"]
+    result.tp_size, result.weights_offloaded = tp_size, offloaded
+    result.weights_host = full.param_count() * dtype_bytes if offloaded else 0
+    result.host_per_rank = (0 if on_gpu_host else tiers["host_reserved"]) + result.weights_host
+    result.host = tp_size * result.host_per_rank
     result.host_dtype = host_dtype
     result.host_bytes_per_token = sparse * host_row
     return result

@@ -99,6 +99,11 @@ def suggestions(plan: MemoryPlan, config: OmniKVConfig, gpu_short: bool, host_sh
                 tips.append(f"lower offload.hot_cache_tokens (now {offload.hot_cache_tokens})")
         if plan.activations["prefill"] >= plan.activations["decode"]:
             tips.append(f"lower prefill.chunk_size (now {config.prefill.chunk_size})")
+        if not plan.weights_offloaded:
+            tips.append(
+                f"split the model over more GPUs (distributed.tp_size, now {plan.tp_size}), or keep the weights in "
+                "host memory (distributed.offload_weights = true, ZeRO-Inference)"
+            )
     if host_short:
         if plan.batch > 1:
             tips.append(f"lower the batch (now {plan.batch})")
@@ -121,7 +126,7 @@ def describe_shortfall(plan: MemoryPlan, config: OmniKVConfig, gpu_free: int, ho
     parts = []
     if gpu_short:
         pieces = [
-            f"weights {_gb(plan.weights)}",
+            f"weights {_gb(plan.weights)}" + (" in flight" if plan.weights_offloaded else ""),
             f"dense-layer KV {_gb(tiers['gpu_dense'])}",
             f"selected rows and tail ring {_gb(tiers['gpu_selected'] + tiers['gpu_tail'])}",
             f"hot cache {_gb(tiers['gpu_hot'] + tiers['gpu_hot_state'])}",
@@ -133,9 +138,11 @@ def describe_shortfall(plan: MemoryPlan, config: OmniKVConfig, gpu_free: int, ho
     if host_short:
         stored = "the model's dtype" if plan.host_dtype == "auto" else plan.host_dtype
         per_token = f"{plan.host_bytes_per_token:,} bytes per token in {stored}"
+        whose = f" of {plan.tp_size} ranks" if plan.tp_size > 1 else ""
+        weights = f", weights {_gb(plan.weights_host)}" if plan.weights_offloaded else ""
         parts.append(
-            f"host needs {_gb(plan.host)} (pinned KV of the sparse layers, {per_token}) but {_gb(host_free)} "
-            "are available"
+            f"host needs {_gb(plan.host)} (pinned KV of the sparse layers{whose}, {per_token}{weights}) but "
+            f"{_gb(host_free)} are available"
         )
     what = f"{plan.batch} x {plan.context} prompt tokens + {plan.new_tokens} new tokens"
     tips = "; ".join(suggestions(plan, config, gpu_short, host_short))

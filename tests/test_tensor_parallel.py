@@ -23,6 +23,9 @@ from okv_testlib import make_model, omni
 
 import omnikv_runtime as okv
 from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.planner import ModelGeometry, plan_memory
+
+TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host", "host_allocated")
 
 SCRIPT = Path(__file__).parent / "scripts" / "tp_generate.py"
 
@@ -58,8 +61,32 @@ def test_two_ranks_give_one_ranks_tokens_and_selections(tmp_path):
             assert shard["tokens"] == single["tokens"]
             assert shard["tokens_through_cache"] == single["tokens"]
             assert shard["selections"] == single["selections"]
+        _planned_per_rank(budget, one["budgets"][budget], [rank["budgets"][budget] for rank in ranks])
     assert one["budgets"]["8"]["tokens"] != one["budgets"]["1.0"]["tokens"]
     assert len(one["budgets"]["8"]["selections"]["1"][0][0]) == 8
+
+
+def _planned_per_rank(budget: str, single: dict, shards: list[dict]) -> None:
+    """The planner's per-rank tiers with tp_size 2 are each rank's allocated tier bytes, half of one rank's."""
+    config = {
+        "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": float(budget) if "." in budget else 8},
+        "offload": {"device": "cpu"},
+        "prefill": {"chunk_size": 16},
+        "distributed": {"tp_size": 2},
+    }
+    geometry = ModelGeometry(
+        num_layers=8, num_heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=128, vocab=256, max_positions=512
+    )
+    plan = plan_memory(geometry, okv.load_config(config), 48, batch=2, new_tokens=16)
+    for shard in shards:
+        assert {key: plan.tiers[key] for key in TIER_KEYS} == {key: shard["tier_bytes"][key] for key in TIER_KEYS}
+    for key in TIER_KEYS:
+        assert single["tier_bytes"][key] == 2 * shard["tier_bytes"][key]
+    assert plan.host == 2 * plan.host_per_rank
+    # DeepSpeed splits the LM head in 64-wide slices of the hidden size (all 64 on rank 0 here): summed
+    # over the ranks, each holds the embeddings and norms whole and half of everything else
+    assert sum(shard["parameters"] for shard in shards) == 2 * geometry.rank_param_count(2)
+    assert plan.weights == geometry.rank_param_count(2) * 4
 
 
 def test_tp_size_must_split_the_kv_heads():

@@ -4,7 +4,7 @@ One rank: ``python tests/scripts/tp_generate.py OUT``. Tensor parallel over two 
 launch it: ``torchrun --nproc-per-node 2 tests/scripts/tp_generate.py OUT``. Every rank writes
 ``OUT.rank<R>.json``: for budgets 1.0 and 8 tokens, the tokens of ``engine.generate`` and of
 transformers' ``generate`` through the runtime's cache, and each filter layer's selected indices
-per decode step.
+per decode step, the tier bytes of the cache that generate filled and the parameters the rank holds.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import omnikv_runtime as okv
+from omnikv_runtime.layout import reserve_tokens
 from omnikv_runtime.listeners import SelectionRecorder
 
 NEW_TOKENS = 16
@@ -50,7 +51,7 @@ def run(budget: float | int, world: int) -> dict:
         },
     )
     tokens = engine.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0)
-    cache = engine.new_cache(reserve_tokens=48 + NEW_TOKENS, prompt_tokens=48)
+    cache = engine.new_cache(reserve_tokens=reserve_tokens(48, NEW_TOKENS), prompt_tokens=48)
     trace = SelectionRecorder(contexts=False)
     with torch.inference_mode(), engine.listening(trace):
         through_cache = engine.model.generate(
@@ -70,6 +71,8 @@ def run(budget: float | int, world: int) -> dict:
         "tokens_through_cache": through_cache.tolist(),
         "selections": selections,
         "kv_heads_on_this_rank": heads,
+        "tier_bytes": cache.tier_bytes(),  # after transformers' generate through it: what the planner plans
+        "parameters": sum(p.numel() for p in engine.model.parameters()),
     }
 
 
