@@ -181,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(spec, handle)
     base.model.name_or_path = path
-    on_cpu_first = world > 1 or args.zero  # DeepSpeed places the shards or offloads the weights
+    # ZeRO-Inference offloads the weights, so they start on the CPU. Tensor-parallel ranks build the full
+    # random model on their own GPU and DeepSpeed keeps their shard: on the CPU, under torchrun's
+    # OMP_NUM_THREADS=1, initialising 8B random weights per rank took longer than a 90 s limit on the H200 pair
+    on_cpu_first = args.zero
     model = random_model(base, device="cpu" if on_cpu_first else device, min_positions=args.context + 1024)
     text = model.config
     dtype = getattr(torch, dtype_name)
