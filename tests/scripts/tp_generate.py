@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' shared helpers
+from okv_testlib import make_model  # noqa: E402
 
 import omnikv_runtime as okv
 from omnikv_runtime.layout import reserve_tokens
@@ -24,19 +27,7 @@ NEW_TOKENS = 16
 
 
 def run(budget: float | int, world: int) -> dict:
-    torch.manual_seed(0)  # the same weights on every rank; DeepSpeed keeps each rank's shard of them
-    geometry = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4)
-    config = LlamaConfig(
-        vocab_size=256,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-        **geometry,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = make_model("llama")  # the same weights on every rank; DeepSpeed keeps each rank's shard of them
     ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :7] = 0

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' shared helpers
+from okv_testlib import make_model  # noqa: E402
 
 import omnikv_runtime as okv
 from omnikv_runtime.listeners import SelectionRecorder
@@ -22,21 +25,7 @@ NEW_TOKENS = 12
 
 
 def run(offload: bool, budget: float | int) -> dict:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = make_model("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=6)
     ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     engine = okv.initialize(
         model,
