@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.model.parameters()) * 2
         result["pinned_gbps"] = gbps
         for row in result["rows"]:
-            selected = sum(
-                row["tier_bytes"]["gpu_selected"] for _ in [0]
-            )  # staging buffers: budget rows per sparse layer
+            selected = row["tier_bytes"]["gpu_selected"]  # the staging buffers: budget rows of every sparse layer
             row["weights_bytes_per_step"] = weights
             row["pcie_floor_ms"] = round((weights + selected) / (gbps * 1e9) * 1e3, 2) if gbps else None
     if args.hf and world == 1 and not args.zero:
