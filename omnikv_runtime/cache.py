@@ -286,9 +286,9 @@ class OmniKVCache(Cache):
 
     def _prefetch_sparse_after(self, layer_idx: int) -> None:
         """A chunk after the first: start reading the next sparse layer's earlier tokens from the host tier."""
-        following = [index for index in self.plan.sparse_layers if index > layer_idx]
-        if following:
-            layer = self.layers[following[0]]
+        following = next((index for index in self.plan.sparse_layers if index > layer_idx), None)
+        if following is not None:
+            layer = self.layers[following]
             if layer.arena is not None and layer.length > 0:
                 layer.arena.prefetch(layer.slot, layer.length)
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from omnikv_runtime.kernels.layer_ops import rms_norm, rotary_embedding, silu_mul
 
@@ -102,8 +103,6 @@ def remove_fused_layers(model: PreTrainedModel) -> int:
 
 
 def _attention_function(attention: nn.Module):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
     return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
 
