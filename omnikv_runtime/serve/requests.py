@@ -1,0 +1,70 @@
+"""What the HTTP layer hands the scheduler, and what it gets back.
+
+The scheduler runs on its own thread. The HTTP layer turns a request body into a
+:class:`ServeRequest` (token ids already: chat templates are applied before), calls
+``Scheduler.submit(request, on_event)`` and receives :class:`RequestEvent` objects through
+``on_event``, which is called on the scheduler's thread (hand them to the event loop with
+``loop.call_soon_threadsafe``). The last event of a request has ``finish_reason`` set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """One completion to generate.
+
+    Attributes:
+        request_id: the id the response carries (``cmpl-...`` / ``chatcmpl-...``).
+        prompt_ids: the prompt's token ids (at least one).
+        max_tokens: new tokens at most (at least one).
+        temperature: 0 picks the most likely token (greedy); otherwise sampling at this temperature.
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p``.
+        seed: the sampling seed; the same seed and prompt give the same tokens, whatever else runs
+            in the batch. None: a seed drawn by the scheduler.
+        stop: strings that end the completion; the text returned stops before the first of them.
+    """
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class RequestEvent:
+    """New output of one request since its previous event.
+
+    Attributes:
+        text: new text (may be empty: a token can end inside a multi-byte character, or in a
+            possible stop string, whose text is held back until it is known not to be one).
+        token_ids: the new tokens.
+        finish_reason: None while the request runs; then ``"stop"`` (end-of-sequence token or a
+            stop string), ``"length"`` (``max_tokens`` reached), ``"cancelled"`` or ``"error"``.
+        prompt_tokens: tokens of the prompt.
+        completion_tokens: tokens generated so far.
+        error: what went wrong, with ``finish_reason == "error"``.
+    """
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class AdmissionError(Exception):
+    """A request the scheduler does not take: ``status`` 400 (it can never fit, with the reason)
+    or 429 (the queue is full; retry later)."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code  # OpenAI-style error code: "context_length_exceeded", "queue_full", ...
