@@ -176,7 +176,7 @@ class OmniKVCache(Cache):
                 self._start_decode(like)
             self.ensure_room(like)
             self.counters.advance(self.ring_tokens)
-            torch.lt(self._columns, self.counters.context_len, out=self.selectable)
+            torch.lt(self._columns, self.counters.context_len[:, None], out=self.selectable)
             self.selectable.logical_and_(self.valid)
             if not self.capturing:
                 self.advance_host(1)
@@ -187,8 +187,8 @@ class OmniKVCache(Cache):
     def _start_decode(self, like: torch.Tensor) -> None:
         """Allocate what decode steps touch and point the device counters at the first step."""
         past = self.get_seq_length()
-        if self.counters is None:
-            self.counters = DecodeCounters(like.device)
+        if self.counters is None or self.counters.batch != like.shape[0]:
+            self.counters = DecodeCounters(like.shape[0], like.device)
         self.counters.start(past)
         self.budget_tokens = self.budget(self.context_len)
         self.ring_tokens = tail_ring_tokens(self.tail_tokens, self.reserve_tokens, past)
@@ -343,11 +343,12 @@ class OmniKVCache(Cache):
         """Decode: run the policy for a filter layer's segment and start fetching the chosen rows."""
         segment = self.segments[self.plan.segment_of[layer_idx]]
         counters = self.counters
+        position = counters.position[:1]  # the rows of one generate call share their columns
         if self.policy.window_size > 1 and segment.window.queries is not None:
-            segment.window.push(query, counters.position)
+            segment.window.push(query, position)
             queries, positions = segment.window.queries, segment.window.positions
         else:
-            queries, positions = query, counters.position
+            queries, positions = query, position
         # the selectable context is the prompt, unless a bounded tail ring lets generated tokens join
         # it: then it grows each step, and the policy sees every column with the rest masked
         width = self.selectable.shape[1] if self.tail_tokens else self.context_len

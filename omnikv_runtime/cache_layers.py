@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from omnikv_runtime.decode_state import write_columns
 from omnikv_runtime.transfer import HostArena
 
 
@@ -102,9 +103,9 @@ class DenseLayerKV(_KVLayerBase):
             self.values = self.value_buffer[:, :, : self.length]
 
     def write_at(self, key_states: torch.Tensor, value_states: torch.Tensor, position: torch.Tensor) -> None:
-        """Decode: store one token at column ``position`` (int64 ``[1]`` on the device)."""
-        self.key_buffer.index_copy_(2, position, key_states)
-        self.value_buffer.index_copy_(2, position, value_states)
+        """Decode: store one token per row at column ``position[b]`` (int64 ``[batch]`` on the device)."""
+        write_columns(self.key_buffer, 2, position, key_states)
+        write_columns(self.value_buffer, 2, position, value_states)
 
     def nbytes(self) -> int:
         buffers = (self.key_buffer, self.value_buffer)

@@ -2,8 +2,10 @@
 
 A captured step cannot read a Python integer that changes from step to step: the value would be
 baked into the graph. So the column a step writes, the attended length, the tail ring's slot and
-fill, and the selectable context are int64 ``[1]`` tensors that the step itself advances
-(:meth:`DecodeCounters.advance`, a handful of tiny kernels per step, not per layer).
+fill, and the selectable context are int64 ``[batch]`` tensors that the step itself advances
+(:meth:`DecodeCounters.advance`, a handful of tiny kernels per step, not per layer). Each batch row
+has its own: in a batch from one ``generate`` call they are equal (padding keeps the rows aligned),
+while a server's rows are independent requests that joined at different times.
 
 The **tail ring** holds, per sparse layer, the KV of the tokens generated since the last prefill;
 sparse layers always attend to it. It has ``ring`` slots; token ``g`` (0-based) of the generation
@@ -19,7 +21,7 @@ import torch
 
 
 class DecodeCounters:
-    """int64 ``[1]`` device tensors describing the current decode step.
+    """int64 ``[batch]`` device tensors describing the current decode step of each batch row.
 
     Attributes:
         prompt: cache columns filled by the last prefill.
@@ -31,17 +33,24 @@ class DecodeCounters:
         context_len: columns a filter layer may select (prompt and tokens that left the ring).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        def scalar() -> torch.Tensor:
-            return torch.zeros(1, dtype=torch.long, device=device)
+    def __init__(self, batch: int, device: torch.device) -> None:
+        def per_row() -> torch.Tensor:
+            return torch.zeros(batch, dtype=torch.long, device=device)
 
-        self.prompt, self.steps, self.position, self.length = scalar(), scalar(), scalar(), scalar()
-        self.tail_slot, self.tail_count, self.context_len = scalar(), scalar(), scalar()
+        self.prompt, self.steps, self.position, self.length = per_row(), per_row(), per_row(), per_row()
+        self.tail_slot, self.tail_count, self.context_len = per_row(), per_row(), per_row()
+        self.rows = torch.arange(batch, device=device)  # 0..batch-1, for per-row indexing
 
-    def start(self, prompt: int, steps: int = 0) -> None:
-        """Begin decoding after a prefill of ``prompt`` columns (host values: outside any graph)."""
-        self.prompt.fill_(prompt)
-        self.steps.fill_(steps)
+    @property
+    def batch(self) -> int:
+        return self.rows.numel()
+
+    def start(self, prompt: int, steps: int = 0, row: int | None = None) -> None:
+        """Begin decoding after a prefill of ``prompt`` columns, in every row or in ``row`` only
+        (host values: outside any graph)."""
+        where = slice(None) if row is None else slice(row, row + 1)
+        self.prompt[where] = prompt
+        self.steps[where] = steps
 
     def advance(self, ring: int) -> None:
         """Enter the next step: every counter from ``steps``, then ``steps += 1`` (device ops only)."""
@@ -54,6 +63,15 @@ class DecodeCounters:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.prompt, self.steps, self.position, self.length, self.tail_slot, self.tail_count, self.context_len]
+
+
+def write_columns(buffer: torch.Tensor, dim: int, columns: torch.Tensor, values: torch.Tensor) -> None:
+    """``buffer[b, ..., columns[b], ...] = values[b, ...]`` along ``dim``, per batch row (one scatter,
+    no host value). ``values`` has size 1 along ``dim``; ``columns`` is int64 ``[batch]``."""
+    shape = [1] * values.dim()
+    shape[0] = columns.numel()
+    index = columns.view(shape).expand_as(values)
+    buffer.scatter_(dim, index, values)
 
 
 class QueryWindow:
@@ -98,7 +116,8 @@ class QueryWindow:
         self.positions[self.size - have :].copy_(positions)
 
     def push(self, query: torch.Tensor, position: torch.Tensor) -> None:
-        """Add the step's query ``[batch, heads, 1, dim]`` at column ``position`` ``[1]``, dropping the oldest."""
+        """Add the step's query ``[batch, heads, 1, dim]`` at column ``position`` ``[1]`` (the rows of one
+        ``generate`` call share their columns), dropping the oldest."""
         if self.size > 1:
             self.queries[:, :, :-1].copy_(self.queries[:, :, 1:].clone())
             self.positions[:-1].copy_(self.positions[1:].clone())

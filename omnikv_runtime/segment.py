@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from omnikv_runtime.decode_state import DecodeCounters, QueryWindow
+from omnikv_runtime.decode_state import DecodeCounters, QueryWindow, write_columns
 from omnikv_runtime.kernels import KVSource
 from omnikv_runtime.layout import Segment
 from omnikv_runtime.transfer import HostArena, HotCache, TransferEngine
@@ -59,8 +59,8 @@ class SegmentState:
     # one decode step ------------------------------------------------------------------------
     def store_token(self, slot: int, keys: torch.Tensor, values: torch.Tensor, counters: DecodeCounters) -> None:
         """Put sparse layer ``slot``'s new token ``[batch, kv_heads, 1, dim]`` into the tail ring."""
-        self.ring[:, :, slot, 0].index_copy_(1, counters.tail_slot, keys.transpose(1, 2))
-        self.ring[:, :, slot, 1].index_copy_(1, counters.tail_slot, values.transpose(1, 2))
+        write_columns(self.ring[:, :, slot, 0], 1, counters.tail_slot, keys.transpose(1, 2))
+        write_columns(self.ring[:, :, slot, 1], 1, counters.tail_slot, values.transpose(1, 2))
 
     def write_back(self, transfer: TransferEngine, counters: DecodeCounters) -> None:
         """Copy the step's packed row (every sparse layer) from the ring to the arena at its column."""

@@ -179,7 +179,7 @@ def current_note(layer: int, keys: torch.Tensor):
 def source_span(source) -> int:
     """Columns a decode KV source offers before its padding mask: its rows, or the first ``length`` of them."""
     columns = source.index.shape[1] if source.index is not None else source.keys.shape[1]
-    return columns if source.length is None else min(columns, int(source.length))
+    return columns if source.length is None else min(columns, int(source.length.max()))
 
 
 def source_kv(source) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

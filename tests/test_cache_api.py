@@ -43,7 +43,7 @@ def test_seq_length_counts_every_token_while_sparse_layers_return_fewer(attentio
             # update hands a sparse layer's attention its selected rows; the tail of `step` tokens comes beside them
             assert [forward[layer].keys for layer in SPARSE_LAYERS] == [BUDGET] * len(SPARSE_LAYERS)
             assert [forward[layer].attended for layer in SPARSE_LAYERS] == [BUDGET + step] * len(SPARSE_LAYERS)
-            assert cache.decode_steps == int(cache.counters.tail_count) == step
+            assert cache.decode_steps == int(cache.counters.tail_count[0]) == step
             for layer in SPARSE_LAYERS:
                 sparse = cache.layers[layer]
                 sources = cache.segments[sparse.segment].sources(sparse.slot, cache.counters)

@@ -142,7 +142,7 @@ def test_host_tier_holds_every_token_bit_for_bit(offload):
     for segment in engine.plan.segments:
         arena = cache.arenas[segment.index]
         assert arena.lengths == [stored] * len(segment.sparse_layers)
-    assert cache.decode_steps == int(cache.counters.tail_count) == new_tokens - 1
+    assert cache.decode_steps == int(cache.counters.tail_count[0]) == new_tokens - 1
     assert cache.ring_tokens >= new_tokens - 1  # no tail_tokens: every generated token stays in the tail
     for layer in SPARSE_LAYERS:
         keys, values = arena_kv(cache, layer)
@@ -208,7 +208,7 @@ def test_tokens_leaving_a_bounded_tail_ring_become_selectable_context(offload, a
         left = max(0, step - ring)  # generated tokens that left the ring
         assert selected == [PROMPT_LEN + left, PROMPT_LEN - PAD_TOKENS + left] and tail == min(step, ring), step
     generated = STEPS - 1
-    assert int(cache.counters.context_len) == PROMPT_LEN + generated - ring
+    assert int(cache.counters.context_len[0]) == PROMPT_LEN + generated - ring
     for layer in SPARSE_LAYERS:  # the ring holds the last 4 generated tokens, token g in slot g % 4
         keys, values = arena_kv(cache, layer)
         sparse = cache.layers[layer]

@@ -168,8 +168,8 @@ class TransferEngine(ABC):
         slot: torch.Tensor,
         scales: torch.Tensor | None = None,
     ) -> None:
-        """Decode write-back: ``arena[:, position] = ring[:, slot]`` (packed rows; both indices int64
-        ``[1]`` tensors on the compute device, so no host value is involved)."""
+        """Decode write-back: ``arena[b, position[b]] = ring[b, slot[b]]`` for each batch row (packed
+        rows; both indices int64 ``[batch]`` tensors on the compute device, so no host value is involved)."""
 
     @abstractmethod
     def wait(self, arena: torch.Tensor, slot: int) -> None:

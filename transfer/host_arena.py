@@ -124,7 +124,7 @@ class HostArena:
         self.engine.gather_rows(self.data, indices, staging, hot, self.scales)
 
     def write_row(self, position: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor) -> None:
-        """Decode write-back: ``self[:, position] = ring[:, slot]`` (packed rows, device-side indices)."""
+        """Decode write-back: ``self[b, position[b]] = ring[b, slot[b]]`` (packed rows, device-side indices)."""
         self.engine.write_row(self.data, position, ring, slot, self.scales)
 
     def wait(self, slot: int) -> None:

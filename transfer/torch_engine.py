@@ -131,15 +131,16 @@ class TorchTransferEngine(TransferEngine):
         slot: torch.Tensor,
         scales: torch.Tensor | None = None,
     ) -> None:
-        row = ring.index_select(1, slot)
-        # pageable host memory beside a GPU: the index must reach the host
-        where = position.to(arena.device) if arena.device != row.device else position
+        row = ring[torch.arange(ring.shape[0], device=ring.device), slot]  # [batch, *row]: each row's own slot
+        # pageable host memory beside a GPU: the indices must reach the host
+        where = position.to(arena.device)
+        batch_rows = torch.arange(arena.shape[0], device=arena.device)
         if scales is None:
-            arena.index_copy_(1, where, row.to(arena.device))
+            arena[batch_rows, where] = row.to(arena.device)
         else:
             codes, row_scales = fp8.quantize(row)
-            arena.view(torch.uint8).index_copy_(1, where, codes.view(torch.uint8).to(arena.device))
-            scales.index_copy_(1, where, row_scales.to(arena.device))
+            arena.view(torch.uint8)[batch_rows, where] = codes.view(torch.uint8).to(arena.device)
+            scales[batch_rows, where] = row_scales.to(arena.device)
         self.stats.bytes_written += tier_bytes(row.numel(), arena.element_size(), row.shape[-1], scales)
 
     def _gather_through(

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from omnikv_runtime.kernels.triton_support import index_stride
+
 MAX_TILE = 4096  # values per program and step of the write-back
 
 
@@ -66,10 +68,11 @@ def quantize_groups(x, group_axis: tl.constexpr):
 @triton.jit
 def _copy_row_fp8_kernel(
     source,  # [batch, slots, groups * dim] model dtype, rows contiguous
-    source_index,  # int64 [1], device
+    source_index,  # int64 [batch] (or [1]: stride 0), device
     codes,  # [batch, tokens, groups * dim] uint8, rows contiguous, host (pinned) or device
     scales,  # [batch, tokens, groups] float32, rows contiguous
-    target_index,  # int64 [1], device
+    target_index,  # int64 [batch] (or [1]: stride 0), device
+    index_stride,  # 1 for per-row indices, 0 for one index shared by every row
     groups,
     dim,
     source_batch_stride,
@@ -86,10 +89,10 @@ def _copy_row_fp8_kernel(
     column = tl.arange(0, DIM)
     inside = (group < groups)[:, None] & (column < dim)[None, :]
     offsets = group[:, None] * dim + column[None, :]
-    src = source + b * source_batch_stride + tl.load(source_index) * source_row_stride
+    src = source + b * source_batch_stride + tl.load(source_index + b * index_stride) * source_row_stride
     x = tl.load(src + offsets, mask=inside, other=0.0).to(tl.float32)
     quantized, scale = quantize_groups(x, 1)
-    token = tl.load(target_index)
+    token = tl.load(target_index + b * index_stride)
     tl.store(codes + b * codes_batch_stride + token * codes_row_stride + offsets, quantized, mask=inside)
     tl.store(scales + b * scales_batch_stride + token * scales_row_stride + group, scale, mask=group < groups)
 
@@ -105,7 +108,7 @@ def copy_row_fp8(
 
     ``source`` ``[batch, slots, *row, head_dim]`` (the tail ring, model dtype); ``codes`` float8 (or
     uint8) ``[batch, tokens, *row, head_dim]``; ``scales`` float32 ``[batch, tokens, *row]``; each
-    token's row contiguous in all three; both indices int64 ``[1]`` tensors on the device.
+    token's row contiguous in all three; both indices int64 ``[batch]`` (or ``[1]``, shared) on the device.
     """
     if codes.shape[0] != source.shape[0] or codes.shape[2:] != source.shape[2:]:
         raise ValueError(f"rows of {tuple(source.shape)} do not fit {tuple(codes.shape)}")
@@ -123,6 +126,7 @@ def copy_row_fp8(
         codes.view(torch.uint8),
         scales,
         target_index,
+        index_stride(source_index, target_index, source.shape[0]),
         groups,
         dim,
         source.stride(0),

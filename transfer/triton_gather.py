@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omnikv_runtime.kernels.triton_support import index_stride
 from omnikv_runtime.transfer.triton_fp8 import copy_row_fp8, gather_rows_fp8, scatter_rows_fp8
 
 DEFAULT_PROGRAMS = 32
@@ -164,9 +165,10 @@ def gather_rows(
 @triton.jit
 def _copy_row_kernel(
     source,  # [batch, slots, row_elems] rows contiguous
-    source_index,  # int64 [1], device
+    source_index,  # int64 [batch] (or [1]: stride 0), device
     target,  # [batch, tokens, row_elems] rows contiguous, host (pinned) or device
-    target_index,  # int64 [1], device
+    target_index,  # int64 [batch] (or [1]: stride 0), device
+    index_stride,  # 1 for per-row indices, 0 for one index shared by every row
     row_elems,
     source_batch_stride,
     source_row_stride,
@@ -177,8 +179,8 @@ def _copy_row_kernel(
     b = tl.program_id(0).to(tl.int64)
     offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < row_elems
-    src = source + b * source_batch_stride + tl.load(source_index) * source_row_stride
-    dst = target + b * target_batch_stride + tl.load(target_index) * target_row_stride
+    src = source + b * source_batch_stride + tl.load(source_index + b * index_stride) * source_row_stride
+    dst = target + b * target_batch_stride + tl.load(target_index + b * index_stride) * target_row_stride
     tl.store(dst + offsets, tl.load(src + offsets, mask=inside), mask=inside)
 
 
@@ -189,10 +191,11 @@ def copy_row(
     source_index: torch.Tensor,
     scales: torch.Tensor | None = None,
 ) -> None:
-    """``target[b, target_index] = source[b, source_index]`` for every batch row, with both indices
-    int64 ``[1]`` tensors on the GPU (a decode step's write-back: no host value, so a CUDA graph
-    replays it at each step's position). ``target`` may be pinned host memory. With ``scales`` the
-    target is an FP8 tier: the row is quantized into it (see :func:`copy_row_fp8`)."""
+    """``target[b, target_index[b]] = source[b, source_index[b]]`` for every batch row, with both
+    indices int64 ``[batch]`` tensors on the GPU (a decode step's write-back: no host value, so a
+    CUDA graph replays it at each step's position; ``[1]`` indices serve every row). ``target`` may
+    be pinned host memory. With ``scales`` the target is an FP8 tier: the row is quantized into it
+    (see :func:`copy_row_fp8`)."""
     if scales is not None:
         copy_row_fp8(target, scales, target_index, source, source_index)
         return
@@ -207,6 +210,7 @@ def copy_row(
         source_index,
         target,
         target_index,
+        index_stride(source_index, target_index, source.shape[0]),
         row_elems,
         source.stride(0),
         source.stride(1),

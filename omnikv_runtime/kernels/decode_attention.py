@@ -35,7 +35,8 @@ class KVSource:
         keys, values: ``[batch, tokens, kv_heads, head_dim]`` views (any strides, unit stride in
             ``head_dim``): a head-major buffer ``[batch, kv_heads, tokens, dim]`` transposed, or one
             layer of a token-major packed store.
-        length: int64 ``[1]`` on the device, or None: only the first ``length`` columns count.
+        length: int64 ``[batch]`` (or ``[1]``, shared by every row) on the device, or None: only the
+            first ``length[b]`` columns of row ``b`` count.
         mask: bool ``[batch, columns]``, or None: columns where it is False do not count (padding).
         index: int64 ``[batch, n]``, or None: the columns are ``keys[b, index[b, j]]`` for
             ``j < n`` instead of every token (``length`` and ``mask`` then refer to ``j``).

@@ -90,6 +90,7 @@ def _decode_split_kernel(
     a_vh,
     a_columns,
     a_length,
+    a_lb,
     a_mask,
     a_mb,
     a_index,
@@ -104,6 +105,7 @@ def _decode_split_kernel(
     b_vh,
     b_columns,
     b_length,
+    b_lb,
     b_mask,
     b_mb,
     b_index,
@@ -150,7 +152,7 @@ def _decode_split_kernel(
     if split < splits_a:
         limit = a_columns
         if A_LENGTH:
-            limit = tl.minimum(limit, tl.load(a_length).to(tl.int32))
+            limit = tl.minimum(limit, tl.load(a_length + b * a_lb).to(tl.int32))
         lo = split * chunk_a
         hi = tl.minimum(lo + chunk_a, limit)
         acc, m_i, l_i = _attend_range(
@@ -178,7 +180,7 @@ def _decode_split_kernel(
         if HAS_B:
             limit = b_columns
             if B_LENGTH:
-                limit = tl.minimum(limit, tl.load(b_length).to(tl.int32))
+                limit = tl.minimum(limit, tl.load(b_length + b * b_lb).to(tl.int32))
             lo = (split - splits_a) * chunk_b
             hi = tl.minimum(lo + chunk_b, limit)
             acc, m_i, l_i = _attend_range(
@@ -278,6 +280,7 @@ def _source_arguments(source, dummy: torch.Tensor) -> list:
         values.stride(2),
         source.columns,
         source.length if source.length is not None else dummy,
+        source.length.stride(0) if source.length is not None and source.length.numel() > 1 else 0,
         mask,
         mask.stride(0) if source.mask is not None else 0,
         index,
