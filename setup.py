@@ -18,6 +18,7 @@ setup(
         "omnikv_runtime.configs",
         "omnikv_runtime.eval",
         "omnikv_runtime.kernels",
+        "omnikv_runtime.serve",
     ],
     package_dir={
         "omnikv_runtime": "omnikv_runtime",
@@ -44,12 +45,17 @@ setup(
             "jieba>=0.42",
             "matplotlib>=3.7",
             "deepspeed>=0.16",  # pure Python without CUDA: the two-rank tensor-parallel test runs on gloo
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "openai>=1.40",  # the live server tests drive the API with the official client
+            "httpx>=0.27",
         ],
         "plot": ["matplotlib>=3.7"],
         "eval": ["jieba>=0.42", "matplotlib>=3.7"],
         "gpu": ["triton>=3.0"],
         "flash": ["flash-attn>=2.6"],
         "deepspeed": ["deepspeed>=0.16"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
     entry_points={"console_scripts": ["omnikv=omnikv_runtime.cli:main"]},
 )

@@ -35,8 +35,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "omnikv_runtime.cli_profile",
     "omnikv_runtime.cli_eval",
     "omnikv_runtime.cli_analyze",
+    "omnikv_runtime.cli_serve",
 )
-CONFIG_COMMANDS = ("generate", "plan", "run", "profile", "eval", "analyze-layers")
+CONFIG_COMMANDS = ("generate", "plan", "run", "profile", "eval", "analyze-layers", "serve")
 PROGRESS_COMMANDS = ("generate", "run", "profile", "eval", "analyze-layers")  # the ones that take long
 TRUST_HELP = "import the modules a config names as 'module:Class' policies (runs their code)"
 QUIET_HELP = "no progress bars on stderr (they are drawn only when stderr is a terminal)"
