@@ -341,6 +341,8 @@ def test_a_client_that_leaves_cancels_its_request(stream):
     if stream:  # the first token went out, then nothing: the stream stopped when the client left
         chunks = [m["body"] for m in sent if m["type"] == "http.response.body" and m.get("body")]
         assert b"w0 " in chunks[0] and b"w1 " not in b"".join(chunks)
+    else:  # nobody reads the answer; it is counted as a client that left, not as a server error
+        assert sent[0]["status"] == 499
 
 
 def test_served_without_fastapi_says_how_to_install_it():

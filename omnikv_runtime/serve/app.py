@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 OPEN_PATHS = ("/health",)  # answered without the API key
+CLIENT_CLOSED = 499  # the status counted for a request whose client left before it finished (as nginx logs it)
 
 
 class Inbox:
@@ -244,15 +245,18 @@ class Api:
             return EventStream(chunks(head, inbox, body.include_usage), inbox, handle)
         return await self._whole(request, inbox, handle, head, chat)
 
-    async def _whole(self, request: Request, inbox: Inbox, handle: Any, head: dict, chat: bool) -> JSONResponse:
+    async def _whole(self, request: Request, inbox: Inbox, handle: Any, head: dict, chat: bool) -> Response:
         watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, handle))
         try:
             events = [event async for event in inbox]
         finally:
+            client_left = watcher.done() and not watcher.cancelled()
             watcher.cancel()
             if not inbox.finished:  # this task was cancelled (the server is stopping)
                 handle.cancel()
         last = events[-1]
+        if client_left and last.finish_reason == "cancelled":
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; counted apart from the server's errors
         if last.finish_reason == "error":
             raise ApiError(500, f"Generation failed: {last.error or 'unknown error'}", code="generation_error")
         if last.finish_reason == "cancelled":
