@@ -12,6 +12,7 @@ where the last row finished.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -125,6 +126,28 @@ def loop_settings(
     return sampling, stop
 
 
+@functools.cache
+def _takes_cache_position(forward: Any) -> bool:
+    return "cache_position" in inspect.signature(forward).parameters
+
+
+def cached_forward(
+    model: torch.nn.Module,
+    cache: OmniKVCache,
+    cache_keyword: str,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    cache_position: torch.Tensor,
+) -> Any:
+    """The model's forward over ``ids`` through ``cache``, keeping only the last position's logits
+    (``cache_position`` is passed to models whose forward takes it)."""
+    kwargs: dict[str, Any] = {cache_keyword: cache}
+    if _takes_cache_position(type(model).forward):
+        kwargs["cache_position"] = cache_position
+    return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+
+
 @dataclass
 class LoopTimes:
     """Wall seconds of the phases of one generation (synchronised at their ends)."""
@@ -174,7 +197,6 @@ class DecodeLoop:
         self.times = LoopTimes(graph=use_graph)
         self._stopped_at: dict[int, int] = {}  # row -> tokens kept, for rows a stop string ended
         self._stop_checked = 0  # new tokens already searched for stop strings
-        self._accepts_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         self._graph: torch.cuda.CUDAGraph | None = None
         self._stream = torch.cuda.Stream() if use_graph else None
         self._eager_steps = 0
@@ -247,12 +269,7 @@ class DecodeLoop:
         self.finished.zero_()
 
     def _forward(self, ids, positions, mask, cache_position):
-        kwargs: dict[str, Any] = {self.cache_keyword: self.cache}
-        if self._accepts_cache_position:
-            kwargs["cache_position"] = cache_position
-        return self.model(
-            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs
-        )
+        return cached_forward(self.model, self.cache, self.cache_keyword, ids, positions, mask, cache_position)
 
     def _emit(self, logits: torch.Tensor) -> None:
         """Choose each row's next token and record it (device ops only: part of the captured step)."""

@@ -49,8 +49,11 @@ class SamplingSettings:
         return cls(True, float(pick("temperature", 1.0)), top_k, None if top_p >= 1.0 else top_p)
 
 
-def choose_tokens(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """The next token of each row, ``[batch]`` int64, from ``logits`` ``[batch, vocab]``."""
+def choose_tokens(
+    logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The next token of each row, ``[batch]`` int64, from ``logits`` ``[batch, vocab]`` (sampling
+    draws from ``generator`` when given: a seeded request's own stream of random numbers)."""
     if not settings.do_sample:
         return logits.argmax(dim=-1)
     scores = logits.float() / settings.temperature
@@ -64,5 +67,5 @@ def choose_tokens(logits: torch.Tensor, settings: SamplingSettings) -> torch.Ten
         drop[:, -1] = False  # the most likely token always stays
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = scores.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_()
+    race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax(dim=-1)

@@ -51,6 +51,17 @@ class HostArena:
         self.scales: torch.Tensor | None = None
         self.data, self.scales = self._allocate(batch, max(capacity, 1))
         self.lengths = [0] * num_layers
+        self.view_of: HostArena | None = None  # a row view shares its parent's memory and cannot grow
+
+    def row_view(self, row: int) -> HostArena:
+        """A batch-1 arena over batch row ``row`` of this one (same memory: writes land in this arena)."""
+        view = object.__new__(HostArena)
+        view.__dict__.update(self.__dict__)
+        view.data = self.data[row : row + 1]
+        view.scales = None if self.scales is None else self.scales[row : row + 1]
+        view.lengths = [0] * len(self.lengths)
+        view.view_of = self
+        return view
 
     def _allocate(self, batch: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         shape = (batch, capacity, *self.row_shape)
@@ -95,6 +106,8 @@ class HostArena:
         """Grow (by at least doubling) so that ``tokens`` tokens fit."""
         if tokens <= self.capacity:
             return
+        if self.view_of is not None:
+            raise ValueError(f"{tokens} tokens do not fit this row's {self.capacity} columns (a row view cannot grow)")
         self.engine.synchronize()  # writes in flight must land before the host copies the old arena
         filled = max(self.lengths)
         data, scales = self._allocate(self.data.shape[0], max(tokens, 2 * self.capacity))

@@ -1,0 +1,160 @@
+"""The server's running batch: a slot cache, its chunked prefills, and its static decode step.
+
+:class:`SlotBatch` owns a :class:`~omnikv_runtime.slot_cache.SlotCache` and the step's fixed
+inputs. A request enters through a :class:`PrefillJob` (its prompt in chunks, through a batch-1
+view of its slot), then decodes with the others, one token per :meth:`SlotBatch.step`. On CUDA
+the step is recorded in a CUDA graph and replayed; the recording is redone when the batch's
+layout changes (a request joined or left), after one eager step with the new layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from omnikv_runtime.cache import OmniKVCache
+from omnikv_runtime.decode_loop import cached_forward
+from omnikv_runtime.slot_cache import SlotCache
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillJob:
+    """One request's prompt, run chunk by chunk into its slot (:meth:`advance` runs one chunk)."""
+
+    def __init__(self, batch: SlotBatch, row: int, prompt_ids: list[int], chunk_size: int) -> None:
+        self.batch, self.row = batch, row
+        self.ids = torch.tensor([prompt_ids], dtype=torch.long, device=batch.device)
+        self.chunk_size = chunk_size
+        self.done_tokens = 0
+        self.cache: OmniKVCache = batch.cache.row_cache(row, len(prompt_ids))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.ids.shape[1]
+
+    def advance(self) -> torch.Tensor | None:
+        """Run the next chunk; after the last one, the logits ``[vocab]`` of the prompt's last token."""
+        start, total = self.done_tokens, self.prompt_tokens
+        end = min(start + self.chunk_size, total)
+        columns = torch.arange(start, end, device=self.ids.device)
+        mask = torch.ones(1, end, dtype=torch.long, device=self.ids.device)
+        batch = self.batch
+        output = cached_forward(
+            batch.model, self.cache, batch.cache_keyword, self.ids[:, start:end], columns[None], mask, columns
+        )
+        self.done_tokens = end
+        return output.logits[0, -1].float() if end == total else None
+
+
+class SlotBatch:
+    """The decode batch of a server (see the module docstring).
+
+    Args:
+        engine: the engine whose model, plan, policy and transfer engine the batch uses.
+        rows: slots.
+        capacity: columns per slot (prompt and new tokens of a request, plus one scratch column).
+        new_tokens: tokens a request generates at most (the tail ring's size).
+    """
+
+    def __init__(self, engine, rows: int, capacity: int, new_tokens: int) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.cache_keyword = engine.cache_keyword
+        self.device = engine.device
+        text = self.model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        dtype = next(self.model.parameters()).dtype
+        config = engine.config.omnikv
+        self.cache = SlotCache(
+            engine.plan,
+            engine.policy,
+            config.budget_tokens,
+            engine.transfer,
+            rows,
+            capacity,
+            new_tokens,
+            text.num_key_value_heads,
+            head_dim,
+            dtype,
+            self.device,
+            tail_tokens=config.tail_tokens,
+        )
+        self.cache.fused_layers = engine.fused_layers
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        self.mask = torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=self.device)  # 4-D: transformers builds none
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.logits: torch.Tensor | None = None  # [rows, vocab] float32, written by each step
+        self.use_graph = self.device.type == "cuda" and engine.graph_blocker() is None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_layout: tuple | None = None
+        self._eager_with_layout = 0
+        self._stream = torch.cuda.Stream(self.device) if self.use_graph else None
+        self._step_transfer = None  # what one replayed step moves (measured while recording)
+        self.captures = 0
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows
+
+    def join(self, job: PrefillJob, first_token: int) -> None:
+        """Slot ``job.row`` decodes from now on, starting with ``first_token``."""
+        self.cache.activate(job.row, job.cache)
+        self.ids[job.row, 0] = first_token
+        self.positions[job.row, 0] = job.prompt_tokens
+
+    def leave(self, row: int) -> None:
+        self.cache.release(row)
+
+    def step(self) -> torch.Tensor:
+        """One decode step of every slot; returns the logits ``[rows, vocab]`` (idle slots: meaningless)."""
+        if not self.use_graph:
+            self._run_step()
+            return self.logits
+        layout = self.cache.layout()
+        if layout != self._graph_layout:
+            self._graph, self._graph_layout, self._eager_with_layout = None, layout, 0
+        if self._graph is None and self._eager_with_layout < 1:  # a real step first: kernels compiled, buffers sized
+            self._eager_with_layout += 1
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                self._run_step()
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            return self.logits
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        self.cache.transfer.stats.add_(self._step_transfer)
+        return self.logits
+
+    def _run_step(self) -> None:
+        output = cached_forward(
+            self.model, self.cache, self.cache_keyword, self.ids, self.positions, self.mask, self.cache_position
+        )
+        last = output.logits[:, -1]
+        if self.logits is None:
+            self.logits = torch.empty(last.shape, dtype=torch.float32, device=last.device)
+        self.logits.copy_(last)
+        self.positions.add_(1)
+
+    def _capture(self) -> None:
+        started = time.perf_counter()
+        self._graph = None
+        torch.cuda.synchronize(self.device)
+        transfer = self.cache.transfer
+        before = transfer.stats.copy()
+        graph = torch.cuda.CUDAGraph()
+        self.cache.capturing = True
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                self._run_step()
+        finally:
+            self.cache.capturing = False
+        self._step_transfer = transfer.stats.minus(before)
+        transfer.stats = before  # recording moved nothing
+        self._graph = graph
+        self.captures += 1
+        logger.debug("batch step recorded in a CUDA graph in %.0f ms", (time.perf_counter() - started) * 1e3)

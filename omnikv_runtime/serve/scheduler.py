@@ -1,0 +1,356 @@
+"""Continuous batching: requests join the running batch between decode steps and leave when done.
+
+One thread owns the engine. Each turn of its loop it
+
+1. moves queued requests into free slots (a slot is taken when its prefill starts);
+2. runs **one prefill chunk** of the oldest prefilling request (``prefill.chunk_size`` tokens),
+   so a long prompt never freezes the running batch for its whole prefill: decode steps and
+   prefill chunks alternate, as in chunked-prefill schedulers (vLLM, Sarathi, LightLLM's split
+   prefill). After its last chunk the request's first token is chosen and it joins the batch;
+3. runs **one decode step** of every busy slot, chooses each row's token with that request's own
+   settings (and its own random stream when sampling), and hands each request its new text.
+
+A request whose prompt and ``max_tokens`` cannot fit a slot is refused at :meth:`Scheduler.submit`
+(HTTP 400), and one that finds the queue full too (429). Slots are allocated when the scheduler is
+built (``max_batch`` rows of ``context_limit + 1`` columns); on CUDA the memory planner checks
+then that they fit beside the weights, so an admitted request never runs out of memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.sampling import SamplingSettings, choose_tokens
+from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
+from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
+from omnikv_runtime.serve.text import TextStream
+
+logger = logging.getLogger(__name__)
+
+
+class RequestHandle:
+    """A submitted request: :meth:`cancel` ends it (thread-safe; it then ends with ``"cancelled"``)."""
+
+    def __init__(self, scheduler: Scheduler, request_id: str) -> None:
+        self._scheduler, self.request_id = scheduler, request_id
+
+    def cancel(self) -> None:
+        self._scheduler._cancel(self.request_id)
+
+
+@dataclass
+class _Live:
+    """A request inside the scheduler."""
+
+    request: ServeRequest
+    on_event: Callable[[RequestEvent], None]
+    text: TextStream
+    settings: SamplingSettings
+    generator: torch.Generator | None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    row: int | None = None
+    job: PrefillJob | None = None
+    tokens: list[int] = field(default_factory=list)
+
+
+class Scheduler:
+    """Serves requests through one engine with continuous batching (see the module docstring).
+
+    Args:
+        engine: an initialized engine with a tokenizer.
+        max_batch: slots: requests decoding together.
+        max_queue: requests waiting for a slot at most; more get HTTP 429.
+        max_context: prompt plus new tokens of one request at most (default: the model's and the
+            config's context limit).
+        max_new_tokens: new tokens of one request at most (the tail ring's size; default 1024, or
+            anything up to the context with ``omnikv.tail_tokens`` set).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_context: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> None:
+        if engine.tokenizer is None:
+            raise ConfigError("model", "no tokenizer", "a model with a tokenizer (the server decodes text)")
+        if engine.tensor_parallel_group is not None or engine.hot_cache_tokens:
+            raise ConfigError(
+                "distributed.tp_size / offload.hot_cache_tokens",
+                "set",
+                "the server runs one GPU without a hot cache: leave both at their defaults",
+            )
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(name, value, f"an integer of at least {low}")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        limits = [x for x in (max_context, engine.max_positions, engine.config.model.max_context_len) if x]
+        if not limits:
+            raise ConfigError("model.max_context_len", None, "a context limit (the model declares none)")
+        self.context_limit = min(limits)
+        self.max_new_tokens = engine.config.omnikv.tail_tokens and self.context_limit or max_new_tokens or 1024
+        self.max_new_tokens = min(self.max_new_tokens, self.context_limit - 1)
+        engine.check_memory(max_batch, self.context_limit - self.max_new_tokens, self.max_new_tokens)
+        self.batch = SlotBatch(engine, max_batch, self.context_limit + 1, self.max_new_tokens)
+        self.chunk_size = engine.config.prefill.chunk_size or self.context_limit
+        self.eos_ids = set(_eos_ids(engine))
+        self._lock = threading.Condition()
+        self._queue: collections.deque[_Live] = collections.deque()
+        self._prefilling: collections.deque[_Live] = collections.deque()
+        self._running: dict[int, _Live] = {}  # row -> request
+        self._cancelled: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._counts = collections.Counter()
+        self._last_batch = 0
+
+    # the HTTP side's calls (any thread) -----------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="omnikv-scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, request: ServeRequest, on_event: Callable[[RequestEvent], None]) -> RequestHandle:
+        """Queue ``request``; its events go to ``on_event`` (on the scheduler's thread)."""
+        prompt = len(request.prompt_ids)
+        problem = None
+        if prompt == 0:
+            problem = ("the prompt is empty: give at least one token", "empty_prompt")
+        elif request.max_tokens < 1:
+            problem = (f"max_tokens must be at least 1, got {request.max_tokens}", "invalid_max_tokens")
+        elif request.max_tokens > self.max_new_tokens:
+            problem = (
+                f"max_tokens {request.max_tokens} is over this server's {self.max_new_tokens} new tokens per request",
+                "max_tokens_exceeded",
+            )
+        elif prompt + request.max_tokens > self.context_limit:
+            problem = (
+                f"the prompt has {prompt} tokens and max_tokens is {request.max_tokens}, "
+                f"{prompt + request.max_tokens} in all, over this server's context of {self.context_limit} "
+                "tokens: shorten the prompt or lower max_tokens",
+                "context_length_exceeded",
+            )
+        if problem is not None:
+            self._count("requests_rejected_total")
+            raise AdmissionError(400, *problem)
+        settings = SamplingSettings(request.temperature > 0, request.temperature or 1.0, None, _top_p(request.top_p))
+        generator = None
+        if settings.do_sample:
+            generator = torch.Generator(self.batch.device)
+            generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
+        live = _Live(request, on_event, TextStream(self.tokenizer, request.stop), settings, generator)
+        with self._lock:
+            if len(self._queue) >= self.max_queue and not self._has_free_slot():
+                self._counts["requests_rejected_total"] += 1
+                raise AdmissionError(429, f"the queue holds {self.max_queue} requests: retry later", "queue_full")
+            self._queue.append(live)
+            self._counts["requests_total"] += 1
+            self._counts["prompt_tokens_total"] += prompt
+            self._lock.notify_all()
+        return RequestHandle(self, request.request_id)
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters and gauges for ``/metrics`` (see the HTTP layer for their exposition)."""
+        with self._lock:
+            counts = dict(self._counts)
+            running = len(self._running) + len(self._prefilling)
+            queued = len(self._queue)
+        cache = self.batch.cache
+        tiers = cache.tier_bytes()
+        transfer = self.engine.transfer.stats
+        offloaded = self.engine.config.offload.device == "cpu"
+        pcie = transfer.bytes_fetched + transfer.bytes_prefill_read + transfer.bytes_written if offloaded else 0
+        return {
+            "requests_total": counts.get("requests_total", 0),
+            "requests_rejected_total": counts.get("requests_rejected_total", 0),
+            "requests_running": running,
+            "queue_depth": queued,
+            "batch_size": self._last_batch,
+            "slots_free": len(cache.free_rows()) - len(self._prefilling),
+            "prompt_tokens_total": counts.get("prompt_tokens_total", 0),
+            "generation_tokens_total": counts.get("generation_tokens_total", 0),
+            "pcie_bytes_total": pcie,
+            "kv_bytes": {
+                "gpu_dense": tiers["gpu_dense"],
+                "gpu_selected": tiers["gpu_selected"],
+                "gpu_tail": tiers["gpu_tail"],
+                "host_used": tiers["host"],
+                "host_allocated": tiers["host_allocated"],
+            },
+        }
+
+    def _cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._lock.notify_all()
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += amount
+
+    def _has_free_slot(self) -> bool:
+        return len(self.batch.cache.free_rows()) - len(self._prefilling) > 0
+
+    # the scheduler's thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not (self._stopping or self._queue or self._prefilling or self._running or self._cancelled):
+                        self._lock.wait()
+                    if self._stopping:
+                        break
+                    cancelled, self._cancelled = self._cancelled, set()
+                    self._admit()
+                self._drop(cancelled)
+                try:
+                    self._turn()
+                except Exception as exc:  # a failing step fails its requests, not the server
+                    logger.exception("the batch step failed; its requests end with an error")
+                    self._fail_all(f"{type(exc).__name__}: {exc}")
+        self._fail_all(None)
+
+    def _admit(self) -> None:
+        """Queued requests take free slots (lock held); their prefill starts at the next chunk turn."""
+        free = [row for row in self.batch.cache.free_rows() if row not in {x.row for x in self._prefilling}]
+        while self._queue and free:
+            live = self._queue.popleft()
+            live.row = free.pop(0)
+            live.job = PrefillJob(self.batch, live.row, list(live.request.prompt_ids), self.chunk_size)
+            self._prefilling.append(live)
+
+    def _turn(self) -> None:
+        if self._prefilling:
+            live = self._prefilling[0]
+            logits = live.job.advance()
+            if logits is not None:
+                with self._lock:
+                    self._prefilling.popleft()
+                token = int(choose_tokens(logits[None], live.settings, live.generator)[0])
+                live.first_token_at = time.perf_counter()
+                if not self._deliver(live, token):
+                    self.batch.join(live.job, token)
+                    self._running[live.row] = live
+                live.job = None
+        if self._running:
+            logits = self.batch.step()
+            self._last_batch = len(self._running)
+            rows = sorted(self._running)
+            tokens = logits.argmax(dim=-1)
+            for row in rows:
+                live = self._running[row]
+                if live.settings.do_sample:
+                    tokens[row] = choose_tokens(logits[row : row + 1], live.settings, live.generator)[0]
+            chosen = tokens.tolist()
+            self.batch.ids[:, 0].copy_(tokens)
+            for row in rows:
+                live = self._running[row]
+                if self._deliver(live, chosen[row]):
+                    del self._running[row]
+                    self.batch.leave(row)
+
+    def _deliver(self, live: _Live, token: int) -> bool:
+        """Hand ``token``'s text to the request; True when the request has finished."""
+        live.tokens.append(token)
+        self._count("generation_tokens_total")
+        finish = None
+        if token in self.eos_ids:
+            finish, text = "stop", live.text.finish()
+        else:
+            text, stopped = live.text.add(token)
+            if stopped:
+                finish = "stop"
+            elif len(live.tokens) >= live.request.max_tokens:
+                finish, text = "length", text + live.text.finish()
+        self._emit(live, text, [token], finish)
+        return finish is not None
+
+    def _emit(self, live: _Live, text: str, tokens: list[int], finish: str | None, error: str | None = None) -> None:
+        event = RequestEvent(text, tokens, finish, len(live.request.prompt_ids), len(live.tokens), error)
+        try:
+            live.on_event(event)
+        except Exception:  # the HTTP side's problem must not stop the batch
+            logger.exception("request %s: delivering an event failed", live.request.request_id)
+        if finish is not None:
+            self._log_finished(live, finish)
+
+    def _log_finished(self, live: _Live, finish: str) -> None:
+        now = time.perf_counter()
+        first = live.first_token_at
+        ttft = f"{(first - live.submitted) * 1e3:.0f} ms" if first is not None else "-"
+        rate = (len(live.tokens) - 1) / (now - first) if first is not None and now > first else 0.0
+        logger.info(
+            "request %s: %d prompt tokens, %d generated, time to first token %s, %.1f tokens/s, %s",
+            live.request.request_id,
+            len(live.request.prompt_ids),
+            len(live.tokens),
+            ttft,
+            rate,
+            finish,
+        )
+
+    def _drop(self, cancelled: set[str]) -> None:
+        """End cancelled requests wherever they are, freeing their slots."""
+        if not cancelled:
+            return
+        with self._lock:
+            queued = [x for x in self._queue if x.request.request_id in cancelled]
+            for live in queued:
+                self._queue.remove(live)
+            prefilling = [x for x in self._prefilling if x.request.request_id in cancelled]
+            for live in prefilling:
+                self._prefilling.remove(live)
+        running = [row for row, x in self._running.items() if x.request.request_id in cancelled]
+        ended = queued + prefilling + [self._running.pop(row) for row in running]
+        for row in running:
+            self.batch.leave(row)
+        for live in ended:
+            live.job = None
+            self._emit(live, "", [], "cancelled")
+
+    def _fail_all(self, error: str | None) -> None:
+        """End every request (``error`` set: the step failed; None: the server is stopping)."""
+        with self._lock:
+            ended = list(self._queue) + list(self._prefilling)
+            self._queue.clear()
+            self._prefilling.clear()
+        ended += list(self._running.values())
+        for row in list(self._running):
+            self.batch.leave(row)
+        self._running.clear()
+        for live in ended:
+            live.job = None
+            self._emit(live, "", [], "error" if error else "cancelled", error)
+
+
+def _top_p(value: float) -> float | None:
+    return None if value >= 1.0 else value
+
+
+def _eos_ids(engine: Any) -> list[int]:
+    config = engine.model.generation_config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = engine.tokenizer.eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])] if eos is not None else []
