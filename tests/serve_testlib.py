@@ -1,6 +1,7 @@
-"""A stand-in for ``omnikv_runtime.serve.scheduler.Scheduler`` for fast tests of the HTTP layer.
+"""Helpers of the serve tests: a Prometheus text parser, and a stand-in for
+``omnikv_runtime.serve.scheduler.Scheduler`` for fast tests of the HTTP layer.
 
-It keeps the real one's interface (``tokenizer``, ``context_limit``, ``start``, ``shutdown``,
+The fake keeps the real one's interface (``tokenizer``, ``context_limit``, ``start``, ``shutdown``,
 ``submit``, ``metrics``; handles with ``request_id`` and ``cancel``) and emits events from its own
 thread, as the real one does: the word ``w0 ``, ``w1 ``, ... per token, then ``finish_reason``
 ``"length"`` (or ``finish`` when set: ``"stop"``, ``"error"``). With ``hold`` set, each request
@@ -9,6 +10,7 @@ waits after its first token until it is cancelled or ``release`` is set.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -103,3 +105,28 @@ class FakeScheduler:
             "pcie_bytes_total": 123456,
             "kv_bytes": {"gpu_dense": 10, "gpu_selected": 20, "gpu_tail": 30, "host_used": 40, "host_allocated": 50},
         }
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"\\]*"\})? (\S+)$')
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """Prometheus text format 0.0.4, strictly: a HELP and a TYPE line before each family's samples."""
+    assert text.endswith("\n")
+    samples: dict[str, float] = {}
+    typed: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge") and name not in typed
+            typed[name] = kind
+            continue
+        match = _SAMPLE.match(line)
+        assert match, line
+        name, labels, value = match.groups()
+        assert name in typed, f"{name} has no TYPE line before it"
+        assert not (typed[name] == "counter" and not name.endswith("_total"))
+        samples[name + (labels or "")] = float(value)
+    return samples

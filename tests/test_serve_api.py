@@ -1,4 +1,4 @@
-"""The HTTP layer of ``omnikv serve`` over a fake scheduler (tests/serve_fakes.py): request and response
+"""The HTTP layer of ``omnikv serve`` over a fake scheduler (tests/serve_testlib.py): request and response
 bodies, every refusal with its status and OpenAI error body, the API key, the body size limit,
 server-sent event framing, the metrics text, and cancellation when a client goes away."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from serve_fakes import FakeScheduler  # noqa: E402
+from serve_testlib import FakeScheduler, parse_exposition  # noqa: E402
 
 from omnikv_runtime.cli_serve import exposure_warning  # noqa: E402
 from omnikv_runtime.serve.app import create_app  # noqa: E402
@@ -256,31 +255,6 @@ def test_body_limit_by_content_length_and_by_bytes_streamed(client, scheduler):
     assert len(fits) <= 4096
     response = client.post("/v1/completions", content=fits, headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"  # parsed
-
-
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"\\]*"\})? (\S+)$')
-
-
-def parse_exposition(text: str) -> dict[str, float]:
-    """Prometheus text format 0.0.4, strictly: a HELP and a TYPE line before each family's samples."""
-    assert text.endswith("\n")
-    samples: dict[str, float] = {}
-    typed: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge") and name not in typed
-            typed[name] = kind
-            continue
-        match = _SAMPLE.match(line)
-        assert match, line
-        name, labels, value = match.groups()
-        assert name in typed, f"{name} has no TYPE line before it"
-        assert not (typed[name] == "counter" and not name.endswith("_total"))
-        samples[name + (labels or "")] = float(value)
-    return samples
 
 
 def test_metrics_text_parses_and_carries_the_scheduler_metrics(client, scheduler):
