@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# One call on a 2-GPU CUDA machine without internet (carry .whl/: pydantic, deepspeed 0.18.9 pure Python,
-# hjson, ninja, msgpack, einops, py-cpuinfo, nvidia-ml-py). Logs and JSON under $OUT. About 8 minutes.
-#   tp      benchmarks/tensor_parallel.py at 128K: 1 GPU (+ HF) then torchrun 2 GPUs, batch 1 and 4
-#   plan    omnikv plan --tp-size 2 (Llama-3-8B geometry without its 8K limit), then tp 2 at its longest context
-#   zero    ZeRO-Inference on one GPU at 32K, Llama-3-8B widths with 320 layers (about 141 GB of bf16 weights)
-# Usage: bash benchmarks/gpu_multi.sh tp plan zero
+# Calls on a 2-GPU CUDA machine without internet (carry .whl/: pydantic, deepspeed 0.18.9 pure Python,
+# hjson, ninja, msgpack, einops, py-cpuinfo, nvidia-ml-py). Logs and JSON under $OUT (7 files at most per part
+# pair below, under the 8 a call brings back).
+#   tp      a quick 2-rank check on a small Llama (stops the part if it fails), then
+#           benchmarks/tensor_parallel.py at 128K: 1 GPU (+ HF), then torchrun 2 GPUs, batch 1 and 4;
+#           benchmarks/tp_compare.py compares tokens and selected indices (about 4 minutes)
+#   zero    ZeRO-Inference on one GPU at 32K, Llama-3-8B widths with 320 layers (141.7 GB of bf16 weights:
+#           the planner's OmniKV run without weight offload needs 147.3 GB of the GPU's 143.2 GB after
+#           headroom); about 4 minutes
+#   plan    omnikv plan --tp-size 2 (Llama-3-8B geometry without its 8K limit), then tp 2 at its longest
+#           decode-only context with budget 2048 (configs/llama3_8b.json's); about 3 minutes
+# The machine's memory grows as it is used, so MemTotal reads far less than its 256 GiB at the start:
+# the plans are given --host-memory 240GiB (the rest is for the processes themselves).
+# Usage: OUT=... bash benchmarks/gpu_multi.sh tp        then        OUT=... bash benchmarks/gpu_multi.sh zero plan
 set -u
 OUT=${OUT:-/tmp/omnikv_out}
+HOST_MEMORY=${HOST_MEMORY:-240GiB}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -14,37 +23,51 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /tmp/omnikv_install.log 2>&1 \
   || { echo "install failed"; tail -20 /tmp/omnikv_install.log; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi topo -m 2>/dev/null | head -4
+GEOMETRY=/tmp/llama3_8b_long.json
+DEEP=/tmp/llama3_8b_320_layers.json
 python3 -c 'import json, sys; from omnikv_runtime.planner import KNOWN_GEOMETRIES as G
-json.dump({**G["llama3-8b"], "max_position_embeddings": 1 << 24}, open(sys.argv[1], "w"))' "$OUT/llama3_8b_long.json"
-TP="timeout 280 torchrun --nproc-per-node"
+json.dump({**G["llama3-8b"], "max_position_embeddings": 1 << 24}, open(sys.argv[1], "w"))
+json.dump({**G["llama3-8b"], "num_hidden_layers": 320, "max_position_embeddings": 1 << 24}, open(sys.argv[2], "w"))' \
+  "$GEOMETRY" "$DEEP"
+PLAN="python3 -m omnikv_runtime.cli plan --config configs/llama3_8b.json --new-tokens 17 --host-memory $HOST_MEMORY"
 for part in "$@"; do
   started=$(date +%s)
   case "$part" in
     tp)
-      timeout 200 python3 benchmarks/tensor_parallel.py --context 131072 --hf --out "$OUT/tp1.json" 2> "$OUT/tp1.err"
-      grep "^rank" "$OUT/tp1.err" | tail -8
-      $TP 2 benchmarks/tensor_parallel.py --context 131072 --out "$OUT/tp2.json" 2> "$OUT/tp2.err"
-      grep "^rank" "$OUT/tp2.err" | tail -8
-      python3 -c 'import json, sys; a, b = (json.load(open(p)) for p in sys.argv[1:])
-for x, y in zip(a["rows"], b["rows"]):
-    if "tokens" in x: print("batch", x["batch"], "budget", x["budget"], "same tokens", x["tokens"] == y["tokens"],
-                            "same selections", x["selections"] == y["selections"])' "$OUT/tp1.json" "$OUT/tp2.json" ;;
+      if ! timeout 120 torchrun --nproc-per-node 2 benchmarks/tensor_parallel.py --tiny --context 4096 --batches 1 \
+        --steps 8 --out /tmp/smoke.json > /tmp/smoke.log 2>&1; then
+        echo "2-rank check on a small Llama failed:"; grep -v Warning /tmp/smoke.log | tail -40; cp /tmp/smoke.log "$OUT/"
+        continue
+      fi
+      grep "^rank 0" /tmp/smoke.log | tail -3
+      SEL=/tmp/selections
+      timeout 240 python3 benchmarks/tensor_parallel.py --context 131072 --hf --selections $SEL --out "$OUT/tp1.json" \
+        2> "$OUT/tp1.err"
+      grep "^rank\|Error" "$OUT/tp1.err" | tail -8
+      timeout 240 torchrun --nproc-per-node 2 benchmarks/tensor_parallel.py --context 131072 --selections $SEL \
+        --out "$OUT/tp2.json" 2> "$OUT/tp2.err"
+      grep "^rank\|Error" "$OUT/tp2.err" | tail -10
+      python3 benchmarks/tp_compare.py "$OUT/tp1.json" "$OUT/tp2.json" --selections $SEL --out "$OUT/compare.json" ;;
+    zero)
+      for weights in "" "--offload-weights"; do
+        $PLAN --model-config "$DEEP" --context 32768 $weights >> "$OUT/plan_zero.txt" 2>&1
+      done
+      grep "weights\|GPU total\|host total\|^fits\|longest context that fits, omnikv" "$OUT/plan_zero.txt"
+      timeout 330 python3 benchmarks/tensor_parallel.py --zero --layers 320 --context 32768 --batches 1 --steps 6 \
+        --out "$OUT/zero.json" 2> "$OUT/zero.err"
+      grep "^rank\|Error" "$OUT/zero.err" | tail -4 ;;
     plan)
       for tp in 1 2; do
-        python3 -m omnikv_runtime.cli plan --config configs/llama3_8b.json --model-config "$OUT/llama3_8b_long.json" \
-          --context 131072 --new-tokens 17 --tp-size $tp --json > "$OUT/plan_tp$tp.json" 2> "$OUT/plan_tp$tp.err"
+        $PLAN --model-config "$GEOMETRY" --context 131072 --tp-size $tp >> "$OUT/plan.txt" 2>&1
       done
-      python3 -m omnikv_runtime.cli plan --config configs/llama3_8b.json --model-config "$OUT/llama3_8b_long.json" \
-        --context 131072 --new-tokens 17 --tp-size 2 > "$OUT/plan_tp2.txt" 2>&1; tail -5 "$OUT/plan_tp2.txt"
-      LONGEST=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["omnikv"]["longest_context_decode_only"]["context"])' "$OUT/plan_tp2.json")
+      LONGEST=$($PLAN --model-config "$GEOMETRY" --context 131072 --tp-size 2 --json | python3 -c \
+        'import json, sys; print(json.load(sys.stdin)["omnikv"]["longest_context_decode_only"]["context"])')
       echo "planner's longest decode-only context on 2 GPUs: $LONGEST"
-      $TP 2 benchmarks/tensor_parallel.py --context "$LONGEST" --batches 1 --steps 8 --out "$OUT/tp2_longest.json" \
-        2> "$OUT/tp2_longest.err"; grep "^rank\|Error" "$OUT/tp2_longest.err" | tail -4 ;;
-    zero)
-      python3 -m omnikv_runtime.cli plan --config configs/llama3_8b.json --model-config "$OUT/llama3_8b_long.json" \
-        --context 32768 --new-tokens 17 --offload-weights > "$OUT/plan_zero.txt" 2>&1; tail -4 "$OUT/plan_zero.txt"
-      timeout 250 python3 benchmarks/tensor_parallel.py --zero --layers 320 --context 32768 --batches 1 --steps 6 \
-        --out "$OUT/zero.json" 2> "$OUT/zero.err"; grep "^rank\|Error" "$OUT/zero.err" | tail -4 ;;
+      $PLAN --model-config "$GEOMETRY" --context "$LONGEST" --tp-size 2 --json > "$OUT/plan_longest.json"
+      timeout 240 torchrun --nproc-per-node 2 benchmarks/tensor_parallel.py --context "$LONGEST" --batches 1 \
+        --budgets 2048 --steps 8 --out "$OUT/tp2_longest.json" 2> "$OUT/tp2_longest.err"
+      grep "^rank\|Error" "$OUT/tp2_longest.err" | tail -6 ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - started )) s"

@@ -14,12 +14,16 @@ peak GPU memory of this rank, host resident memory, tokens and selections (rank 
 ``--hf`` adds single-GPU transformers (DynamicCache, every layer's KV on the GPU) when it fits.
 ``--zero`` runs one GPU under ``distributed.offload_weights`` (``--layers`` deepens the geometry so
 the weights exceed the GPU) and reports the PCIe floor: weights plus selected rows per step over the
-pinned-copy bandwidth measured here. ``--tiny`` checks the script on CPU.
+pinned-copy bandwidth measured here. ``--tiny`` checks the script on CPU (on a GPU: a quick check
+of the same path on a small Llama). ``--selections DIR`` saves every rank's selected indices per
+budget, batch, filter layer and step (``benchmarks/tp_compare.py`` compares two runs' files).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import json
 import os
 import statistics
@@ -33,7 +37,6 @@ import torch
 import omnikv_runtime as okv
 from omnikv_runtime.config import load_config
 from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
-from omnikv_runtime.listeners import SelectionRecorder
 from omnikv_runtime.random_model import random_model
 from omnikv_runtime.sampling import SamplingSettings
 
@@ -64,7 +67,9 @@ def run(args: argparse.Namespace, batch: int, budget: float | int, engine, model
     steps = args.steps
     cache = engine.new_cache(reserve_tokens=args.context + steps + 64, prompt_tokens=args.context)
     head_dim = text.hidden_size // text.num_attention_heads
+    started = time.perf_counter()
     fill(cache, text.num_hidden_layers, text.num_key_value_heads, head_dim, batch, args.context, device, dtype)
+    fill_s = time.perf_counter() - started
     cache.budget = lambda context, k=budget: min(context, k if isinstance(k, int) else max(1, int(k * context)))
     use_graph = engine.graph_blocker() is None
     loop = DecodeLoop(
@@ -73,29 +78,75 @@ def run(args: argparse.Namespace, batch: int, budget: float | int, engine, model
     loop.start_after_fill(batch, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trace = SelectionRecorder(contexts=False)
     times = []
-    with engine.listening(trace):
-        for _ in range(steps):
-            started = time.perf_counter()
-            loop.run_step()
-            sync(device)
-            times.append((time.perf_counter() - started) * 1e3)
-    selections: dict[str, list] = {}
-    for event in trace.records:
-        selections.setdefault(str(event.layer), []).append(event.indices.tolist())
+    # filter layer -> per step [batch, k], sorted per row: read from the segments' selection buffers after
+    # each step, so the steps replayed from a CUDA graph count too (listeners see eager steps only)
+    selections: dict[int, list[torch.Tensor]] = {}
+    for _ in range(steps):
+        started = time.perf_counter()
+        loop.run_step()
+        sync(device)
+        times.append((time.perf_counter() - started) * 1e3)
+        for segment in cache.segments:
+            if segment.selection is not None:
+                chosen = segment.selection.sort(dim=1).values.to("cpu", torch.int32)
+                selections.setdefault(segment.filter_layer, []).append(chosen)
     timed = times[3:] if len(times) > 4 else times
-    return {
+    row = {
         "batch": batch,
         "budget": budget,
+        "selected": {str(layer): chosen[-1].shape[1] for layer, chosen in selections.items()},
         "step_ms": round(statistics.median(timed), 3),
+        "steps_ms": [round(t, 2) for t in times],
+        "fill_s": round(fill_s, 1),
         "cuda_graph": use_graph,
         "tokens": loop.tokens[:, :steps].tolist(),
-        "selections": selections,
+        # one digest per filter layer and step (equal digests: equal sorted indices in every row)
+        "selection_digests": {
+            str(layer): [hashlib.sha1(c.numpy().tobytes()).hexdigest()[:16] for c in chosen]
+            for layer, chosen in selections.items()
+        },
         "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         "host_rss_bytes": psutil.Process().memory_info().rss,
+        "host_used_bytes": host_used(),  # the whole machine's (every rank's tiers, the OS, ...)
         "tier_bytes": cache.tier_bytes(),
     }
+    if args.selections:
+        rank = os.environ.get("RANK", "0")
+        name = f"sel_w{row_world()}_r{rank}_b{batch}_k{budget}.pt"
+        torch.save({layer: torch.stack(chosen) for layer, chosen in selections.items()}, f"{args.selections}/{name}")
+    return row
+
+
+def host_used() -> int:
+    memory = psutil.virtual_memory()
+    return memory.total - memory.available
+
+
+def row_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gather_ranks(row: dict) -> None:
+    """Rank 0's row gets every rank's GPU peak and resident memory, and whether the ranks chose alike."""
+    import torch.distributed as dist
+
+    if row_world() == 1 or not dist.is_initialized():
+        return
+    mine = {k: row[k] for k in ("gpu_peak_bytes", "host_rss_bytes", "tokens", "selection_digests")}
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    row["gpu_peak_bytes_per_rank"] = [r["gpu_peak_bytes"] for r in every]
+    row["host_rss_bytes_per_rank"] = [r["host_rss_bytes"] for r in every]
+    row["ranks_same_tokens"] = all(r["tokens"] == row["tokens"] for r in every)
+    row["ranks_same_selections"] = all(r["selection_digests"] == row["selection_digests"] for r in every)
+
+
+def release(device: torch.device) -> None:
+    """Free the last run's cache and captured graph (pinned host tier included) before the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def hf_row(model, batch: int, context: int, steps: int, device, dtype) -> dict[str, Any]:
@@ -103,6 +154,8 @@ def hf_row(model, batch: int, context: int, steps: int, device, dtype) -> dict[s
 
     text = model.config
     cache = DynamicCache(config=text)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     head_dim = text.hidden_size // text.num_attention_heads
     try:
         for layer in range(text.num_hidden_layers):
@@ -111,6 +164,7 @@ def hf_row(model, batch: int, context: int, steps: int, device, dtype) -> dict[s
                 torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype), layer
             )
     except torch.OutOfMemoryError:
+        del cache
         return {"batch": batch, "path": "hf_dynamic", "skipped": "KV does not fit one GPU"}
     ids = torch.full((batch, 1), 5, device=device)
     times = []
@@ -126,7 +180,9 @@ def hf_row(model, batch: int, context: int, steps: int, device, dtype) -> dict[s
         "batch": batch,
         "path": "hf_dynamic",
         "step_ms": round(statistics.median(times[2:] or times), 3),
+        "steps_ms": [round(t, 2) for t in times],
         "gpu_peak_bytes": peak,
+        "host_rss_bytes": psutil.Process().memory_info().rss,
     }
 
 
@@ -144,11 +200,43 @@ def pinned_gbps(device: torch.device) -> float | None:
     return 5 * host.numel() / (time.perf_counter() - started) / 1e9
 
 
+def random_on_host(base, device: torch.device, min_positions: int):
+    """The model on the CPU for ZeRO-Inference, its random matrices drawn on ``device`` (the GPU) and
+    copied over: drawing ~140 GB of bf16 weights with the CPU's generator takes minutes. Norms are ones."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return random_model(base, device="cpu", min_positions=min_positions)
+    with no_init_weights():
+        model = random_model(base, device="cpu", min_positions=min_positions)
+    generator = torch.Generator(device=device).manual_seed(0)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() < 2:
+                param.fill_(1.0)
+                continue
+            for rows in param.split(16384):
+                drawn = torch.randn(rows.shape, device=device, dtype=torch.float32, generator=generator)
+                rows.copy_(drawn.mul_(std).to(param.dtype))
+    return model
+
+
+def parse_budget(text: str, default: float | int) -> float | int:
+    if text == "default":
+        return default
+    return float(text) if "." in text else int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument(
+        "--budgets", help="token budgets: counts, fractions, or 'default' (default: 1.0,default; --zero: default)"
+    )
+    parser.add_argument("--selections", help="a folder for every rank's selected indices (torch.save files)")
     parser.add_argument("--hf", action="store_true", help="add single-GPU transformers (DynamicCache)")
     parser.add_argument("--zero", action="store_true", help="ZeRO-Inference weight offload, one GPU")
     parser.add_argument("--layers", type=int, help="decoder layers (default: Llama-3-8B's 32)")
@@ -184,25 +272,42 @@ def main(argv: list[str] | None = None) -> int:
     # ZeRO-Inference offloads the weights, so they start on the CPU. Tensor-parallel ranks build the full
     # random model on their own GPU and DeepSpeed keeps their shard: on the CPU, under torchrun's
     # OMP_NUM_THREADS=1, initialising 8B random weights per rank took longer than a 90 s limit on the H200 pair
-    on_cpu_first = args.zero
-    model = random_model(base, device="cpu" if on_cpu_first else device, min_positions=args.context + 1024)
+    started = time.perf_counter()
+    if args.zero:
+        model = random_on_host(base, device, min_positions=args.context + 1024)
+    else:
+        model = random_model(base, device=device, min_positions=args.context + 1024)
+    build_s = time.perf_counter() - started
     text = model.config
     dtype = getattr(torch, dtype_name)
+    started = time.perf_counter()
     engine = okv.initialize(model, base)
+    initialize_s = time.perf_counter() - started
+    print(
+        f"rank {os.environ.get('RANK', '0')}: model built in {build_s:.1f} s, initialized in {initialize_s:.1f} s",
+        file=sys.stderr,
+    )
+    if args.selections:
+        os.makedirs(args.selections, exist_ok=True)
     result: dict[str, Any] = {
         "world": world,
         "context": args.context,
         "zero": args.zero,
         "layers": text.num_hidden_layers,
+        "build_s": round(build_s, 1),
+        "initialize_s": round(initialize_s, 1),
     }
     result["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result["rows"] = []
     default_budget = base.omnikv.token_budget
+    wanted = args.budgets or ("default" if args.zero else "1.0,default")
+    budgets = [parse_budget(b, default_budget) for b in wanted.split(",")]
     for batch in [int(b) for b in args.batches.split(",")]:
-        budgets = [default_budget] if args.zero else [1.0, default_budget]
         for budget in budgets:
-            result["rows"].append(run(args, batch, budget, engine, engine.model, text, device, dtype))
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            row = run(args, batch, budget, engine, engine.model, text, device, dtype)
+            gather_ranks(row)
+            result["rows"].append(row)
+            release(device)
     if args.zero:
         gbps = pinned_gbps(device)
         weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.model.parameters()) * 2
@@ -214,12 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf and world == 1 and not args.zero:
         for batch in [int(b) for b in args.batches.split(",")]:
             result["rows"].append(hf_row(engine.model, batch, args.context, 8, device, dtype))
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            release(device)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump(result, handle)
     for row in result["rows"]:
-        summary = {k: v for k, v in row.items() if k not in ("tokens", "selections", "tier_bytes")}
+        summary = {k: v for k, v in row.items() if k not in ("tokens", "selection_digests", "tier_bytes", "steps_ms")}
         print(f"rank {os.environ.get('RANK', '0')}: {summary}", file=sys.stderr)
     return 0
 
