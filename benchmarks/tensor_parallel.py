@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero", action="store_true", help="ZeRO-Inference weight offload, one GPU")
     parser.add_argument("--layers", type=int, help="decoder layers (default: Llama-3-8B's 32)")
     parser.add_argument("--tiny", action="store_true", help="a small geometry on CPU (checks the script)")
+    parser.add_argument("--eager", action="store_true", help="decode steps without a CUDA graph")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "omnikv": {"filter_layers": FILTER_LAYERS, "wait_layers": 1},
         "offload": {"device": "cpu"},
         "distributed": {"tp_size": world, "offload_weights": args.zero},
+        "generation": {"cuda_graphs": not args.eager},
     }
     base = load_config(config)
     from omnikv_runtime.planner import KNOWN_GEOMETRIES
