@@ -161,7 +161,7 @@ class Scheduler:
             generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
         live = _Live(request, on_event, TextStream(self.tokenizer, request.stop), settings, generator)
         with self._lock:
-            if len(self._queue) >= self.max_queue and not self._has_free_slot():
+            if len(self._queue) >= self.max_queue + self._free_slots():
                 self._counts["requests_rejected_total"] += 1
                 raise AdmissionError(429, f"the queue holds {self.max_queue} requests: retry later", "queue_full")
             self._queue.append(live)
@@ -187,7 +187,7 @@ class Scheduler:
             "requests_running": running,
             "queue_depth": queued,
             "batch_size": self._last_batch,
-            "slots_free": len(cache.free_rows()) - len(self._prefilling),
+            "slots_free": self._free_slots(),
             "prompt_tokens_total": counts.get("prompt_tokens_total", 0),
             "generation_tokens_total": counts.get("generation_tokens_total", 0),
             "pcie_bytes_total": pcie,
@@ -209,8 +209,8 @@ class Scheduler:
         with self._lock:
             self._counts[name] += amount
 
-    def _has_free_slot(self) -> bool:
-        return len(self.batch.cache.free_rows()) - len(self._prefilling) > 0
+    def _free_slots(self) -> int:
+        return len(self.batch.cache.free_rows()) - len(self._prefilling)
 
     # the scheduler's thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -245,14 +245,16 @@ class Scheduler:
             live = self._prefilling[0]
             logits = live.job.advance()
             if logits is not None:
-                with self._lock:
-                    self._prefilling.popleft()
                 token = int(choose_tokens(logits[None], live.settings, live.generator)[0])
                 live.first_token_at = time.perf_counter()
-                if not self._deliver(live, token):
-                    self.batch.join(live.job, token)
-                    self._running[live.row] = live
+                self.batch.join(live.job, token)  # before the token is handed out: metrics see the slot busy
+                self._running[live.row] = live
                 live.job = None
+                with self._lock:
+                    self._prefilling.popleft()
+                if self._deliver(live, token):
+                    del self._running[live.row]
+                    self.batch.leave(live.row)
         if self._running:
             logits = self.batch.step()
             self._last_batch = len(self._running)

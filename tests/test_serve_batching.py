@@ -1,0 +1,211 @@
+"""Continuous batching (the server's scheduler and slot cache) against each request served alone.
+
+A request's greedy tokens must not depend on what else runs in the batch: here requests of
+different lengths arrive together, wait for slots, join a running batch between its steps, and
+reuse the slots of finished ones; each must get exactly the tokens ``Engine.generate`` gives its
+prompt alone (a separate code path: the engine's own decode loop over a batch-1 cache).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from okv_testlib import VOCAB, make_model, make_prompt, omni
+
+import omnikv_runtime as okv
+from omnikv_runtime.serve.requests import AdmissionError, ServeRequest
+from omnikv_runtime.serve.scheduler import Scheduler
+from omnikv_runtime.serve.text import TextStream
+
+
+class PieceTokenizer:
+    """Token ``i`` reads as ``pieces.get(i, f"<{i}>")``; no end-of-sequence token."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def __init__(self, pieces: dict[int, str] | None = None) -> None:
+        self.pieces = pieces or {}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces.get(i, f"<{i}>") for i in ids)
+
+
+class Collector:
+    """Gathers the events of several requests; :meth:`wait` until all have finished."""
+
+    def __init__(self, count: int) -> None:
+        self.tokens: dict[int, list[int]] = {i: [] for i in range(count)}
+        self.text: dict[int, str] = {i: "" for i in range(count)}
+        self.finish: dict[int, str] = {}
+        self.events: dict[int, int] = {i: 0 for i in range(count)}
+        self._done = threading.Event()
+        self._count = count
+
+    def sink(self, i: int):
+        def on_event(event) -> None:
+            self.tokens[i].extend(event.token_ids)
+            self.text[i] += event.text
+            self.events[i] += 1
+            if event.finish_reason is not None:
+                self.finish[i] = event.finish_reason
+                if len(self.finish) == self._count:
+                    self._done.set()
+
+        return on_event
+
+    def wait(self, timeout: float = 120) -> None:
+        assert self._done.wait(timeout), f"finished {sorted(self.finish)} of {self._count}"
+
+
+def make_engine(offload: str = "cpu", selector=None, budget: float = 0.2):
+    config = omni(budget, selector, offload={"device": offload}, prefill={"chunk_size": 32})
+    config["omnikv"]["min_token_budget"] = 4
+    return okv.initialize(make_model("llama"), config, tokenizer=PieceTokenizer())
+
+
+PROMPT_LENGTHS = (150, 61, 97, 130, 75)
+
+
+def prompts() -> list[list[int]]:
+    return [make_prompt(1, length, 0, seed=10 + i)[0][0].tolist() for i, length in enumerate(PROMPT_LENGTHS)]
+
+
+@pytest.mark.parametrize(
+    ("offload", "selector"),
+    [
+        ("cpu", None),
+        ("none", None),
+        ("cpu", {"type": "uniform", "window_size": 4}),  # a query window per slot
+        ("none", {"type": "h2o"}),  # state carried per request from step to step
+    ],
+)
+def test_each_request_gets_the_tokens_it_gets_alone(offload, selector):
+    engine = make_engine(offload, selector)
+    new_tokens = [12, 20, 7, 16, 9]
+    alone = []
+    for ids, count in zip(prompts(), new_tokens, strict=True):
+        out = engine.generate(torch.tensor([ids]), max_new_tokens=count, do_sample=False)
+        alone.append(out[0, len(ids) :].tolist())
+    scheduler = Scheduler(engine, max_batch=2, max_queue=8, max_context=256, max_new_tokens=32)
+    collected = Collector(len(alone))
+    scheduler.start()
+    try:
+        for i, (ids, count) in enumerate(zip(prompts(), new_tokens, strict=True)):
+            scheduler.submit(ServeRequest(f"r{i}", tuple(ids), count, temperature=0.0), collected.sink(i))
+        collected.wait()
+    finally:
+        scheduler.shutdown()
+    assert [collected.tokens[i] for i in range(len(alone))] == alone
+    assert all(reason == "length" for reason in collected.finish.values())
+    assert all(collected.events[i] == new_tokens[i] for i in range(len(alone)))  # streamed token by token
+    metrics = scheduler.metrics()
+    assert metrics["slots_free"] == 2 and metrics["kv_bytes"]["host_used"] == 0
+    assert metrics["generation_tokens_total"] == sum(new_tokens)
+    assert metrics["prompt_tokens_total"] == sum(PROMPT_LENGTHS)
+
+
+def test_a_seeded_sampled_request_draws_the_same_tokens_in_company():
+    engine = make_engine()
+    ids = prompts()
+    scheduler = Scheduler(engine, max_batch=4, max_context=256, max_new_tokens=32)
+    scheduler.start()
+    try:
+        runs = []
+        for company in (0, 3):
+            collected = Collector(1 + company)
+            for i in range(company):
+                scheduler.submit(ServeRequest(f"c{i}", tuple(ids[i + 1]), 10, temperature=1.3), collected.sink(i + 1))
+            scheduler.submit(ServeRequest("s", tuple(ids[0]), 14, temperature=1.5, seed=7), collected.sink(0))
+            collected.wait()
+            runs.append(collected.tokens[0])
+        other = Collector(1)
+        scheduler.submit(ServeRequest("s2", tuple(ids[0]), 14, temperature=1.5, seed=8), other.sink(0))
+        other.wait()
+    finally:
+        scheduler.shutdown()
+    assert runs[0] == runs[1]
+    assert other.tokens[0] != runs[0]  # the seed matters (14 draws at a high temperature)
+    assert all(0 <= t < VOCAB for t in runs[0])
+
+
+def test_cancel_frees_the_slot_and_its_host_rows():
+    engine = make_engine()
+    scheduler = Scheduler(engine, max_batch=2, max_context=512, max_new_tokens=200)
+    first_token = threading.Event()
+    ended = threading.Event()
+    reasons = []
+
+    def on_event(event):
+        first_token.set()
+        if event.finish_reason is not None:
+            reasons.append(event.finish_reason)
+            ended.set()
+
+    scheduler.start()
+    try:
+        warm_up = Collector(1)  # the same prompt once: buffers sized by its selection exist from now on
+        scheduler.submit(ServeRequest("warm", tuple(prompts()[0]), 3, temperature=0.0), warm_up.sink(0))
+        warm_up.wait()
+        before = scheduler.metrics()
+        handle = scheduler.submit(ServeRequest("long", tuple(prompts()[0]), 200, temperature=0.0), on_event)
+        assert first_token.wait(60)
+        during = scheduler.metrics()
+        handle.cancel()
+        assert ended.wait(60)
+        after = scheduler.metrics()
+    finally:
+        scheduler.shutdown()
+    assert reasons == ["cancelled"]
+    assert during["slots_free"] == 1 and during["kv_bytes"]["host_used"] > 0
+    assert after["slots_free"] == before["slots_free"] == 2
+    assert after["kv_bytes"] == before["kv_bytes"]
+    assert after["generation_tokens_total"] < 3 + 200
+
+
+def test_admission_refuses_what_cannot_fit_and_a_full_queue():
+    scheduler = Scheduler(make_engine(), max_batch=1, max_queue=1, max_context=170, max_new_tokens=32)
+    ids = tuple(prompts()[0])  # 150 tokens
+    with pytest.raises(AdmissionError) as too_long:
+        scheduler.submit(ServeRequest("a", ids, 30, temperature=0.0), lambda event: None)
+    assert too_long.value.status == 400 and too_long.value.code == "context_length_exceeded"
+    assert "150" in too_long.value.message and "170" in too_long.value.message
+    with pytest.raises(AdmissionError) as too_many:
+        scheduler.submit(ServeRequest("b", ids[:10], 33, temperature=0.0), lambda event: None)
+    assert too_many.value.status == 400 and "32" in too_many.value.message
+    # not started: one request takes the free slot's place, one waits in the queue, the third is refused
+    for name in ("c", "d"):
+        scheduler.submit(ServeRequest(name, ids[:10], 4, temperature=0.0), lambda event: None)
+    with pytest.raises(AdmissionError) as full:
+        scheduler.submit(ServeRequest("e", ids[:10], 4, temperature=0.0), lambda event: None)
+    assert full.value.status == 429 and full.value.code == "queue_full"
+    assert scheduler.metrics()["requests_rejected_total"] == 3
+
+
+def test_text_stream_holds_back_a_possible_stop_string_and_cuts_before_it():
+    pieces = {1: "Hello", 2: " wor", 3: "ld", 4: " EN", 5: "D!", 6: " E", 7: "x"}
+    stream = TextStream(PieceTokenizer(pieces), stop=(" END",))
+    assert stream.add(1) == ("Hello", False)
+    assert stream.add(2) == (" wor", False)
+    assert stream.add(3) == ("ld", False)
+    assert stream.add(4) == ("", False)  # " EN" may begin " END"
+    assert stream.add(5) == ("", True)  # the text ends before the stop string
+    assert stream.finish() == ""
+    other = TextStream(PieceTokenizer(pieces), stop=(" END",))
+    assert [other.add(t) for t in (1, 6, 7)] == [("Hello", False), ("", False), (" Ex", False)]
+    assert other.finish() == ""
+
+
+def test_text_stream_waits_for_a_multibyte_character_to_complete():
+    class Bytes:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(Bytes())
+    euro = "€".encode()
+    assert stream.add(ord("a")) == ("a", False)
+    assert stream.add(euro[0]) == ("", False)
+    assert stream.add(euro[1]) == ("", False)
+    assert stream.add(euro[2]) == ("€", False)
