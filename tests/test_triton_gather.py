@@ -79,6 +79,12 @@ assert torch.isnan(target[:, :9]).all() and torch.isnan(target[:, 10:]).all()
 copy_row(target, torch.tensor([0]), ring, torch.tensor([3]))
 assert torch.equal(target[:, 0], ring[:, 3]) and torch.equal(target[:, 9], ring[:, 2])
 assert torch.isnan(target[:, 1:9]).all() and torch.isnan(target[:, 10:]).all()
+# per-row indices (a server's rows at their own positions): target[b, target_index[b]] = source[b, source_index[b]]
+per_row = torch.full((2, 12, 3, 2, 2, 8), float("nan"))
+copy_row(per_row, torch.tensor([3, 7]), ring, torch.tensor([1, 0]))
+assert torch.equal(per_row[0, 3], ring[0, 1]) and torch.equal(per_row[1, 7], ring[1, 0])
+assert torch.isnan(per_row[0, [c for c in range(12) if c != 3]]).all()
+assert torch.isnan(per_row[1, [c for c in range(12) if c != 7]]).all()
 long_ring = torch.randn(3, 2, 5000).to(torch.bfloat16)  # a row longer than one block
 long_target = torch.full((3, 7, 5000), float("nan"), dtype=torch.bfloat16)
 copy_row(long_target, torch.tensor([6]), long_ring, torch.tensor([1]))

@@ -1,0 +1,93 @@
+"""GPU checks of continuous batching (``pytest -m gpu`` on a CUDA machine).
+
+- the decode attention kernel with a length per batch row (a server's rows at their own
+  positions) equals its torch reference, with the columns past each row's length poisoned;
+- requests that join a running batch (recorded again in a CUDA graph whenever a request joins or
+  leaves) get exactly the greedy tokens ``Engine.generate`` gives each alone, in GPU mode and
+  offload mode.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from okv_testlib import cuda_llama
+
+import omnikv_runtime as okv
+from omnikv_runtime.kernels import KVSource, decode_attention, decode_attention_torch
+from omnikv_runtime.serve.requests import ServeRequest
+from omnikv_runtime.serve.scheduler import Scheduler
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+class WordTokenizer:
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(f"w{i}" for i in ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_with_a_length_per_row_equals_the_reference(dtype):
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, tokens = 3, 32, 8, 128, 3000
+    query = torch.randn(batch, heads, dim, device="cuda", dtype=dtype)
+    keys = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=dtype)
+    values = torch.randn_like(keys)
+    lengths = torch.tensor([2999, 17, 1500], device="cuda")
+    for row, length in enumerate(lengths.tolist()):
+        keys[row, :, length:] = float("nan")  # never read: past the row's own length
+        values[row, :, length:] = float("nan")
+    source = KVSource(keys.transpose(1, 2), values.transpose(1, 2), length=lengths)
+    got = decode_attention(query, [source], 0.1)
+    clean = KVSource(torch.nan_to_num(keys).transpose(1, 2), torch.nan_to_num(values).transpose(1, 2), length=lengths)
+    want = decode_attention_torch(query, [clean], 0.1)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("host_tier", ["none", "cpu"])
+def test_joining_requests_get_their_solo_tokens_with_a_recorded_step(host_tier):
+    model = cuda_llama(initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = {
+        "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 0.1, "min_token_budget": 8},
+        "offload": {"device": host_tier},
+        "prefill": {"chunk_size": 256},
+    }
+    engine = okv.initialize(model, config, tokenizer=WordTokenizer())
+    generator = torch.Generator().manual_seed(3)
+    lengths, new_tokens = [1500, 700, 1100, 300, 900, 1300], [40, 64, 25, 50, 33, 45]
+    prompts = [torch.randint(3, 512, (n,), generator=generator).tolist() for n in lengths]
+    alone = []
+    for ids, count in zip(prompts, new_tokens, strict=True):
+        out = engine.generate(torch.tensor([ids], device="cuda"), max_new_tokens=count, do_sample=False)
+        alone.append(out[0, len(ids) :].tolist())
+    scheduler = Scheduler(engine, max_batch=4, max_context=2048, max_new_tokens=64)
+    got = {i: [] for i in range(len(prompts))}
+    done = threading.Event()
+    finished = []
+
+    def sink(i):
+        def on_event(event):
+            got[i].extend(event.token_ids)
+            if event.finish_reason is not None:
+                finished.append(i)
+                if len(finished) == len(prompts):
+                    done.set()
+
+        return on_event
+
+    scheduler.start()
+    try:
+        for i, (ids, count) in enumerate(zip(prompts, new_tokens, strict=True)):
+            scheduler.submit(ServeRequest(f"r{i}", tuple(ids), count, temperature=0.0), sink(i))
+        assert done.wait(300)
+    finally:
+        scheduler.shutdown()
+    assert scheduler.batch.use_graph and scheduler.batch.captures >= 2
+    mismatched = [i for i in range(len(prompts)) if got[i] != alone[i]]
+    assert not mismatched, [(i, got[i], alone[i]) for i in mismatched]
