@@ -60,8 +60,9 @@ class Collector:
         assert self._done.wait(timeout), f"finished {sorted(self.finish)} of {self._count}"
 
 
-def make_engine(offload: str = "cpu", selector=None, budget: float = 0.2):
-    config = omni(budget, selector, offload={"device": offload}, prefill={"chunk_size": 32})
+def make_engine(offload: str = "cpu", selector=None, budget: float = 0.2, host_dtype: str | None = None):
+    tiers = {"device": offload} if host_dtype is None else {"device": offload, "host_dtype": host_dtype}
+    config = omni(budget, selector, offload=tiers, prefill={"chunk_size": 32})
     config["omnikv"]["min_token_budget"] = 4
     return okv.initialize(make_model("llama"), config, tokenizer=PieceTokenizer())
 
@@ -74,16 +75,17 @@ def prompts() -> list[list[int]]:
 
 
 @pytest.mark.parametrize(
-    ("offload", "selector"),
+    ("offload", "selector", "host_dtype"),
     [
-        ("cpu", None),
-        ("none", None),
-        ("cpu", {"type": "uniform", "window_size": 4}),  # a query window per slot
-        ("none", {"type": "h2o"}),  # state carried per request from step to step
+        ("cpu", None, None),
+        ("none", None, None),
+        ("cpu", None, "float8_e4m3fn"),  # an FP8 host tier: codes and scales per slot row
+        ("cpu", {"type": "uniform", "window_size": 4}, None),  # a query window per slot
+        ("none", {"type": "h2o"}, None),  # state carried per request from step to step
     ],
 )
-def test_each_request_gets_the_tokens_it_gets_alone(offload, selector):
-    engine = make_engine(offload, selector)
+def test_each_request_gets_the_tokens_it_gets_alone(offload, selector, host_dtype):
+    engine = make_engine(offload, selector, host_dtype=host_dtype)
     new_tokens = [12, 20, 7, 16, 9]
     alone = []
     for ids, count in zip(prompts(), new_tokens, strict=True):
