@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine without internet (carry .whl/: pydantic and its dependencies). Logs and JSON
+# under $OUT. Parts: tests (the GPU tests of the decode step and of continuous batching), step
+# (benchmarks/serve_step.py at 32K, batches 1/4/8, GPU and offload tiers).
+# Usage: OUT=... bash benchmarks/gpu_serve.sh tests step
+set -u
+OUT=${OUT:-/tmp/omnikv_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /tmp/omnikv_install.log 2>&1 \
+  || { echo "install failed"; tail -20 /tmp/omnikv_install.log; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for part in "$@"; do
+  started=$(date +%s)
+  case "$part" in
+    tests)
+      timeout 400 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu_serve.py tests/test_gpu_decode.py \
+        > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log" ;;
+    step)
+      timeout 300 python3 benchmarks/serve_step.py --context 32768 --batches 1,4,8 --tiers none,cpu --steps 20 \
+        > "$OUT/serve_step.json" 2> "$OUT/serve_step.err"; tail -8 "$OUT/serve_step.err" ;;
+    *) echo "unknown part $part" ;;
+  esac
+  echo "== $part: $(( $(date +%s) - started )) s"
+done
