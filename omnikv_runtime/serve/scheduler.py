@@ -27,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import torch
 
-from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.errors import ConfigError, PromptError
 from omnikv_runtime.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
@@ -105,8 +106,15 @@ class Scheduler:
         self.context_limit = min(limits)
         self.max_new_tokens = engine.config.omnikv.tail_tokens and self.context_limit or max_new_tokens or 1024
         self.max_new_tokens = min(self.max_new_tokens, self.context_limit - 1)
-        engine.check_memory(max_batch, self.context_limit - self.max_new_tokens, self.max_new_tokens)
+        _check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens)
         self.batch = SlotBatch(engine, max_batch, self.context_limit + 1, self.max_new_tokens)
+        logger.info(
+            "serving %d slots of %d tokens (%d new at most); KV tiers allocated: %s",
+            max_batch,
+            self.context_limit,
+            self.max_new_tokens,
+            ", ".join(f"{tier} {size / 2**30:.2f} GiB" for tier, size in self.batch.cache.tier_bytes().items()),
+        )
         self.chunk_size = engine.config.prefill.chunk_size or self.context_limit
         self.eos_ids = set(_eos_ids(engine))
         self._lock = threading.Condition()
@@ -344,6 +352,29 @@ class Scheduler:
         for live in ended:
             live.job = None
             self._emit(live, "", [], "error" if error else "cancelled", error)
+
+
+def _check_slots_fit(engine: Any, rows: int, context: int, new_tokens: int) -> None:
+    """Raise ConfigError, saying what to lower, when ``rows`` slots of ``context`` tokens cannot fit:
+    on CUDA as the memory planner sees it, on the CPU against the memory available now."""
+    what = f"{rows} slots of {context} tokens"
+    advice = "lower --max-batch or --max-context"
+    if engine.device.type == "cuda":
+        try:
+            engine.check_memory(rows, context - new_tokens, new_tokens)
+        except PromptError as exc:
+            raise ConfigError("serve", what, f"{exc} ({advice})") from None
+        return
+    text = engine.model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    dtype_bytes = next(engine.model.parameters()).element_size()
+    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * dtype_bytes
+    needed = rows * (context + 1 + new_tokens) * per_token  # every layer's columns and the tail rings
+    available = psutil.virtual_memory().available
+    if needed > 0.9 * available:
+        raise ConfigError(
+            "serve", what, f"KV tiers of {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available ({advice})"
+        )
 
 
 def _top_p(value: float) -> float | None:
