@@ -1,6 +1,7 @@
 """``omnikv serve``: an OpenAI-compatible HTTP server over one engine, with continuous batching.
 
     omnikv serve --config C [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch N] [--max-queue N]
+                 [--max-context N] [--max-body-bytes N]
 
 Needs the ``serve`` extra (FastAPI and uvicorn). torch, transformers and FastAPI are imported only
 when the command runs, not to parse or print help. The server binds the loopback interface unless
@@ -15,11 +16,13 @@ import os
 from typing import Any
 
 from omnikv_runtime.cli_generate import positive_int
+from omnikv_runtime.errors import OmniKVError
 from omnikv_runtime.serve import DEFAULT_MAX_BODY_BYTES
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "OMNIKV_API_KEY"
+SERVE_EXTRA = 'omnikv serve needs FastAPI and uvicorn: pip install "omnikv-runtime[serve]"'
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 GRACEFUL_SHUTDOWN_S = 10  # open streams get this long to finish on Ctrl-C before they are cancelled
 
@@ -42,6 +45,12 @@ def register(commands: Any) -> None:
         "--max-queue", type=positive_int, default=64, help="requests waiting at most, then 429 (default: 64)"
     )
     serve.add_argument(
+        "--max-context",
+        type=positive_int,
+        help="prompt + new tokens of one request at most (default: the model's and the config's limit); "
+        "every slot holds this many tokens, so it sizes the KV tiers",
+    )
+    serve.add_argument(
         "--max-body-bytes",
         type=positive_int,
         default=DEFAULT_MAX_BODY_BYTES,
@@ -61,15 +70,17 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from omnikv_runtime.serve.app import create_app
+    except ImportError as exc:  # said before the (slow) model load
+        raise OmniKVError(str(exc) if "[serve]" in str(exc) else f"{exc}: {SERVE_EXTRA}") from None
     from omnikv_runtime.config import load_config
     from omnikv_runtime.cpu_threads import apply_cpu_threads
     from omnikv_runtime.engine import initialize
-    from omnikv_runtime.serve.app import create_app
     from omnikv_runtime.serve.scheduler import Scheduler
 
-    logging.getLogger("omnikv_runtime.serve").setLevel(logging.INFO)  # a line per request, without -v
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     warning = exposure_warning(args.host, api_key)
     if warning:
@@ -77,8 +88,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     engine = initialize(config=config)
-    scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue)
+    scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context)
     app = create_app(scheduler, config.model.name_or_path, api_key=api_key, max_body_bytes=args.max_body_bytes)
-    logger.info("serving %s on http://%s:%d/v1", config.model.name_or_path, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    serve_logger = logging.getLogger("omnikv_runtime.serve")
+    saved_level = serve_logger.level
+    serve_logger.setLevel(logging.INFO)  # the scheduler's line per request, without -v
+    try:
+        logger.info(
+            "serving %s on http://%s:%d/v1 (%d slots of %d tokens)",
+            config.model.name_or_path,
+            args.host,
+            args.port,
+            args.max_batch,
+            scheduler.context_limit,
+        )
+        uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    finally:
+        serve_logger.setLevel(saved_level)
     return 0

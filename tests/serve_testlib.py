@@ -40,9 +40,12 @@ class FakeHandle:
 
 
 class FakeScheduler:
-    def __init__(self, context_limit: int = 256, hold: bool = False, finish: str = "length") -> None:
+    def __init__(
+        self, context_limit: int = 256, hold: bool = False, finish: str = "length", max_new_tokens: int = 100
+    ) -> None:
         self.tokenizer = CharTokenizer()
         self.context_limit = context_limit
+        self.max_new_tokens = max_new_tokens  # new tokens per request at most, as the real scheduler's
         self.hold = hold
         self.finish = finish
         self.queue_full = False
@@ -60,6 +63,9 @@ class FakeScheduler:
         self.stopped = True
 
     def submit(self, request: ServeRequest, on_event) -> FakeHandle:
+        if request.max_tokens > self.max_new_tokens:
+            self.rejected += 1
+            raise AdmissionError(400, f"max_tokens over {self.max_new_tokens}", "max_tokens_exceeded")
         if len(request.prompt_ids) + request.max_tokens > self.context_limit:
             self.rejected += 1
             message = f"{len(request.prompt_ids)} prompt tokens + {request.max_tokens} new > {self.context_limit}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 
@@ -85,9 +86,14 @@ def test_chat_whole_renders_the_template(client, scheduler):
 def test_defaults_for_max_tokens(client, scheduler):
     client.post("/v1/completions", json={"prompt": "a"})
     assert scheduler.requests[-1].max_tokens == 16  # OpenAI's completions default
-    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}]})
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    client.post("/v1/chat/completions", json=chat)
     prompt_tokens = len("<user>a\n<assistant>")
     assert scheduler.requests[-1].max_tokens == 64 - prompt_tokens  # the rest of the context
+    scheduler.max_new_tokens = 5
+    client.post("/v1/chat/completions", json=chat)
+    assert scheduler.requests[-1].max_tokens == 5  # up to the scheduler's cap per request
+    error_of(client.post("/v1/completions", json={**PROMPT, "max_tokens": 6}), 400, "max_tokens", "max_tokens_exceeded")
 
 
 def test_completion_stream_framing_and_usage(client):
@@ -344,3 +350,41 @@ def test_serve_help_imports_no_server_or_model_library():
 )
 def test_binding_beyond_loopback_without_a_key_warns(host, key, warns):
     assert (exposure_warning(host, key) is not None) == warns
+
+
+def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
+    """The command as run: config, engine, a Scheduler with the flags, the app, uvicorn on the host and
+    port; the key from the environment; the warning for a non-loopback bind (here with no key)."""
+    import uvicorn
+
+    import omnikv_runtime.cpu_threads
+    import omnikv_runtime.engine
+    import omnikv_runtime.serve.scheduler
+    from omnikv_runtime import cli
+
+    built, ran = {}, {}
+    engine = object()
+
+    def scheduler(engine_arg, **kwargs):
+        built.update(kwargs, engine=engine_arg)
+        return FakeScheduler()
+
+    monkeypatch.setattr(omnikv_runtime.cpu_threads, "apply_cpu_threads", lambda *a: None)
+    monkeypatch.setattr(omnikv_runtime.engine, "initialize", lambda config: engine)
+    monkeypatch.setattr(omnikv_runtime.serve.scheduler, "Scheduler", scheduler)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.update(kwargs, app=app))
+    monkeypatch.setenv("OMNIKV_API_KEY", "from-env")
+    argv = ["serve", "--config", "configs/default.json", "--port", "8123", "--max-batch", "3", "--max-queue", "5"]
+    assert cli.main([*argv, "--max-context", "300"]) == 0
+    assert built == {"engine": engine, "max_batch": 3, "max_queue": 5, "max_context": 300}
+    assert (ran["host"], ran["port"]) == ("127.0.0.1", 8123)
+    with TestClient(ran["app"]) as client:
+        error_of(client.get("/v1/models"), 401, None, "missing_api_key")
+        models = client.get("/v1/models", headers={"Authorization": "Bearer from-env"}).json()
+        assert models["data"][0]["id"] == "smollm2-135m"
+    assert "without an API key" not in caplog.text
+    monkeypatch.delenv("OMNIKV_API_KEY")
+    with caplog.at_level(logging.WARNING, logger="omnikv_runtime.cli_serve"):
+        assert cli.main([*argv, "--host", "0.0.0.0"]) == 0
+    assert "serving on 0.0.0.0 without an API key" in caplog.text
+    assert ran["host"] == "0.0.0.0" and built["max_context"] is None

@@ -42,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 OPEN_PATHS = ("/health",)  # answered without the API key
+# the field an AdmissionError's code points at ("prompt" reads "messages" for chat)
+ADMISSION_PARAMS = {
+    "context_length_exceeded": "prompt",
+    "empty_prompt": "prompt",
+    "max_tokens_exceeded": "max_tokens",
+    "invalid_max_tokens": "max_tokens",
+}
 CLIENT_CLOSED = 499  # the status counted for a request whose client left before it finished (as nginx logs it)
 
 
@@ -199,6 +206,12 @@ class Api:
                 "model_not_found",
             )
 
+    def default_chat_tokens(self, prompt_tokens: int) -> int:
+        """A chat request without a token limit may fill the context, up to the scheduler's cap per request."""
+        room = self.scheduler.context_limit - prompt_tokens
+        cap = getattr(self.scheduler, "max_new_tokens", None)
+        return max(1, room if cap is None else min(room, cap))
+
     def encode(self, text: str, add_special_tokens: bool, param: str) -> tuple[int, ...]:
         encoded = self.scheduler.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         ids = tuple(int(each) for each in encoded)
@@ -220,7 +233,7 @@ class Api:
     async def serve(self, request: Request, body: Any, prompt_ids: tuple[int, ...], chat: bool) -> Response:
         if chat:
             limit = body.token_limit()
-            max_tokens = limit if limit is not None else max(1, self.scheduler.context_limit - len(prompt_ids))
+            max_tokens = limit if limit is not None else self.default_chat_tokens(len(prompt_ids))
         else:
             max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -237,7 +250,9 @@ class Api:
         try:
             handle = self.scheduler.submit(serve_request, inbox)
         except AdmissionError as exc:
-            param = ("messages" if chat else "prompt") if exc.code == "context_length_exceeded" else None
+            param = ADMISSION_PARAMS.get(exc.code)
+            if param == "prompt" and chat:
+                param = "messages"
             raise ApiError(exc.status, exc.message, param, exc.code) from None
         head = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if body.stream:
