@@ -20,16 +20,16 @@ SCHEDULER_METRICS: dict[str, tuple[str, str, str]] = {
         "counter",
         "Requests the scheduler refused (never fit, or queue full).",
     ),
-    "requests_running": ("omnikv_requests_running", "gauge", "Requests in the running batch."),
+    "requests_running": ("omnikv_requests_running", "gauge", "Requests holding a batch slot (prefilling or decoding)."),
     "queue_depth": ("omnikv_queue_depth", "gauge", "Requests waiting for a batch slot."),
     "batch_size": ("omnikv_batch_size", "gauge", "Rows in the last decode step."),
     "slots_free": ("omnikv_slots_free", "gauge", "Batch slots free."),
-    "prompt_tokens_total": ("omnikv_prompt_tokens_total", "counter", "Prompt tokens prefilled."),
+    "prompt_tokens_total": ("omnikv_prompt_tokens_total", "counter", "Prompt tokens of the admitted requests."),
     "generation_tokens_total": ("omnikv_generation_tokens_total", "counter", "Tokens generated."),
     "pcie_bytes_total": (
         "omnikv_pcie_bytes_total",
         "counter",
-        "Bytes fetched from the host tier to the device (selected KV rows).",
+        "Bytes moved between the host tier and the device: selected rows fetched, prefill reads, KV written.",
     ),
 }
 KV_BYTES = ("omnikv_kv_bytes", "gauge", "Bytes of KV cache per tier.")
