@@ -137,6 +137,7 @@ BAD_BODIES = [
     pytest.param({**PROMPT, "top_p": 0}, "top_p", "invalid_value", id="top_p"),
     pytest.param({**PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop", None, id="5-stops"),
     pytest.param({**PROMPT, "stop": 7}, "stop", "invalid_value", id="stop-number"),
+    pytest.param({**PROMPT, "seed": 2**64}, "seed", "invalid_value", id="seed-too-big"),
     pytest.param({**PROMPT, "prompt": ["a", "b"]}, "prompt", None, id="two-prompts"),
     pytest.param({**PROMPT, "prompt": ""}, "prompt", None, id="empty-prompt"),
     pytest.param({"max_tokens": 3}, "prompt", "missing_required_parameter", id="no-prompt"),
