@@ -67,7 +67,8 @@ for shape, dtype in [((2, 4, 3, 2, 2, 16), torch.bfloat16), ((1, 3, 3, 2, 8, 128
         copy_row(arena, torch.tensor([4, 0]), ring, torch.tensor([1, 3]), scales=scales)
         for b, (at, slot) in enumerate([(4, 1), (0, 3)]):
             want_codes, want_scales = fp8.quantize(ring[b : b + 1, slot])
-            assert torch.equal(as_bytes(arena[b, at]), as_bytes(want_codes[0])) and torch.equal(scales[b, at], want_scales[0])
+            assert torch.equal(as_bytes(arena[b, at]), as_bytes(want_codes[0]))
+            assert torch.equal(scales[b, at], want_scales[0])
         assert (as_bytes(arena[0, 5:9]) == POISON).all() and (as_bytes(arena[1, 1:9]) == POISON).all()
 
 # prefill write: keys/values of any strides into one layer slot; 3 heads and head_dim 24 (not powers of two)
