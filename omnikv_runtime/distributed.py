@@ -107,6 +107,31 @@ def _refuse_both(config: OmniKVConfig) -> None:
         )
 
 
+def float32_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's float32 buffers (a Llama's rotary ``inv_freq``), to put back after DeepSpeed.
+
+    DeepSpeed casts every floating-point buffer to the weights' dtype (``init_inference``'s ``dtype``,
+    ZeRO's bf16 mode). transformers keeps the rotary inverse frequencies in float32: in bfloat16 each
+    frequency is off by up to 2**-9 of itself, so at position 131,072 a rotation angle is off by up to
+    about 256 radians, and queries and keys come out rotated at random. Measured on two H200s before
+    this was restored: two ranks gave other tokens than one GPU from the first step at 128K, and their
+    selected tokens overlapped one GPU's by 7% (chance)."""
+    return {name: buffer.detach().clone() for name, buffer in model.named_buffers() if buffer.dtype == torch.float32}
+
+
+def restore_float32_buffers(model: torch.nn.Module, kept: dict[str, torch.Tensor]) -> int:
+    """Put back the float32 buffers that DeepSpeed cast (on the device each is on now); returns how many."""
+    restored = 0
+    for name, value in kept.items():
+        prefix, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(prefix) if prefix else model
+        current = owner._buffers.get(attribute)
+        if current is not None and current.dtype != torch.float32:
+            owner._buffers[attribute] = value.to(current.device)
+            restored += 1
+    return restored
+
+
 def tensor_parallel(model: PreTrainedModel, config: OmniKVConfig) -> PreTrainedModel:
     """The model sharded over ``config.distributed.tp_size`` ranks (itself when it is 1)."""
     _refuse_both(config)
@@ -120,9 +145,11 @@ def tensor_parallel(model: PreTrainedModel, config: OmniKVConfig) -> PreTrainedM
 
     strip_quantization_leftovers(model)  # DeepSpeed refuses models that carry an hf_quantizer
     dtype = next(model.parameters()).dtype
+    kept = float32_buffers(model)
     engine = deepspeed.init_inference(
         model, tensor_parallel={"tp_size": tp_size}, dtype=dtype, replace_with_kernel_inject=False
     )
+    restore_float32_buffers(engine.module, kept)
     logger.info("tensor parallel: rank %d of %d holds 1/%d of every layer's heads", dist.get_rank(), tp_size, tp_size)
     return engine.module
 
@@ -201,7 +228,9 @@ def offload_weights(model: PreTrainedModel, config: OmniKVConfig) -> PreTrainedM
     dtype = next(model.parameters()).dtype
     hidden = model.config.get_text_config(decoder=True).hidden_size
     ds_config = zero_inference_config(dtype, hidden, pin_memory=torch.cuda.is_available())
+    kept = float32_buffers(model)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    restore_float32_buffers(engine.module, kept)
     engine.module.eval()
     logger.info("ZeRO-Inference: weights offloaded to host memory, fetched layer by layer")
     return engine.module

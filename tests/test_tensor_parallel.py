@@ -16,9 +16,11 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 from okv_testlib import make_model, omni
 
 import omnikv_runtime as okv
@@ -113,3 +115,43 @@ def test_a_policy_ranks_cannot_agree_on_is_refused(monkeypatch):
     monkeypatch.setattr(engine_module, "tensor_parallel_group", lambda config: object())
     with pytest.raises(ConfigError, match="omnikv.selector.type.*h2o.*last, softmax_last"):
         okv.initialize(make_model("llama"), {**omni(8, selector="h2o"), "distributed": {"tp_size": 2}})
+
+
+def _bf16_weights_fp32_buffers():
+    """A tiny Llama as a bf16 checkpoint loads: bf16 weights, rotary frequencies still float32."""
+    model = make_model("llama")
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+def test_deepspeeds_dtype_cast_leaves_the_rotary_frequencies_in_float32(monkeypatch):
+    # DeepSpeed's init_inference casts every floating-point buffer to the weights' dtype; in bf16 the
+    # rotary angles at long positions are off by radians (on two H200s at 128K: other tokens from step 0)
+    from omnikv_runtime import distributed
+
+    def init_inference(model, tensor_parallel, dtype, replace_with_kernel_inject):
+        return types.SimpleNamespace(module=model.to(dtype))
+
+    monkeypatch.setattr(distributed, "_import_deepspeed", lambda: types.SimpleNamespace(init_inference=init_inference))
+    monkeypatch.setattr(distributed, "_join_process_group", lambda deepspeed, backend, tp_size: None)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    model = _bf16_weights_fp32_buffers()
+    before = {name: buffer.clone() for name, buffer in model.named_buffers() if buffer.dtype == torch.float32}
+    assert any(name.endswith("inv_freq") for name in before)
+    sharded = distributed.tensor_parallel(model, okv.load_config({"distributed": {"tp_size": 2}}))
+    assert next(sharded.parameters()).dtype == torch.bfloat16
+    after = dict(sharded.named_buffers())
+    for name, buffer in before.items():
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], buffer), name
+
+
+def test_restore_float32_buffers_puts_back_only_what_was_cast():
+    from omnikv_runtime.distributed import float32_buffers, restore_float32_buffers
+
+    model = _bf16_weights_fp32_buffers()
+    kept = float32_buffers(model)
+    assert restore_float32_buffers(model, kept) == 0  # nothing cast yet
+    model.to(torch.bfloat16)
+    assert restore_float32_buffers(model, kept) == len(kept) > 0
+    assert all(buffer.dtype == torch.float32 for name, buffer in model.named_buffers() if name in kept)

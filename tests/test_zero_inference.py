@@ -78,3 +78,24 @@ def test_offloaded_weights_decode_without_a_cuda_graph():
     assert "DeepSpeed's weight fetches" in Engine.graph_blocker(fake)
     fake.config = load_config({})
     assert Engine.graph_blocker(fake) is None
+
+
+def test_zeros_bf16_cast_leaves_the_rotary_frequencies_in_float32(monkeypatch):
+    # DeepSpeed's bf16 mode casts the whole module, buffers included; the rotary frequencies go back to
+    # float32 (in bf16 the angles at long positions are off by radians)
+    from omnikv_runtime import distributed
+
+    def initialize(model, config):
+        return SimpleNamespace(module=model.to(torch.bfloat16)), None, None, None
+
+    monkeypatch.setattr(distributed, "_import_deepspeed", lambda *args: SimpleNamespace(initialize=initialize))
+    monkeypatch.setattr(distributed, "_join_single_rank", lambda deepspeed, backend: None)
+    model = make_model("llama")
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    before = {name: buffer.clone() for name, buffer in model.named_buffers() if buffer.dtype == torch.float32}
+    assert any(name.endswith("inv_freq") for name in before)
+    offloaded = distributed.offload_weights(model, load_config({"distributed": {"offload_weights": True}}))
+    after = dict(offloaded.named_buffers())
+    for name, buffer in before.items():
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], buffer), name
