@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Calls on a 2-GPU CUDA machine without internet (carry .whl/: pydantic, deepspeed 0.18.9 pure Python,
-# hjson, ninja, msgpack, einops, py-cpuinfo, nvidia-ml-py). Logs and JSON under $OUT (7 files at most per part
-# pair below, under the 8 a call brings back).
+# hjson, ninja, msgpack, einops, py-cpuinfo, nvidia-ml-py). Logs and JSON go to $RES; after each part they are
+# packed into $OUT/results.tgz (one file, whatever a later part does: a call brings back at most 8 files).
 #   tp      a quick 2-rank check on a small Llama (stops the part if it fails), then
 #           benchmarks/tensor_parallel.py at 128K: 1 GPU (+ HF), then torchrun 2 GPUs, batch 1 and 4;
 #           benchmarks/tp_compare.py compares tokens and selected indices (about 4 minutes)
@@ -12,11 +12,16 @@
 #           decode-only context with budget 2048 (configs/llama3_8b.json's); about 3 minutes
 # The machine's memory grows as it is used, so MemTotal reads far less than its 256 GiB at the start:
 # the plans are given --host-memory 240GiB (the rest is for the processes themselves).
-# Usage: OUT=... bash benchmarks/gpu_multi.sh tp        then        OUT=... bash benchmarks/gpu_multi.sh zero plan
+# Usage: OUT=... bash benchmarks/gpu_multi.sh tp zero plan   (about 10 minutes: split it over calls of 600 s)
+# TP1_BUDGETS=default TP1_HF=0 SMOKE=0 rerun the tp part's 1-GPU leg lighter (only what the comparison needs).
 set -u
 OUT=${OUT:-/tmp/omnikv_out}
+RES=${RES:-/tmp/omnikv_results}
 HOST_MEMORY=${HOST_MEMORY:-240GiB}
-mkdir -p "$OUT"
+TP1_BUDGETS=${TP1_BUDGETS:-1.0,default}
+TP1_HF=${TP1_HF:-1}
+SMOKE=${SMOKE:-1}
+mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -35,42 +40,44 @@ for part in "$@"; do
   started=$(date +%s)
   case "$part" in
     tp)
-      SMOKE="timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/tensor_parallel.py --tiny --context 4096 --batches 1 --steps 8"
+      CHECK="timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/tensor_parallel.py --tiny --context 4096 --batches 1 --steps 8"
       EAGER=""
-      if ! $SMOKE --out /tmp/smoke.json > /tmp/smoke.log 2>&1; then
-        echo "2-rank check on a small Llama failed:"; grep -v Warning /tmp/smoke.log | tail -30; cp /tmp/smoke.log "$OUT/"
-        $SMOKE --eager --out /tmp/smoke.json > /tmp/smoke_eager.log 2>&1 || { grep -v Warning /tmp/smoke_eager.log | tail -15; continue; }
+      if [ "$SMOKE" = 1 ] && ! $CHECK --out /tmp/smoke.json > /tmp/smoke.log 2>&1; then
+        echo "2-rank check on a small Llama failed:"; grep -v Warning /tmp/smoke.log | tail -30; cp /tmp/smoke.log "$RES/"
+        $CHECK --eager --out /tmp/smoke.json > /tmp/smoke_eager.log 2>&1 || { grep -v Warning /tmp/smoke_eager.log | tail -15; continue; }
         EAGER="--eager"; echo "the check passes without a CUDA graph: the 2-GPU legs run eagerly"
       fi
       grep "^rank 0" /tmp/smoke.log /tmp/smoke_eager.log 2>/dev/null | tail -3
       SEL=/tmp/selections
-      timeout 240 python3 benchmarks/tensor_parallel.py --context 131072 --hf --selections $SEL --out "$OUT/tp1.json" \
-        2> "$OUT/tp1.err"
-      grep "^rank\|Error" "$OUT/tp1.err" | tail -8
-      timeout 240 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/tensor_parallel.py --context 131072 --selections $SEL $EAGER \
-        --out "$OUT/tp2.json" 2> "$OUT/tp2.err"
-      grep "^rank\|Error" "$OUT/tp2.err" | tail -10
-      python3 benchmarks/tp_compare.py "$OUT/tp1.json" "$OUT/tp2.json" --selections $SEL --out "$OUT/compare.json" ;;
+      HF=$([ "$TP1_HF" = 1 ] && echo --hf)
+      timeout 150 python3 benchmarks/tensor_parallel.py --context 131072 $HF --budgets "$TP1_BUDGETS" --selections $SEL \
+        --out "$RES/tp1.json" 2> "$RES/tp1.err"
+      grep "^rank\|Error" "$RES/tp1.err" | tail -8
+      timeout 200 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/tensor_parallel.py --context 131072 --selections $SEL $EAGER \
+        --out "$RES/tp2.json" 2> "$RES/tp2.err"
+      grep "^rank\|Error" "$RES/tp2.err" | tail -10
+      python3 benchmarks/tp_compare.py "$RES/tp1.json" "$RES/tp2.json" --selections $SEL --out "$RES/compare.json" ;;
     zero)
       for weights in "" "--offload-weights"; do
-        $PLAN --model-config "$DEEP" --context 32768 $weights >> "$OUT/plan_zero.txt" 2>&1
+        $PLAN --model-config "$DEEP" --context 32768 $weights >> "$RES/plan_zero.txt" 2>&1
       done
-      grep "weights\|GPU total\|host total\|^fits\|longest context that fits, omnikv" "$OUT/plan_zero.txt"
-      timeout 330 python3 benchmarks/tensor_parallel.py --zero --layers 320 --context 32768 --batches 1 --steps 6 \
-        --out "$OUT/zero.json" 2> "$OUT/zero.err"
-      grep "^rank\|Error" "$OUT/zero.err" | tail -4 ;;
+      grep "weights\|GPU total\|host total\|^fits\|longest context that fits, omnikv" "$RES/plan_zero.txt"
+      timeout 300 python3 benchmarks/tensor_parallel.py --zero --layers 320 --context 32768 --batches 1 --steps 6 \
+        --out "$RES/zero.json" 2> "$RES/zero.err"
+      grep "^rank\|Error" "$RES/zero.err" | tail -4 ;;
     plan)
       for tp in 1 2; do
-        $PLAN --model-config "$GEOMETRY" --context 131072 --tp-size $tp >> "$OUT/plan.txt" 2>&1
+        $PLAN --model-config "$GEOMETRY" --context 131072 --tp-size $tp >> "$RES/plan.txt" 2>&1
       done
       LONGEST=$($PLAN --model-config "$GEOMETRY" --context 131072 --tp-size 2 --json | python3 -c \
         'import json, sys; print(json.load(sys.stdin)["omnikv"]["longest_context_decode_only"]["context"])')
       echo "planner's longest decode-only context on 2 GPUs: $LONGEST"
-      $PLAN --model-config "$GEOMETRY" --context "$LONGEST" --tp-size 2 --json > "$OUT/plan_longest.json"
-      timeout 240 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/tensor_parallel.py --context "$LONGEST" --batches 1 \
-        --budgets 2048 --steps 8 --out "$OUT/tp2_longest.json" 2> "$OUT/tp2_longest.err"
-      grep "^rank\|Error" "$OUT/tp2_longest.err" | tail -6 ;;
+      $PLAN --model-config "$GEOMETRY" --context "$LONGEST" --tp-size 2 --json > "$RES/plan_longest.json"
+      timeout 200 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/tensor_parallel.py --context "$LONGEST" --batches 1 \
+        --budgets 2048 --steps 8 --out "$RES/tp2_longest.json" 2> "$RES/tp2_longest.err"
+      grep "^rank\|Error" "$RES/tp2_longest.err" | tail -6 ;;
     *) echo "unknown part $part" ;;
   esac
+  tar czf "$OUT/results.tgz" -C "$RES" .
   echo "== $part: $(( $(date +%s) - started )) s"
 done
