@@ -19,7 +19,7 @@ for part in "$@"; do
       timeout 400 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu_serve.py tests/test_gpu_decode.py \
         > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log" ;;
     step)
-      timeout 300 python3 benchmarks/serve_step.py --context 32768 --batches 1,4,8 --tiers none,cpu --steps 20 \
+      timeout 300 python3 benchmarks/serve_step.py --context 32768 --batches 1,8 --tiers none,cpu --steps 10 \
         > "$OUT/serve_step.json" 2> "$OUT/serve_step.err"; tail -8 "$OUT/serve_step.err" ;;
     *) echo "unknown part $part" ;;
   esac
