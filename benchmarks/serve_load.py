@@ -211,6 +211,8 @@ def build(args) -> tuple[Any, Any, list[str] | None, int, torch.device]:
         device = torch.device("cpu")
     else:
         device, model, _, _ = random_model(args.device, args.tiny)
+        if args.dtype:
+            model.to(getattr(torch, args.dtype))
         model.generation_config.eos_token_id = None  # random weights: never stop early
         model.generation_config.pad_token_id = 0
         tokenizer = WordTokenizer(model.config.vocab_size)
@@ -230,7 +232,7 @@ class Inject:
 
     @staticmethod
     def corrupt(scheduler: Any) -> None:
-        """The server's text of about a third of the requests is upper-cased (the reference's is not)."""
+        """The server's text is upper-cased from a request's second token on (the reference's is not)."""
         real = scheduler.tokenizer
 
         class Corrupting:
@@ -242,7 +244,7 @@ class Inject:
 
             def decode(self, ids: Any, **kwargs: Any) -> str:
                 text = real.decode(ids, **kwargs)
-                return text.upper() if len(ids) and int(ids[0]) % 3 == 0 else text
+                return text.upper() if len(ids) >= 2 else text
 
         scheduler.tokenizer = Corrupting()
 
@@ -317,6 +319,22 @@ class Server:
         }
 
 
+def solo_pass(spec: dict[str, Any], records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """``count`` of the window's complete requests (spread over the window) again through the same server,
+    one at a time: the batch's company must not change a request's text."""
+    import openai
+
+    done = sorted((r for r in records if r.get("finish_reason") and not r.get("error")), key=lambda r: r["started"])
+    picked = done[:: max(1, len(done) // count)][:count] if count and done else []
+    client = openai.OpenAI(base_url=spec["base_url"], api_key="unused", max_retries=0, timeout=600)
+    out = []
+    for record in picked:
+        again = one_request(client, spec, record["client"], record["index"])
+        again["loaded_text"] = record["text"]
+        out.append(again)
+    return out
+
+
 def run_clients(spec: dict[str, Any]) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
@@ -386,11 +404,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload", choices=["cpu", "none"], default="cpu", help="offload.device")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill.chunk_size (default: the config's)")
     parser.add_argument("--budget", type=float, default=None, help="omnikv.token_budget (default: the config's)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="random model's dtype (default: bf16 on CUDA, else float32)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="requests before the window (not counted)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--baseline-cap", type=float, default=None, help="stop the sequential pass after this many seconds"
+    )
+    parser.add_argument(
+        "--solo",
+        type=int,
+        default=8,
+        help="send this many of the window's prompts again, one at a time, before the server stops; "
+        "their text must not change (the batch's company must not matter)",
     )
     parser.add_argument("--inject", choices=["corrupt", "lose"], help="break some responses on purpose")
     parser.add_argument("--out", help="also write the JSON here")
@@ -413,9 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "geometry": (
             "SmolLM2-135M-Instruct (bundled, float32)"
             if args.model == "bundled"
-            else "tiny Llama (random float32 weights)"
-            if args.tiny
-            else "Llama-3-8B (random bf16 weights)"
+            else f"{'tiny Llama' if args.tiny else 'Llama-3-8B'} (random {str(engine.model.dtype)[6:]} weights)"
         ),
         "settings": {
             "threads": torch.get_num_threads(),
@@ -452,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.sample()
         load = run_clients(spec)
+        solo = solo_pass(spec, load["records"], args.solo)
     finally:
         server_counts = server.stop()
     samples = server.samples
@@ -518,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                     "client": record["client"],
                     "index": record["index"],
                     "first_difference_at_char": at,
+                    "first_difference_at_word": expected[:at].count(" "),  # the token, for the word tokenizer
                     "server": record["text"][max(0, at - 20) : at + 40],
                     "generate": expected[max(0, at - 20) : at + 40],
                 }
@@ -525,6 +553,28 @@ def main(argv: list[str] | None = None) -> int:
     served["mismatched"] = len(mismatched)
     served["checked"] = checked
     served["unchecked"] = len(done) - checked
+    solo_differ = [r for r in solo if r.get("error") or r["text"] != r["loaded_text"]]
+    solo_ttft = [r["chunks"][0] - r["started"] for r in solo if r["chunks"]]
+    solo_tbt = [b - a for r in solo for a, b in zip(r["chunks"], r["chunks"][1:])]
+    solo_row = {
+        "path": "server, one request at a time",
+        "requests": len(solo),
+        "ttft_p50_ms": ms(percentile(solo_ttft, 50)),
+        "ttft_p99_ms": ms(percentile(solo_ttft, 99)),
+        "tbt_p50_ms": ms(percentile(solo_tbt, 50)),
+        "tbt_p99_ms": ms(percentile(solo_tbt, 99)),
+        "lost": sum(1 for r in solo if r.get("error")),
+        "mismatched": len(solo_differ),
+        "differ": [
+            {
+                "client": r["client"],
+                "index": r["index"],
+                "error": r.get("error"),
+                "first_difference_at_char": first_difference(r["text"], r["loaded_text"]),
+            }
+            for r in solo_differ[:DETAILS]
+        ],
+    }
 
     prefills = [t["prefill_s"] for t in timings if t["prefill_s"] is not None]
     steps = [t["step_ms"] for t in timings if t["step_ms"] is not None]
@@ -541,10 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     served["vs_generate"] = round(served["tokens_per_s"] / baseline["tokens_per_s"], 3) if base_seconds else None
     result.update(
         baseline=baseline,
+        solo=solo_row,
         ratio_tokens_per_s=served["vs_generate"],
         mismatched=mismatched[:DETAILS],
         load_average={"start": [round(x, 2) for x in load_before], "end": [round(x, 2) for x in os.getloadavg()]},
-        ok=bool(checked) and not lost and not mismatched and not warm_lost,
+        ok=bool(checked) and not lost and not mismatched and not warm_lost and not solo_differ,
     )
     print(json.dumps(result, indent=1))
     write(args.out, result)
@@ -562,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         ("lost", "lost", ""),
         ("mismatched", "mismatched", ""),
     ]
-    print(format_table([served, baseline], columns), file=sys.stderr)
+    print(format_table([served, baseline] + [solo_row] * bool(solo), columns), file=sys.stderr)
     for row in result["lost"]:
         why = row["error"] or row["finish_reason"]
         print(f"lost: client {row['client']} request {row['index']}: {why}", file=sys.stderr)
@@ -577,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     if not result["ok"]:
         print(
             f"FAILED: {len(lost)} lost, {len(mismatched)} mismatched of {checked} checked, "
-            f"{len(warm_lost)} warm-up lost, {len(done)} complete",
+            f"{len(warm_lost)} warm-up lost, {len(done)} complete, {len(solo_differ)} of {len(solo)} "
+            "differ when sent alone",
             file=sys.stderr,
         )
         return 1
