@@ -12,7 +12,8 @@ done), p50/p99 time to first token and time between streamed chunks, and lost or
 responses. Every response must end with a ``finish_reason`` and its text must equal what the same
 prompt gets from sequential greedy ``Engine.generate``. That reference runs after the server stops,
 one prompt at a time through the engine's own decode loop, and its tokens/s is the baseline:
-the server's throughput is reported as a ratio to it.
+the server's throughput is reported as a ratio to it. Before the server stops, ``--solo`` of the
+window's prompts are sent again one at a time: the text must not depend on the batch's company.
 
 Models: ``--model bundled`` is SmolLM2-135M-Instruct on the CPU (prompts of single-token words, so a
 prompt of N words is N tokens). ``--model random-llama3-8b`` is the Llama-3-8B geometry with random
