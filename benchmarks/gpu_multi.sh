@@ -4,12 +4,14 @@
 # packed into $OUT/results.tgz (one file, whatever a later part does: a call brings back at most 8 files).
 #   tp      a quick 2-rank check on a small Llama (stops the part if it fails), then
 #           benchmarks/tensor_parallel.py at 128K: 1 GPU (+ HF), then torchrun 2 GPUs, batch 1 and 4;
-#           benchmarks/tp_compare.py compares tokens and selected indices (about 4 minutes)
+#           benchmarks/tp_compare.py compares tokens and selected indices (193 s on 2026-11-30)
 #   zero    ZeRO-Inference on one GPU at 32K, Llama-3-8B widths with 320 layers (141.7 GB of bf16 weights:
-#           the planner's OmniKV run without weight offload needs 147.3 GB of the GPU's 143.2 GB after
-#           headroom); about 4 minutes
+#           the planner's OmniKV run without weight offload needs 147.3 GB of the GPU's 142.6 GB after
+#           headroom); 294 s on 2026-11-30 (96 s to build, 108 s in deepspeed.initialize), then out of GPU
+#           memory in the first decode step (docs/BENCHMARKS.md, "Two GPUs")
 #   plan    omnikv plan --tp-size 2 (Llama-3-8B geometry without its 8K limit), then tp 2 at its longest
-#           decode-only context with budget 2048 (configs/llama3_8b.json's); about 3 minutes
+#           decode-only context (2,490,351 with 240 GiB) with budget 2048 (configs/llama3_8b.json's); filling
+#           245 GB of pinned host memory takes minutes: give this part a call of its own
 # The machine's memory grows as it is used, so MemTotal reads far less than its 256 GiB at the start:
 # the plans are given --host-memory 240GiB (the rest is for the processes themselves).
 # Usage: OUT=... bash benchmarks/gpu_multi.sh tp zero plan   (about 10 minutes: split it over calls of 600 s)
