@@ -229,6 +229,9 @@ def offload_weights(model: PreTrainedModel, config: OmniKVConfig) -> PreTrainedM
     hidden = model.config.get_text_config(decoder=True).hidden_size
     ds_config = zero_inference_config(dtype, hidden, pin_memory=torch.cuda.is_available())
     kept = float32_buffers(model)
+    # partition the parameters into host memory first: DeepSpeed moves a model it did not partition
+    # to the GPU whole before it offloads anything (weights larger than the GPU never get that far)
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config, remote_device="cpu", dtype=dtype)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     restore_float32_buffers(engine.module, kept)
     engine.module.eval()

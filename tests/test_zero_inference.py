@@ -41,6 +41,9 @@ def test_offloaded_weights_give_the_same_tokens_and_selections(tmp_path):
         plain, offloaded = result["False"][budget], result["True"][budget]
         assert not plain["zero_partitioned"] and plain["q_proj_elements_at_rest"] == 128 * 128
         assert offloaded["zero_partitioned"] and offloaded["q_proj_elements_at_rest"] == 0  # fetched only to run
+        # partitioned into host memory before DeepSpeed's initialize, which otherwise moves the whole model
+        # to the GPU first (weights larger than the GPU then fail there)
+        assert offloaded["partitioned_before_initialize"] is True
         assert offloaded["tokens"] == plain["tokens"]
         assert offloaded["selections"] == plain["selections"] and offloaded["selections"]
         assert offloaded["fused_layers"] is False
@@ -88,7 +91,8 @@ def test_zeros_bf16_cast_leaves_the_rotary_frequencies_in_float32(monkeypatch):
     def initialize(model, config):
         return SimpleNamespace(module=model.to(torch.bfloat16)), None, None, None
 
-    monkeypatch.setattr(distributed, "_import_deepspeed", lambda *args: SimpleNamespace(initialize=initialize))
+    fake = SimpleNamespace(initialize=initialize, zero=SimpleNamespace(Init=lambda **kwargs: None))
+    monkeypatch.setattr(distributed, "_import_deepspeed", lambda *args: fake)
     monkeypatch.setattr(distributed, "_join_single_rank", lambda deepspeed, backend: None)
     model = make_model("llama")
     for param in model.parameters():

@@ -24,7 +24,25 @@ from omnikv_runtime.listeners import SelectionRecorder
 NEW_TOKENS = 12
 
 
+def spy_on_initialize() -> dict:
+    """Record whether every parameter was already partitioned when DeepSpeed's initialize got the model
+    (its condition for leaving the model where it is instead of moving it to the GPU whole)."""
+    import deepspeed
+
+    seen: dict = {}
+    real = deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        seen["partitioned"] = all(hasattr(param, "ds_id") for param in model.parameters())
+        return real(*args, **kwargs)
+
+    deepspeed.initialize = initialize
+    return seen
+
+
 def run(offload: bool, budget: float | int) -> dict:
+    seen = spy_on_initialize() if offload else {}
     model = make_model("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=6)
     ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     engine = okv.initialize(
@@ -48,6 +66,7 @@ def run(offload: bool, budget: float | int) -> dict:
         "selections": selections,
         "q_proj_elements_at_rest": q_proj.numel(),
         "zero_partitioned": hasattr(q_proj, "ds_tensor"),
+        "partitioned_before_initialize": seen.get("partitioned"),
         "graph_blocker": engine.graph_blocker(),
         "fused_layers": engine.fused_layers,
     }
