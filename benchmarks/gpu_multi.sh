@@ -25,10 +25,7 @@ TP1_HF=${TP1_HF:-1}
 SMOKE=${SMOKE:-1}
 mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /tmp/omnikv_install.log 2>&1 \
-  || { echo "install failed"; tail -20 /tmp/omnikv_install.log; exit 1; }
+source benchmarks/device_setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nvidia-smi topo -m 2>/dev/null | head -4
 GEOMETRY=/tmp/llama3_8b_long.json

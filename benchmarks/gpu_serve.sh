@@ -8,11 +8,7 @@ set -u
 OUT=${OUT:-/tmp/omnikv_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  $(ls .whl/serve/*.whl 2>/dev/null) \
-  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /tmp/omnikv_install.log 2>&1 \
-  || { echo "install failed"; tail -20 /tmp/omnikv_install.log; exit 1; }
+source benchmarks/device_setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for part in "$@"; do
   started=$(date +%s)

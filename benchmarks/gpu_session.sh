@@ -13,12 +13,7 @@ set -u
 OUT=${OUT:-/tmp/omnikv_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /tmp/omnikv_install.log 2>&1 \
-  || { echo "install failed"; tail -20 /tmp/omnikv_install.log; exit 1; }
+source benchmarks/device_setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for part in "$@"; do
   started=$(date +%s)

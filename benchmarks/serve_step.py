@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -34,20 +33,9 @@ from omnikv_runtime.tables import format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import FILTER_LAYERS, fill, random_kv, random_model, run_header  # noqa: E402
-from step_timing import sync  # noqa: E402
+from step_timing import decode_steps, sync  # noqa: E402
 
 NEW_TOKENS = 64
-
-
-def timed_steps(step, count: int, device: torch.device) -> list[float]:
-    times = []
-    for _ in range(count):
-        sync(device)
-        started = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - started) * 1e3)
-    return times
 
 
 def engine_step_ms(engine, model, config, device, dtype, batch: int, context: int, steps: int) -> float:
@@ -56,7 +44,7 @@ def engine_step_ms(engine, model, config, device, dtype, batch: int, context: in
     use_graph = device.type == "cuda"
     loop = DecodeLoop(model, cache, engine.cache_keyword, SamplingSettings(), StopSettings(), steps + 4, use_graph)
     loop.start_after_fill(batch, device)
-    times = timed_steps(loop.run_step, steps + 3, device)[3:]  # two eager warm-up steps and the recording
+    times = decode_steps(loop.run_step, steps + 3, device)[3:]  # two eager warm-up steps and the recording
     return statistics.median(times)
 
 
@@ -80,9 +68,9 @@ def measure(args, engine, model, config, device, dtype, batch: int) -> dict:
     row["engine_ms"] = engine_step_ms(engine, model, config, device, dtype, batch, args.context, args.steps)
     engine.release_graphs()
     slots = slot_batch(engine, config, device, dtype, batch, args.context)
-    row["eager_ms"] = statistics.median(timed_steps(slots.step, 1, device))  # the layout's first step
-    row["record_ms"] = timed_steps(slots.step, 1, device)[0]  # recording, then the first replay
-    row["slots_ms"] = statistics.median(timed_steps(slots.step, args.steps, device))
+    row["eager_ms"] = statistics.median(decode_steps(slots.step, 1, device))  # the layout's first step
+    row["record_ms"] = decode_steps(slots.step, 1, device)[0]  # recording, then the first replay
+    row["slots_ms"] = statistics.median(decode_steps(slots.step, args.steps, device))
     row["slots_over_engine"] = row["slots_ms"] / row["engine_ms"]
     row["graph"] = slots.use_graph
     del slots

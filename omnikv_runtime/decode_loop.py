@@ -16,6 +16,7 @@ import functools
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from omnikv_runtime import progress
 from omnikv_runtime.cache import OmniKVCache
 from omnikv_runtime.sampling import SamplingSettings, choose_tokens
+from omnikv_runtime.transfer import TransferStats
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +148,36 @@ def cached_forward(
     if _takes_cache_position(type(model).forward):
         kwargs["cache_position"] = cache_position
     return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+
+
+def run_on_stream(stream: torch.cuda.Stream, step: Callable[[], None]) -> None:
+    """Run ``step`` eagerly on ``stream``, ordered after and before the current stream's work (the
+    warm-up torch asks for before recording on that stream)."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def record_step(
+    cache: OmniKVCache, stream: torch.cuda.Stream, step: Callable[[], None]
+) -> tuple[torch.cuda.CUDAGraph, TransferStats]:
+    """Record ``step`` (a decode step through ``cache``) in a CUDA graph on ``stream``; the recording
+    runs nothing. Returns the graph and what one replay moves (the transfer counts the recording
+    added, taken back out of the engine's totals)."""
+    torch.cuda.synchronize()
+    transfer = cache.transfer
+    before = transfer.stats.copy()
+    graph = torch.cuda.CUDAGraph()
+    cache.capturing = True
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+    finally:
+        cache.capturing = False
+    moved = transfer.stats.minus(before)
+    transfer.stats = before
+    return graph, moved
 
 
 @dataclass
@@ -319,11 +351,7 @@ class DecodeLoop:
             return
         if self._graph is None and self._eager_steps < EAGER_STEPS_BEFORE_CAPTURE:
             self._eager_steps += 1
-            # warm-up steps (real ones) on the stream the capture will use, as torch asks
-            self._stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._stream):
-                self._decode_step()
-            torch.cuda.current_stream().wait_stream(self._stream)
+            run_on_stream(self._stream, self._decode_step)  # warm-up steps (real ones)
             return
         if self._graph is None:
             self._capture(self.token_capacity - self._steps_run)  # this step and any a renewed call may run
@@ -336,20 +364,8 @@ class DecodeLoop:
         """Record one decode step in a CUDA graph (the recording itself runs nothing)."""
         started = time.perf_counter()
         self.cache.ensure_room(self.ids, max(steps_left, 1))
-        torch.cuda.synchronize()
-        transfer = self.cache.transfer
-        before = transfer.stats.copy()
-        graph = torch.cuda.CUDAGraph()
-        self.cache.capturing = True
-        try:
-            with torch.cuda.graph(graph, stream=self._stream):
-                self._decode_step()
-        finally:
-            self.cache.capturing = False
-        self._step_transfer = transfer.stats.minus(before)  # what one replay moves
+        self._graph, self._step_transfer = record_step(self.cache, self._stream, self._decode_step)
         self._step_log = {s.filter_layer: s.selection.shape[1] for s in self.cache.segments if s.selection is not None}
-        transfer.stats = before
-        self._graph = graph
         self.times.capture = time.perf_counter() - started
         logger.info("decode step captured in a CUDA graph in %.0f ms", self.times.capture * 1e3)
 

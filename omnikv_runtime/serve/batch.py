@@ -15,7 +15,7 @@ import time
 import torch
 
 from omnikv_runtime.cache import OmniKVCache
-from omnikv_runtime.decode_loop import cached_forward
+from omnikv_runtime.decode_loop import cached_forward, record_step, run_on_stream
 from omnikv_runtime.slot_cache import SlotCache
 
 logger = logging.getLogger(__name__)
@@ -119,10 +119,7 @@ class SlotBatch:
             self._graph, self._graph_layout, self._eager_with_layout = None, layout, 0
         if self._graph is None and self._eager_with_layout < 1:  # a real step first: kernels compiled, buffers sized
             self._eager_with_layout += 1
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                self._run_step()
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            run_on_stream(self._stream, self._run_step)
             return self.logits
         if self._graph is None:
             self._capture()
@@ -143,18 +140,6 @@ class SlotBatch:
     def _capture(self) -> None:
         started = time.perf_counter()
         self._graph = None
-        torch.cuda.synchronize(self.device)
-        transfer = self.cache.transfer
-        before = transfer.stats.copy()
-        graph = torch.cuda.CUDAGraph()
-        self.cache.capturing = True
-        try:
-            with torch.cuda.graph(graph, stream=self._stream):
-                self._run_step()
-        finally:
-            self.cache.capturing = False
-        self._step_transfer = transfer.stats.minus(before)
-        transfer.stats = before  # recording moved nothing
-        self._graph = graph
+        self._graph, self._step_transfer = record_step(self.cache, self._stream, self._run_step)
         self.captures += 1
         logger.debug("batch step recorded in a CUDA graph in %.0f ms", (time.perf_counter() - started) * 1e3)
