@@ -45,6 +45,13 @@ class DecodeCounters:
     def batch(self) -> int:
         return self.rows.numel()
 
+    def prefix(self, count: int) -> DecodeCounters:
+        """The counters of the first ``count`` rows (views: the step advances these rows' counters)."""
+        view = object.__new__(DecodeCounters)
+        for name, tensor in vars(self).items():
+            setattr(view, name, tensor[:count])
+        return view
+
     def start(self, prompt: int, steps: int = 0, row: int | None = None) -> None:
         """Begin decoding after a prefill of ``prompt`` columns, in every row or in ``row`` only
         (host values: outside any graph)."""

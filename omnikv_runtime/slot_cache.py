@@ -22,6 +22,7 @@ number of rows (slots) and a fixed capacity per row, and each slot holds its own
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class SlotCache(OmniKVCache):
         self.active = torch.zeros(rows, dtype=torch.long, device=device)  # 1 where a request decodes
         self.requests: list[SlotRequest | None] = [None] * rows
         self._picks: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.segments)
+        self._prefix: SlotCache | None = None  # the latest prefix view, with selection buffers of its own
         self.decoding = True
         for row in range(rows):
             self.counters.start(capacity - 1, 0, row=row)  # idle: the scratch column
@@ -128,7 +130,7 @@ class SlotCache(OmniKVCache):
                 theirs.refresh_views()
         for mine, theirs in zip(self.segments, cache.segments, strict=True):
             if mine.arena is not None:
-                theirs.arena = mine.arena.row_view(row)
+                theirs.arena = mine.arena.rows_view(row, row + 1)
                 for sparse in theirs.sparse_layers:
                     cache.layers[sparse].arena = theirs.arena
         return cache
@@ -162,6 +164,38 @@ class SlotCache(OmniKVCache):
         for picks in self._picks:
             if picks is not None:
                 picks[1][row] = False
+
+    def prefix(self, count: int) -> SlotCache:
+        """The first ``count`` slots as a slot cache of their own, over the same memory: a step through
+        it computes ``count`` rows. Requests take the lowest free slots, so the idle slots past the
+        last busy one need not be computed at all. Build it again when the layout changes."""
+        if count == self.rows:
+            self._prefix = None
+            return self
+        view = copy.copy(self)
+        view.rows = count
+        view.layers = [copy.copy(layer) for layer in self.layers]
+        for part in view.layers:
+            if isinstance(part, DenseLayerKV):
+                part.key_buffer, part.value_buffer = part.key_buffer[:count], part.value_buffer[:count]
+                part.refresh_views()
+        view.segments = [copy.copy(segment) for segment in self.segments]
+        for part in view.segments:
+            part.selection = part.selection_valid = part.staging = None  # the view's own, [count, k]
+            if part.arena is not None:
+                part.arena, part.ring = part.arena.rows_view(0, count), part.ring[:count]
+        view.counters = self.counters.prefix(count)
+        view.valid, view.selectable = self.valid[:count], self.selectable[:count]
+        view._columns, view.active = self._columns[:count], self.active[:count]
+        view.requests = self.requests[:count]
+        view._picks = [None] * len(self.segments)
+        view._prefix = None
+        self._prefix = view  # its selection buffers count in tier_bytes
+        return view
+
+    def busy_prefix(self) -> int:
+        """Slots up to and including the last busy one."""
+        return max((row + 1 for row, request in enumerate(self.requests) if request is not None), default=0)
 
     def layout(self) -> tuple:
         """What a recorded step depends on: each slot's context and budget (None: idle)."""
@@ -250,4 +284,6 @@ class SlotCache(OmniKVCache):
         """Bytes per tier (allocated for every slot), with the host bytes the busy slots' prompts use."""
         tiers = super().tier_bytes()
         tiers["host"] = self.used_host_bytes()
+        if self._prefix is not None:
+            tiers["gpu_selected"] += sum(segment.gpu_bytes()["selected"] for segment in self._prefix.segments)
         return tiers

@@ -223,3 +223,24 @@ def test_slots_that_cannot_fit_are_refused_with_what_to_lower(monkeypatch):
     with pytest.raises(ConfigError) as refused:
         Scheduler(make_engine(), max_batch=8, max_context=4096, max_new_tokens=32)
     assert "8 slots of " in str(refused.value) and "--max-batch or --max-context" in str(refused.value)
+
+
+def test_eager_steps_compute_the_slots_up_to_the_last_busy_one():
+    engine = make_engine()
+    scheduler = Scheduler(engine, max_batch=4, max_context=256, max_new_tokens=32)
+    decode_rows = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: (
+            decode_rows.append(kwargs["input_ids"].shape[0]) if kwargs["input_ids"].shape[1] == 1 else None
+        ),
+        with_kwargs=True,
+    )
+    collected = Collector(1)
+    scheduler.start()
+    try:
+        scheduler.submit(ServeRequest("alone", tuple(prompts()[1]), 6, temperature=0.0), collected.sink(0))
+        collected.wait()
+    finally:
+        scheduler.shutdown()
+        hook.remove()
+    assert decode_rows == [1] * 5  # one busy slot of four: one row per step (the first token came from prefill)

@@ -53,12 +53,12 @@ class HostArena:
         self.lengths = [0] * num_layers
         self.view_of: HostArena | None = None  # a row view shares its parent's memory and cannot grow
 
-    def row_view(self, row: int) -> HostArena:
-        """A batch-1 arena over batch row ``row`` of this one (same memory: writes land in this arena)."""
+    def rows_view(self, start: int, stop: int) -> HostArena:
+        """An arena over batch rows ``start..stop`` of this one (same memory: writes land in this arena)."""
         view = object.__new__(HostArena)
         view.__dict__.update(self.__dict__)
-        view.data = self.data[row : row + 1]
-        view.scales = None if self.scales is None else self.scales[row : row + 1]
+        view.data = self.data[start:stop]
+        view.scales = None if self.scales is None else self.scales[start:stop]
         view.lengths = [0] * len(self.lengths)
         view.view_of = self
         return view

@@ -95,6 +95,8 @@ class SlotBatch:
         self._stream = torch.cuda.Stream(self.device) if self.use_graph else None
         self._step_transfer = None  # what one replayed step moves (measured while recording)
         self.captures = 0
+        self._view: SlotCache = self.cache  # eager steps: the slots up to the last busy one
+        self._view_layout: tuple | None = None
 
     @property
     def rows(self) -> int:
@@ -110,16 +112,23 @@ class SlotBatch:
         self.cache.release(row)
 
     def step(self) -> torch.Tensor:
-        """One decode step of every slot; returns the logits ``[rows, vocab]`` (idle slots: meaningless)."""
-        if not self.use_graph:
-            self._run_step()
-            return self.logits
+        """One decode step of the slots; returns the logits ``[rows, vocab]`` (idle slots: meaningless).
+
+        Eagerly (no CUDA graph) the step computes the slots up to the last busy one only (requests
+        take the lowest free slots). A recorded step computes every slot: that is the path measured
+        on the GPU, where an idle slot costs little (it attends to one column and selects nothing).
+        """
         layout = self.cache.layout()
+        if not self.use_graph:
+            if layout != self._view_layout:
+                self._view, self._view_layout = self.cache.prefix(self.cache.busy_prefix()), layout
+            self._run_step(self._view)
+            return self.logits
         if layout != self._graph_layout:
             self._graph, self._graph_layout, self._eager_with_layout = None, layout, 0
         if self._graph is None and self._eager_with_layout < 1:  # a real step first: kernels compiled, buffers sized
             self._eager_with_layout += 1
-            run_on_stream(self._stream, self._run_step)
+            run_on_stream(self._stream, lambda: self._run_step(self.cache))
             return self.logits
         if self._graph is None:
             self._capture()
@@ -127,19 +136,20 @@ class SlotBatch:
         self.cache.transfer.stats.add_(self._step_transfer)
         return self.logits
 
-    def _run_step(self) -> None:
-        output = cached_forward(
-            self.model, self.cache, self.cache_keyword, self.ids, self.positions, self.mask, self.cache_position
-        )
+    def _run_step(self, cache: SlotCache) -> None:
+        """The model's step over the first ``cache.rows`` slots (``cache`` is the slot cache or a prefix of it)."""
+        rows = cache.rows
+        ids, positions, mask = self.ids[:rows], self.positions[:rows], self.mask[:rows]
+        output = cached_forward(self.model, cache, self.cache_keyword, ids, positions, mask, self.cache_position)
         last = output.logits[:, -1]
         if self.logits is None:
-            self.logits = torch.empty(last.shape, dtype=torch.float32, device=last.device)
-        self.logits.copy_(last)
-        self.positions.add_(1)
+            self.logits = torch.empty(self.rows, last.shape[-1], dtype=torch.float32, device=last.device)
+        self.logits[:rows].copy_(last)
+        positions.add_(1)
 
     def _capture(self) -> None:
         started = time.perf_counter()
         self._graph = None
-        self._graph, self._step_transfer = record_step(self.cache, self._stream, self._run_step)
+        self._graph, self._step_transfer = record_step(self.cache, self._stream, lambda: self._run_step(self.cache))
         self.captures += 1
         logger.debug("batch step recorded in a CUDA graph in %.0f ms", (time.perf_counter() - started) * 1e3)
