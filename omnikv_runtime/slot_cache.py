@@ -50,6 +50,15 @@ class SlotRequest:
     windows: list[QueryWindow | None] = field(default_factory=list)  # per segment (query windows > 1)
 
 
+@dataclass
+class _Picks:
+    """One segment's padded selection of every slot, and which of its entries are real."""
+
+    indices: torch.Tensor  # [rows, width] int64
+    keep: torch.Tensor  # [rows, width] bool: entry j of row r is one of r's own selected tokens
+    counts: list[int]  # per row: entries ``keep`` marks real (host copy, so a step writes it only on change)
+
+
 class SlotCache(OmniKVCache):
     """``rows`` slots of ``capacity`` columns each (see the module docstring).
 
@@ -101,7 +110,7 @@ class SlotCache(OmniKVCache):
         self._columns = torch.arange(capacity, device=device).expand_as(self.valid)
         self.active = torch.zeros(rows, dtype=torch.long, device=device)  # 1 where a request decodes
         self.requests: list[SlotRequest | None] = [None] * rows
-        self._picks: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.segments)
+        self._picks: list[_Picks | None] = [None] * len(self.segments)
         self._prefix: SlotCache | None = None  # the latest prefix view, with selection buffers of its own
         self.decoding = True
         for row in range(rows):
@@ -163,7 +172,8 @@ class SlotCache(OmniKVCache):
         self.counters.start(self.capacity - 1, 0, row=row)
         for picks in self._picks:
             if picks is not None:
-                picks[1][row] = False
+                picks.keep[row] = False
+                picks.counts[row] = 0
 
     def prefix(self, count: int) -> SlotCache:
         """The first ``count`` slots as a slot cache of their own, over the same memory: a step through
@@ -244,22 +254,26 @@ class SlotCache(OmniKVCache):
             )
             chosen.append((row, self.policy.select(context)))
         width = max((indices.shape[1] for _, indices in chosen), default=1)
-        indices, keep = self._pick_buffers(segment.index, width, query.device)
+        picks = self._pick_buffers(segment.index, width, query.device)
         for row, picked in chosen:
-            indices[row, : picked.shape[1]].copy_(picked[0])
-            keep[row, : picked.shape[1]].fill_(True)
-            keep[row, picked.shape[1] :].fill_(False)
-        segment.set_selection(indices, self.selectable, self.transfer)
-        segment.selection_valid.logical_and_(keep)
-        return indices
+            count = picked.shape[1]
+            picks.indices[row, :count].copy_(picked[0])
+            if picks.counts[row] != count:  # changes only with the layout: not part of every step
+                picks.keep[row, :count].fill_(True)
+                picks.keep[row, count:].fill_(False)
+                picks.counts[row] = count
+        segment.set_selection(picks.indices, self.selectable, self.transfer)
+        segment.selection_valid.logical_and_(picks.keep)
+        return picks.indices
 
-    def _pick_buffers(self, segment: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The segment's padded selection ``[rows, width]`` and which entries are real (idle rows: none)."""
+    def _pick_buffers(self, segment: int, width: int, device: torch.device) -> _Picks:
+        """The segment's padded selection ``[rows, width]``, allocated again when the width changes."""
         picks = self._picks[segment]
-        if picks is None or picks[0].shape[1] != width:
-            picks = (
+        if picks is None or picks.indices.shape[1] != width:
+            picks = _Picks(
                 torch.zeros(self.rows, width, dtype=torch.long, device=device),
                 torch.zeros(self.rows, width, dtype=torch.bool, device=device),
+                [0] * self.rows,
             )
             self._picks[segment] = picks
         return picks
