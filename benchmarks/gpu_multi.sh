@@ -5,10 +5,11 @@
 #   tp      a quick 2-rank check on a small Llama (stops the part if it fails), then
 #           benchmarks/tensor_parallel.py at 128K: 1 GPU (+ HF), then torchrun 2 GPUs, batch 1 and 4;
 #           benchmarks/tp_compare.py compares tokens and selected indices (193 s on 2026-11-30)
-#   zero    ZeRO-Inference on one GPU at 32K, Llama-3-8B widths with 320 layers (141.7 GB of bf16 weights:
-#           the planner's OmniKV run without weight offload needs 147.3 GB of the GPU's 142.6 GB after
-#           headroom); 294 s on 2026-11-30 (96 s to build, 108 s in deepspeed.initialize), then out of GPU
-#           memory in the first decode step (docs/BENCHMARKS.md, "Two GPUs")
+#   zero    ZeRO-Inference on one GPU at 32K, Llama-3-8B widths with ZERO_LAYERS layers, the GPU capped at
+#           ZERO_GPU_MEMORY. Default 96 layers (44.0 GB of bf16 weights) in 40 GiB: the planner's OmniKV run
+#           without weight offload needs 47.5 GB of the 40.8 GB left after headroom. The one-GPU machine has
+#           128 GiB of host memory, too little for weights larger than a whole H200: on the 2-GPU machine
+#           (256 GiB) ZERO_LAYERS=320 ZERO_GPU_MEMORY= gives 141.7 GB of weights against the uncapped GPU
 #   plan    omnikv plan --tp-size 2 (Llama-3-8B geometry without its 8K limit), then tp 2 at its longest
 #           decode-only context (2,490,351 with 240 GiB) with budget 2048 (configs/llama3_8b.json's); filling
 #           245 GB of pinned host memory takes minutes: give this part a call of its own
@@ -21,6 +22,8 @@ OUT=${OUT:-/tmp/omnikv_out}
 RES=${RES:-/tmp/omnikv_results}
 HOST_MEMORY=${HOST_MEMORY:-240GiB}
 TP1_BUDGETS=${TP1_BUDGETS:-1.0,default}
+ZERO_LAYERS=${ZERO_LAYERS:-96}
+ZERO_GPU_MEMORY=${ZERO_GPU_MEMORY-40GiB}
 TP1_HF=${TP1_HF:-1}
 SMOKE=${SMOKE:-1}
 mkdir -p "$OUT" "$RES"
@@ -29,11 +32,11 @@ source benchmarks/device_setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nvidia-smi topo -m 2>/dev/null | head -4
 GEOMETRY=/tmp/llama3_8b_long.json
-DEEP=/tmp/llama3_8b_320_layers.json
+DEEP=/tmp/llama3_8b_deep.json
 python3 -c 'import json, sys; from omnikv_runtime.planner import KNOWN_GEOMETRIES as G
 json.dump({**G["llama3-8b"], "max_position_embeddings": 1 << 24}, open(sys.argv[1], "w"))
-json.dump({**G["llama3-8b"], "num_hidden_layers": 320, "max_position_embeddings": 1 << 24}, open(sys.argv[2], "w"))' \
-  "$GEOMETRY" "$DEEP"
+json.dump({**G["llama3-8b"], "num_hidden_layers": int(sys.argv[3]), "max_position_embeddings": 1 << 24}, open(sys.argv[2], "w"))' \
+  "$GEOMETRY" "$DEEP" "$ZERO_LAYERS"
 PLAN="python3 -m omnikv_runtime.cli plan --config configs/llama3_8b.json --new-tokens 17 --host-memory $HOST_MEMORY"
 for part in "$@"; do
   started=$(date +%s)
@@ -57,12 +60,13 @@ for part in "$@"; do
       grep "^rank\|Error" "$RES/tp2.err" | tail -10
       python3 benchmarks/tp_compare.py "$RES/tp1.json" "$RES/tp2.json" --selections $SEL --out "$RES/compare.json" ;;
     zero)
+      CAP=${ZERO_GPU_MEMORY:+--gpu-memory $ZERO_GPU_MEMORY}
       for weights in "" "--offload-weights"; do
-        $PLAN --model-config "$DEEP" --context 32768 $weights >> "$RES/plan_zero.txt" 2>&1
+        $PLAN --model-config "$DEEP" --context 32768 $CAP $weights >> "$RES/plan_zero.txt" 2>&1
       done
       grep "weights\|GPU total\|host total\|^fits\|longest context that fits, omnikv" "$RES/plan_zero.txt"
-      timeout 300 python3 benchmarks/tensor_parallel.py --zero --layers 320 --context 32768 --batches 1 --steps 6 \
-        --out "$RES/zero.json" 2> "$RES/zero.err"
+      timeout 400 python3 benchmarks/tensor_parallel.py --zero --layers "$ZERO_LAYERS" $CAP --context 32768 --batches 1 \
+        --steps 6 --out "$RES/zero.json" 2> "$RES/zero.err"
       grep "^rank\|Error" "$RES/zero.err" | tail -4 ;;
     plan)
       for tp in 1 2; do

@@ -14,7 +14,8 @@ peak GPU memory of this rank, host resident memory, tokens and selections (rank 
 ``--hf`` adds single-GPU transformers (DynamicCache, every layer's KV on the GPU) when it fits.
 ``--zero`` runs one GPU under ``distributed.offload_weights`` (``--layers`` deepens the geometry so
 the weights exceed the GPU) and reports the PCIe floor: weights plus selected rows per step over the
-pinned-copy bandwidth measured here. ``--tiny`` checks the script on CPU (on a GPU: a quick check
+pinned-copy bandwidth measured here. ``--gpu-memory`` caps the process's GPU memory (a smaller card on a machine whose host memory cannot
+hold weights larger than the whole GPU). ``--tiny`` checks the script on CPU (on a GPU: a quick check
 of the same path on a small Llama). ``--selections DIR`` saves every rank's selected indices per
 budget, batch, filter layer and step (``benchmarks/tp_compare.py`` compares two runs' files).
 """
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf", action="store_true", help="add single-GPU transformers (DynamicCache)")
     parser.add_argument("--zero", action="store_true", help="ZeRO-Inference weight offload, one GPU")
     parser.add_argument("--layers", type=int, help="decoder layers (default: Llama-3-8B's 32)")
+    parser.add_argument(
+        "--gpu-memory", help="cap this process's GPU memory, e.g. 40GiB (torch.cuda.set_per_process_memory_fraction)"
+    )
     parser.add_argument("--tiny", action="store_true", help="a small geometry on CPU (checks the script)")
     parser.add_argument("--eager", action="store_true", help="decode steps without a CUDA graph")
     parser.add_argument("--out", required=True)
@@ -252,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if args.gpu_memory:
+            from omnikv_runtime.planner import parse_bytes
+
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(parse_bytes(args.gpu_memory, "--gpu-memory") / total, device)
     dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     config = {
         "model": {"dtype": dtype_name},
@@ -298,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         "layers": text.num_hidden_layers,
         "build_s": round(build_s, 1),
         "initialize_s": round(initialize_s, 1),
+        "gpu_memory_cap": args.gpu_memory,
+        # what the GPU holds before the first step: under ZeRO-Inference, only the resident norms
+        "gpu_allocated_after_initialize": torch.cuda.memory_allocated(device) if device.type == "cuda" else 0,
     }
     result["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result["rows"] = []

@@ -149,15 +149,19 @@ def describe_shortfall(plan: MemoryPlan, config: OmniKVConfig, gpu_free: int, ho
     return f"this run ({what}) does not fit: {'; '.join(parts)}. To fit: {tips}"
 
 
-def available_memory(device: torch.device, weights_loaded: bool = True) -> tuple[int, int]:
+def available_memory(device: torch.device) -> tuple[int, int]:
     """(GPU bytes the run may still use, host bytes available). On CUDA: free memory plus what the
-    caching allocator holds unused; plus the weights when they are already resident."""
+    caching allocator holds unused, within this process's cap when one is set
+    (``torch.cuda.set_per_process_memory_fraction``: a GPU shared with other processes)."""
     host = psutil.virtual_memory().available
     if device.type != "cuda":
         return 0, host
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return free, host
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _device: 1.0)(device)
+    cap = int(total * fraction)
+    free = max(0, min(free, cap - reserved))
+    return free + reserved - torch.cuda.memory_allocated(device), host
 
 
 def check_run(

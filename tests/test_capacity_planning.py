@@ -170,3 +170,24 @@ def test_profile_report_counts_fp8_host_bytes(tmp_path):
     assert check["host"]["expected"] == 3 * 44 * 2 * 2 * (16 + 4) * 2 and check["host"]["scale_bytes"] == 4
     # each of the 4 decode steps fetched 6 rows of the 3 sparse layers in FP8 bytes
     assert entry["stats"]["transfer"]["bytes_fetched"] == 4 * 6 * 3 * 2 * 2 * (16 + 4) * 2
+
+
+@pytest.mark.parametrize(
+    ("fraction", "expected_gpu"),
+    [
+        (1.0, 30 + 4),  # the card's free memory plus what the allocator holds unused
+        (0.3, 30 - 10 + 4),  # capped at 30% of the card: 30 GiB less the 10 reserved by this process
+        (0.05, 0 + 4),  # a cap below what is reserved already: only the allocator's unused bytes
+    ],
+)
+def test_available_memory_keeps_within_a_per_process_cap(monkeypatch, fraction, expected_gpu):
+    from omnikv_runtime import planner_fit
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * gib, 100 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: fraction)
+    gpu, host = planner_fit.available_memory(torch.device("cuda", 0))
+    assert gpu == expected_gpu * gib
+    assert host > 0
