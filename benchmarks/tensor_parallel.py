@@ -14,10 +14,11 @@ peak GPU memory of this rank, host resident memory, tokens and selections (rank 
 ``--hf`` adds single-GPU transformers (DynamicCache, every layer's KV on the GPU) when it fits.
 ``--zero`` runs one GPU under ``distributed.offload_weights`` (``--layers`` deepens the geometry so
 the weights exceed the GPU) and reports the PCIe floor: weights plus selected rows per step over the
-pinned-copy bandwidth measured here. ``--gpu-memory`` caps the process's GPU memory (a smaller card on a machine whose host memory cannot
-hold weights larger than the whole GPU). ``--tiny`` checks the script on CPU (on a GPU: a quick check
-of the same path on a small Llama). ``--selections DIR`` saves every rank's selected indices per
-budget, batch, filter layer and step (``benchmarks/tp_compare.py`` compares two runs' files).
+pinned-copy bandwidth measured here. ``--gpu-memory`` caps the process's GPU memory (a smaller card, on
+a machine whose host memory cannot hold weights larger than the whole GPU). ``--tiny`` checks the
+script on CPU (on a GPU: a quick check of the same path on a small Llama). ``--selections DIR`` saves
+every rank's selected indices per budget, batch, filter layer and step (``benchmarks/tp_compare.py``
+compares two runs' files).
 """
 
 from __future__ import annotations
