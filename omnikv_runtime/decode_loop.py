@@ -143,11 +143,19 @@ def cached_forward(
     cache_position: torch.Tensor,
 ) -> Any:
     """The model's forward over ``ids`` through ``cache``, keeping only the last position's logits
-    (``cache_position`` is passed to models whose forward takes it)."""
+    (``cache_position`` is passed to models whose forward takes it).
+
+    No autograd graph is built, whatever the caller's grad mode: a graph would keep every weight
+    the step used alive until the logits go, and under ZeRO-Inference that is every layer's fetched
+    weights on the GPU at once.
+    """
     kwargs: dict[str, Any] = {cache_keyword: cache}
     if _takes_cache_position(type(model).forward):
         kwargs["cache_position"] = cache_position
-    return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+    with torch.no_grad():
+        return model(
+            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs
+        )
 
 
 def run_on_stream(stream: torch.cuda.Stream, step: Callable[[], None]) -> None:

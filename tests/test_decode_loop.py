@@ -126,3 +126,30 @@ def test_what_the_loop_cannot_run_goes_to_transformers_with_a_reason(caplog):
     assert engine.stats().get("cuda_graph") is None
     expected = transformers_through_cache(engine, model, ids, mask, new_tokens=6, repetition_penalty=1.3)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "none"])
+def test_the_loop_builds_no_autograd_graph_outside_inference_mode(offload):
+    """Benchmarks and schedulers drive the loop without `torch.inference_mode`; the model's weights
+    still require grad. A step that saved tensors for backward would keep every weight it used alive
+    until its logits go (under ZeRO-Inference: every layer's fetched weights on the GPU at once)."""
+    from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
+
+    model = make_model("llama")
+    engine = okv.initialize(model, omni(8, offload={"device": offload}))
+    ids, mask = make_prompt(1)
+    cache = engine.new_cache(reserve_tokens=reserve_tokens(ids.shape[1], 8), prompt_tokens=ids.shape[1])
+    loop = DecodeLoop(model, cache, engine.cache_keyword, SamplingSettings(), StopSettings(), 8, use_graph=False)
+
+    def tensors_saved_for_backward(run) -> int:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            run()
+        return len(saved)
+
+    assert torch.is_grad_enabled()
+    assert tensors_saved_for_backward(lambda: loop.prefill(ids, mask, chunk_size=16)) == 0
+    assert tensors_saved_for_backward(loop.run_step) == 0
+    assert tensors_saved_for_backward(loop.run_step) == 0
+    # the control: the same model, called directly with grad enabled, saves tensors for backward
+    assert tensors_saved_for_backward(lambda: model(input_ids=ids[:, :4])) > 0
