@@ -5,6 +5,9 @@
 #   tp      a quick 2-rank check on a small Llama (stops the part if it fails), then
 #           benchmarks/tensor_parallel.py at 128K: 1 GPU (+ HF), then torchrun 2 GPUs, batch 1 and 4;
 #           benchmarks/tp_compare.py compares tokens and selected indices (193 s on 2026-11-30)
+#   tp32    the tp part's comparison in float32 (no HF, no check): one GPU, then torchrun 2 GPUs, batch 1 and 4,
+#           budgets 1.0 and default, 12 steps; tp_compare.py -> compare_f32.json. In bf16 each rank rounds its
+#           partial sums before the all-reduce; in float32 the rounding is 2^16 times finer
 #   zero    ZeRO-Inference on one GPU at 32K, Llama-3-8B widths with ZERO_LAYERS layers, the GPU capped at
 #           ZERO_GPU_MEMORY. Default 96 layers (44.0 GB of bf16 weights) in 40 GiB: the planner's OmniKV run
 #           without weight offload needs 47.5 GB of the 40.8 GB left after headroom. The one-GPU machine has
@@ -59,6 +62,15 @@ for part in "$@"; do
         --out "$RES/tp2.json" 2> "$RES/tp2.err"
       grep "^rank\|Error" "$RES/tp2.err" | tail -10
       python3 benchmarks/tp_compare.py "$RES/tp1.json" "$RES/tp2.json" --selections $SEL --out "$RES/compare.json" ;;
+    tp32)
+      SEL=/tmp/selections_f32
+      F32="--dtype float32 --context 131072 --batches 1,4 --budgets 1.0,default --steps 12 --selections $SEL"
+      timeout 260 python3 benchmarks/tensor_parallel.py $F32 --out "$RES/tp1_f32.json" 2> "$RES/tp1_f32.err"
+      grep "^rank\|Error" "$RES/tp1_f32.err" | tail -6
+      timeout 260 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/tensor_parallel.py $F32 \
+        --out "$RES/tp2_f32.json" 2> "$RES/tp2_f32.err"
+      grep "^rank\|Error" "$RES/tp2_f32.err" | tail -10
+      python3 benchmarks/tp_compare.py "$RES/tp1_f32.json" "$RES/tp2_f32.json" --selections $SEL --out "$RES/compare_f32.json" ;;
     zero)
       CAP=${ZERO_GPU_MEMORY:+--gpu-memory $ZERO_GPU_MEMORY}
       for weights in "" "--offload-weights"; do
@@ -76,7 +88,7 @@ for part in "$@"; do
         'import json, sys; print(json.load(sys.stdin)["omnikv"]["longest_context_decode_only"]["context"])')
       echo "planner's longest decode-only context on 2 GPUs: $LONGEST"
       $PLAN --model-config "$GEOMETRY" --context "$LONGEST" --tp-size 2 --json > "$RES/plan_longest.json"
-      timeout 200 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/tensor_parallel.py --context "$LONGEST" --batches 1 \
+      timeout 500 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/tensor_parallel.py --context "$LONGEST" --batches 1 \
         --budgets 2048 --steps 8 --out "$RES/tp2_longest.json" 2> "$RES/tp2_longest.err"
       grep "^rank\|Error" "$RES/tp2_longest.err" | tail -6 ;;
     *) echo "unknown part $part" ;;

@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tiny", action="store_true", help="a small geometry on CPU (checks the script)")
     parser.add_argument("--eager", action="store_true", help="decode steps without a CUDA graph")
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], help="weights and KV (default: bfloat16 on CUDA, else float32)"
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(parse_bytes(args.gpu_memory, "--gpu-memory") / total, device)
-    dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     config = {
         "model": {"dtype": dtype_name},
         "omnikv": {"filter_layers": FILTER_LAYERS, "wait_layers": 1},
@@ -309,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "build_s": round(build_s, 1),
         "initialize_s": round(initialize_s, 1),
         "gpu_memory_cap": args.gpu_memory,
+        "dtype": dtype_name,
         # what the GPU holds before the first step: under ZeRO-Inference, only the resident norms
         "gpu_allocated_after_initialize": torch.cuda.memory_allocated(device) if device.type == "cuda" else 0,
     }
