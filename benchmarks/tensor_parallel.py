@@ -323,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [parse_budget(b, default_budget) for b in wanted.split(",")]
     for batch in [int(b) for b in args.batches.split(",")]:
         for budget in budgets:
-            row = run(args, batch, budget, engine, engine.model, text, device, dtype)
+            try:
+                row = run(args, batch, budget, engine, engine.model, text, device, dtype)
+            except torch.OutOfMemoryError as exc:
+                if world > 1:  # the other ranks would wait in a collective
+                    raise
+                row = {"batch": batch, "budget": budget, "skipped": f"CUDA out of memory: {str(exc)[:120]}"}
             gather_ranks(row)
             result["rows"].append(row)
             release(device)
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         gbps = pinned_gbps(device)
         weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.model.parameters()) * 2
         result["pinned_gbps"] = gbps
-        for row in result["rows"]:
+        for row in (r for r in result["rows"] if "skipped" not in r):
             selected = row["tier_bytes"]["gpu_selected"]  # the staging buffers: budget rows of every sparse layer
             row["weights_bytes_per_step"] = weights
             row["pcie_floor_ms"] = round((weights + selected) / (gbps * 1e9) * 1e3, 2) if gbps else None
