@@ -14,8 +14,8 @@
 #           128 GiB of host memory, too little for weights larger than a whole H200: on the 2-GPU machine
 #           (256 GiB) ZERO_LAYERS=320 ZERO_GPU_MEMORY= gives 141.7 GB of weights against the uncapped GPU
 #   plan    omnikv plan --tp-size 2 (Llama-3-8B geometry without its 8K limit), then tp 2 at its longest
-#           decode-only context (2,490,351 with 240 GiB) with budget 2048 (configs/llama3_8b.json's); filling
-#           245 GB of pinned host memory takes minutes: give this part a call of its own
+#           decode-only context (2,490,351 with 240 GiB) with budget 2048 (configs/llama3_8b.json's): 140 s on
+#           2026-11-30, 56 s of it filling 245 GB of pinned host memory; give this part a call of its own
 # The machine's memory grows as it is used, so MemTotal reads far less than its 256 GiB at the start:
 # the plans are given --host-memory 240GiB (the rest is for the processes themselves).
 # Usage: OUT=... bash benchmarks/gpu_multi.sh tp zero plan   (about 10 minutes: split it over calls of 600 s)
