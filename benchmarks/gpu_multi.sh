@@ -21,7 +21,6 @@
 # Usage: OUT=... bash benchmarks/gpu_multi.sh tp zero plan   (about 10 minutes: split it over calls of 600 s)
 # TP1_BUDGETS=default TP1_HF=0 SMOKE=0 rerun the tp part's 1-GPU leg lighter (only what the comparison needs).
 set -u
-OUT=${OUT:-/tmp/omnikv_out}
 RES=${RES:-/tmp/omnikv_results}
 HOST_MEMORY=${HOST_MEMORY:-240GiB}
 TP1_BUDGETS=${TP1_BUDGETS:-1.0,default}
@@ -29,10 +28,8 @@ ZERO_LAYERS=${ZERO_LAYERS:-96}
 ZERO_GPU_MEMORY=${ZERO_GPU_MEMORY-40GiB}
 TP1_HF=${TP1_HF:-1}
 SMOKE=${SMOKE:-1}
-mkdir -p "$OUT" "$RES"
-export PYTHONUNBUFFERED=1
 source benchmarks/device_setup.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+mkdir -p "$RES"
 nvidia-smi topo -m 2>/dev/null | head -4
 GEOMETRY=/tmp/llama3_8b_long.json
 DEEP=/tmp/llama3_8b_deep.json

@@ -5,11 +5,7 @@
 # under load against itself alone and against Engine.generate, with 4 slots and with 1).
 # Usage: OUT=... bash benchmarks/gpu_serve.sh tests step
 set -u
-OUT=${OUT:-/tmp/omnikv_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 source benchmarks/device_setup.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for part in "$@"; do
   started=$(date +%s)
   case "$part" in

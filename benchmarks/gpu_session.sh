@@ -10,11 +10,7 @@
 # CAPACITY_ARGS, FP8_DECODE_ARGS.
 # Usage: bash benchmarks/gpu_session.sh tests kernels decode e2e
 set -u
-OUT=${OUT:-/tmp/omnikv_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 source benchmarks/device_setup.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for part in "$@"; do
   started=$(date +%s)
   case "$part" in
