@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # logit_drift.py
 from logit_drift import logit_drift  # noqa: E402
 
 import omnikv_runtime as okv  # noqa: E402
-from omnikv_runtime.passkey import build_passkey_prompt, passkey_found  # noqa: E402
+from omnikv_runtime.eval.passkey import build_passkey_prompt, passkey_found  # noqa: E402
 from omnikv_runtime.tables import format_table
 
 

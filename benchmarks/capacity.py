@@ -37,13 +37,13 @@ import psutil
 import torch
 
 from omnikv_runtime.config import load_config
-from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
+from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
+from omnikv_runtime.decode.sampling import SamplingSettings
 from omnikv_runtime.engine import Engine, cache_keyword
 from omnikv_runtime.layout import reserve_tokens
+from omnikv_runtime.models.random import TINY_LLAMA, random_model
 from omnikv_runtime.planner import ModelGeometry, hf_config_dict, parse_bytes, plan_memory
-from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
-from omnikv_runtime.random_model import TINY_LLAMA, random_model
-from omnikv_runtime.sampling import SamplingSettings
+from omnikv_runtime.planner.fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
 from omnikv_runtime.tables import format_table
 from omnikv_runtime.transfer import pinned_bytes
 

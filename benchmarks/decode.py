@@ -32,11 +32,11 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import omnikv_runtime as okv
-from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
+from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
+from omnikv_runtime.decode.sampling import SamplingSettings
 from omnikv_runtime.engine import cache_keyword
+from omnikv_runtime.models.random import SMALL_LLAMA
 from omnikv_runtime.planner import KNOWN_GEOMETRIES
-from omnikv_runtime.random_model import SMALL_LLAMA
-from omnikv_runtime.sampling import SamplingSettings
 from omnikv_runtime.tables import format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_timing.py, also under python -P

@@ -41,7 +41,7 @@ TARGET_ROW_BYTES_PER_LAYER = 2 * 8 * 128 * 2  # keys and values, 8 KV heads x 12
 
 
 def _prompts(tokenizer, tokens: int) -> dict[str, str]:
-    from omnikv_runtime.passkey import build_passkey_prompt
+    from omnikv_runtime.eval.passkey import build_passkey_prompt
 
     passkey, _ = build_passkey_prompt(tokenizer, tokens, 0.5, seed=0)
     design = (REPO / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 import omnikv_runtime as okv
+from omnikv_runtime.eval.passkey import build_passkey_prompt
 from omnikv_runtime.layout import reserve_tokens
-from omnikv_runtime.passkey import build_passkey_prompt
 
 
 def decode_by_hand(engine: Any, ids: torch.Tensor, steps: int, forced: torch.Tensor | None = None):

@@ -6,7 +6,7 @@
 Every policy runs on equal terms: the config's filter layers, wait layers and token budget, only
 ``omnikv.selector`` differs. Dense (``omnikv.enabled = false``, same engine) is the baseline. A
 case is a prompt of `length` tokens with `needles` passkeys in coloured boxes, one of them asked for
-(``omnikv_runtime.passkey.build_multi_needle_prompt``). Prints one JSON object on stdout and a table
+(``omnikv_runtime.eval.passkey.build_multi_needle_prompt``). Prints one JSON object on stdout and a table
 on stderr; ``--plot`` draws a bar chart (needs matplotlib: ``pip install omnikv-runtime[plot]``).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import omnikv_runtime as okv
-from omnikv_runtime.passkey import build_multi_needle_prompt, passkey_found
+from omnikv_runtime.eval.passkey import build_multi_needle_prompt, passkey_found
 from omnikv_runtime.tables import format_table
 
 DEFAULT_POLICIES = "last,streaming_llm,h2o,snapkv,quest,infllm"

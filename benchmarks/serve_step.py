@@ -28,8 +28,8 @@ import sys
 import torch
 
 import omnikv_runtime as okv
-from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
-from omnikv_runtime.sampling import SamplingSettings
+from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
+from omnikv_runtime.decode.sampling import SamplingSettings
 from omnikv_runtime.serve.batch import SlotBatch
 from omnikv_runtime.tables import format_table
 

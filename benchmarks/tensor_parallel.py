@@ -38,9 +38,9 @@ import torch
 
 import omnikv_runtime as okv
 from omnikv_runtime.config import load_config
-from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
-from omnikv_runtime.random_model import random_model
-from omnikv_runtime.sampling import SamplingSettings
+from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
+from omnikv_runtime.decode.sampling import SamplingSettings
+from omnikv_runtime.models.random import random_model
 
 FILTER_LAYERS = [2, 8, 18]
 
@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "generation": {"cuda_graphs": not args.eager},
     }
     base = load_config(config)
+    from omnikv_runtime.models.random import SMALL_LLAMA
     from omnikv_runtime.planner import KNOWN_GEOMETRIES
-    from omnikv_runtime.random_model import SMALL_LLAMA
 
     spec = dict(SMALL_LLAMA if args.tiny else KNOWN_GEOMETRIES["llama3-8b"])
     spec.setdefault("vocab_size", 1000)

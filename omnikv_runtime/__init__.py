@@ -25,8 +25,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (imported when the name is first read)
 _EXPORTS = {
-    "attach": "omnikv_runtime.model_patches",
-    "OmniKVCache": "omnikv_runtime.cache",
+    "attach": "omnikv_runtime.engine",
+    "OmniKVCache": "omnikv_runtime.cache.adapter",
     "OmniKVConfig": "omnikv_runtime.config",
     "load_config": "omnikv_runtime.config",
     "SUPPORTED_MODEL_TYPES": "omnikv_runtime.engine",
@@ -44,12 +44,11 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on demand
-    from omnikv_runtime.cache import OmniKVCache
+    from omnikv_runtime.cache.adapter import OmniKVCache
     from omnikv_runtime.config import OmniKVConfig, load_config
-    from omnikv_runtime.engine import SUPPORTED_MODEL_TYPES, Engine, initialize
+    from omnikv_runtime.engine import SUPPORTED_MODEL_TYPES, Engine, attach, initialize
     from omnikv_runtime.errors import ConfigError, ModelLoadError, OmniKVError, PromptError, UnsupportedModelError
     from omnikv_runtime.layout import LayerPlan, Role
-    from omnikv_runtime.model_patches import attach
     from omnikv_runtime.profiling import MemoryProfiler, profile_memory
 
 

@@ -29,10 +29,10 @@ import torch
 from transformers import PreTrainedModel
 
 from omnikv_runtime.config import OmniKVConfig, load_config
-from omnikv_runtime.decode_loop import loop_settings
+from omnikv_runtime.decode.loop import loop_settings
 from omnikv_runtime.engine import SUPPORTED_MODEL_TYPES, Engine
+from omnikv_runtime.engine.arguments import as_token_count
 from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError, UnsupportedModelError
-from omnikv_runtime.generate_args import as_token_count
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omnikv_runtime.config import MAX_TOKENS
+from omnikv_runtime.config.sections import MAX_TOKENS
 from omnikv_runtime.policies.base import (
     ScoredPolicy,
     SelectionContext,

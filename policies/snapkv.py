@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omnikv_runtime.config import MAX_WINDOW
+from omnikv_runtime.config.sections import MAX_WINDOW
 from omnikv_runtime.policies.base import SelectionContext, last_valid
 from omnikv_runtime.policies.lossy import LayerState, LossyPolicy, window_attention
 from omnikv_runtime.policies.params import bounded

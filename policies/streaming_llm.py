@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omnikv_runtime.config import MAX_TOKENS
+from omnikv_runtime.config.sections import MAX_TOKENS
 from omnikv_runtime.policies.base import SelectionContext, causal_columns, first_valid
 from omnikv_runtime.policies.lossy import LayerState, LossyPolicy
 from omnikv_runtime.policies.params import bounded

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omnikv_runtime.config import MAX_WINDOW
+from omnikv_runtime.config.sections import MAX_WINDOW
 from omnikv_runtime.policies.base import ScoredPolicy, SelectionContext, seed_window_scores
 from omnikv_runtime.policies.params import bounded
 from omnikv_runtime.policies.registry import register_selection_policy

@@ -45,7 +45,7 @@ def bundled_session():
 def bundled(bundled_session):
     """``(model, tokenizer)``: the session's bundled model. Engines a test builds on it are detached when the
     test ends, so every test gets the model as transformers runs it."""
-    from omnikv_runtime.model_patches import detach_model
+    from omnikv_runtime.engine.patches import detach_model
 
     model, tokenizer = bundled_session
     base = model.config._attn_implementation

@@ -24,11 +24,11 @@ from transformers import (
 )
 from transformers.modeling_utils import AttentionInterface
 
-from omnikv_runtime.cache import _NOTES
+from omnikv_runtime.cache.adapter import _NOTES
 from omnikv_runtime.engine import cache_keyword  # noqa: F401 - the tests' name for it
 from omnikv_runtime.layout import Role
 from omnikv_runtime.listeners import CacheRecorder, SelectionRecorder
-from omnikv_runtime.random_model import SMALL_LLAMA, TINY_LLAMA
+from omnikv_runtime.models.random import SMALL_LLAMA, TINY_LLAMA
 
 VOCAB = TINY_LLAMA["vocab_size"]
 PAD = 0

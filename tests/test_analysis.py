@@ -11,9 +11,15 @@ import torch
 from okv_testlib import PAD, make_model, make_prompt, omni, record_selections
 
 import omnikv_runtime as okv
-from omnikv_runtime import analysis
-from omnikv_runtime.analysis import LayerProbe, layer_metrics, plan_score, probe_layers, suggest_filter_layers
+from omnikv_runtime.eval import layer_analysis as analysis
 from omnikv_runtime.cli import main
+from omnikv_runtime.eval.layer_analysis import (
+    LayerProbe,
+    layer_metrics,
+    plan_score,
+    probe_layers,
+    suggest_filter_layers,
+)
 from omnikv_runtime.policies import make_selection_policy
 
 STEPS = 4

@@ -14,8 +14,8 @@ import torch
 
 import omnikv_runtime as okv
 from omnikv_runtime import cli
+from omnikv_runtime.eval.passkey import build_passkey_prompt, passkey_found
 from omnikv_runtime.models import load_model
-from omnikv_runtime.passkey import build_passkey_prompt, passkey_found
 
 DEPTHS = (0.1, 0.5, 0.9)
 GRID = [pytest.param(1000, depth, id=f"1k-{depth}") for depth in DEPTHS] + [

@@ -17,7 +17,7 @@ from okv_testlib import (
 )
 
 import omnikv_runtime as okv
-from omnikv_runtime.cache_layers import DenseLayerKV, SparseLayerKV
+from omnikv_runtime.cache.layers import DenseLayerKV, SparseLayerKV
 
 BUDGET = 8
 

@@ -13,7 +13,7 @@ from okv_testlib import PAD, capture_caches, make_model, make_prompt, omni
 import omnikv_runtime as okv
 from omnikv_runtime.cli import main
 from omnikv_runtime.planner import KNOWN_GEOMETRIES, ModelGeometry, parse_bytes, plan_memory
-from omnikv_runtime.planner_fit import describe_shortfall, longest_context
+from omnikv_runtime.planner.fit import describe_shortfall, longest_context
 from omnikv_runtime.transfer import HostArena, TorchTransferEngine, pinning
 from omnikv_runtime.transfer.host_arena import allocation_bytes
 
@@ -181,7 +181,7 @@ def test_profile_report_counts_fp8_host_bytes(tmp_path):
     ],
 )
 def test_available_memory_keeps_within_a_per_process_cap(monkeypatch, fraction, expected_gpu):
-    from omnikv_runtime import planner_fit
+    from omnikv_runtime.planner import fit as planner_fit
 
     gib = 1 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * gib, 100 * gib))

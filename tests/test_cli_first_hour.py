@@ -15,9 +15,10 @@ import torch
 from okv_testlib import PROMPT_LEN, make_prompt, omni
 
 import omnikv_runtime as okv
-from omnikv_runtime import cli, cpu_threads, progress
-from omnikv_runtime.planner_fit import DEFAULT_HEADROOM
-from omnikv_runtime.run_report import run_lines, summarize_run, tier_label
+from omnikv_runtime import cli, progress
+from omnikv_runtime.cli import threads as cpu_threads
+from omnikv_runtime.planner.fit import DEFAULT_HEADROOM
+from omnikv_runtime.profiling.run_report import run_lines, summarize_run, tier_label
 
 # every --help, and --version, in one child process; then which heavy modules it imported
 _HELP_PROBE = """
@@ -251,7 +252,7 @@ def test_heatmap_legend_and_eval_chart_axis(monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from omnikv_runtime.analysis import save_heatmaps
+    from omnikv_runtime.eval.layer_analysis import save_heatmaps
     from omnikv_runtime.eval.report import bar_chart
 
     figures = []
@@ -287,7 +288,7 @@ def test_profile_timeline_names_tiers_by_role_and_the_cpu(monkeypatch, tmp_path)
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from omnikv_runtime.profiling_plot import plot_report
+    from omnikv_runtime.profiling.plot import plot_report
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)

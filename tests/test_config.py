@@ -13,8 +13,8 @@ from okv_testlib import PLAN, PROMPT_LEN, is_sparse, make_model, omni, split_for
 from pydantic import BaseModel, Field
 
 import omnikv_runtime as okv
-from omnikv_runtime import config_doc
 from omnikv_runtime.config import OmniKVConfig
+from omnikv_runtime.config import doc as config_doc
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.json"))
@@ -310,7 +310,7 @@ def test_readme_config_table_is_generated_from_the_schema():
     readme = (CONFIG_DIR.parent / "README.md").read_text(encoding="utf-8")
     assert config_doc.START in readme and config_doc.END in readme
     assert config_doc.replace_table(readme) == readme, (
-        "README's config table is not the schema's: run `python -m omnikv_runtime.config_doc --write README.md`"
+        "README's config table is not the schema's: run `python -m omnikv_runtime.config.doc --write README.md`"
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import omnikv_runtime as okv
-from omnikv_runtime.legacy import SEED_KEYS
+from omnikv_runtime.config.legacy import SEED_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 BASES: list[dict[str, Any]] = [

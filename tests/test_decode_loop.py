@@ -16,8 +16,8 @@ import torch
 from okv_testlib import PAD, PROMPT_LEN, cache_keyword, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
+from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.layout import reserve_tokens
-from omnikv_runtime.sampling import SamplingSettings, choose_tokens
 
 NEW = 24
 
@@ -133,7 +133,7 @@ def test_the_loop_builds_no_autograd_graph_outside_inference_mode(offload):
     """Benchmarks and schedulers drive the loop without `torch.inference_mode`; the model's weights
     still require grad. A step that saved tensors for backward would keep every weight it used alive
     until its logits go (under ZeRO-Inference: every layer's fetched weights on the GPU at once)."""
-    from omnikv_runtime.decode_loop import DecodeLoop, StopSettings
+    from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
 
     model = make_model("llama")
     engine = okv.initialize(model, omni(8, offload={"device": offload}))

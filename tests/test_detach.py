@@ -8,7 +8,7 @@ import torch
 from okv_testlib import PAD, dense_reference, greedy_generate, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
-from omnikv_runtime.fused_layers import decoder_layers, install_fused_layers, remove_fused_layers
+from omnikv_runtime.engine.fused_layers import decoder_layers, install_fused_layers, remove_fused_layers
 
 
 def _untouched(model) -> bool:

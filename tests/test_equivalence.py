@@ -24,7 +24,7 @@ from okv_testlib import (
 )
 
 import omnikv_runtime as okv
-from omnikv_runtime.cache_layers import DenseLayerKV, SparseLayerKV
+from omnikv_runtime.cache.layers import DenseLayerKV, SparseLayerKV
 
 
 def _assert_ran_omnikv(engine, batch: int, selected: int) -> None:

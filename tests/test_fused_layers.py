@@ -20,7 +20,7 @@ import torch
 from okv_testlib import PAD, cache_keyword, greedy_generate, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
-from omnikv_runtime.fused_layers import install_fused_layers, why_not_fusable
+from omnikv_runtime.engine.fused_layers import install_fused_layers, why_not_fusable
 from omnikv_runtime.layout import reserve_tokens
 
 

@@ -229,7 +229,7 @@ def test_a_second_call_of_the_same_shape_replays_the_kept_graph(cuda_model):
 
 
 def test_prefill_chunk_attention_is_causal_at_the_bottom_right():
-    from omnikv_runtime.attention import causal_chunk_attention
+    from omnikv_runtime.cache.attention import causal_chunk_attention
 
     torch.manual_seed(0)
     query = torch.randn(2, 32, 300, 128, device="cuda", dtype=torch.bfloat16)

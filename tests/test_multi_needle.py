@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from omnikv_runtime.passkey import MULTI_NEEDLE, build_multi_needle_prompt, build_passkey_prompt
+from omnikv_runtime.eval.passkey import MULTI_NEEDLE, build_multi_needle_prompt, build_passkey_prompt
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import omnikv_runtime as okv
 from omnikv_runtime.cli import main
 from omnikv_runtime.layout import reserve_tokens, tail_ring_tokens
 from omnikv_runtime.planner import KNOWN_GEOMETRIES, ModelGeometry, parse_bytes, plan_memory
-from omnikv_runtime.planner_fit import dense_twin, describe_shortfall, fits, longest_context
+from omnikv_runtime.planner.fit import dense_twin, describe_shortfall, fits, longest_context
 
 TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host", "host_allocated")
 

@@ -10,7 +10,7 @@ import omnikv_runtime as okv
 from omnikv_runtime.cli import main
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.planner import KNOWN_GEOMETRIES, ModelGeometry, plan_memory
-from omnikv_runtime.planner_fit import describe_shortfall, longest_context
+from omnikv_runtime.planner.fit import describe_shortfall, longest_context
 
 LLAMA3 = ModelGeometry.from_hf_config(KNOWN_GEOMETRIES["llama3-8b"])
 GPU_TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "gpu_hot_state", "host_allocated", "host_reserved")

@@ -12,8 +12,8 @@ from okv_testlib import PAD, make_model, make_prompt, omni
 import omnikv_runtime as okv
 from omnikv_runtime.cli import main
 from omnikv_runtime.launcher import Launcher
-from omnikv_runtime.profiling_plot import plot_report
-from omnikv_runtime.random_model import TINY_LLAMA
+from omnikv_runtime.models.random import TINY_LLAMA
+from omnikv_runtime.profiling.plot import plot_report
 
 KV_HEADS = TINY_LLAMA["num_key_value_heads"]
 HEAD_DIM = TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"]

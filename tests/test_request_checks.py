@@ -13,7 +13,7 @@ from okv_testlib import PAD, PROMPT_LEN, VOCAB, cache_keyword, greedy_generate, 
 from transformers import GenerationConfig
 
 import omnikv_runtime as okv
-from omnikv_runtime.engine_guards import EngineBusyError
+from omnikv_runtime.engine.guards import EngineBusyError
 from omnikv_runtime.errors import PromptError
 
 NEW = 6

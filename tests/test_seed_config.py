@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import omnikv_runtime as okv
-from omnikv_runtime.legacy import SEED_KEYS
+from omnikv_runtime.config.legacy import SEED_KEYS
 
 EXAMPLE = Path(__file__).resolve().parent / "fixtures" / "seed" / "example.json"  # the original's configs/example.json
 BASE = {"do_select_layers": "2,8,18", "num_wait_load_layers": 1, "num_of_selected_tokens": 0.067}
@@ -29,7 +29,7 @@ OTHER_KEYS = (
 
 def _load(caplog, extra: dict) -> okv.OmniKVConfig:
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="omnikv_runtime.legacy"):
+    with caplog.at_level(logging.INFO, logger="omnikv_runtime.config.legacy"):
         return okv.load_config({**BASE, **extra})
 
 
@@ -250,7 +250,7 @@ def test_the_seed_window_has_no_effect_on_the_current_query_selectors(caplog, se
 
 
 def test_keys_left_out_take_the_originals_defaults(caplog):
-    with caplog.at_level(logging.INFO, logger="omnikv_runtime.legacy"):
+    with caplog.at_level(logging.INFO, logger="omnikv_runtime.config.legacy"):
         config = okv.load_config({"do_select_layers": "2,8,18"})
     assert config.omnikv.wait_layers == 2  # num_wait_load_layers defaults to 2 in the original
     assert config.omnikv.token_budget == 4096  # num_of_selected_tokens: 4096 tokens

@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from serve_testlib import FakeScheduler, parse_exposition  # noqa: E402
 
-from omnikv_runtime.cli_serve import exposure_warning  # noqa: E402
+from omnikv_runtime.cli.serve import exposure_warning  # noqa: E402
 from omnikv_runtime.serve.app import create_app  # noqa: E402
 
 MODEL = "fake-model"
@@ -358,7 +358,7 @@ def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
     port; the key from the environment; the warning for a non-loopback bind (here with no key)."""
     import uvicorn
 
-    import omnikv_runtime.cpu_threads
+    import omnikv_runtime.cli.threads
     import omnikv_runtime.engine
     import omnikv_runtime.serve.scheduler
     from omnikv_runtime import cli
@@ -370,7 +370,7 @@ def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
         built.update(kwargs, engine=engine_arg)
         return FakeScheduler()
 
-    monkeypatch.setattr(omnikv_runtime.cpu_threads, "apply_cpu_threads", lambda *a: None)
+    monkeypatch.setattr(omnikv_runtime.cli.threads, "apply_cpu_threads", lambda *a: None)
     monkeypatch.setattr(omnikv_runtime.engine, "initialize", lambda config: engine)
     monkeypatch.setattr(omnikv_runtime.serve.scheduler, "Scheduler", scheduler)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.update(kwargs, app=app))
@@ -385,7 +385,7 @@ def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
         assert models["data"][0]["id"] == "smollm2-135m"
     assert "without an API key" not in caplog.text
     monkeypatch.delenv("OMNIKV_API_KEY")
-    with caplog.at_level(logging.WARNING, logger="omnikv_runtime.cli_serve"):
+    with caplog.at_level(logging.WARNING, logger="omnikv_runtime.cli.serve"):
         assert cli.main([*argv, "--host", "0.0.0.0"]) == 0
     assert "serving on 0.0.0.0 without an API key" in caplog.text
     assert ran["host"] == "0.0.0.0" and built["max_context"] is None

@@ -20,7 +20,7 @@ import httpx  # noqa: E402
 from serve_testlib import parse_exposition  # noqa: E402
 
 import omnikv_runtime as okv  # noqa: E402
-from omnikv_runtime.model_patches import detach_model  # noqa: E402
+from omnikv_runtime.engine.patches import detach_model  # noqa: E402
 from omnikv_runtime.serve.app import create_app  # noqa: E402
 from omnikv_runtime.serve.scheduler import Scheduler  # noqa: E402
 

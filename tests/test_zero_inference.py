@@ -23,8 +23,8 @@ from okv_testlib import make_model, omni
 import omnikv_runtime as okv
 from omnikv_runtime.config import load_config
 from omnikv_runtime.engine import Engine
+from omnikv_runtime.engine.patches import _fuse_layers
 from omnikv_runtime.errors import ConfigError
-from omnikv_runtime.model_patches import _fuse_layers
 
 SCRIPT = Path(__file__).parent / "scripts" / "zero_generate.py"
 

@@ -140,7 +140,7 @@ def run_shard(
     ``show_progress``: draw a bar of samples per task on stderr (None: as the process is set, see
     :mod:`omnikv_runtime.progress`); a spawned worker (given it) draws one line and no generation bars.
     """
-    from omnikv_runtime.cpu_threads import apply_cpu_threads
+    from omnikv_runtime.cli.threads import apply_cpu_threads
     from omnikv_runtime.engine import Engine
     from omnikv_runtime.eval.predict import Predictor
 

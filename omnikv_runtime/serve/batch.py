@@ -1,6 +1,6 @@
 """The server's running batch: a slot cache, its chunked prefills, and its static decode step.
 
-:class:`SlotBatch` owns a :class:`~omnikv_runtime.slot_cache.SlotCache` and the step's fixed
+:class:`SlotBatch` owns a :class:`~omnikv_runtime.cache.slots.SlotCache` and the step's fixed
 inputs. A request enters through a :class:`PrefillJob` (its prompt in chunks, through a batch-1
 view of its slot), then decodes with the others, one token per :meth:`SlotBatch.step`. On CUDA
 the step is recorded in a CUDA graph and replayed; the recording is redone when the batch's
@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from omnikv_runtime.cache import OmniKVCache
-from omnikv_runtime.decode_loop import cached_forward, record_step, run_on_stream
-from omnikv_runtime.slot_cache import SlotCache
+from omnikv_runtime.cache.adapter import OmniKVCache
+from omnikv_runtime.cache.slots import SlotCache
+from omnikv_runtime.decode.loop import cached_forward, record_step, run_on_stream
 
 logger = logging.getLogger(__name__)
 

@@ -14,24 +14,17 @@ kvpress's ``with press(model):`` does::
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from omnikv_runtime.attention import base_implementation, register_attention
+from omnikv_runtime.cache.attention import base_implementation, register_attention
 from omnikv_runtime.config import OmniKVConfig
-from omnikv_runtime.engine_guards import mark_prefill_forwards, unmark_prefill_forwards
+from omnikv_runtime.engine.fused_layers import install_fused_layers, remove_fused_layers
+from omnikv_runtime.engine.guards import mark_prefill_forwards, unmark_prefill_forwards
 from omnikv_runtime.errors import ConfigError
-from omnikv_runtime.fused_layers import install_fused_layers, remove_fused_layers
 from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
-
-if TYPE_CHECKING:
-    from omnikv_runtime.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -91,21 +84,3 @@ def detach_model(model: PreTrainedModel, base: str) -> None:
     model.set_attn_implementation(base)
     remove_fused_layers(model)
     unmark_prefill_forwards(model)
-
-
-@contextlib.contextmanager
-def attach(
-    model: PreTrainedModel | str | Path | None = None,
-    config: str | Path | dict[str, Any] | OmniKVConfig | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    trust_remote_code: bool = False,
-) -> Iterator[Engine]:
-    """``with attach(model, config) as engine:`` an engine for the block (as :func:`~omnikv_runtime.engine.initialize`
-    builds it); on leaving, ``engine.detach()`` gives the model back as it was."""
-    from omnikv_runtime.engine import initialize
-
-    engine = initialize(model, config, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
-    try:
-        yield engine
-    finally:
-        engine.detach()

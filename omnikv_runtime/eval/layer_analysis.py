@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from omnikv_runtime.attention import BASE_MASK_FUNCTIONS, attention_scaling, base_implementation, eager_attention
+from omnikv_runtime.cache.attention import BASE_MASK_FUNCTIONS, attention_scaling, base_implementation, eager_attention
 from omnikv_runtime.layout import LayerPlan
 from omnikv_runtime.policies import SelectionContext, SelectionPolicy
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from omnikv_runtime.cache import OmniKVCache
+from omnikv_runtime.cache.adapter import OmniKVCache
 from omnikv_runtime.errors import OmniKVError, UnsupportedModelError
 
 _MARKER = "_omnikv_prefill_marker"

@@ -8,7 +8,7 @@ The model's attention modules call ``cache.update(k, v, layer_idx)`` and then th
 tiers and attends through the model's own attention implementation and mask.
 
 **Decode** is static: every buffer a step touches exists before the step, the step's position
-lives in device counters (:class:`~omnikv_runtime.decode_state.DecodeCounters`), and ``update``
+lives in device counters (:class:`~omnikv_runtime.cache.counters.DecodeCounters`), and ``update``
 writes at that position and hands the attention function :class:`~omnikv_runtime.kernels.KVSource`
 descriptions of what to read (a dense layer's buffer up to the device length; a sparse layer's
 selected rows and tail ring). A filter layer's attention then scores the context and calls
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from omnikv_runtime.cache_layers import DenseLayerKV, SparseLayerKV
-from omnikv_runtime.decode_state import DecodeCounters
+from omnikv_runtime.cache.counters import DecodeCounters
+from omnikv_runtime.cache.layers import DenseLayerKV, SparseLayerKV
+from omnikv_runtime.cache.segment import SegmentState
 from omnikv_runtime.kernels import KVSource
 from omnikv_runtime.layout import LayerPlan, Role, tail_ring_tokens
 from omnikv_runtime.listeners import EngineListener, announce_forward, fetch_with_events
 from omnikv_runtime.policies import EvictionPolicy, LRUEviction, SelectionContext, SelectionPolicy
-from omnikv_runtime.segment import SegmentState
 from omnikv_runtime.transfer import HostArena, HotCache, TransferEngine
 
 _NOTES = threading.local()

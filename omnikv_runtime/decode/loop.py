@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from omnikv_runtime import progress
-from omnikv_runtime.cache import OmniKVCache
-from omnikv_runtime.sampling import SamplingSettings, choose_tokens
+from omnikv_runtime.cache.adapter import OmniKVCache
+from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.transfer import TransferStats
 
 logger = logging.getLogger(__name__)

@@ -29,13 +29,13 @@ logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 COMMAND_MODULES: tuple[str, ...] = (
-    "omnikv_runtime.cli_generate",
-    "omnikv_runtime.cli_plan",
-    "omnikv_runtime.cli_run",
-    "omnikv_runtime.cli_profile",
-    "omnikv_runtime.cli_eval",
-    "omnikv_runtime.cli_analyze",
-    "omnikv_runtime.cli_serve",
+    "omnikv_runtime.cli.generate",
+    "omnikv_runtime.cli.plan",
+    "omnikv_runtime.cli.run",
+    "omnikv_runtime.cli.profile",
+    "omnikv_runtime.cli.eval",
+    "omnikv_runtime.cli.analyze",
+    "omnikv_runtime.cli.serve",
 )
 CONFIG_COMMANDS = ("generate", "plan", "run", "profile", "eval", "analyze-layers", "serve")
 PROGRESS_COMMANDS = ("generate", "run", "profile", "eval", "analyze-layers")  # the ones that take long
@@ -139,6 +139,3 @@ def main(argv: list[str] | None = None) -> int:
         printer(result)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from omnikv_runtime.config.sections import BITSANDBYTES_MISSING, MAX_WINDOW, bitsandbytes_installed
 from omnikv_runtime.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,6 @@ def _parse_layers(value: Any) -> list[Any]:
 
 
 def _map(key: str, value: Any, out: dict[str, dict[str, Any]], selector: dict[str, Any]) -> None:
-    from omnikv_runtime.config import BITSANDBYTES_MISSING, bitsandbytes_installed
     from omnikv_runtime.policies.registry import SELECTION_ALIASES
 
     section, field = MAPPED[key]
@@ -267,7 +267,6 @@ def _map(key: str, value: Any, out: dict[str, dict[str, Any]], selector: dict[st
 def _drop_unused_window(selector: dict[str, Any]) -> None:
     """The seed's ``window_size`` serves only its window selectors: with a registered selector that has
     no window it has no effect here (one log line); its value is still checked."""
-    from omnikv_runtime.config import MAX_WINDOW
     from omnikv_runtime.policies.params import check_value, parameters
     from omnikv_runtime.policies.registry import SELECTION_ALIASES, SELECTION_POLICIES
 

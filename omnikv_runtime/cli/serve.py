@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-from omnikv_runtime.cli_generate import positive_int
+from omnikv_runtime.cli.generate import positive_int
 from omnikv_runtime.errors import OmniKVError
 from omnikv_runtime.serve import DEFAULT_MAX_BODY_BYTES
 
@@ -76,8 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from omnikv_runtime.serve.app import create_app
     except ImportError as exc:  # said before the (slow) model load
         raise OmniKVError(str(exc) if "[serve]" in str(exc) else f"{exc}: {SERVE_EXTRA}") from None
+    from omnikv_runtime.cli.threads import apply_cpu_threads
     from omnikv_runtime.config import load_config
-    from omnikv_runtime.cpu_threads import apply_cpu_threads
     from omnikv_runtime.engine import initialize
     from omnikv_runtime.serve.scheduler import Scheduler
 

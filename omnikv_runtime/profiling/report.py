@@ -10,6 +10,7 @@ value plus a float32 scale per ``head_dim`` values.
 
 from __future__ import annotations
 
+import datetime
 import platform
 from typing import Any
 
@@ -91,8 +92,6 @@ def build_report(profiler: Any) -> dict[str, Any]:
     """The whole report of a :class:`~omnikv_runtime.profiling.MemoryProfiler`."""
     import transformers
 
-    from omnikv_runtime.profiling import now_utc
-
     meta = {
         "date": now_utc(),
         "host": platform.node(),
@@ -116,3 +115,7 @@ def build_report(profiler: Any) -> dict[str, Any]:
     samples = sorted(profiler.samples, key=lambda s: s["t"])
     marks = sorted(profiler.marks, key=lambda m: m["start"])
     return {"meta": meta, "engines": engines, "summary": _summary(samples, marks), "marks": marks, "samples": samples}
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -69,7 +69,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     from omnikv_runtime.config import load_config
     from omnikv_runtime.errors import ConfigError
     from omnikv_runtime.planner import parse_bytes, plan_memory, resolve_geometry
-    from omnikv_runtime.planner_fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
+    from omnikv_runtime.planner.fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
     from omnikv_runtime.transfer.fp8 import HOST_DTYPES
 
     if args.headroom is None:

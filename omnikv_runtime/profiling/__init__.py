@@ -16,7 +16,6 @@ every step).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gzip
 import json
 import logging
@@ -32,6 +31,7 @@ import torch
 
 from omnikv_runtime.config import ProfilingSection, load_config
 from omnikv_runtime.listeners import EngineListener, Fetch, ForwardStart
+from omnikv_runtime.profiling.report import build_report
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +180,6 @@ class MemoryProfiler:
 
     # output ---------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        from omnikv_runtime.profiling_report import build_report
-
         return build_report(self)
 
     def write(self, out_dir: str | Path) -> dict[str, str]:
@@ -192,7 +190,7 @@ class MemoryProfiler:
             self.files["chrome_trace"] = str(self._write_trace(out))
         report = self.report()
         if self.config.png:
-            from omnikv_runtime.profiling_plot import plot_report
+            from omnikv_runtime.profiling.plot import plot_report
 
             png = out / "timeline.png"
             if plot_report(report, png):
@@ -275,7 +273,3 @@ def profile_memory(
         yield profiler
     finally:
         profiler.stop()
-
-
-def now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

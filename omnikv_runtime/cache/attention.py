@@ -31,7 +31,7 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from omnikv_runtime.cache import take_note
+from omnikv_runtime.cache.adapter import take_note
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.kernels import decode_attention
 from omnikv_runtime.layout import Role

@@ -99,7 +99,7 @@ def _encode(engine: Any, text: str, chat: bool) -> Any:
 
 
 def _run(engine: Any, input_ids: Any, max_new_tokens: int) -> dict[str, Any]:
-    from omnikv_runtime.run_report import summarize_run
+    from omnikv_runtime.profiling.run_report import summarize_run
 
     output = engine.generate(input_ids, max_new_tokens=max_new_tokens)
     answer = engine.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
@@ -107,12 +107,12 @@ def _run(engine: Any, input_ids: Any, max_new_tokens: int) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from omnikv_runtime.cli.threads import apply_cpu_threads
     from omnikv_runtime.config import load_config
-    from omnikv_runtime.cpu_threads import apply_cpu_threads
     from omnikv_runtime.engine import Engine
+    from omnikv_runtime.eval.passkey import build_passkey_prompt, passkey_found
     from omnikv_runtime.models import load_configured_model
-    from omnikv_runtime.passkey import build_passkey_prompt, passkey_found
-    from omnikv_runtime.planner_fit import dense_twin
+    from omnikv_runtime.planner.fit import dense_twin
 
     config = load_config(args.config)
     prompt = read_prompt(args.prompt_file)  # a bad prompt is reported before the (slow) model load
@@ -139,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    from omnikv_runtime.run_report import run_lines
+    from omnikv_runtime.profiling.run_report import run_lines
 
     if result["mode"] == "passkey demo":
         print(

@@ -6,7 +6,7 @@ Without prompt files it probes built-in passkey prompts (2K tokens, the needle a
 depth, two keys), decoding 8 answer steps of each with the dense model. Writes ``DIR/layers.json``
 (every layer's top-k per prompt and step, the IoU, mass, recall and attended matrices, the scores
 of the config's plan and of the suggestion) and ``DIR/heatmap.png``. See
-omnikv_runtime/analysis.py for what each number means.
+omnikv_runtime/eval/layer_analysis.py for what each number means.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # imported by the handler: building the parser (--help) needs
 
 logger = logging.getLogger(__name__)
 
-SCORE = "attended"  # the metric plans are scored by (see omnikv_runtime/analysis.py)
+SCORE = "attended"  # the metric plans are scored by (see omnikv_runtime/eval/layer_analysis.py)
 PASSKEY_PROMPTS = [(2000, depth, seed) for seed in (0, 1) for depth in (0.1, 0.5, 0.9)]
 
 
@@ -41,7 +41,7 @@ def register(commands: Any) -> None:
 
 
 def _prompts(args: argparse.Namespace, tokenizer: Any, chat: bool) -> list[tuple[str, torch.Tensor]]:
-    from omnikv_runtime.passkey import build_passkey_prompt
+    from omnikv_runtime.eval.passkey import build_passkey_prompt
 
     prompts: list[tuple[str, torch.Tensor]] = []
     if args.prompt_file:
@@ -69,9 +69,15 @@ def _rounded(matrix: torch.Tensor) -> list[list[float]]:
 
 def cmd_analyze_layers(args: argparse.Namespace) -> int:
     from omnikv_runtime import progress
-    from omnikv_runtime.analysis import mean_metrics, plan_score, probe_layers, save_heatmaps, suggest_filter_layers
+    from omnikv_runtime.cli.threads import apply_cpu_threads
     from omnikv_runtime.config import load_config
-    from omnikv_runtime.cpu_threads import apply_cpu_threads
+    from omnikv_runtime.eval.layer_analysis import (
+        mean_metrics,
+        plan_score,
+        probe_layers,
+        save_heatmaps,
+        suggest_filter_layers,
+    )
     from omnikv_runtime.models import load_configured_model
     from omnikv_runtime.policies import make_selection_policy
 

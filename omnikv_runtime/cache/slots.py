@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from omnikv_runtime.cache import OmniKVCache
-from omnikv_runtime.cache_layers import DenseLayerKV
-from omnikv_runtime.decode_state import DecodeCounters, QueryWindow
+from omnikv_runtime.cache.adapter import OmniKVCache
+from omnikv_runtime.cache.counters import DecodeCounters, QueryWindow
+from omnikv_runtime.cache.layers import DenseLayerKV
 from omnikv_runtime.layout import LayerPlan
 from omnikv_runtime.policies import SelectionContext, SelectionPolicy
 from omnikv_runtime.transfer import HostArena, TransferEngine

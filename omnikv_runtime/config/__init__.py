@@ -2,8 +2,8 @@
 
 Every section is optional; omitted fields take the defaults written here. Each field's
 ``description`` is the one account of what it means: README's config reference is generated from
-them (:mod:`omnikv_runtime.config_doc`). The seed OmniKV's flat format loads too (see
-:mod:`omnikv_runtime.legacy`).
+them (:mod:`omnikv_runtime.config.doc`). The seed OmniKV's flat format loads too (see
+:mod:`omnikv_runtime.config.legacy`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from omnikv_runtime.config_io import read_json, validation_error
-from omnikv_runtime.config_sections import (
+from omnikv_runtime.config.io import read_json, validation_error
+from omnikv_runtime.config.legacy import from_legacy, is_legacy, seed_key_of
+from omnikv_runtime.config.sections import (
     ATTN_IMPLEMENTATIONS,
     BITSANDBYTES_MISSING,
     DTYPES,
@@ -175,8 +176,6 @@ def load_config(
 
 
 def _validate(data: dict[str, Any], trust_remote_code: bool) -> OmniKVConfig:
-    from omnikv_runtime.legacy import from_legacy, is_legacy, seed_key_of
-
     seed = is_legacy(data)
     if seed:
         data = from_legacy(data)

@@ -14,17 +14,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from omnikv_runtime.cache import OmniKVCache
+from omnikv_runtime.cache.adapter import OmniKVCache
 from omnikv_runtime.config import OmniKVConfig, load_config
-from omnikv_runtime.decode_loop import DecodeLoop, loop_settings
+from omnikv_runtime.decode.loop import DecodeLoop, loop_settings
 from omnikv_runtime.distributed import execution_device, offload_weights, tensor_parallel, tensor_parallel_group
-from omnikv_runtime.engine_guards import SUPPORTED_MODEL_TYPES, ExclusiveUse, check_supported
-from omnikv_runtime.engine_stats import FirstDecodeTimer, RunRecord, memory_report, run_stats
+from omnikv_runtime.engine.arguments import check_generate_call, with_generation_options
+from omnikv_runtime.engine.guards import SUPPORTED_MODEL_TYPES, ExclusiveUse, check_supported
+from omnikv_runtime.engine.patches import attach_model, detach_model
+from omnikv_runtime.engine.stats import FirstDecodeTimer, RunRecord, memory_report, run_stats
 from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError
-from omnikv_runtime.generate_args import check_generate_call, with_generation_options
 from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
 from omnikv_runtime.listeners import EngineListener
-from omnikv_runtime.model_patches import attach_model, detach_model
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
 
@@ -347,7 +347,7 @@ class Engine:
         if self.device.type != "cuda":
             return
         from omnikv_runtime.planner import ModelGeometry
-        from omnikv_runtime.planner_fit import check_run
+        from omnikv_runtime.planner.fit import check_run
 
         config = self.config.model_copy(deep=True)
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
@@ -390,3 +390,19 @@ def initialize(
         model, loaded_tokenizer = load_configured_model(cfg, None if model is None else str(model), device=device)
         tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     return Engine(model, cfg, tokenizer=tokenizer)
+
+
+@contextlib.contextmanager
+def attach(
+    model: PreTrainedModel | str | Path | None = None,
+    config: str | Path | dict[str, Any] | OmniKVConfig | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    trust_remote_code: bool = False,
+) -> Iterator[Engine]:
+    """``with attach(model, config) as engine:`` an engine for the block (as :func:`~omnikv_runtime.engine.initialize`
+    builds it); on leaving, ``engine.detach()`` gives the model back as it was."""
+    engine = initialize(model, config, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    try:
+        yield engine
+    finally:
+        engine.detach()

@@ -6,7 +6,7 @@ in place by each step:
 - the **host arena**: the full KV of its sparse layers for every token, token-major with the
   layers packed per token (pinned host memory, or the GPU in GPU mode);
 - the **tail ring**: the KV of the tokens generated since prefill, packed like the arena, on the
-  GPU (see :mod:`omnikv_runtime.decode_state`); each step's token is written into it and copied
+  GPU (see :mod:`omnikv_runtime.cache.counters`); each step's token is written into it and copied
   from it to the arena (write-back), one row per segment;
 - the **selection**: the filter layer's chosen token indices ``[batch, k]`` and which of them are
   real tokens (padding, or columns past the selectable context, are masked in attention);
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from omnikv_runtime.decode_state import DecodeCounters, QueryWindow, write_columns
+from omnikv_runtime.cache.counters import DecodeCounters, QueryWindow, write_columns
 from omnikv_runtime.kernels import KVSource
 from omnikv_runtime.layout import Segment
 from omnikv_runtime.transfer import HostArena, HotCache, TransferEngine

@@ -5,7 +5,7 @@ Both are transformers ``CacheLayerMixin`` subclasses, so the rest of transformer
 capacity (the reserve: prompt + new tokens), grown by doubling only when a request outgrows it;
 prefill appends at the host-side length, a decode step writes at a device-side position, so a
 captured step replays at every position. A sparse layer's KV lives in its segment's host arena
-(see :mod:`omnikv_runtime.segment`).
+(see :mod:`omnikv_runtime.cache.segment`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from omnikv_runtime.decode_state import write_columns
+from omnikv_runtime.cache.counters import write_columns
 from omnikv_runtime.transfer import HostArena
 
 
@@ -123,7 +123,7 @@ class DenseLayerKV(_KVLayerBase):
 
 class SparseLayerKV(_KVLayerBase):
     """A sparse layer: its full KV in its segment's host arena (row slot ``slot``). During decode
-    the segment serves its selected rows and its tail ring (:class:`omnikv_runtime.segment.SegmentState`)."""
+    the segment serves its selected rows and its tail ring (:class:`omnikv_runtime.cache.segment.SegmentState`)."""
 
     def __init__(self, segment: int, slot: int) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omnikv_runtime.run_report import TIER_LABELS
+from omnikv_runtime.profiling.run_report import TIER_LABELS
 
 logger = logging.getLogger(__name__)
 

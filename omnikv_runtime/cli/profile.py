@@ -46,15 +46,15 @@ def _model_and_prompt(args: argparse.Namespace, config: Any) -> tuple[Any, Any, 
 
     device = resolve_device(args.device or config.model.device)
     if args.random_weights:
-        from omnikv_runtime.random_model import random_model
+        from omnikv_runtime.models.random import random_model
 
         new_tokens = args.max_new_tokens or config.generation.max_new_tokens
         model = random_model(config, args.model_config, device, min_positions=args.prompt_tokens + new_tokens)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_tokens), generator=generator)
         return model, None, ids
+    from omnikv_runtime.eval.passkey import build_passkey_prompt
     from omnikv_runtime.models import load_configured_model
-    from omnikv_runtime.passkey import build_passkey_prompt
 
     model, tokenizer = load_configured_model(config, device=str(device))
     text, _ = build_passkey_prompt(
@@ -67,11 +67,11 @@ def _model_and_prompt(args: argparse.Namespace, config: Any) -> tuple[Any, Any, 
 def cmd_profile(args: argparse.Namespace) -> dict[str, Any] | int:
     import torch
 
+    from omnikv_runtime.cli.threads import apply_cpu_threads
     from omnikv_runtime.config import load_config
-    from omnikv_runtime.cpu_threads import apply_cpu_threads
     from omnikv_runtime.engine import Engine
     from omnikv_runtime.profiling import profile_memory
-    from omnikv_runtime.run_report import tier_label
+    from omnikv_runtime.profiling.run_report import tier_label
 
     config = load_config(args.config)
     apply_cpu_threads(config.model.cpu_num_threads, args.device or config.model.device)
@@ -117,7 +117,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from omnikv_runtime.errors import OmniKVError
-    from omnikv_runtime.profiling_plot import plot_report
+    from omnikv_runtime.profiling.plot import plot_report
 
     report = Path(args.report)
     if not report.is_file():

@@ -4,11 +4,11 @@ OmniKV (Hao et al., "OmniKV: Dynamic Context Selection for Efficient Long-Contex
 keeps the full KV of every token but only the filter, wait and early layers hold it on the GPU; the
 sparse layers' KV lives in a host tier and a budget of selected rows is fetched each step. This
 module turns a model's geometry and a runtime config into the bytes each tier needs, mirroring what
-:class:`~omnikv_runtime.cache.OmniKVCache` allocates (dense buffers of ``prompt + new`` tokens, sparse
+:class:`~omnikv_runtime.cache.adapter.OmniKVCache` allocates (dense buffers of ``prompt + new`` tokens, sparse
 working buffers grown by doubling, host arenas ``[batch, capacity, segment layers, 2, kv_heads,
 head_dim]``, a hot cache of ``offload.hot_cache_tokens`` rows per segment in the same packed layout),
 the host tier in ``offload.host_dtype`` (FP8 codes plus a float32 scale per token, layer and KV head),
-plus an estimate of transformers' sdpa activations. :mod:`omnikv_runtime.planner_fit` answers whether
+plus an estimate of transformers' sdpa activations. :mod:`omnikv_runtime.planner.fit` answers whether
 a run fits and the longest context that does.
 """
 

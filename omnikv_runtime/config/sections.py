@@ -2,7 +2,7 @@
 
 :mod:`omnikv_runtime.config` assembles them into :class:`~omnikv_runtime.config.OmniKVConfig` and
 loads configs; import the sections from there. Each field's ``description`` is the one account of
-what it means (README's config reference is generated from them by :mod:`omnikv_runtime.config_doc`).
+what it means (README's config reference is generated from them by :mod:`omnikv_runtime.config.doc`).
 """
 
 from __future__ import annotations
