@@ -11,8 +11,8 @@ import torch
 from okv_testlib import PAD, make_model, make_prompt, omni, record_selections
 
 import omnikv_runtime as okv
-from omnikv_runtime.eval import layer_analysis as analysis
 from omnikv_runtime.cli import main
+from omnikv_runtime.eval import layer_analysis as analysis
 from omnikv_runtime.eval.layer_analysis import (
     LayerProbe,
     layer_metrics,

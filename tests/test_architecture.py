@@ -12,7 +12,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # source folder -> installed package name (setup.py's package_dir)
-PACKAGES = {"omnikv_runtime": "omnikv_runtime", "policies": "omnikv_runtime.policies", "transfer": "omnikv_runtime.transfer"}
+PACKAGES = {
+    "omnikv_runtime": "omnikv_runtime",
+    "policies": "omnikv_runtime.policies",
+    "transfer": "omnikv_runtime.transfer",
+}
 
 
 def module_files() -> dict[str, Path]:

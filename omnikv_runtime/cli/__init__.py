@@ -138,4 +138,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         printer(result)
     return 0
-
