@@ -29,6 +29,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -47,6 +48,9 @@ from omnikv_runtime.planner.fit import DEFAULT_HEADROOM, dense_twin, fits, longe
 from omnikv_runtime.tables import format_table
 from omnikv_runtime.transfer import pinned_bytes
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kv_fill.py, also under python -P
+from kv_fill import fill_prompt  # noqa: E402
+
 TINY_CONFIG = {
     "model": {"dtype": "float32"},
     "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 8},
@@ -56,15 +60,14 @@ TIERS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host", "host_alloc
 
 
 def fill_cache(cache: Any, tokens: int, batch: int, kv_heads: int, head_dim: int, dtype, device, chunk: int) -> None:
-    """Write ``tokens`` random tokens of K/V into every layer of ``cache`` with ``cache.append_prompt_kv``,
-    chunk by chunk in a prefill's order (dense layers' buffers, sparse layers' host arenas). No forward."""
-    chunk = min(chunk or tokens, tokens)
-    for start in range(0, tokens, chunk):
-        count = min(chunk, tokens - start)
-        for layer_idx in range(len(cache.layers)):
-            keys = torch.randn(batch, kv_heads, count, head_dim, dtype=dtype, device=device)
-            values = torch.randn(batch, kv_heads, count, head_dim, dtype=dtype, device=device)
-            cache.append_prompt_kv(layer_idx, keys, values)
+    """Write ``tokens`` random tokens of K/V into every layer of ``cache``, chunk by chunk in a prefill's
+    order (dense layers' buffers, sparse layers' host arenas). No forward."""
+
+    def layer_kv(layer: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.randn(batch, kv_heads, count, head_dim, dtype=dtype, device=device)
+        return keys, torch.randn_like(keys)
+
+    fill_prompt(cache, tokens, chunk, layer_kv)
 
 
 def _variant_name(config: Any) -> str:

@@ -40,6 +40,7 @@ from omnikv_runtime.planner import KNOWN_GEOMETRIES
 from omnikv_runtime.tables import format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_timing.py, also under python -P
+from kv_fill import fill_prompt  # noqa: E402
 from step_timing import (  # noqa: E402
     ModelStep,
     bandwidths,
@@ -73,13 +74,15 @@ def random_kv(config: LlamaConfig, batch: int, tokens: int, device: torch.device
 
 def fill(cache, config, batch, tokens, device, dtype, chunk: int = 32768) -> None:
     """Append `tokens` random prompt tokens to every layer (HF caches via update, ours directly)."""
+    if isinstance(cache, okv.OmniKVCache):
+        fill_prompt(cache, tokens, chunk, lambda layer, start, count: random_kv(config, batch, count, device, dtype))
+        sync(device)
+        return
     for start in range(0, tokens, chunk):
         count = min(chunk, tokens - start)
         for layer in range(config.num_hidden_layers):
             keys, values = random_kv(config, batch, count, device, dtype)
-            if isinstance(cache, okv.OmniKVCache):
-                cache.append_prompt_kv(layer, keys, values)
-            elif isinstance(cache, StaticCache):
+            if isinstance(cache, StaticCache):
                 positions = torch.arange(start, start + count, device=device)
                 cache.update(keys, values, layer, {"cache_position": positions})
             else:
@@ -284,9 +287,9 @@ class Bench:
                                 row["path"] += "_unfused"
                             cache.fused_layers = fused and engine.fused_layers
                             row["fused_layers"] = cache.fused_layers
-                            cache.budget = lambda _context, k=k: min(k, _context)
-                            cache.budget_tokens = min(k, cache.context_len)
-                            cache.resize_hot_cache(multiple * k, self.device)
+                            cache.token_budget_for = lambda _context, k=k: min(k, _context)
+                            cache.token_budget = min(k, cache.context_len)
+                            cache.tiers.set_hot_cache_tokens(multiple * k, self.device)
                             engine.transfer.reset_stats()
                             loop = DecodeLoop(
                                 self.model,

@@ -42,6 +42,9 @@ from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
 from omnikv_runtime.decode.sampling import SamplingSettings
 from omnikv_runtime.models.random import random_model
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kv_fill.py, also under python -P
+from kv_fill import fill_prompt  # noqa: E402
+
 FILTER_LAYERS = [2, 8, 18]
 
 
@@ -55,13 +58,13 @@ def fill(cache: okv.OmniKVCache, layers: int, kv_heads: int, head_dim: int, batc
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     mine = slice(rank * kv_heads // world, (rank + 1) * kv_heads // world)
-    chunk = 16384
-    for start in range(0, context, chunk):
-        count = min(chunk, context - start)
-        for layer in range(layers):
-            gen = torch.Generator(device=device).manual_seed(layer * 1_000_003 + start)
-            full = torch.randn(2, batch, kv_heads, count, head_dim, generator=gen, device=device, dtype=dtype)
-            cache.append_prompt_kv(layer, full[0][:, mine].contiguous(), full[1][:, mine].contiguous())
+
+    def layer_kv(layer: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator(device=device).manual_seed(layer * 1_000_003 + start)
+        full = torch.randn(2, batch, kv_heads, count, head_dim, generator=gen, device=device, dtype=dtype)
+        return full[0][:, mine].contiguous(), full[1][:, mine].contiguous()
+
+    fill_prompt(cache, context, 16384, layer_kv)
     sync(device)
 
 
@@ -72,7 +75,9 @@ def run(args: argparse.Namespace, batch: int, budget: float | int, engine, model
     started = time.perf_counter()
     fill(cache, text.num_hidden_layers, text.num_key_value_heads, head_dim, batch, args.context, device, dtype)
     fill_s = time.perf_counter() - started
-    cache.budget = lambda context, k=budget: min(context, k if isinstance(k, int) else max(1, int(k * context)))
+    cache.token_budget_for = lambda context, k=budget: min(
+        context, k if isinstance(k, int) else max(1, int(k * context))
+    )
     use_graph = engine.graph_blocker() is None
     loop = DecodeLoop(
         model, cache, engine.cache_keyword, SamplingSettings(), StopSettings(), steps + 1, use_graph=use_graph
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace, batch: int, budget: float | int, engine, model
         loop.run_step()
         sync(device)
         times.append((time.perf_counter() - started) * 1e3)
-        for segment in cache.segments:
+        for segment in cache.tiers.segments:
             if segment.selection is not None:
                 chosen = segment.selection.sort(dim=1).values.to("cpu", torch.int32)
                 selections.setdefault(segment.filter_layer, []).append(chosen)

@@ -1,26 +1,33 @@
 """Observers of an engine: one listener interface for the profiler, benchmarks and tests.
 
 Register a listener with ``engine.add_listener(listener)`` (or ``with engine.listening(listener):``)
-and every cache the engine makes calls it:
+and every forward of the engine's model, and every cache the engine makes, calls it:
 
-- :meth:`EngineListener.forward_start`: a forward through the cache begins (prefill chunk or decode
-  step; the cache has decided which);
+- :meth:`EngineListener.forward_start`: a forward through one of the engine's caches begins (prefill
+  chunk or decode step; the cache has decided which);
 - :meth:`EngineListener.selection`: a filter layer's policy chose tokens (the context it saw and
   the indices it returned);
 - :meth:`EngineListener.fetch`: the chosen rows of that layer's segment were fetched (rows, bytes,
-  wall time of the fetch).
+  wall time of the fetch);
+- :meth:`EngineListener.forward_end`: a forward of the model returned (through one of the engine's
+  caches, or without one: ``cache`` is then None). A listener may synchronize the device here.
 
-Events are delivered only while the host runs the step (eager mode). A decode step replayed from a
-CUDA graph runs no Python, so listeners see the prefill and the eager warm-up steps and none of the
-replays; set ``generation.cuda_graphs`` to false to observe every step. Events may hold tensors of
-the step; a listener that keeps them reads them back to the host itself. With no listener
-registered the cache builds no event and reads no clock.
+**Nothing is delivered while a step is being recorded** (:func:`recording`, which the graphed
+step holds around a CUDA graph capture): a recorded step runs its Python once, at recording time,
+and never again, so its events would describe nothing that replays, and a listener that waits for
+the device would break the capture. Replayed steps run no Python at all, so listeners see the
+prefill and the eager steps, not the replays; set ``generation.cuda_graphs`` to false to observe
+every step. Events may hold tensors of the step; a listener that keeps them reads them back to the
+host itself. With no listener registered no event is built and no clock is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +36,31 @@ if TYPE_CHECKING:
 
     from omnikv_runtime.policies import SelectionContext
 
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """Mark this thread as recording a step (a CUDA graph capture, or the CPU stand-in of one)."""
+    depth = getattr(_STATE, "recording", 0)
+    _STATE.recording = depth + 1
+    try:
+        yield
+    finally:
+        _STATE.recording = depth
+
+
+def is_recording() -> bool:
+    """Whether this thread is recording a step: no host-side effect may happen now (no event, no
+    clock, no count, no synchronisation)."""
+    return getattr(_STATE, "recording", 0) > 0
+
 
 @dataclass(frozen=True)
 class ForwardStart:
     """A forward through an OmniKV cache begins (sent from its first layer's cache update)."""
 
-    cache: Any  # the OmniKVCache
+    cache: Any  # the cache
     decoding: bool  # a decode step (one token per row after the prompt), else a prefill chunk
     tokens: int  # tokens per row in this forward
     past: int  # tokens already in the cache before it
@@ -49,7 +75,7 @@ class Selection:
     layer: int  # the filter layer
     step: int  # decode step since the prompt (0 = the first)
     context: SelectionContext | None  # what the policy saw (None: a recorder that keeps no contexts)
-    indices: torch.Tensor  # [batch, k] what it returned
+    indices: torch.Tensor  # [rows, k] what it returned
 
 
 @dataclass(frozen=True)
@@ -64,25 +90,14 @@ class Fetch:
     end: float
 
 
-def announce_forward(cache: Any, tokens: int, past: int) -> None:
-    """Send a :class:`ForwardStart` to `cache`'s listeners (the cache calls this only when it has some)."""
-    event = ForwardStart(cache, cache.decoding, tokens, past, time.perf_counter())
-    for listener in cache.listeners:
-        listener.forward_start(event)
+@dataclass(frozen=True)
+class ForwardEnd:
+    """A forward of the engine's model returned."""
 
-
-def fetch_with_events(cache: Any, segment: Any, context: SelectionContext, indices: torch.Tensor) -> None:
-    """The segment's fetch of the selected rows, with its :class:`Selection` before and :class:`Fetch` after
-    (the cache calls this instead of the plain fetch only when it has listeners)."""
-    selection = Selection(cache, context.layer, cache.decode_steps - 1, context, indices)
-    for listener in cache.listeners:
-        listener.selection(selection)
-    fetched, start = cache.transfer.stats.bytes_fetched, time.perf_counter()
-    segment.set_selection(indices, cache.selectable, cache.transfer)
-    moved = cache.transfer.stats.bytes_fetched - fetched
-    event = Fetch(cache, context.layer, indices.shape[1], moved, start, time.perf_counter())
-    for listener in cache.listeners:
-        listener.fetch(event)
+    cache: Any  # the engine's cache it ran through, or None (a forward without one)
+    tokens: int  # tokens per row of its input
+    start: float  # time.perf_counter() when the forward was called
+    time: float  # time.perf_counter() when it returned
 
 
 class EngineListener:
@@ -96,6 +111,50 @@ class EngineListener:
 
     def fetch(self, event: Fetch) -> None:
         """A filter layer's segment fetched its selected rows."""
+
+    def forward_end(self, event: ForwardEnd) -> None:
+        """A forward of the engine's model returned."""
+
+
+class Listeners(list):
+    """An engine's listeners, shared with every cache it makes; the one place events are sent from.
+
+    Each ``announce_*`` builds its event and reads the clock only when there is a listener and no
+    step is being recorded.
+    """
+
+    @property
+    def active(self) -> bool:
+        return bool(self) and not is_recording()
+
+    def announce_forward_start(self, cache: Any, decoding: bool, tokens: int, past: int) -> None:
+        if self.active:
+            event = ForwardStart(cache, decoding, tokens, past, time.perf_counter())
+            for listener in list(self):
+                listener.forward_start(event)
+
+    def announce_forward_end(self, cache: Any, tokens: int, start: float) -> None:
+        if self.active:
+            event = ForwardEnd(cache, tokens, start, time.perf_counter())
+            for listener in list(self):
+                listener.forward_end(event)
+
+    def announce_selection(self, cache: Any, step: int, context: SelectionContext, indices: torch.Tensor) -> None:
+        if self.active:
+            event = Selection(cache, context.layer, step, context, indices)
+            for listener in list(self):
+                listener.selection(event)
+
+    def timed_fetch(self, cache: Any, layer: int, tokens: int, fetch: Callable[[], int]) -> None:
+        """Run ``fetch`` (which returns the bytes it moved), timed into a :class:`Fetch` when anyone listens."""
+        if not self.active:
+            fetch()
+            return
+        start = time.perf_counter()
+        moved = fetch()
+        event = Fetch(cache, layer, tokens, moved, start, time.perf_counter())
+        for listener in list(self):
+            listener.fetch(event)
 
 
 class CacheRecorder(EngineListener):

@@ -147,7 +147,7 @@ def arena_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All stored tokens of sparse `layer` from its segment's host arena, as ``[batch, kv_heads, n, head_dim]``."""
     segment = cache.plan.segment_of[layer]
     slot = cache.plan.segments[segment].sparse_layers.index(layer)
-    arena = cache.arenas[segment]
+    arena = cache.tiers.arenas[segment]
     length = arena.lengths[slot]
     rows = arena.data[:, :length, slot]
     return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)

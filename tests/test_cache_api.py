@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from okv_testlib import (
@@ -18,6 +21,9 @@ from okv_testlib import (
 
 import omnikv_runtime as okv
 from omnikv_runtime.cache.layers import DenseLayerKV, SparseLayerKV
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from kv_fill import fill_prompt  # noqa: E402
 
 BUDGET = 8
 
@@ -46,7 +52,7 @@ def test_seq_length_counts_every_token_while_sparse_layers_return_fewer(attentio
             assert cache.decode_steps == int(cache.counters.tail_count[0]) == step
             for layer in SPARSE_LAYERS:
                 sparse = cache.layers[layer]
-                sources = cache.segments[sparse.segment].sources(sparse.slot, cache.counters)
+                sources = cache.tiers.segments[sparse.segment].sources(sparse.slot, cache.counters)
                 assert [source_span(source) for source in sources] == [BUDGET, step]
             assert cache.get_mask_sizes(1, 0)[0] == total + 1
     assert len(cache.selected_log) == 3
@@ -125,7 +131,7 @@ def test_training_step_gradients_are_unchanged(family):
 
 @pytest.mark.parametrize("budget", [1.0, BUDGET])
 def test_a_cache_filled_without_the_model_decodes_like_one_filled_by_prefill(budget):
-    """append_prompt_kv (benchmarks, capacity runs) gives the same decode steps as a real prefill."""
+    """The benchmarks' direct fill (benchmarks/kv_fill.py) gives the same decode steps as a real prefill."""
     model = make_model("llama")
     ids, _ = make_prompt(1)
     engine = okv.initialize(model, omni(budget=budget))
@@ -135,10 +141,13 @@ def test_a_cache_filled_without_the_model_decodes_like_one_filled_by_prefill(bud
     with torch.no_grad():
         logits = model(ids, **{keyword: dense}).logits
         reference = model(ids, use_cache=True).past_key_values
-        for chunk in (slice(0, 7), slice(7, PROMPT_LEN)):  # two chunks, every layer each time
-            for layer in range(NUM_LAYERS):
-                keys, values = reference.layers[layer].keys, reference.layers[layer].values
-                filled.append_prompt_kv(layer, keys[:, :, chunk], values[:, :, chunk])
+
+
+        def layer_kv(layer: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = reference.layers[layer].keys, reference.layers[layer].values
+            return keys[:, :, start : start + count], values[:, :, start : start + count]
+
+        fill_prompt(filled, PROMPT_LEN, 7, layer_kv)  # chunks of 7, every layer each time
         assert filled.get_seq_length() == PROMPT_LEN and filled.context_len == PROMPT_LEN
         token = logits[:, -1:].argmax(-1)
         for step in range(4):

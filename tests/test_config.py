@@ -112,7 +112,7 @@ def test_valid_layout_builds_the_expected_plan(tiny_llama):
 def test_budget_tokens(budget, minimum, context, tokens):
     """A fraction takes int(fraction * context), at least min_token_budget; a count is capped by the context."""
     section = {"token_budget": budget, "min_token_budget": minimum}
-    assert okv.load_config({"omnikv": section}).omnikv.budget_tokens(context) == tokens
+    assert okv.load_config({"omnikv": section}).omnikv.token_budget_for(context) == tokens
 
 
 # checks of the config alone ---------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _assert_cache_was_used(cache, batch: int) -> None:
     assert cache.context_len == PROMPT_LEN
     assert len(cache.selected_log) == NEW_TOKENS - 1
     assert all(step == {1: PROMPT_LEN, 4: PROMPT_LEN} for step in cache.selected_log)
-    for arena in cache.arenas:
+    for arena in cache.tiers.arenas:
         assert arena is not None and arena.data.shape[0] == batch
         assert arena.lengths == [PROMPT_LEN + NEW_TOKENS - 1] * len(arena.lengths)
 
@@ -101,7 +101,7 @@ def test_disabled_engine_equals_dense(family):
     assert torch.equal(out, dense_reference(family, 2))
     (cache,) = caches
     assert all(isinstance(layer, DenseLayerKV) for layer in cache.layers)
-    assert cache.arenas == [] and cache.selections == {}
+    assert cache.tiers.arenas == [] and cache.tiers.segments == []
     assert cache.get_seq_length() == PROMPT_LEN + NEW_TOKENS - 1
 
 
@@ -116,7 +116,7 @@ def test_full_selector_with_small_budget_equals_dense(family):
     (cache,) = caches
     sparse = cache.layers[3]
     assert isinstance(sparse, SparseLayerKV)
-    segment = cache.segments[sparse.segment]
+    segment = cache.tiers.segments[sparse.segment]
     # the last step attended to every prompt token (selected) and every generated one (the tail)
     assert [source_span(s) for s in segment.sources(sparse.slot, cache.counters)] == [PROMPT_LEN, NEW_TOKENS - 1]
     # `full` selects the padding too; it is masked out: row 1's 7 pad columns do not count

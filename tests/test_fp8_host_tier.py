@@ -247,7 +247,7 @@ def test_full_budget_over_fp8_tier_equals_dense_with_fake_quantized_prompt(famil
         if engine.plan.role(layer) is not Role.SPARSE:
             continue
         segment, slot = _sparse_slot(engine, layer)
-        arena = cache.arenas[segment]
+        arena = cache.tiers.arenas[segment]
         assert arena.data.dtype == FP8 and arena.lengths[slot] == 40 + steps - 1
         # the prompt: the dense run's keys (after RoPE) and values, quantized, bit for bit
         for part, name in enumerate(("keys", "values")):
@@ -255,7 +255,7 @@ def test_full_budget_over_fp8_tier_equals_dense_with_fake_quantized_prompt(famil
             assert torch.equal(bytes_of(arena.data[:, :40, slot, part]), bytes_of(codes)), (layer, name)
             assert torch.equal(arena.scales[:, :40, slot, part], scales)
         # generated tokens: each step's write-back quantized the tail ring's exact row
-        ring = cache.segments[segment].ring[:, : steps - 1, slot]
+        ring = cache.tiers.segments[segment].ring[:, : steps - 1, slot]
         codes, scales = reference_quantize(ring)
         assert torch.equal(bytes_of(arena.data[:, 40 : 40 + steps - 1, slot]), bytes_of(codes))
         assert torch.equal(arena.scales[:, 40 : 40 + steps - 1, slot], scales)

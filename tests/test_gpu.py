@@ -48,11 +48,11 @@ def test_small_budget_keeps_host_tier_off_gpu(cuda_model):
     output = engine.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0)
     assert output.shape == (2, 316)
     cache = engine.last_cache
-    for arena in cache.arenas:
+    for arena in cache.tiers.arenas:
         assert arena.data.device.type == "cpu"
         assert arena.data.is_pinned()
         assert arena.lengths == [300 + 15] * len(arena.lengths)
-    for segment in cache.segments:  # on the GPU: the 16 selected rows and the tail ring, no more
+    for segment in cache.tiers.segments:  # on the GPU: the 16 selected rows and the tail ring, no more
         assert segment.staging.device.type == "cuda" and segment.staging.shape[:2] == (2, 16)
         assert segment.ring.device.type == "cuda" and segment.ring.shape[1] >= 15
     assert engine.transfer.name == "triton"  # "auto" on CUDA
@@ -61,7 +61,7 @@ def test_small_budget_keeps_host_tier_off_gpu(cuda_model):
     assert stats["transfer"]["bytes_fetched"] > 0
     report = engine.memory_report()
     assert report["gpu_peak_bytes"] > 0
-    assert report["tiers"]["host"] == sum(a.used_bytes() for a in cache.arenas)
+    assert report["tiers"]["host"] == sum(a.used_bytes() for a in cache.tiers.arenas)
 
 
 @pytest.mark.parametrize("row_elems", [128, 1024, 24576])
@@ -146,4 +146,4 @@ def test_pageable_host_tier_still_gives_the_same_tokens(cuda_model, monkeypatch)
     output = engine.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
     assert torch.equal(output, expected)
     assert engine.stats()["transfer"]["pinned_fallbacks"] >= 1
-    assert all(not arena.data.is_pinned() for arena in engine.last_cache.arenas)
+    assert all(not arena.data.is_pinned() for arena in engine.last_cache.tiers.arenas)

@@ -162,7 +162,7 @@ def test_replayed_steps_equal_eager_steps_and_transformers(cuda_model, batch, of
     assert torch.equal(out_graph, out_hf)
     # the host tier holds every token, the generated ones included (write-back ran in the graph)
     graph_cache = graph.last_cache
-    for segment in graph_cache.segments:
+    for segment in graph_cache.tiers.segments:
         assert segment.arena.lengths == [300 + NEW_TOKENS - 1] * len(segment.sparse_layers)
     assert graph_cache.decode_steps == NEW_TOKENS - 1
 

@@ -10,7 +10,7 @@ import torch
 from okv_testlib import PAD, PROMPT_LEN, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
-from omnikv_runtime.listeners import EngineListener, Fetch, ForwardStart, Selection
+from omnikv_runtime.listeners import EngineListener, Fetch, ForwardStart, Selection, recording
 
 NEW = 5
 
@@ -72,13 +72,14 @@ def test_no_listener_no_clock_and_no_event(monkeypatch):
 
     assert clock_reads(3) == clock_reads(9)
     with engine.listening(EngineListener()):  # a listener that overrides nothing: events are built
-        # per decode step: its forward's start, and each of the two fetches' start and end
-        assert clock_reads(9) - clock_reads(3) == 6 * (1 + 2 * 2)
+        # per decode step: the forward's start in the cache, the model's forward called and returned,
+        # and each of the two fetches' start and end
+        assert clock_reads(9) - clock_reads(3) == 6 * (3 + 2 * 2)
 
 
 def test_no_event_while_a_cuda_graph_records():
-    """A capturing step (the decode loop sets ``cache.capturing``) runs no Python listener: its events would
-    not be replayed. The cache still selects and fetches."""
+    """A step being recorded (the graphed step holds ``recording()`` around a capture) runs no Python
+    listener: its events would not be replayed. The cache still selects and fetches."""
     model = make_model("llama")
     engine = okv.initialize(model, omni(budget=8))
     ids, mask = make_prompt(1)
@@ -89,11 +90,10 @@ def test_no_event_while_a_cuda_graph_records():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{engine.cache_keyword: cache})
         prefill_events = len(listener.events)
         token = out.logits[:, -1:].argmax(-1)
-        cache.capturing = True
-        model(input_ids=token, use_cache=True, **{engine.cache_keyword: cache})
-        cache.capturing = False
+        with recording():
+            model(input_ids=token, use_cache=True, **{engine.cache_keyword: cache})
     assert prefill_events == 1 and len(listener.events) == prefill_events
-    assert all(segment.selection is not None for segment in cache.segments)
+    assert all(segment.selection is not None for segment in cache.tiers.segments)
     engine.remove_listener(listener)
     engine.remove_listener(listener)  # removing twice does nothing
     assert engine.listeners == []

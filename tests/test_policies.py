@@ -212,10 +212,10 @@ def test_user_policy_by_module_and_class_name():
     new_tokens = 6
     engine.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=PAD)
     (cache,) = caches
-    assert cache.policy is engine.policy
+    assert cache.selector.policy is engine.policy
     assert engine.policy.calls == 2 * (new_tokens - 1)  # two filter layers per decode step
     first_real = int((mask[1] == 0).sum())
     expected = torch.stack([torch.arange(8), torch.arange(first_real, first_real + 8)])
     for segment in engine.plan.segments:
-        assert torch.equal(cache.selections[segment.index], expected)
+        assert torch.equal(cache.tiers.segments[segment.index].selection, expected)
     assert cache.context_len == PROMPT_LEN

@@ -69,9 +69,9 @@ def test_chunked_prefill_equals_unchunked(prompt_len, budget, attention_spy):
     assert torch.equal(out_c, out_u)
     assert engine_c.stats()["decode_steps"] == engine_u.stats()["decode_steps"] == NEW - 1
     assert engine_c.stats()["selected_per_step"] == engine_u.stats()["selected_per_step"]
-    assert chunked.selections.keys() == whole.selections.keys()
-    for segment, indices in whole.selections.items():
-        assert torch.equal(chunked.selections[segment], indices)
+    for mine, theirs in zip(chunked.tiers.segments, whole.tiers.segments, strict=True):
+        assert theirs.selection is not None
+        assert torch.equal(mine.selection, theirs.selection)
     assert chunked.get_seq_length() == whole.get_seq_length() == prompt_len + NEW - 1
     for a, b in zip(chunked.arenas, whole.arenas):
         assert a.lengths == b.lengths
@@ -96,4 +96,4 @@ def test_chunked_prefill_kv_equals_dense_chunked_prefill_exactly(prompt_len):
             assert torch.equal(got[:, :, :prompt_len], expected[:, :, :prompt_len]), layer
             torch.testing.assert_close(got[:, :, prompt_len:], expected[:, :, prompt_len:], rtol=1e-4, atol=1e-4)
     # every sparse layer's arena also holds the padded row's prompt exactly as dense does
-    assert all(cache.arenas[engine.plan.segment_of[layer]] is not None for layer in SPARSE_LAYERS)
+    assert all(cache.tiers.arenas[engine.plan.segment_of[layer]] is not None for layer in SPARSE_LAYERS)

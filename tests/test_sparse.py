@@ -81,9 +81,9 @@ def test_sparse_keys_are_the_selected_rows_then_the_tail(selector, offload, atte
             return
         cache = caches[-1]
         sparse_layer = cache.layers[layer]
-        segment = cache.segments[cache.plan.segment_of[layer]]
+        segment = cache.tiers.segments[cache.plan.segment_of[layer]]
         assert sparse_layer.segment == segment.index and segment.sparse_layers[sparse_layer.slot] == layer
-        selection = cache.selections[segment.index]
+        selection = cache.tiers.segments[segment.index].selection
         assert selection is segment.selection
         selected, tail = current_note(layer, key).sources
         sel_keys, sel_values, sel_mask = source_kv(selected)
@@ -140,7 +140,7 @@ def test_host_tier_holds_every_token_bit_for_bit(offload):
 
     assert cache.get_seq_length() == stored
     for segment in engine.plan.segments:
-        arena = cache.arenas[segment.index]
+        arena = cache.tiers.arenas[segment.index]
         assert arena.lengths == [stored] * len(segment.sparse_layers)
     assert cache.decode_steps == int(cache.counters.tail_count[0]) == new_tokens - 1
     assert cache.ring_tokens >= new_tokens - 1  # no tail_tokens: every generated token stays in the tail
@@ -151,7 +151,7 @@ def test_host_tier_holds_every_token_bit_for_bit(offload):
         assert torch.equal(values[:, :, :PROMPT_LEN], prefill.layers[layer].values)
 
         sparse = cache.layers[layer]
-        segment = cache.segments[sparse.segment]
+        segment = cache.tiers.segments[sparse.segment]
         assert sparse.arena is segment.arena and sparse.length == stored
         selected, tail = segment.sources(sparse.slot, cache.counters)  # what the layer attended to last step
         assert (source_span(selected), source_span(tail)) == (BUDGET, new_tokens - 1)
@@ -165,7 +165,7 @@ def test_host_tier_holds_every_token_bit_for_bit(offload):
         assert torch.equal(ring[:, :, 0], keys[:, :, PROMPT_LEN:].transpose(1, 2))
         assert torch.equal(ring[:, :, 1], values[:, :, PROMPT_LEN:].transpose(1, 2))
         # selected rows attended to are the arena rows at the last selection
-        selection = cache.selections[segment.index]
+        selection = cache.tiers.segments[segment.index].selection
         assert selection.shape == (2, BUDGET) and segment.selection_valid.all()
         sel_keys, sel_values, sel_mask = source_kv(selected)
         expected_keys, expected_values = arena_rows_at(cache, layer, selection)
@@ -213,7 +213,7 @@ def test_tokens_leaving_a_bounded_tail_ring_become_selectable_context(offload, a
         keys, values = arena_kv(cache, layer)
         sparse = cache.layers[layer]
         for g in range(generated - ring, generated):
-            row = cache.segments[sparse.segment].ring[:, g % ring, sparse.slot]  # [batch, 2, kv_heads, head_dim]
+            row = cache.tiers.segments[sparse.segment].ring[:, g % ring, sparse.slot]  # [batch, 2, kv_heads, head_dim]
             assert torch.equal(row[:, 0], keys[:, :, PROMPT_LEN + g]), (layer, g)
             assert torch.equal(row[:, 1], values[:, :, PROMPT_LEN + g]), (layer, g)
 

@@ -124,6 +124,14 @@ class HostArena:
         self.lengths[slot] = start + keys.shape[2]
         return self.lengths[slot]
 
+    def advance(self, steps: int) -> None:
+        """Count ``steps`` more tokens in every layer (written by decode steps at device-side columns)."""
+        self.lengths = [length + steps for length in self.lengths]
+
+    def forget(self) -> None:
+        """Count no token (the memory stays, for the next request)."""
+        self.lengths = [0] * len(self.lengths)
+
     def read(self, slot: int, stop: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``start..stop`` of layer ``slot`` on the compute device (in the model's dtype)."""
         return self.engine.read_rows(self.data, slot, stop, start, self.scales, self.dtype)

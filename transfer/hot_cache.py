@@ -52,6 +52,37 @@ class HotCache:
         self.host_row_bytes = host_row_bytes if host_row_bytes is not None else self.row_bytes
         self.hits = torch.zeros((), dtype=torch.long, device=device)
         self.misses = torch.zeros((), dtype=torch.long, device=device)
+        self.lanes: torch.Tensor | None = None  # [batch, k] bool: the real lanes of a padded selection
+
+    def rows_view(self, start: int, stop: int) -> HotCache:
+        """This cache's batch rows ``start..stop`` (same memory: what one changes, the other sees)."""
+        view = object.__new__(HotCache)
+        view.__dict__.update(self.__dict__)
+        for name in ("data", "token_of_slot", "slot_of_token"):
+            setattr(view, name, getattr(self, name)[start:stop])
+        view.state = {name: value[start:stop] if value.dim() == 2 else value for name, value in self.state.items()}
+        view.host_rows = view.hot_slots = view.lanes = None
+        return view
+
+    def use_outputs(self, host_rows: torch.Tensor, hot_slots: torch.Tensor) -> None:
+        """Write :meth:`plan`'s outputs into these ``[batch, k]`` int64 buffers (its owner keeps them
+        at fixed addresses, so recorded steps of several widths can be replayed)."""
+        self.host_rows, self.hot_slots = host_rows, hot_slots
+
+    def set_lanes(self, lanes: torch.Tensor | None) -> None:
+        """Mark the padding of the selections :meth:`plan` will see: lanes where ``lanes`` is False read
+        the scratch row and change nothing (None: every lane is real). The tensor is read at each plan,
+        so a recorded step sees what is written into it later."""
+        self.lanes = lanes
+
+    def forget_rows(self, start: int, stop: int) -> None:
+        """Empty batch rows ``start..stop`` (a new request takes them: its host rows are other tokens)."""
+        self.token_of_slot[start:stop].fill_(-1)
+        self.slot_of_token[start:stop].fill_(-1)
+        fresh = self.policy.init_state(stop - start, self.slots + 1, self.device)
+        for name, value in fresh.items():
+            if value.dim() == 2:
+                self.state[name][start:stop].copy_(value)
 
     @property
     def row_bytes(self) -> int:
@@ -91,6 +122,10 @@ class HotCache:
         slot = self.slot_of_token.gather(1, indices)
         hit = slot >= 0
         miss = ~hit
+        real = None
+        if self.lanes is not None:  # padding lanes are neither hits nor misses
+            real = self.lanes
+            hit, miss = hit & real, miss & real
 
         priority = self.policy.priority(self.state).clone()
         priority = priority.masked_fill(self.token_of_slot < 0, float("-inf"))  # empty slots go first
@@ -114,11 +149,11 @@ class HotCache:
         self.policy.touch(self.state, hot_slots, cacheable)
         hit_count = hit.sum()
         self.hits += hit_count
-        self.misses += hit.numel() - hit_count
+        self.misses += miss.sum()
         # outputs in buffers of their own: a side stream reads them, so no temporary may be reused under it
         if self.host_rows is None or self.host_rows.shape != indices.shape:
-            self.host_rows, self.hot_slots = torch.empty_like(indices), torch.empty_like(indices)
-        self.host_rows.copy_(torch.where(hit, -1, indices))
+            self.use_outputs(torch.empty_like(indices), torch.empty_like(indices))
+        self.host_rows.copy_(torch.where(hit if real is None else hit | ~real, -1, indices))
         self.hot_slots.copy_(hot_slots)
         return self.host_rows, self.hot_slots
 

@@ -104,6 +104,11 @@ class QueryWindow:
             positions = torch.cat([self._prefill[1], positions])
         self._prefill = (queries[:, :, -self.size :].detach(), positions[-self.size :])
 
+    @property
+    def has_prefill(self) -> bool:
+        """Whether a prefill left queries that :meth:`start_decode` has not laid out yet."""
+        return self._prefill is not None
+
     def forget_prefill(self) -> None:
         self._prefill = None
 
@@ -121,6 +126,12 @@ class QueryWindow:
         self.positions[: self.size - have].fill_(-1)
         self.queries[:, :, self.size - have :].copy_(queries)
         self.positions[self.size - have :].copy_(positions)
+
+    def take_prefill(self, other: QueryWindow) -> None:
+        """Start decoding from the queries ``other`` collected during a prefill, in this window's own
+        buffer (a server's slot keeps its window for every request it serves)."""
+        self._prefill, other._prefill = other._prefill, None
+        self.start_decode()
 
     def push(self, query: torch.Tensor, position: torch.Tensor) -> None:
         """Add the step's query ``[batch, heads, 1, dim]`` at column ``position`` ``[1]`` (the rows of one

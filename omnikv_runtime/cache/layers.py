@@ -35,6 +35,14 @@ class _KVLayerBase(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.length
 
+    def advance(self, steps: int) -> None:
+        """Count ``steps`` more tokens, stored by decode steps (whose writes go to device-side columns)."""
+        self.length += steps
+
+    def forget(self) -> None:
+        """Hold no token (the buffers stay, for the next request)."""
+        self.length = 0
+
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return self.length + query_length, 0
 
@@ -96,6 +104,14 @@ class DenseLayerKV(_KVLayerBase):
         self.refresh_views()
         return self.keys, self.values
 
+    def advance(self, steps: int) -> None:
+        super().advance(steps)
+        self.refresh_views()
+
+    def forget(self) -> None:
+        super().forget()
+        self.refresh_views()
+
     def refresh_views(self) -> None:
         """Point ``keys``/``values`` at the stored tokens (after the host-side length moved)."""
         if self.key_buffer is not None:
@@ -134,14 +150,18 @@ class SparseLayerKV(_KVLayerBase):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Prefill: store in the arena and return the full KV: the earlier tokens read back from the
         arena, then the chunk itself (which need not wait for its own write to land)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         past = self.length
-        self.length = self.arena.append(self.slot, key_states, value_states)
+        self.store(key_states, value_states)
         if past == 0:
             return key_states, value_states
         earlier_keys, earlier_values = self.arena.read(self.slot, past)
         return torch.cat((earlier_keys, key_states), dim=2), torch.cat((earlier_values, value_states), dim=2)
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append tokens to the arena without returning anything (prefill, or a cache filled directly)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.length = self.arena.append(self.slot, key_states, value_states)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """The arena and the segment's buffers are reordered by the cache."""

@@ -8,12 +8,16 @@ in place by each step:
 - the **tail ring**: the KV of the tokens generated since prefill, packed like the arena, on the
   GPU (see :mod:`omnikv_runtime.cache.counters`); each step's token is written into it and copied
   from it to the arena (write-back), one row per segment;
-- the **selection**: the filter layer's chosen token indices ``[batch, k]`` and which of them are
+- the **selection**: the filter layer's chosen token indices ``[rows, k]`` and which of them are
   real tokens (padding, or columns past the selectable context, are masked in attention);
-- the **staging** buffer ``[batch, k, layers, 2, kv_heads, head_dim]`` the selected rows are
+- the **staging** buffer ``[rows, k, layers, 2, kv_heads, head_dim]`` the selected rows are
   fetched into (offload mode; in GPU mode attention reads the arena through the indices, so no
   copy is made at all), with the **hot cache** of recently fetched rows when one is configured;
 - the filter layer's **query window** and the selection policy's per-request **state**.
+
+The selection, its mask and the staging rows are views of flat buffers that only grow: a step
+recorded at one width and a step recorded at another read the same memory, so recorded steps of
+several widths can be kept and replayed in any order.
 """
 
 from __future__ import annotations
@@ -25,60 +29,101 @@ import torch
 from omnikv_runtime.cache.counters import DecodeCounters, QueryWindow, write_columns
 from omnikv_runtime.kernels import KVSource
 from omnikv_runtime.layout import Segment
-from omnikv_runtime.transfer import HostArena, HotCache, TransferEngine
+from omnikv_runtime.transfer import HostArena, HotCache
+
+
+def _tensor_bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
 class SegmentState:
-    """The buffers and per-request state of one segment (see the module docstring)."""
+    """The buffers and per-request state of one segment (see the module docstring).
 
-    def __init__(self, segment: Segment, window_size: int) -> None:
+    Args:
+        segment: the segment's layers.
+        window_size: queries the selection policy reads (the query window's size).
+        fetches_rows: whether selected rows are copied into staging (offload) or read in place.
+    """
+
+    def __init__(self, segment: Segment, window_size: int, fetches_rows: bool) -> None:
         self.index = segment.index
         self.filter_layer = segment.filter_layer
         self.sparse_layers = segment.sparse_layers
+        self.fetches_rows = fetches_rows
         self.arena: HostArena | None = None
         self.hot: HotCache | None = None
-        self.ring: torch.Tensor | None = None  # [batch, ring, layers, 2, kv_heads, head_dim]
-        self.selection: torch.Tensor | None = None  # [batch, k] int64
-        self.selection_valid: torch.Tensor | None = None  # [batch, k] bool
-        self.staging: torch.Tensor | None = None  # [batch, k, layers, 2, kv_heads, head_dim] (offload)
+        self.ring: torch.Tensor | None = None  # [rows, ring, layers, 2, kv_heads, head_dim]
+        self.selection: torch.Tensor | None = None  # [rows, k] int64
+        self.selection_valid: torch.Tensor | None = None  # [rows, k] bool
+        self.staging: torch.Tensor | None = None  # [rows, k, layers, 2, kv_heads, head_dim] (offload)
+        self._flat: dict[str, torch.Tensor] = {}  # what the three above are views of
         self.window = QueryWindow(window_size)
         self.policy_state: dict[str, Any] = {}
 
-    # decode buffers (allocated outside any captured step) -----------------------------------
-    def ensure_ring(self, batch: int, tokens: int, device: torch.device) -> None:
-        """A zeroed tail ring of at least ``tokens`` slots; a grown ring keeps its first slots."""
+    # decode buffers (allocated outside any recorded step) -----------------------------------
+    def ensure_ring(self, rows: int, tokens: int, device: torch.device) -> bool:
+        """A zeroed tail ring of at least ``tokens`` slots; a grown ring keeps its first slots.
+        Returns whether the ring was replaced."""
         if self.arena is None:
-            return
-        if self.ring is not None and self.ring.shape[0] == batch and self.ring.shape[1] >= tokens:
-            return
-        ring = torch.zeros((batch, tokens, *self.arena.row_shape), dtype=self.arena.dtype, device=device)
-        if self.ring is not None and self.ring.shape[0] == batch:
+            return False
+        if self.ring is not None and self.ring.shape[0] == rows and self.ring.shape[1] >= tokens:
+            return False
+        ring = torch.zeros((rows, tokens, *self.arena.row_shape), dtype=self.arena.dtype, device=device)
+        if self.ring is not None and self.ring.shape[0] == rows:
             ring[:, : self.ring.shape[1]].copy_(self.ring)
         self.ring = ring
+        return True
+
+    def _views(self, rows: int, width: int, device: torch.device) -> bool:
+        """Point the selection, its mask and the staging rows at ``[rows, width]`` views of the flat
+        buffers, growing these when they are too small. Returns whether a buffer was replaced."""
+        shapes = {"selection": ((rows, width), torch.long), "selection_valid": ((rows, width), torch.bool)}
+        if self.fetches_rows and self.arena is not None:
+            shapes["staging"] = ((rows, width, *self.arena.row_shape), self.arena.dtype)
+            if self.hot is not None:  # where the hot cache's plan says each row comes from
+                shapes["host_rows"] = shapes["hot_slots"] = ((rows, width), torch.long)
+        replaced = False
+        views: dict[str, torch.Tensor] = {}
+        for name, (shape, dtype) in shapes.items():
+            flat = self._flat.get(name)
+            needed = torch.Size(shape).numel()
+            if flat is None or flat.numel() < needed or flat.dtype != dtype or flat.device != torch.device(device):
+                flat = torch.zeros(needed, dtype=dtype, device=device)
+                self._flat[name] = flat
+                replaced = True
+            views[name] = flat[:needed].view(shape)
+        self.selection, self.selection_valid = views["selection"], views["selection_valid"]
+        self.staging = views.get("staging")
+        if self.hot is not None and "host_rows" in views:
+            self.hot.use_outputs(views["host_rows"], views["hot_slots"])
+        return replaced
 
     # one decode step ------------------------------------------------------------------------
     def store_token(self, slot: int, keys: torch.Tensor, values: torch.Tensor, counters: DecodeCounters) -> None:
-        """Put sparse layer ``slot``'s new token ``[batch, kv_heads, 1, dim]`` into the tail ring."""
+        """Put sparse layer ``slot``'s new token ``[rows, kv_heads, 1, dim]`` into the tail ring."""
         write_columns(self.ring[:, :, slot, 0], 1, counters.tail_slot, keys.transpose(1, 2))
         write_columns(self.ring[:, :, slot, 1], 1, counters.tail_slot, values.transpose(1, 2))
 
-    def write_back(self, transfer: TransferEngine, counters: DecodeCounters) -> None:
+    def write_back(self, counters: DecodeCounters) -> None:
         """Copy the step's packed row (every sparse layer) from the ring to the arena at its column."""
         self.arena.write_row(counters.position, self.ring, counters.tail_slot)
 
-    def set_selection(self, indices: torch.Tensor, selectable: torch.Tensor, transfer: TransferEngine) -> None:
-        """Store the filter layer's choice ``[batch, k]`` and start fetching its rows (offload)."""
-        if self.selection is None or self.selection.shape != indices.shape:
-            self.selection = torch.empty_like(indices, dtype=torch.long)
-            self.selection_valid = torch.empty(indices.shape, dtype=torch.bool, device=indices.device)
-            self.staging = None
-            if transfer.fetches_rows and self.arena is not None:
-                shape = (*indices.shape, *self.arena.row_shape)
-                self.staging = torch.zeros(shape, dtype=self.arena.dtype, device=indices.device)
+    def set_selection(self, indices: torch.Tensor, selectable: torch.Tensor, keep: torch.Tensor | None = None) -> bool:
+        """Store the filter layer's choice ``[rows, k]`` and start fetching its rows (offload).
+
+        ``keep`` ``[rows, k]`` bool marks the real entries of a padded selection (the rest are masked
+        in attention and fetch nothing through the hot cache). Returns whether a buffer was replaced.
+        """
+        replaced = self._views(*indices.shape, indices.device)
         self.selection.copy_(indices)
         torch.gather(selectable, 1, self.selection, out=self.selection_valid)
+        if keep is not None:
+            self.selection_valid.logical_and_(keep)
         if self.staging is not None:
+            if self.hot is not None:
+                self.hot.set_lanes(keep)
             self.arena.gather(self.selection, self.staging, self.hot)
+        return replaced
 
     def sources(self, slot: int, counters: DecodeCounters) -> list[KVSource]:
         """What sparse layer ``slot`` attends to this step: its selected rows, then the tail ring."""
@@ -93,24 +138,46 @@ class SegmentState:
         return [selected, tail]
 
     # bookkeeping ------------------------------------------------------------------------------
+    def forget(self) -> None:
+        """Forget the request (its tokens, the policy's state, the query window); keep every buffer."""
+        self.policy_state.clear()
+        self.window.forget_prefill()
+        if self.arena is not None:
+            self.arena.forget()
+        if self.hot is not None:
+            self.hot.reset()
+
+    def rows_view(self, start: int, stop: int) -> SegmentState:
+        """The state of batch rows ``start..stop`` over the same arena, ring and hot cache memory; its
+        selection buffers are its own (a step over these rows selects for these rows)."""
+        view = SegmentState.__new__(SegmentState)
+        view.__dict__.update(self.__dict__)
+        view.arena = None if self.arena is None else self.arena.rows_view(start, stop)
+        view.ring = None if self.ring is None else self.ring[start:stop]
+        view.hot = None if self.hot is None else self.hot.rows_view(start, stop)
+        view.selection = view.selection_valid = view.staging = None
+        view._flat = {}
+        view.window = QueryWindow(self.window.size)
+        view.policy_state = {}
+        return view
+
     def gpu_bytes(self) -> dict[str, int]:
         """Bytes of the GPU-side buffers: selected rows (staging), tail ring, hot cache."""
-
-        def size(tensor: torch.Tensor | None) -> int:
-            return 0 if tensor is None else tensor.numel() * tensor.element_size()
-
         return {
-            "selected": size(self.staging),
-            "tail": size(self.ring),
+            "selected": _tensor_bytes(self._flat.get("staging")),
+            "tail": _tensor_bytes(self.ring),
             "hot": self.hot.nbytes() if self.hot is not None else 0,
         }
 
     def select_batch(self, index: torch.Tensor) -> None:
-        """Keep (and reorder) batch rows, as beam search asks."""
+        """Keep (and reorder) batch rows, as beam search asks (eager steps only: buffers are replaced)."""
         for name in ("ring", "selection", "selection_valid", "staging"):
             tensor = getattr(self, name)
             if tensor is not None:
-                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+                tensor = tensor.index_select(0, index.to(tensor.device))
+                setattr(self, name, tensor)
+                if name != "ring":
+                    self._flat[name] = tensor.view(-1)
         for store in (self.arena, self.hot):
             if store is not None:
                 store.select_batch(index)

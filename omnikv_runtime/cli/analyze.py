@@ -103,7 +103,7 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
     prompts = _prompts(args, tokenizer, config.generation.use_chat_template)
     bar = progress.bar(len(prompts), "probing prompts", unit="prompt")
     for name, ids in prompts:
-        budget = section.budget_tokens(ids.shape[1])
+        budget = section.token_budget_for(ids.shape[1])
         logger.info("probing %s (%d tokens, top-%d)", name, ids.shape[1], budget)
         probe = probe_layers(model, ids, policy, budget, steps=args.steps, pad_token_id=tokenizer.pad_token_id)
         probes.append(probe)

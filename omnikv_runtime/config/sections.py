@@ -184,7 +184,7 @@ class OmniKVSection(_Section):
     def _selector_from_name(cls, value: Any) -> Any:
         return {"type": value} if isinstance(value, str) else value
 
-    def budget_tokens(self, context_len: int) -> int:
+    def token_budget_for(self, context_len: int) -> int:
         """How many context tokens a sparse layer sees for a context of `context_len` tokens.
 
         A fraction rounds down, ``int(fraction * context_len)``, as the original OmniKV does, and is

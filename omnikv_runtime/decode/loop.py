@@ -16,7 +16,6 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +23,8 @@ import torch
 
 from omnikv_runtime import progress
 from omnikv_runtime.cache.adapter import OmniKVCache
+from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder, GraphedStep
 from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
-from omnikv_runtime.transfer import TransferStats
 
 logger = logging.getLogger(__name__)
 
@@ -158,36 +157,6 @@ def cached_forward(
         )
 
 
-def run_on_stream(stream: torch.cuda.Stream, step: Callable[[], None]) -> None:
-    """Run ``step`` eagerly on ``stream``, ordered after and before the current stream's work (the
-    warm-up torch asks for before recording on that stream)."""
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-
-
-def record_step(
-    cache: OmniKVCache, stream: torch.cuda.Stream, step: Callable[[], None]
-) -> tuple[torch.cuda.CUDAGraph, TransferStats]:
-    """Record ``step`` (a decode step through ``cache``) in a CUDA graph on ``stream``; the recording
-    runs nothing. Returns the graph and what one replay moves (the transfer counts the recording
-    added, taken back out of the engine's totals)."""
-    torch.cuda.synchronize()
-    transfer = cache.transfer
-    before = transfer.stats.copy()
-    graph = torch.cuda.CUDAGraph()
-    cache.capturing = True
-    try:
-        with torch.cuda.graph(graph, stream=stream):
-            step()
-    finally:
-        cache.capturing = False
-    moved = transfer.stats.minus(before)
-    transfer.stats = before
-    return graph, moved
-
-
 @dataclass
 class LoopTimes:
     """Wall seconds of the phases of one generation (synchronised at their ends)."""
@@ -208,10 +177,12 @@ class DecodeLoop:
         cache_keyword: ``"cache"`` or ``"past_key_values"`` (the model's forward argument).
         sampling, stop: how tokens are chosen and when rows finish.
         max_new_tokens: tokens to generate at most.
-        use_graph: capture the step in a CUDA graph (CUDA only).
+        use_graph: record the step in a CUDA graph (CUDA only).
         check_every: tokens between the host's checks for finished rows.
         token_capacity: room for new tokens in the output buffer (default ``max_new_tokens``); a
             loop kept for reuse (:meth:`renew`) serves later calls of up to this many tokens.
+        recorder: how steps are recorded (default: a CUDA graph recorder when ``use_graph``; an
+            :class:`~omnikv_runtime.decode.graph.EagerRecorder` runs the recording path on a CPU).
     """
 
     def __init__(
@@ -225,6 +196,7 @@ class DecodeLoop:
         use_graph: bool,
         check_every: int = 16,
         token_capacity: int | None = None,
+        recorder: CudaGraphRecorder | EagerRecorder | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -237,16 +209,23 @@ class DecodeLoop:
         self.times = LoopTimes(graph=use_graph)
         self._stopped_at: dict[int, int] = {}  # row -> tokens kept, for rows a stop string ended
         self._stop_checked = 0  # new tokens already searched for stop strings
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._stream = torch.cuda.Stream() if use_graph else None
-        self._eager_steps = 0
+        if recorder is None and use_graph:
+            recorder = CudaGraphRecorder(torch.device("cuda", torch.cuda.current_device()))
+        self.use_graph = self.times.graph = recorder is not None
+        self.steps = GraphedStep(recorder, cache.tiers.transfer, warmup=EAGER_STEPS_BEFORE_CAPTURE, max_graphs=1)
+        self._recorded_before = 0.0  # recording seconds of earlier calls served by this loop
         self._steps_run = 0
         self.token_capacity = max(token_capacity or max_new_tokens, max_new_tokens)
         self.key: tuple | None = None  # what a reusing call must match (set by the engine)
 
     @property
     def captured(self) -> bool:
-        return self._graph is not None
+        return bool(self.steps.kept())
+
+    def run_eagerly(self) -> None:
+        """Record nothing: every step runs eagerly (a host tier the GPU cannot read alone)."""
+        self.use_graph = self.times.graph = False
+        self.steps.recorder = None
 
     def renew(self, max_new_tokens: int, stop: StopSettings) -> None:
         """Serve another request with the same captured step (the engine has reset the cache)."""
@@ -254,6 +233,7 @@ class DecodeLoop:
             raise ValueError(f"this loop holds {self.token_capacity} new tokens, {max_new_tokens} asked for")
         self.max_new_tokens, self.stop = max_new_tokens, stop
         self.times = LoopTimes(graph=self.use_graph)
+        self._recorded_before = self.steps.times.recording
         self._stopped_at = {}
         self._stop_checked = 0
         self._steps_run = 0
@@ -352,30 +332,20 @@ class DecodeLoop:
         return self._finish(emitted)
 
     def run_step(self) -> None:
-        """One decode step: eager, or (after the warm-up steps) a replay of the captured graph."""
+        """One decode step: eager, or (after the warm-up steps) a replay of the recorded one."""
         self._steps_run += 1
-        if not self.use_graph:
-            self._decode_step()
-            return
-        if self._graph is None and self._eager_steps < EAGER_STEPS_BEFORE_CAPTURE:
-            self._eager_steps += 1
-            run_on_stream(self._stream, self._decode_step)  # warm-up steps (real ones)
-            return
-        if self._graph is None:
-            self._capture(self.token_capacity - self._steps_run)  # this step and any a renewed call may run
-        self._graph.replay()
-        self.cache.advance_host(1)
-        self.cache.selected_log.append(dict(self._step_log))
-        self.cache.transfer.stats.add_(self._step_transfer)
+        if self.steps.enabled and not self.steps.kept():  # every buffer any later step touches, allocated now
+            self.cache.ensure_room(self.ids, max(self.token_capacity - self._steps_run, 1))
+        ran = self.steps.run(self.cache.tiers.generation, self._decode_step, self._selection_widths)
+        if ran is not None:  # a replay: the host-side counts the step's Python would have made
+            self.cache.advance_host(1)
+            self.cache.selected_log[-1].update(ran.info)
+        self.times.capture = self.steps.times.recording - self._recorded_before
 
-    def _capture(self, steps_left: int) -> None:
-        """Record one decode step in a CUDA graph (the recording itself runs nothing)."""
-        started = time.perf_counter()
-        self.cache.ensure_room(self.ids, max(steps_left, 1))
-        self._graph, self._step_transfer = record_step(self.cache, self._stream, self._decode_step)
-        self._step_log = {s.filter_layer: s.selection.shape[1] for s in self.cache.segments if s.selection is not None}
-        self.times.capture = time.perf_counter() - started
-        logger.info("decode step captured in a CUDA graph in %.0f ms", self.times.capture * 1e3)
+    def _selection_widths(self) -> dict[int, int]:
+        """Filter layer -> tokens it selects in the recorded step."""
+        segments = self.cache.tiers.segments
+        return {s.filter_layer: s.selection.shape[1] for s in segments if s.selection is not None}
 
     def _check(self, emitted: int) -> bool:
         """Whether every row has finished (one host synchronisation)."""

@@ -15,6 +15,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from omnikv_runtime.cache.adapter import OmniKVCache
+from omnikv_runtime.cache.selector import Selector
+from omnikv_runtime.cache.slots import SlotCache
+from omnikv_runtime.cache.tiers import Tiers
 from omnikv_runtime.config import OmniKVConfig, load_config
 from omnikv_runtime.decode.loop import DecodeLoop, loop_settings
 from omnikv_runtime.distributed import execution_device, offload_weights, tensor_parallel, tensor_parallel_group
@@ -24,7 +27,8 @@ from omnikv_runtime.engine.patches import attach_model, detach_model
 from omnikv_runtime.engine.stats import FirstDecodeTimer, RunRecord, memory_report, run_stats
 from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError
 from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
-from omnikv_runtime.listeners import EngineListener
+from omnikv_runtime.listeners import EngineListener, Listeners
+from omnikv_runtime.planner import ModelGeometry
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
 
@@ -71,14 +75,15 @@ class Engine:
             logger.info("offload.hot_cache_tokens is ignored with offload.device='none': every row is on the GPU")
         self.device = execution_device(model, config)
         # attention, fused layers, prefill marks; detach() gives the model back its base attention
-        self.base_attention, self.fused_layers = attach_model(model, config, self.device)
+        self.listeners = Listeners()  # shared with every cache the engine makes
+        self.base_attention, self.fused_layers = attach_model(model, config, self.device, self.listeners)
         offload = config.offload
         self.transfer = make_transfer_engine(
             self.device, offload.device, offload.pin_memory, offload.transfer, offload.host_dtype
         )
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
         self.cache_keyword = cache_keyword(model)  # "cache" or "past_key_values", as model.generate takes it
-        self.listeners: list[EngineListener] = []  # shared with every cache the engine makes
+        self.selector = Selector(self.policy, self.transfer, self.tensor_parallel_group, self.listeners)
         self.detached = False
         self._last_cache: OmniKVCache | None = None
         self._last_run: RunRecord | None = None
@@ -99,23 +104,49 @@ class Engine:
         its input preparation), so it is needed only when driving the model's forward by hand.
         """
         self._check_attached()
-        budget = self.config.omnikv.budget_tokens
         cache = OmniKVCache(
-            self.plan,
-            self.policy,
-            budget,
-            self.transfer,
-            reserve_tokens=reserve_tokens,
+            self.new_tiers(reserve_tokens),
+            self.selector,
+            self.config.omnikv.token_budget_for,
             prompt_tokens=prompt_tokens,
-            hot_cache_tokens=self.hot_cache_tokens,
-            eviction=self.eviction,
             tail_tokens=self.config.omnikv.tail_tokens,
+            fused_layers=self.fused_layers,
             listeners=self.listeners,
         )
-        cache.fused_layers = self.fused_layers
-        cache.tensor_parallel_group = self.tensor_parallel_group
         self._last_cache = cache
         return cache
+
+    def new_tiers(self, reserve_tokens: int = 0) -> Tiers:
+        """Empty tiers for this engine's plan, transfer engine and hot cache (allocated on first use)."""
+        return Tiers(
+            self.plan,
+            self.transfer,
+            window_size=self.policy.window_size,
+            reserve_tokens=reserve_tokens,
+            hot_cache_tokens=self.hot_cache_tokens,
+            eviction=self.eviction,
+        )
+
+    def new_slot_cache(self, rows: int, capacity: int, new_tokens: int) -> SlotCache:
+        """A server's cache: ``rows`` independent requests of up to ``capacity`` columns, allocated now."""
+        self._check_attached()
+        geometry = ModelGeometry.from_hf_config(self.model.config)
+        kv_heads = geometry.kv_heads // self.config.distributed.tp_size  # each rank holds its own heads
+        return SlotCache(
+            self.new_tiers(capacity),
+            self.selector,
+            self.config.omnikv.token_budget_for,
+            rows,
+            capacity,
+            new_tokens,
+            kv_heads,
+            geometry.head_dim,
+            next(self.model.parameters()).dtype,
+            self.device,
+            tail_tokens=self.config.omnikv.tail_tokens,
+            fused_layers=self.fused_layers,
+            listeners=self.listeners,
+        )
 
     @property
     def last_cache(self) -> OmniKVCache | None:
@@ -316,7 +347,7 @@ class Engine:
 
     def _check_graph_safe(self, loop: DecodeLoop) -> None:
         """After the prefill allocated the host tier: a tier the GPU cannot read alone rules the graph out."""
-        unsafe = [a for a in loop.cache.arenas if a is not None and not self.transfer.graph_safe(a.data)]
+        unsafe = [a for a in loop.cache.tiers.arenas if a is not None and not self.transfer.graph_safe(a.data)]
         if loop.use_graph and unsafe:  # the torch engine over host memory, or pageable memory after a failed pin
             logger.info(
                 "decode steps run without a CUDA graph: the %s transfer engine cannot move rows of a %s host tier "
@@ -324,7 +355,7 @@ class Engine:
                 self.transfer.name,
                 "pinned" if unsafe[0].data.is_pinned() else "pageable (pinning failed)",
             )
-            loop.use_graph = loop.times.graph = False
+            loop.run_eagerly()
 
     def release_graphs(self) -> None:
         """Free the decode loops (caches and CUDA graphs) kept for reuse by later calls."""
@@ -346,7 +377,6 @@ class Engine:
         """On CUDA, raise PromptError (naming what to change) when the memory planner says the run cannot fit."""
         if self.device.type != "cuda":
             return
-        from omnikv_runtime.planner import ModelGeometry
         from omnikv_runtime.planner.fit import check_run
 
         config = self.config.model_copy(deep=True)

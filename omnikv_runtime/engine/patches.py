@@ -15,6 +15,8 @@ kvpress's ``with press(model):`` does::
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -25,6 +27,7 @@ from omnikv_runtime.engine.fused_layers import install_fused_layers, remove_fuse
 from omnikv_runtime.engine.guards import mark_prefill_forwards, unmark_prefill_forwards
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
+from omnikv_runtime.listeners import Listeners
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +71,60 @@ def _fuse_layers(model: PreTrainedModel, device: torch.device, wanted: bool | st
     return fused > 0
 
 
-def attach_model(model: PreTrainedModel, config: OmniKVConfig, device: torch.device) -> tuple[str, bool]:
-    """Give `model` OmniKV's attention, fused layers (if asked for) and prefill marks; returns the base
-    attention implementation (what :func:`detach_model` restores) and whether layers were fused."""
+def attach_model(
+    model: PreTrainedModel, config: OmniKVConfig, device: torch.device, listeners: Listeners
+) -> tuple[str, bool]:
+    """Give `model` OmniKV's attention, fused layers (if asked for), prefill marks and the forward
+    events of ``listeners``; returns the base attention implementation (what :func:`detach_model`
+    restores) and whether layers were fused."""
     base = base_attention(model, config)
     model.set_attn_implementation(register_attention(base))
     fused = _fuse_layers(model, device, config.generation.fused_layers, config.distributed.offload_weights)
     mark_prefill_forwards(model)  # model.generate with a cache from new_cache() tells prefill from decode
+    _announce_forwards(model, listeners)
     return base, fused
 
 
 def detach_model(model: PreTrainedModel, base: str) -> None:
     """Undo :func:`attach_model`: attention implementation `base`, the layers' own forward, the model's
-    own input preparation."""
+    own input preparation, no forward events."""
     model.set_attn_implementation(base)
     remove_fused_layers(model)
     unmark_prefill_forwards(model)
+    for handle in model.__dict__.pop(_FORWARD_HOOKS, ()):
+        handle.remove()
+
+
+_FORWARD_HOOKS = "_omnikv_forward_hooks"
+_CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def _announce_forwards(model: PreTrainedModel, listeners: Listeners) -> None:
+    """Send a :class:`~omnikv_runtime.listeners.ForwardEnd` to ``listeners`` when a forward of ``model``
+    returns (with the engine's cache it ran through, or None). Nothing is timed or sent while no one
+    listens or a step is being recorded."""
+    for handle in model.__dict__.pop(_FORWARD_HOOKS, ()):
+        handle.remove()
+    starts: list[float | None] = []
+
+    def before(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        starts.append(time.perf_counter() if listeners.active else None)
+
+    def after(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        start = starts.pop() if starts else None
+        if start is None or not listeners.active:
+            return
+        cache = next((kwargs[k] for k in _CACHE_KEYWORDS if kwargs.get(k) is not None), None)
+        if getattr(cache, "listeners", None) is not listeners:
+            cache = None  # not one of this engine's caches
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        tokens = int(ids.shape[1]) if torch.is_tensor(ids) and ids.dim() >= 2 else 0
+        listeners.announce_forward_end(cache, tokens, start)
+
+    handles = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
+    setattr(model, _FORWARD_HOOKS, handles)

@@ -60,7 +60,7 @@ def run_stats(engine: Any) -> dict[str, Any]:
         str(s.filter_layer): [step.get(s.filter_layer, 0) for step in steps] for s in plan.segments
     }
     out["context_tokens"] = cache.context_len
-    dropped = cache.policy.dropped_tokens(cache.policy_states())
+    dropped = cache.selector.policy.dropped_tokens(cache.policy_states())
     out["dropped_tokens"] = {str(layer): n for layer, n in dropped.items()}
     out["decode_steps"] = len(steps)
     if run is not None:

@@ -277,7 +277,7 @@ def plan_memory(
     stored = context + new_tokens - 1  # generate feeds every token but the last
     sparse = len(plan.sparse_layers)
     dense = geometry.num_layers - sparse
-    budget = section.budget_tokens(context) if sparse else 0
+    budget = section.token_budget_for(context) if sparse else 0
     decode_steps = new_tokens - 1
     staged = decode_steps and config.offload.device == "cpu"
     ring = tail_ring_tokens(section.tail_tokens, reserve, context)

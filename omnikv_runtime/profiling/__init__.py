@@ -4,13 +4,13 @@ OmniKV (Hao et al., "OmniKV: Dynamic Context Selection for Efficient Long-Contex
 trades GPU memory for host memory and PCIe traffic; this shows the trade over time. A sampling
 thread records GPU memory (torch allocator, per device), host RSS and pinned bytes (psutil; pinned
 = the host tier when it is pinned), bytes per KV tier (``cache.tier_bytes()``) and the transfer
-counters; marks record each prefill chunk, each decode step and each filter layer's fetch (forward
-hooks on the model for the bounds of each forward; the engine's listener events for what the
-forward was and for the fetches). On exit it writes ``report.json``, ``timeline.png``
-(matplotlib, optional) and a torch.profiler Chrome trace (``trace.json.gz``, opens in Perfetto)
-with the memory samples added as counter tracks and the fetches as spans. A decode step replayed
-from a CUDA graph runs no Python and leaves no mark (``generation.cuda_graphs = false`` marks
-every step).
+counters; marks record each prefill chunk, each decode step and each filter layer's fetch (all
+from the engine's listener events: the bounds and kind of each forward, and the fetches). On exit
+it writes ``report.json``, ``timeline.png`` (matplotlib, optional) and a torch.profiler Chrome
+trace (``trace.json.gz``, opens in Perfetto) with the memory samples added as counter tracks and
+the fetches as spans. Observers are never called while a decode step is being recorded in a CUDA
+graph, so profiling works with graphs on; a replayed step runs no Python and leaves no mark, but
+the tiers are sampled all along (``generation.cuda_graphs = false`` marks every step).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import psutil
 import torch
 
 from omnikv_runtime.config import ProfilingSection, load_config
-from omnikv_runtime.listeners import EngineListener, Fetch, ForwardStart
+from omnikv_runtime.listeners import EngineListener, Fetch, ForwardEnd, ForwardStart
 from omnikv_runtime.profiling.report import build_report
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ class MemoryProfiler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._torch_profiler: Any = None
-        self._hooks: list[Any] = []
         self._open: dict[int, list[Any]] = {}  # model -> [its open mark, its record_function or None]
         self._watchers: list[_EngineWatch] = []
         self.t0 = time.perf_counter()
@@ -63,39 +62,28 @@ class MemoryProfiler:
 
     # watching -------------------------------------------------------------------------------
     def watch(self, engine: Any) -> None:
-        """Record this engine's tiers, its model's forwards and its caches' fetches."""
+        """Record this engine's tiers, its model's forwards and its caches' fetches (through the
+        engine's listeners: nothing is observed, and nothing waits, while a step is being recorded)."""
         self.engines.append(engine)
-        engine.release_graphs()  # a kept decode loop would replay steps that leave no mark
+        engine.release_graphs()  # a kept decode loop would replay from its first step: no step marked
         watcher = _EngineWatch(self, engine)
         engine.add_listener(watcher)
         self._watchers.append(watcher)
-        self._hooks.append(engine.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self._hooks.append(engine.model.register_forward_hook(self._after_forward, with_kwargs=True))
 
-    def _before_forward(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        tokens = int(ids.shape[1]) if torch.is_tensor(ids) else 0
-        # a forward without the runtime's cache stays "forward"; the cache's forward_start event says
-        # which kind an OmniKV forward is
-        mark = {"kind": "forward", "tokens": tokens, "past": 0, "start": time.perf_counter() - self.t0}
-        self._open[id(module)] = [mark, None]
+    def _forward_started(self, model: Any, decoding: bool, tokens: int, past: int, start: float) -> None:
+        if id(model) in self._open:
+            return  # a forward through the cache is already marked
+        kind = "decode" if decoding else "prefill"
+        mark = {"kind": kind, "tokens": tokens, "past": past, "start": start - self.t0}
+        function = torch.profiler.record_function(f"omnikv.{kind}")
+        function.__enter__()
+        self._open[id(model)] = [mark, function]
         self.sample()
 
-    def _forward_started(self, model: Any, decoding: bool, tokens: int, past: int) -> None:
-        opened = self._open.get(id(model))
-        if opened is None or opened[1] is not None:
-            return
-        kind = "decode" if decoding else "prefill"
-        opened[0].update(kind=kind, tokens=tokens, past=past)
-        opened[1] = torch.profiler.record_function(f"omnikv.{kind}")
-        opened[1].__enter__()
-
-    def _after_forward(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        mark, function = self._open.pop(id(module), (None, None))
-        if mark is None:
-            return
+    def _forward_ended(self, model: Any, tokens: int, start: float) -> None:
+        mark, function = self._open.pop(id(model), (None, None))
+        if mark is None:  # a forward without the runtime's cache
+            mark = {"kind": "forward", "tokens": tokens, "past": 0, "start": start - self.t0}
         if function is not None:
             function.__exit__(None, None, None)
         if self._cuda:
@@ -132,7 +120,7 @@ class MemoryProfiler:
             if cache is not None:
                 for key, value in cache.tier_bytes().items():
                     tiers[key] = tiers.get(key, 0) + value
-                pinned += sum(a.nbytes() for a in cache.arenas if a is not None and _pinned(a.data))
+                pinned += sum(a.nbytes() for a in cache.tiers.arenas if a is not None and _pinned(a.data))
             for key in transfer:
                 transfer[key] += getattr(engine.transfer.stats, key)
         entry.update(tiers=tiers, pinned=pinned, transfer=transfer)
@@ -169,8 +157,6 @@ class MemoryProfiler:
         if self._thread is not None:
             self._thread.join()
         self.sample()
-        for hook in self._hooks:
-            hook.remove()
         for watcher in self._watchers:
             watcher.engine.remove_listener(watcher)
         if self._torch_profiler is not None:
@@ -232,7 +218,7 @@ class MemoryProfiler:
 
 
 class _EngineWatch(EngineListener):
-    """The profiler's listener on one engine: what kind each forward is, the fetches, the latest cache."""
+    """The profiler's listener on one engine: each forward's kind and bounds, the fetches, the latest cache."""
 
     def __init__(self, profiler: MemoryProfiler, engine: Any) -> None:
         self.profiler = profiler
@@ -241,7 +227,10 @@ class _EngineWatch(EngineListener):
 
     def forward_start(self, event: ForwardStart) -> None:
         self.cache = event.cache
-        self.profiler._forward_started(self.engine.model, event.decoding, event.tokens, event.past)
+        self.profiler._forward_started(self.engine.model, event.decoding, event.tokens, event.past, event.time)
+
+    def forward_end(self, event: ForwardEnd) -> None:
+        self.profiler._forward_ended(self.engine.model, event.tokens, event.start)
 
     def fetch(self, event: Fetch) -> None:
         self.profiler._fetched(event)

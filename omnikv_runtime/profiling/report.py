@@ -36,12 +36,12 @@ def geometry_check(engine: Any) -> dict[str, Any] | None:
     stored = cache.get_seq_length()
     decoded = cache.decode_steps > 0
     tail = cache.ring_tokens if decoded else 0  # the tail ring is allocated whole when decoding starts
-    staged = decoded and cache.transfer.fetches_rows  # offload: the selected rows' staging buffers
-    selected = cache.budget_tokens if staged else 0
+    staged = decoded and cache.tiers.transfer.fetches_rows  # offload: the selected rows' staging buffers
+    selected = cache.token_budget if staged else 0
     per = 2 * heads * head_dim * dtype_bytes * batch
-    quantized = is_quantized(cache.transfer.host_dtype)
+    quantized = is_quantized(cache.tiers.transfer.host_dtype)
     host_per = packed_row_bytes(1, heads, head_dim, dtype_bytes, quantized) * batch
-    tokens = {"gpu_dense": max(cache.reserve_tokens, 16), "gpu_selected": selected, "gpu_tail": tail, "host": stored}
+    tokens = {"gpu_dense": max(cache.tiers.reserve_tokens, 16), "gpu_selected": selected, "gpu_tail": tail, "host": stored}
     layers = {"gpu_dense": dense, "gpu_selected": sparse, "gpu_tail": sparse, "host": sparse}
     reported = cache.tier_bytes()
     check = {}

@@ -64,7 +64,7 @@ def summarize_run(engine: Any, prompt_tokens: int, answer: str) -> dict[str, Any
         "compute_device": memory["compute_device"],
         "offload": engine.config.offload.device,  # "cpu": the sparse layers' KV in host memory; "none": on the device
         "host_tier_device": memory["host_tier_device"],
-        "budget_tokens": engine.config.omnikv.budget_tokens(context) if enabled else None,
+        "token_budget": engine.config.omnikv.token_budget_for(context) if enabled else None,
         "selected_tokens_per_step": selected,
         # the budget covered the whole prompt: attention was dense, the tiers and fetches were not
         "whole_context_selected": bool(selected) and min(selected.values()) >= context,
