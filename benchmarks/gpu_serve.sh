@@ -10,7 +10,7 @@ for part in "$@"; do
   started=$(date +%s)
   case "$part" in
     tests)
-      timeout 400 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu_serve.py tests/test_gpu_decode.py \
+      timeout 500 python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-tests/} \
         > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log" ;;
     step)
       timeout 300 python3 benchmarks/serve_step.py --context 32768 --batches 1,8 --tiers none,cpu --steps 10 \

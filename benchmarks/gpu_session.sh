@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine without internet: install the carried wheels (.whl/, pydantic and
 # its dependencies) and the package, then run the named parts, each logging under $OUT:
-#   tests   pytest -m gpu           kernels  benchmarks/decode_kernels.py
+#   tests   pytest -m gpu tests/ (every GPU test file)   kernels  benchmarks/decode_kernels.py
 #   decode  benchmarks/decode.py    e2e      benchmarks/end_to_end.py
 #   capacity  benchmarks/capacity.py at the planner's longest context, model-dtype and FP8 host
 #             tiers (plus `omnikv plan` for this machine)
@@ -14,7 +14,7 @@ source benchmarks/device_setup.sh
 for part in "$@"; do
   started=$(date +%s)
   case "$part" in
-    tests) python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-tests/test_gpu_decode.py tests/test_gpu.py} \
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-tests/} \
              > "$OUT/pytest_gpu.log" 2>&1; tail -15 "$OUT/pytest_gpu.log" ;;
     kernels) python3 benchmarks/decode_kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.json" 2> "$OUT/kernels.err"; tail -12 "$OUT/kernels.err" ;;
     decode) python3 benchmarks/decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" > /dev/null 2> "$OUT/decode.err"

@@ -142,7 +142,6 @@ def test_a_cache_filled_without_the_model_decodes_like_one_filled_by_prefill(bud
         logits = model(ids, **{keyword: dense}).logits
         reference = model(ids, use_cache=True).past_key_values
 
-
         def layer_kv(layer: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
             keys, values = reference.layers[layer].keys, reference.layers[layer].values
             return keys[:, :, start : start + count], values[:, :, start : start + count]

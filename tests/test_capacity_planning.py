@@ -117,7 +117,7 @@ def test_planned_fp8_tiers_equal_what_the_cache_allocates(batch, chunk, hot):
     # the GPU tiers stay in the model's dtype (float32): staging of 6 selected rows
     assert plan.tiers["gpu_selected"] == 3 * 6 * 2 * 2 * 16 * 4 * batch
     # what is pinned: each arena's one allocation, codes then (aligned) scales
-    storages = [arena.data.untyped_storage().nbytes() for arena in caches[-1].arenas if arena is not None]
+    storages = [arena.data.untyped_storage().nbytes() for arena in caches[-1].tiers.arenas if arena is not None]
     assert plan.tiers["host_reserved"] == sum(storages)
 
 

@@ -132,7 +132,7 @@ def test_full_budget_over_an_fp8_tier_equals_dense_with_fp8_prompt_kv(cuda_model
     assert torch.equal(output, reference)
     stats = engine.stats()
     assert stats.get("cuda_graph") == cuda_graphs
-    for arena in caches[-1].arenas:
+    for arena in caches[-1].tiers.arenas:
         assert arena.data.dtype == FP8 and arena.data.is_pinned() and arena.lengths == [300 + 23] * len(arena.lengths)
     # 23 steps x 300 selected rows x 3 sparse layers x K,V x 2 KV heads x (32 codes + a float32 scale)
     assert stats["transfer"]["bytes_fetched"] == 23 * 300 * 3 * 2 * 2 * (32 + 4)
@@ -168,7 +168,7 @@ def test_failed_pinning_of_an_fp8_tier_falls_back_to_pageable_memory(cuda_model,
     output = engine.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0)
     assert torch.equal(output, expected)  # the torch path dequantizes the same codes
     assert engine.stats()["transfer"]["pinned_fallbacks"] >= 1
-    assert all(not arena.data.is_pinned() for arena in caches[-1].arenas)
+    assert all(not arena.data.is_pinned() for arena in caches[-1].tiers.arenas)
 
 
 def test_a_host_tier_larger_than_memory_is_refused_before_allocation(cuda_model, monkeypatch):

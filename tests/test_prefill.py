@@ -73,7 +73,7 @@ def test_chunked_prefill_equals_unchunked(prompt_len, budget, attention_spy):
         assert theirs.selection is not None
         assert torch.equal(mine.selection, theirs.selection)
     assert chunked.get_seq_length() == whole.get_seq_length() == prompt_len + NEW - 1
-    for a, b in zip(chunked.arenas, whole.arenas):
+    for a, b in zip(chunked.tiers.arenas, whole.tiers.arenas):
         assert a.lengths == b.lengths
     for layer in range(NUM_LAYERS):
         for x, y in zip(_stored_kv(engine_c, chunked, layer), _stored_kv(engine_u, whole, layer)):

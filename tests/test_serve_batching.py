@@ -15,6 +15,8 @@ import torch
 from okv_testlib import VOCAB, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
+from omnikv_runtime.decode.graph import EagerRecorder
+from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
 from omnikv_runtime.serve.requests import AdmissionError, ServeRequest
 from omnikv_runtime.serve.scheduler import Scheduler
 from omnikv_runtime.serve.text import TextStream
@@ -60,8 +62,10 @@ class Collector:
         assert self._done.wait(timeout), f"finished {sorted(self.finish)} of {self._count}"
 
 
-def make_engine(offload: str = "cpu", selector=None, budget: float = 0.2, host_dtype: str | None = None):
+def make_engine(offload: str = "cpu", selector=None, budget: float = 0.2, host_dtype: str | None = None, hot: int = 0):
     tiers = {"device": offload} if host_dtype is None else {"device": offload, "host_dtype": host_dtype}
+    if hot:
+        tiers["hot_cache_tokens"] = hot
     config = omni(budget, selector, offload=tiers, prefill={"chunk_size": 32})
     config["omnikv"]["min_token_budget"] = 4
     return okv.initialize(make_model("llama"), config, tokenizer=PieceTokenizer())
@@ -75,23 +79,26 @@ def prompts() -> list[list[int]]:
 
 
 @pytest.mark.parametrize(
-    ("offload", "selector", "host_dtype"),
+    ("offload", "selector", "host_dtype", "hot", "recorded"),
     [
-        ("cpu", None, None),
-        ("none", None, None),
-        ("cpu", None, "float8_e4m3fn"),  # an FP8 host tier: codes and scales per slot row
-        ("cpu", {"type": "uniform", "window_size": 4}, None),  # a query window per slot
-        ("none", {"type": "h2o"}, None),  # state carried per request from step to step
+        ("cpu", None, None, 0, False),
+        ("none", None, None, 0, False),
+        ("cpu", None, "float8_e4m3fn", 0, False),  # an FP8 host tier: codes and scales per slot row
+        ("cpu", {"type": "uniform", "window_size": 4}, None, 0, False),  # a query window per slot
+        ("none", {"type": "h2o"}, None, 0, False),  # state carried per request from step to step
+        ("cpu", None, None, 8, False),  # a hot cache: a slot's rows are emptied for its next request
+        ("cpu", {"type": "uniform", "window_size": 4}, None, 8, True),  # recorded steps, kept per layout
     ],
 )
-def test_each_request_gets_the_tokens_it_gets_alone(offload, selector, host_dtype):
-    engine = make_engine(offload, selector, host_dtype=host_dtype)
+def test_each_request_gets_the_tokens_it_gets_alone(offload, selector, host_dtype, hot, recorded):
+    engine = make_engine(offload, selector, host_dtype=host_dtype, hot=hot)
     new_tokens = [12, 20, 7, 16, 9]
     alone = []
     for ids, count in zip(prompts(), new_tokens, strict=True):
         out = engine.generate(torch.tensor([ids]), max_new_tokens=count, do_sample=False)
         alone.append(out[0, len(ids) :].tolist())
-    scheduler = Scheduler(engine, max_batch=2, max_queue=8, max_context=256, max_new_tokens=32)
+    recorder = EagerRecorder() if recorded else None
+    scheduler = Scheduler(engine, max_batch=2, max_queue=8, max_context=256, max_new_tokens=32, recorder=recorder)
     collected = Collector(len(alone))
     scheduler.start()
     try:
@@ -244,3 +251,48 @@ def test_eager_steps_compute_the_slots_up_to_the_last_busy_one():
         scheduler.shutdown()
         hook.remove()
     assert decode_rows == [1] * 5  # one busy slot of four: one row per step (the first token came from prefill)
+
+
+def test_a_layout_seen_before_replays_its_recording():
+    """A request joining or leaving changes the batch's layout; a layout the batch has run before is
+    replayed from its kept recording (no recording, no warm-up), and every request still gets the
+    tokens it gets alone."""
+    engine = make_engine(hot=8)
+    ids = prompts()
+    batch = SlotBatch(engine, rows=2, capacity=257, new_tokens=32, recorder=EagerRecorder())
+    tokens: dict[int, list[int]] = {}
+
+    def join(row: int, prompt: list[int]) -> None:
+        job = PrefillJob(batch, row, prompt, 32)
+        logits = None
+        while logits is None:
+            logits = job.advance()
+        first = int(logits.argmax())
+        batch.join(job, first)
+        tokens[row] = [first]
+
+    def steps(count: int) -> None:
+        for _ in range(count):
+            chosen = batch.step().argmax(dim=-1)
+            batch.ids[:, 0].copy_(chosen)
+            for row in tokens:
+                tokens[row].append(int(chosen[row]))
+
+    join(0, ids[1])
+    steps(3)  # layout A: a warm-up, a recording, a replay
+    join(1, ids[2])
+    steps(3)  # layout B: the same
+    assert batch.captures == 2
+    second = tokens.pop(1)
+    batch.leave(1)
+    steps(2)  # layout A again: replayed
+    assert batch.captures == 2 and batch.steps.times.eager == 2
+    join(1, ids[2])
+    steps(3)  # layout B again, another request in the slot: replayed
+    assert batch.captures == 2 and batch.steps.times.eager == 2
+    assert len(batch.steps.kept()) == 2  # one recording per layout
+    for row, prompt, count in ((0, ids[1], len(tokens[0])), (1, ids[2], 4)):
+        alone = engine.generate(torch.tensor([prompt]), max_new_tokens=count, do_sample=False)[0, len(prompt) :]
+        assert tokens[row] == alone.tolist(), row
+    alone = engine.generate(torch.tensor([ids[2]]), max_new_tokens=len(second), do_sample=False)[0, len(ids[2]) :]
+    assert second == alone.tolist()

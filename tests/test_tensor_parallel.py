@@ -30,6 +30,7 @@ from omnikv_runtime.planner import ModelGeometry, plan_memory
 TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host", "host_allocated")
 
 SCRIPT = Path(__file__).parent / "scripts" / "tp_generate.py"
+SERVE_SCRIPT = Path(__file__).parent / "scripts" / "tp_serve.py"
 
 
 def _free_port() -> int:
@@ -66,6 +67,29 @@ def test_two_ranks_give_one_ranks_tokens_and_selections(tmp_path):
         _planned_per_rank(budget, one["budgets"][budget], [rank["budgets"][budget] for rank in ranks])
     assert one["budgets"]["8"]["tokens"] != one["budgets"]["1.0"]["tokens"]
     assert len(one["budgets"]["8"]["selections"]["1"][0][0]) == 8
+
+
+def test_two_ranks_serve_each_request_the_tokens_it_gets_alone(tmp_path):
+    """The server's batch (slots joining and leaving between steps, per-row selection) under tensor
+    parallelism: every rank gives each request the tokens ``engine.generate`` gives it alone, and the
+    tokens one rank gives, with the offloaded tier and with a hot cache."""
+    _run([sys.executable, str(SERVE_SCRIPT)], tmp_path / "one")
+    port = str(_free_port())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    _run([*torchrun, str(SERVE_SCRIPT)], tmp_path / "two")
+    one = json.loads((tmp_path / "one.rank0.json").read_text())
+    ranks = [json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for hot in ("0", "12"):
+        single = one["tiers"][hot]
+        assert single["kv_heads_on_this_rank"] == 2
+        assert single["batch"] == single["alone"]
+        assert [len(tokens) for tokens in single["batch"]] == [9, 5, 6]
+        for rank in ranks:
+            shard = rank["tiers"][hot]
+            assert shard["kv_heads_on_this_rank"] == 1  # each rank holds its own KV head only
+            assert shard["batch"] == shard["alone"] == single["alone"]
+    assert one["tiers"]["0"]["alone"] == one["tiers"]["12"]["alone"]  # the hot cache changes no token
 
 
 def _planned_per_rank(budget: str, single: dict, shards: list[dict]) -> None:

@@ -41,7 +41,12 @@ def geometry_check(engine: Any) -> dict[str, Any] | None:
     per = 2 * heads * head_dim * dtype_bytes * batch
     quantized = is_quantized(cache.tiers.transfer.host_dtype)
     host_per = packed_row_bytes(1, heads, head_dim, dtype_bytes, quantized) * batch
-    tokens = {"gpu_dense": max(cache.tiers.reserve_tokens, 16), "gpu_selected": selected, "gpu_tail": tail, "host": stored}
+    tokens = {
+        "gpu_dense": max(cache.tiers.reserve_tokens, 16),
+        "gpu_selected": selected,
+        "gpu_tail": tail,
+        "host": stored,
+    }
     layers = {"gpu_dense": dense, "gpu_selected": sparse, "gpu_tail": sparse, "host": sparse}
     reported = cache.tier_bytes()
     check = {}

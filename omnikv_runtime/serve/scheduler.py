@@ -32,6 +32,7 @@ import torch
 
 from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.errors import ConfigError, PromptError
+from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
 from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
 from omnikv_runtime.serve.text import TextStream
@@ -76,6 +77,7 @@ class Scheduler:
             config's context limit).
         max_new_tokens: new tokens of one request at most (the tail ring's size; default 1024, or
             anything up to the context with ``omnikv.tail_tokens`` set).
+        recorder: how the batch's steps are recorded (default: CUDA graphs where the engine allows).
     """
 
     def __init__(
@@ -85,14 +87,15 @@ class Scheduler:
         max_queue: int = 64,
         max_context: int | None = None,
         max_new_tokens: int | None = None,
+        recorder: CudaGraphRecorder | EagerRecorder | None = None,
     ) -> None:
         if engine.tokenizer is None:
             raise ConfigError("model", "no tokenizer", "a model with a tokenizer (the server decodes text)")
-        if engine.tensor_parallel_group is not None or engine.hot_cache_tokens:
+        if engine.tensor_parallel_group is not None:
             raise ConfigError(
-                "distributed.tp_size / offload.hot_cache_tokens",
-                "set",
-                "the server runs one GPU without a hot cache: leave both at their defaults",
+                "distributed.tp_size",
+                engine.config.distributed.tp_size,
+                "1 for omnikv serve (its scheduler drives one process; the batch itself runs tensor-parallel)",
             )
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or value < low:
@@ -107,7 +110,7 @@ class Scheduler:
         self.max_new_tokens = engine.config.omnikv.tail_tokens and self.context_limit or max_new_tokens or 1024
         self.max_new_tokens = min(self.max_new_tokens, self.context_limit - 1)
         _check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens)
-        self.batch = SlotBatch(engine, max_batch, self.context_limit + 1, self.max_new_tokens)
+        self.batch = SlotBatch(engine, max_batch, self.context_limit + 1, self.max_new_tokens, recorder=recorder)
         logger.info(
             "serving %d slots of %d tokens (%d new at most); KV tiers allocated: %s",
             max_batch,
