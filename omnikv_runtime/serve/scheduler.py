@@ -30,9 +30,9 @@ from typing import Any
 import psutil
 import torch
 
+from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
 from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.errors import ConfigError, PromptError
-from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
 from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
 from omnikv_runtime.serve.text import TextStream
