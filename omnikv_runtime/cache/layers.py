@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from omnikv_runtime.cache.counters import write_columns
+from omnikv_runtime.cache.counters import DecodeCounters, write_columns
+from omnikv_runtime.cache.segment import SegmentState
+from omnikv_runtime.kernels import KVSource
 from omnikv_runtime.transfer import HostArena
 
 
@@ -123,6 +125,15 @@ class DenseLayerKV(_KVLayerBase):
         write_columns(self.key_buffer, 2, position, key_states)
         write_columns(self.value_buffer, 2, position, value_states)
 
+    def decode(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, counters: DecodeCounters, valid: torch.Tensor
+    ) -> list[KVSource]:
+        """A decode step: store the token at each row's position; attention reads the buffer up to each
+        row's length, real columns only (``valid``)."""
+        self.write_at(key_states, value_states, counters.position)
+        keys, values = self.key_buffer.transpose(1, 2), self.value_buffer.transpose(1, 2)
+        return [KVSource(keys, values, length=counters.length, mask=valid)]
+
     def nbytes(self) -> int:
         buffers = (self.key_buffer, self.value_buffer)
         return sum(b.numel() * b.element_size() for b in buffers if b is not None)
@@ -141,11 +152,15 @@ class SparseLayerKV(_KVLayerBase):
     """A sparse layer: its full KV in its segment's host arena (row slot ``slot``). During decode
     the segment serves its selected rows and its tail ring (:class:`omnikv_runtime.cache.segment.SegmentState`)."""
 
-    def __init__(self, segment: int, slot: int) -> None:
+    def __init__(self, segment: SegmentState, slot: int) -> None:
         super().__init__()
-        self.segment = segment  # index of the segment this layer belongs to
+        self.state = segment  # the segment this layer belongs to (its arena, ring and selection)
+        self.segment = segment.index
         self.slot = slot  # this layer's position inside its segment's arena rows
-        self.arena: HostArena | None = None
+
+    @property
+    def arena(self) -> HostArena | None:
+        return self.state.arena
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Prefill: store in the arena and return the full KV: the earlier tokens read back from the
@@ -162,6 +177,19 @@ class SparseLayerKV(_KVLayerBase):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.length = self.arena.append(self.slot, key_states, value_states)
+
+    def decode(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, counters: DecodeCounters, valid: torch.Tensor
+    ) -> list[KVSource]:
+        """A decode step: the token goes to the tail ring (the segment's last layer writes the packed
+        row back to the arena); attention reads the selected rows (once they have landed) and the tail."""
+        state = self.state
+        state.store_token(self.slot, key_states, value_states, counters)
+        if self.slot == len(state.sparse_layers) - 1:
+            state.write_back(counters)
+        if state.staging is not None:
+            state.arena.wait(self.slot)  # the compute stream waits for its rows, the host does not
+        return state.sources(self.slot, counters)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """The arena and the segment's buffers are reordered by the cache."""

@@ -47,19 +47,17 @@ class Tiers:
         hot_cache_tokens: int = 0,
         eviction: EvictionPolicy | None = None,
     ) -> None:
-        slots = {}
-        for segment in plan.segments:
-            slots.update({layer: (segment.index, slot) for slot, layer in enumerate(segment.sparse_layers)})
         self.plan = plan
         self.transfer = transfer
         self.reserve_tokens = reserve_tokens
         self.hot_cache_tokens = hot_cache_tokens
         self.eviction = eviction if eviction is not None else LRUEviction()
+        self.segments = [SegmentState(s, window_size, transfer.fetches_rows) for s in plan.segments]
+        sparse = {layer: (state, slot) for state in self.segments for slot, layer in enumerate(state.sparse_layers)}
         self.layers: list[DenseLayerKV | SparseLayerKV] = [
-            SparseLayerKV(*slots[layer]) if role is Role.SPARSE else DenseLayerKV(reserve_tokens)
+            SparseLayerKV(*sparse[layer]) if role is Role.SPARSE else DenseLayerKV(reserve_tokens)
             for layer, role in enumerate(plan.roles)
         ]
-        self.segments = [SegmentState(s, window_size, transfer.fetches_rows) for s in plan.segments]
         self.valid: torch.Tensor | None = None  # [rows, capacity] bool: real tokens (False at padding)
         self.selectable: torch.Tensor | None = None  # [rows, capacity] bool: valid and inside the context
         self.columns: torch.Tensor | None = None  # [rows, capacity] int64: 0..capacity-1 in each row
@@ -97,7 +95,7 @@ class Tiers:
                 part.key_buffer, part.value_buffer = layer.key_buffer[start:stop], layer.value_buffer[start:stop]
                 part.refresh_views()
             if isinstance(layer, SparseLayerKV):
-                part.arena = view.segments[layer.segment].arena
+                part.state = view.segments[layer.segment]
             view.layers.append(part)
         for name in ("valid", "selectable", "columns"):
             tensor = getattr(self, name)
@@ -131,8 +129,6 @@ class Tiers:
 
     def _set_arena(self, segment: SegmentState, arena: HostArena, device: torch.device) -> None:
         segment.arena, segment.ring, segment.hot = arena, None, None
-        for sparse in segment.sparse_layers:
-            self.layers[sparse].arena = arena
         if self.hot_cache_tokens:
             segment.hot = HotCache(
                 self.eviction,
@@ -238,20 +234,9 @@ class Tiers:
     def decode_sources(
         self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, counters: DecodeCounters
     ) -> list[KVSource]:
-        """Store the step's token of layer ``layer_idx`` and describe what its attention reads: a dense
-        layer's buffer up to each row's length; a sparse layer's selected rows and tail ring."""
-        layer = self.layers[layer_idx]
-        if isinstance(layer, DenseLayerKV):
-            layer.write_at(keys, values, counters.position)
-            buffers = (layer.key_buffer.transpose(1, 2), layer.value_buffer.transpose(1, 2))
-            return [KVSource(*buffers, length=counters.length, mask=self.valid)]
-        segment = self.segments[layer.segment]
-        segment.store_token(layer.slot, keys, values, counters)
-        if layer.slot == len(segment.sparse_layers) - 1:
-            segment.write_back(counters)
-        if segment.staging is not None:
-            self.transfer.wait(segment.arena.data, layer.slot)  # its rows may still be landing
-        return segment.sources(layer.slot, counters)
+        """Store the step's token of layer ``layer_idx`` and describe what its attention reads (each
+        layer kind knows its own: see ``decode`` of the layer objects)."""
+        return self.layers[layer_idx].decode(keys, values, counters, self.valid)
 
     def advance(self, steps: int) -> None:
         """Count ``steps`` decoded tokens in every layer and arena (eager steps, and replayed ones)."""
