@@ -72,7 +72,7 @@ class CudaGraphRecorder:
         """After a failed capture: the default generator leaves its capture state, the streams join."""
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         generator = torch.cuda.default_generators[index]
-        fresh = torch.cuda.Generator(self.device)
+        fresh = torch.Generator(device=self.device)
         fresh.manual_seed(generator.initial_seed())
         generator.graphsafe_set_state(fresh)  # the capturing state object is dropped
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
