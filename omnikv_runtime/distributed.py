@@ -159,13 +159,6 @@ def tensor_parallel_group(config: OmniKVConfig) -> Any:
     return dist.group.WORLD if config.distributed.tp_size > 1 and dist.is_initialized() else None
 
 
-def max_over_ranks(scores: torch.Tensor, group: Any) -> torch.Tensor:
-    """Scores reduced over this rank's heads, combined (MAX) with the other ranks' in place."""
-    if group is not None:
-        dist.all_reduce(scores, op=dist.ReduceOp.MAX, group=group)
-    return scores
-
-
 def zero_inference_config(dtype: torch.dtype, hidden: int, pin_memory: bool) -> dict[str, Any]:
     """DeepSpeed's ZeRO-Inference config: stage-3 parameters offloaded to (pinned) host memory.
 

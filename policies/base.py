@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
-from omnikv_runtime.distributed import max_over_ranks
 from omnikv_runtime.policies.params import check_fields
 
 
@@ -54,7 +54,9 @@ class SelectionContext:
 
     def max_over_ranks(self, scores: torch.Tensor) -> torch.Tensor:
         """A maximum over this rank's heads, turned into the maximum over every rank's heads (in place)."""
-        return max_over_ranks(scores, self.head_group)
+        if self.head_group is not None:
+            dist.all_reduce(scores, op=dist.ReduceOp.MAX, group=self.head_group)
+        return scores
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The package structure stays a layered graph: no module imports another that imports it back.
 
-Every ``import`` counts, the ones inside functions too (a local import only postpones a cycle;
-it does not remove it). An ``__init__`` that imports its own submodules, and a submodule that
-imports its package, are not cycles between parts (they are one part).
+Every ``import`` counts, the ones inside functions too (a local import only postpones a cycle; it
+does not remove it), and a package's ``__init__`` importing its submodules counts like any other
+module (importing ``pkg.sub`` runs ``pkg/__init__`` first). Only imports under ``if TYPE_CHECKING:``
+are left out: they never run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def import_edges(modules: dict[str, Path]) -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -41,18 +42,32 @@ def import_edges(modules: dict[str, Path]) -> dict[str, set[str]]:
                 if node.level:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, base] if base else anchor)
-                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+                # ``from pkg import sub`` imports the submodule; ``from pkg import name``, the package
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for target in targets:
                 while target and target not in modules:
                     target = target.rpartition(".")[0]
-                if target and not related(name, target):
+                if target and target != name:
                     edges[name].add(target)
     return edges
 
 
-def related(a: str, b: str) -> bool:
-    """One is the other or a package that holds it."""
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+def runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement except those under ``if TYPE_CHECKING:``."""
+    found = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
