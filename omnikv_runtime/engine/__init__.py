@@ -66,9 +66,7 @@ class Engine:
                 "last, softmax_last, uniform, exp or full",
             )
         self.eviction = make_eviction_policy(config.offload.eviction.model_dump())
-        self.hot_cache_tokens = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
-        if config.offload.hot_cache_tokens and not self.hot_cache_tokens:
-            logger.info("offload.hot_cache_tokens is ignored with offload.device='none': every row is on the GPU")
+        self.hot_cache_tokens = config.offload.hot_cache_tokens  # 0 unless offload.device = "cpu" (the config's rule)
         self.device = execution_device(model, config)
         # attention, fused layers, prefill marks; detach() gives the model back its base attention
         self.base_attention, self.fused_layers = attach_model(model, config, self.device)

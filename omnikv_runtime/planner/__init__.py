@@ -178,7 +178,7 @@ def plan_memory(
     section = config.omnikv
     plan = LayerPlan.build(geometry.num_layers, section.filter_layers, section.wait_layers, section.enabled)
     row = batch * geometry.kv_row_bytes(dtype_bytes)  # one token, one layer, whole batch
-    host_dtype = config.offload.host_dtype if config.offload.device == "cpu" else "auto"
+    host_dtype = config.offload.host_dtype  # "auto" unless offload.device = "cpu" (the config's rule)
     quantized = host_dtype != "auto"
     host_row = batch * packed_row_bytes(1, geometry.kv_heads, geometry.head_dim, dtype_bytes, quantized)
     reserve = reserve_tokens(context, new_tokens)
@@ -203,7 +203,7 @@ def plan_memory(
         for s in plan.segments
         if s.sparse_layers
     )
-    hot = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
+    hot = config.offload.hot_cache_tokens  # 0 unless offload.device = "cpu"
     hot_segments = [len(s.sparse_layers) for s in plan.segments if s.sparse_layers] if hot else []
     # per segment: packed rows [batch, slots + 1, layers, 2, kv_heads, head_dim], int64 token of each slot,
     # int64 slot of each arena token; the eviction policy's float32 state per slot (up to two, LFU)

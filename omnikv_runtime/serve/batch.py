@@ -17,6 +17,7 @@ import torch
 from omnikv_runtime.cache.adapter import OmniKVCache
 from omnikv_runtime.cache.slots import SlotCache
 from omnikv_runtime.decode.loop import cached_forward, record_step, run_on_stream
+from omnikv_runtime.geometry import ModelGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,7 @@ class SlotBatch:
         self.model = engine.model
         self.cache_keyword = engine.cache_keyword
         self.device = engine.device
-        text = self.model.config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        geometry = ModelGeometry.from_model(self.model)
         dtype = next(self.model.parameters()).dtype
         config = engine.config.omnikv
         self.cache = SlotCache(
@@ -76,8 +76,8 @@ class SlotBatch:
             rows,
             capacity,
             new_tokens,
-            text.num_key_value_heads,
-            head_dim,
+            geometry.kv_heads,
+            geometry.head_dim,
             dtype,
             self.device,
             tail_tokens=config.tail_tokens,
