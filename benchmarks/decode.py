@@ -35,6 +35,7 @@ import omnikv_runtime as okv
 from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
 from omnikv_runtime.decode.sampling import SamplingSettings
 from omnikv_runtime.engine import cache_keyword
+from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.models.random import SMALL_LLAMA
 from omnikv_runtime.planner import KNOWN_GEOMETRIES
 from omnikv_runtime.tables import format_table
@@ -67,8 +68,8 @@ def model_config(tiny: bool) -> LlamaConfig:
 
 
 def random_kv(config: LlamaConfig, batch: int, tokens: int, device: torch.device, dtype: torch.dtype):
-    head_dim = config.hidden_size // config.num_attention_heads
-    keys = torch.randn(batch, config.num_key_value_heads, tokens, head_dim, device=device, dtype=dtype)
+    geometry = ModelGeometry.from_hf_config(config)
+    keys = torch.randn(batch, geometry.kv_heads, tokens, geometry.head_dim, device=device, dtype=dtype)
     return keys, torch.randn_like(keys)
 
 
@@ -80,7 +81,7 @@ def fill(cache, config, batch, tokens, device, dtype, chunk: int = 32768) -> Non
         return
     for start in range(0, tokens, chunk):
         count = min(chunk, tokens - start)
-        for layer in range(config.num_hidden_layers):
+        for layer in range(ModelGeometry.from_hf_config(config).num_layers):
             keys, values = random_kv(config, batch, count, device, dtype)
             if isinstance(cache, StaticCache):
                 positions = torch.arange(start, start + count, device=device)
@@ -112,8 +113,7 @@ def run_header(device: torch.device, script: str, argv: list[str] | None) -> dic
 
 
 def kv_bytes_per_token_layer(config: LlamaConfig, dtype: torch.dtype) -> int:
-    head_dim = config.hidden_size // config.num_attention_heads
-    return 2 * config.num_key_value_heads * head_dim * dtype.itemsize
+    return ModelGeometry.from_hf_config(config).kv_row_bytes(dtype.itemsize)
 
 
 def fits(needed_bytes: int, device: torch.device) -> bool:
@@ -137,6 +137,7 @@ class Bench:
         )
         self.weights = sum(p.numel() * p.element_size() for p in model.parameters())
         self.per_token_layer = kv_bytes_per_token_layer(config, dtype)
+        self.num_layers = ModelGeometry.from_hf_config(config).num_layers
         self.keyword = cache_keyword(model)
 
     def roofline_ms(self, read_bytes: int) -> float | None:
@@ -182,7 +183,7 @@ class Bench:
     def _hf_rows(self, context: int, batch: int) -> list[dict[str, Any]]:
         rows = []
         self.model.set_attn_implementation("sdpa")
-        dense_kv = self.config.num_hidden_layers * batch * context * self.per_token_layer
+        dense_kv = self.num_layers * batch * context * self.per_token_layer
         base = {"context": context, "batch": batch, "budget": "all"}
         for name in self.args.hf:
             row = {**base, "path": name}
@@ -213,7 +214,7 @@ class Bench:
                 row["roofline_ms"] = self.roofline_ms(dense_kv)
                 row["setup_s"] = round(time.perf_counter() - started, 1)
                 if name == "hf_offload":
-                    moved = (self.config.num_hidden_layers - 1) * batch * context * self.per_token_layer
+                    moved = (self.num_layers - 1) * batch * context * self.per_token_layer
                     row["pcie_bytes_per_step"] = moved
                     row["pcie_bytes_note"] = "estimate: every layer's KV but one crosses to the GPU each step"
             except Exception as exc:  # a baseline that fails is reported, the others still run
@@ -228,7 +229,7 @@ class Bench:
 
     def ours_rows(self, context: int, batch: int) -> list[dict[str, Any]]:
         rows = []
-        layers = self.config.num_hidden_layers
+        layers = self.num_layers
         for mode in self.args.modes:
             for wait in self.args.wait_layers if mode != "dense" else [1]:
                 offload = "cpu" if mode.startswith("offload") else "none"

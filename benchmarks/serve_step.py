@@ -30,6 +30,7 @@ import torch
 import omnikv_runtime as okv
 from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
 from omnikv_runtime.decode.sampling import SamplingSettings
+from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.serve.batch import SlotBatch
 from omnikv_runtime.tables import format_table
 
@@ -56,7 +57,7 @@ def slot_batch(engine, config, device, dtype, batch: int, context: int) -> SlotB
         prefill = slots.cache.row_cache(row, context)
         for start in range(0, context, 32768):
             count = min(32768, context - start)
-            for layer in range(config.num_hidden_layers):
+            for layer in range(ModelGeometry.from_hf_config(config).num_layers):
                 prefill.append_prompt_kv(layer, *random_kv(config, 1, count, device, dtype))
         slots.cache.activate(row, prefill)
         slots.ids[row, 0] = 5

@@ -40,6 +40,7 @@ import omnikv_runtime as okv
 from omnikv_runtime.config import load_config
 from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
 from omnikv_runtime.decode.sampling import SamplingSettings
+from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.models.random import random_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kv_fill.py, also under python -P
@@ -68,12 +69,13 @@ def fill(cache: okv.OmniKVCache, layers: int, kv_heads: int, head_dim: int, batc
     sync(device)
 
 
-def run(args: argparse.Namespace, batch: int, budget: float | int, engine, model, text, device, dtype) -> dict:
+def run(
+    args: argparse.Namespace, batch: int, budget: float | int, engine, model, geometry: ModelGeometry, device, dtype
+) -> dict:
     steps = args.steps
     cache = engine.new_cache(reserve_tokens=args.context + steps + 64, prompt_tokens=args.context)
-    head_dim = text.hidden_size // text.num_attention_heads
     started = time.perf_counter()
-    fill(cache, text.num_hidden_layers, text.num_key_value_heads, head_dim, batch, args.context, device, dtype)
+    fill(cache, geometry.num_layers, geometry.kv_heads, geometry.head_dim, batch, args.context, device, dtype)
     fill_s = time.perf_counter() - started
     cache.token_budget_for = lambda context, k=budget: min(
         context, k if isinstance(k, int) else max(1, int(k * context))
@@ -159,14 +161,13 @@ def release(device: torch.device) -> None:
 def hf_row(model, batch: int, context: int, steps: int, device, dtype) -> dict[str, Any]:
     from transformers import DynamicCache
 
-    text = model.config
-    cache = DynamicCache(config=text)
+    geometry = ModelGeometry.from_model(model)
+    cache = DynamicCache(config=model.config)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    head_dim = text.hidden_size // text.num_attention_heads
     try:
-        for layer in range(text.num_hidden_layers):
-            shape = (batch, text.num_key_value_heads, context, head_dim)
+        for layer in range(geometry.num_layers):
+            shape = (batch, geometry.kv_heads, context, geometry.head_dim)
             cache.update(
                 torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype), layer
             )
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = random_model(base, device=device, min_positions=args.context + 1024)
     build_s = time.perf_counter() - started
-    text = model.config
+    geometry = ModelGeometry.from_model(model)  # the whole model's: each rank fills its share of the KV heads
     dtype = getattr(torch, dtype_name)
     started = time.perf_counter()
     engine = okv.initialize(model, base)
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "world": world,
         "context": args.context,
         "zero": args.zero,
-        "layers": text.num_hidden_layers,
+        "layers": geometry.num_layers,
         "build_s": round(build_s, 1),
         "initialize_s": round(initialize_s, 1),
         "gpu_memory_cap": args.gpu_memory,
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in [int(b) for b in args.batches.split(",")]:
         for budget in budgets:
             try:
-                row = run(args, batch, budget, engine, engine.model, text, device, dtype)
+                row = run(args, batch, budget, engine, engine.model, geometry, device, dtype)
             except torch.OutOfMemoryError as exc:
                 if world > 1:  # the other ranks would wait in a collective
                     raise

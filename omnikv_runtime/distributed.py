@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from omnikv_runtime.config import OmniKVConfig
 from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.geometry import ModelGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,8 @@ LAUNCHERS = "`deepspeed --num_gpus N script.py` or `torchrun --nproc-per-node N 
 
 def check_tensor_parallel(model: PreTrainedModel, tp_size: int) -> None:
     """Raise ConfigError unless ``tp_size`` splits the model's heads evenly (KV heads included)."""
-    text = model.config.get_text_config(decoder=True)
-    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    check_head_split(heads, kv_heads, tp_size)
+    geometry = ModelGeometry.from_model(model)
+    check_head_split(geometry.num_heads, geometry.kv_heads, tp_size)
 
 
 def check_head_split(heads: int, kv_heads: int, tp_size: int) -> None:
@@ -219,7 +219,7 @@ def offload_weights(model: PreTrainedModel, config: OmniKVConfig) -> PreTrainedM
 
     strip_quantization_leftovers(model)
     dtype = next(model.parameters()).dtype
-    hidden = model.config.get_text_config(decoder=True).hidden_size
+    hidden = ModelGeometry.from_model(model).hidden
     ds_config = zero_inference_config(dtype, hidden, pin_memory=torch.cuda.is_available())
     kept = float32_buffers(model)
     # partition the parameters into host memory first: DeepSpeed moves a model it did not partition

@@ -196,10 +196,16 @@ def test_growth_and_batch_selection_keep_codes_and_scales():
 
 
 def test_fp8_host_tier_needs_offload_to_host_memory():
+    # the config's rule, checked at load
     with pytest.raises(okv.ConfigError, match=r"offload\.host_dtype.*float8_e4m3fn.*offload\.device = 'none'"):
-        make_transfer_engine(CPU, "none", False, host_dtype="float8_e4m3fn")
+        okv.load_config({"offload": {"device": "none", "host_dtype": "float8_e4m3fn"}})
     with pytest.raises(okv.ConfigError, match=r"offload\.host_dtype"):
         okv.load_config({"offload": {"host_dtype": "float8"}})
+    # raw arguments, past the config: the transfer engine refuses an FP8 tier attention would read in place
+    with pytest.raises(ValueError, match=r"float8_e4m3fn host tier needs an engine that fetches rows"):
+        make_transfer_engine(CPU, "none", False, host_dtype="float8_e4m3fn")
+    with pytest.raises(ValueError, match=r"'float8'.*'auto', 'float8_e4m3fn'"):
+        make_transfer_engine(CPU, "cpu", False, host_dtype="float8")
     engine = make_transfer_engine(CPU, "cpu", False, host_dtype="float8_e4m3fn")
     assert engine.host_dtype == FP8 and engine.fetches_rows
 

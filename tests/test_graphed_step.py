@@ -70,7 +70,8 @@ def test_a_recorded_step_under_a_profiler_and_listeners_equals_eager_steps(offlo
         assert not is_recording(), "a synchronisation inside a recorded step breaks a CUDA graph capture"
 
     monkeypatch.setattr(torch.cuda, "synchronize", no_sync_while_recording)
-    config = omni(8, offload={"device": offload, "hot_cache_tokens": 16}, profiling={"trace": False, "png": False})
+    tiers = {"device": offload, "hot_cache_tokens": 16} if offload == "cpu" else {"device": offload}
+    config = omni(8, offload=tiers, profiling={"trace": False, "png": False})
     engine = okv.initialize(make_model("llama"), config)
     ids, mask = make_prompt(2)
     eager, eager_cache, _ = _generate(engine, ids, mask, None)

@@ -12,7 +12,7 @@ import torch
 
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.transfer.base import TransferEngine, TransferStats
-from omnikv_runtime.transfer.fp8 import HOST_DTYPES, storage_dtype
+from omnikv_runtime.transfer.fp8 import storage_dtype
 from omnikv_runtime.transfer.host_arena import HostArena
 from omnikv_runtime.transfer.hot_cache import HotCache
 from omnikv_runtime.transfer.pinning import pinned_bytes
@@ -39,13 +39,12 @@ def make_transfer_engine(
     (anywhere), or ``"auto"`` (triton where CUDA and Triton are present, else torch).
     ``host_dtype``: ``"auto"`` (the model's dtype) or ``"float8_e4m3fn"`` (an FP8 host tier; with
     ``offload_device="cpu"`` only, where rows are fetched rather than read in place).
+
+    The engine passes a loaded config's ``offload`` section, which has checked the values and that an FP8
+    tier comes with ``offload.device = "cpu"``. Raw arguments (tests pass them) still fail plainly: an unknown
+    ``host_dtype`` in :func:`~omnikv_runtime.transfer.fp8.storage_dtype`, an FP8 tier on the compute device
+    in :class:`TransferEngine` (a tier attention reads in place cannot be FP8); both raise ValueError.
     """
-    if host_dtype not in HOST_DTYPES:
-        raise ConfigError("offload.host_dtype", host_dtype, f"one of {sorted(HOST_DTYPES)}")
-    if host_dtype != "auto" and offload_device != "cpu":
-        raise ConfigError(
-            "offload.host_dtype", host_dtype, "'auto' with offload.device = 'none' (the FP8 tier is a host tier)"
-        )
     storage = storage_dtype(host_dtype)
     compute_device = torch.device(compute_device)
     host_device = torch.device("cpu") if offload_device == "cpu" else compute_device

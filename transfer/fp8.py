@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import torch
 
+from omnikv_runtime.config.sections import HOST_DTYPES
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SCALE_DTYPE = torch.float32
 MIN_SCALE_EXPONENT = -126
 MAX_SCALE_EXPONENT = 126
-HOST_DTYPES = {"auto": None, "float8_e4m3fn": FP8_DTYPE}
 
 
 def storage_dtype(host_dtype: str) -> torch.dtype | None:
-    """The host tier's element type for ``offload.host_dtype`` (None: the model's dtype)."""
-    return HOST_DTYPES[host_dtype]
+    """The host tier's element type for ``offload.host_dtype``, one of the config's :data:`HOST_DTYPES`
+    (torch's dtype names; None: ``"auto"``, the model's dtype)."""
+    if host_dtype not in HOST_DTYPES:
+        raise ValueError(f"host_dtype {host_dtype!r}: one of {list(HOST_DTYPES)} (offload.host_dtype)")
+    return None if host_dtype == "auto" else getattr(torch, host_dtype)
 
 
 def is_quantized(dtype: torch.dtype | None) -> bool:

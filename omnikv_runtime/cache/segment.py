@@ -74,7 +74,7 @@ class SegmentState:
         self.ring = ring
         return True
 
-    def _views(self, rows: int, width: int, device: torch.device) -> bool:
+    def reserve_selection(self, rows: int, width: int, device: torch.device) -> bool:
         """Point the selection, its mask and the staging rows at ``[rows, width]`` views of the flat
         buffers, growing these when they are too small. Returns whether a buffer was replaced."""
         shapes = {"selection": ((rows, width), torch.long), "selection_valid": ((rows, width), torch.bool)}
@@ -114,7 +114,7 @@ class SegmentState:
         ``keep`` ``[rows, k]`` bool marks the real entries of a padded selection (the rest are masked
         in attention and fetch nothing through the hot cache). Returns whether a buffer was replaced.
         """
-        replaced = self._views(*indices.shape, indices.device)
+        replaced = self.reserve_selection(*indices.shape, indices.device)
         self.selection.copy_(indices)
         torch.gather(selectable, 1, self.selection, out=self.selection_valid)
         if keep is not None:

@@ -102,6 +102,11 @@ class SlotCache(Cache):
         self.windows = [[QueryWindow(size) for _ in range(rows)] if size > 1 else [] for _ in tiers.segments]
         self._picks: list[dict[str, torch.Tensor]] = [{} for _ in tiers.segments]  # flat padded selections
         self._prefix: SlotCache | None = None  # the latest prefix view, with selection buffers of its own
+        # selection buffers at the widest a request can select: they never grow, so no recording goes stale
+        widest = min(token_budget_for(capacity), capacity)
+        for segment in tiers.segments:
+            segment.reserve_selection(rows, widest, device)
+            self._pick_views(segment.index, widest, device)
         for row in range(rows):
             self.counters.start(capacity - 1, 0, row=row)  # idle: the scratch column
 

@@ -78,6 +78,7 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
         save_heatmaps,
         suggest_filter_layers,
     )
+    from omnikv_runtime.geometry import ModelGeometry
     from omnikv_runtime.models import load_configured_model
     from omnikv_runtime.policies import make_selection_policy
 
@@ -93,7 +94,7 @@ def cmd_analyze_layers(args: argparse.Namespace) -> int:
         raise ConfigError("--steps", args.steps, "at least 1 decode step")
     apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     model, tokenizer = load_configured_model(config)
-    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    layers = ModelGeometry.from_model(model).num_layers
     if not 0 <= first < layers:
         raise ConfigError("--first-layer", first, f"a layer index in 0..{layers - 1}")
     if not 1 <= count <= layers - first:

@@ -13,10 +13,9 @@ not fit, whatever the memory: the report says so, and the longest context is cap
 from __future__ import annotations
 
 import argparse
-import typing
 from typing import Any
 
-from omnikv_runtime.config import DTYPES, OffloadSection
+from omnikv_runtime.config import DTYPES, HOST_DTYPES
 
 # torch and the planner are imported by the handler: building the parser (--help) needs neither
 HEADROOM_HELP = "0.05"  # planner_fit.DEFAULT_HEADROOM, written out so that --help imports nothing (tested)
@@ -34,9 +33,8 @@ def register(commands: Any) -> None:
     plan.add_argument("--host-memory", help="host memory for the pinned tier, e.g. 512GB (default: this machine)")
     plan.add_argument("--model-config", help="config.json, HF folder or known name (default: the config's model)")
     plan.add_argument("--dtype", choices=sorted(DTYPES), help="weights/KV dtype (default: model.dtype)")
-    host_dtypes = typing.get_args(OffloadSection.model_fields["host_dtype"].annotation)
     plan.add_argument(
-        "--host-dtype", choices=sorted(host_dtypes), help="host tier storage (default: offload.host_dtype)"
+        "--host-dtype", choices=sorted(HOST_DTYPES), help="host tier storage (default: offload.host_dtype)"
     )
     plan.add_argument(
         "--tp-size", type=int, help="GPUs splitting the heads: figures per GPU (default: distributed.tp_size)"
@@ -70,13 +68,14 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     from omnikv_runtime.errors import ConfigError
     from omnikv_runtime.planner import parse_bytes, plan_memory, resolve_geometry
     from omnikv_runtime.planner.fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
-    from omnikv_runtime.transfer.fp8 import HOST_DTYPES
 
     if args.headroom is None:
         args.headroom = DEFAULT_HEADROOM
     config = load_config(args.config)
-    if args.host_dtype:
-        config.offload.host_dtype = args.host_dtype
+    if args.host_dtype:  # validated with the rest of the config (FP8 needs offload.device = "cpu")
+        data = config.to_dict()
+        data["offload"]["host_dtype"] = args.host_dtype
+        config = load_config(data)
     if args.tp_size is not None:
         if args.tp_size < 1:
             raise ConfigError("--tp-size", args.tp_size, "a number of GPUs of at least 1")

@@ -84,6 +84,9 @@ def _section_fields(config_cls: type[BaseModel], path: list[str]) -> list[str]:
 def validation_error(exc: ValidationError, config_cls: type[BaseModel]) -> ConfigError:
     """The first pydantic error of `exc` as a ConfigError naming field, value and what is allowed."""
     error = exc.errors()[0]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ConfigError):  # a rule across a section's fields, raised naming its own field
+        return cause
     field = _dotted(config_cls, tuple(error["loc"]))
     value = error.get("input")
     if error["type"] == "extra_forbidden":

@@ -8,13 +8,18 @@ what it means (README's config reference is generated from them by :mod:`omnikv_
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
+
+from omnikv_runtime.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 OFFLOAD_DEVICES = ("cpu", "none")
+# how the host tier stores KV: the model's dtype, or FP8 codes with a scale per group (torch's dtype names)
+HostDtype = Literal["auto", "float8_e4m3fn"]
+HOST_DTYPES: tuple[str, ...] = get_args(HostDtype)
 # Upper bounds of sizes, checked at load: a size past them cannot be meant and would allocate or
 # loop without end. 16M tokens is past every supported model's context.
 MAX_TOKENS = 1 << 24
@@ -208,6 +213,9 @@ class EvictionSection(BaseModel):
     )
 
 
+_NEED_CPU_OFFLOAD = ("device", "host_dtype", "hot_cache_tokens")  # the offload device, and what needs "cpu"
+
+
 class OffloadSection(_Section):
     """Where the full KV of the sparse layers lives: host memory ("cpu") or the GPU ("none").
 
@@ -238,7 +246,7 @@ class OffloadSection(_Section):
             "offload only; 2-4x the token budget; 0 = off)"
         ),
     )
-    host_dtype: Literal["auto", "float8_e4m3fn"] = Field(
+    host_dtype: HostDtype = Field(
         default="auto",
         description=(
             "how the host tier stores keys (after RoPE) and values: `auto` (the model's dtype) or `float8_e4m3fn` "
@@ -254,6 +262,36 @@ class OffloadSection(_Section):
     @classmethod
     def _eviction_from_name(cls, value: Any) -> Any:
         return {"type": value} if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _host_tier_options_need_cpu_offload(cls, data: Any) -> Any:
+        """An FP8 host tier and the hot cache serve rows fetched from host memory: with ``device = "none"``
+        attention reads every row in place on the GPU, so neither has anything to do.
+
+        Checked before the fields, on the section's data (at load, and on an assignment with the new value in
+        it, so that a refused assignment leaves the section as it was); a value of the wrong type or out of
+        bounds is left to its field's own check.
+        """
+        if not isinstance(data, dict):
+            return data
+        device, host_dtype, hot = (data.get(name, cls.model_fields[name].default) for name in _NEED_CPU_OFFLOAD)
+        if device != "none":
+            return data
+        if host_dtype in HOST_DTYPES and host_dtype != "auto":
+            raise ConfigError(
+                "offload.host_dtype",
+                host_dtype,
+                "'auto' with offload.device = 'none' (an FP8 tier is a host tier: set offload.device = 'cpu')",
+            )
+        if type(hot) is int and 0 < hot <= MAX_TOKENS:
+            raise ConfigError(
+                "offload.hot_cache_tokens",
+                hot,
+                "0 with offload.device = 'none' (every row is on the GPU already: the hot cache keeps rows fetched "
+                "from host memory, with offload.device = 'cpu')",
+            )
+        return data
 
 
 class PrefillSection(_Section):

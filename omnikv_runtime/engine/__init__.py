@@ -26,9 +26,9 @@ from omnikv_runtime.engine.guards import SUPPORTED_MODEL_TYPES, ExclusiveUse, ch
 from omnikv_runtime.engine.patches import attach_model, detach_model
 from omnikv_runtime.engine.stats import FirstDecodeTimer, RunRecord, memory_report, run_stats
 from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError
+from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
 from omnikv_runtime.listeners import EngineListener, Listeners
-from omnikv_runtime.planner import ModelGeometry
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
 
@@ -50,8 +50,8 @@ class Engine:
         self, model: PreTrainedModel, config: OmniKVConfig, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> None:
         check_supported(model)
-        text_config = model.config.get_text_config(decoder=True)
-        self.num_layers = text_config.num_hidden_layers
+        self.geometry = ModelGeometry.from_model(model)  # the whole model's (before any tensor-parallel split)
+        self.num_layers = self.geometry.num_layers
         config.check_for_model(self.num_layers)
         model = tensor_parallel(model, config)  # itself unless distributed.tp_size > 1
         model = offload_weights(model, config)  # itself unless distributed.offload_weights
@@ -70,9 +70,7 @@ class Engine:
                 "last, softmax_last, uniform, exp or full",
             )
         self.eviction = make_eviction_policy(config.offload.eviction.model_dump())
-        self.hot_cache_tokens = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
-        if config.offload.hot_cache_tokens and not self.hot_cache_tokens:
-            logger.info("offload.hot_cache_tokens is ignored with offload.device='none': every row is on the GPU")
+        self.hot_cache_tokens = config.offload.hot_cache_tokens  # 0 unless offload.device = "cpu" (the config's rule)
         self.device = execution_device(model, config)
         # attention, fused layers, prefill marks; detach() gives the model back its base attention
         self.listeners = Listeners()  # shared with every cache the engine makes
@@ -81,7 +79,7 @@ class Engine:
         self.transfer = make_transfer_engine(
             self.device, offload.device, offload.pin_memory, offload.transfer, offload.host_dtype
         )
-        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+        self.max_positions = self.geometry.max_positions
         self.cache_keyword = cache_keyword(model)  # "cache" or "past_key_values", as model.generate takes it
         self.selector = Selector(self.policy, self.transfer, self.tensor_parallel_group, self.listeners)
         self.detached = False
@@ -130,7 +128,7 @@ class Engine:
     def new_slot_cache(self, rows: int, capacity: int, new_tokens: int) -> SlotCache:
         """A server's cache: ``rows`` independent requests of up to ``capacity`` columns, allocated now."""
         self._check_attached()
-        geometry = ModelGeometry.from_hf_config(self.model.config)
+        geometry = self.geometry
         kv_heads = geometry.kv_heads // self.config.distributed.tp_size  # each rank holds its own heads
         return SlotCache(
             self.new_tiers(capacity),
@@ -383,7 +381,7 @@ class Engine:
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         if dtype in ("float32", "bfloat16", "float16"):
             config.model.dtype = dtype
-        geometry = ModelGeometry.from_hf_config(self.model.config.get_text_config(decoder=True))
+        geometry = self.geometry
         check_run(geometry, config, self.device, batch, prompt_tokens, new_tokens)
 
     def stats(self) -> dict[str, Any]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omnikv_runtime.config import OmniKVConfig
 from omnikv_runtime.distributed import check_head_split
 from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.layout import LayerPlan, reserve_tokens, tail_ring_tokens
 from omnikv_runtime.transfer.fp8 import packed_row_bytes
 from omnikv_runtime.transfer.host_arena import allocation_bytes
@@ -42,99 +43,6 @@ def parse_bytes(text: str | int | float, what: str = "memory") -> int:
     if not match or unit not in _UNITS:
         raise ConfigError(what, text, "a size such as 80GB, 80GiB, 512MB or a number of bytes")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """What the planner needs of a decoder-only model (Llama, Mistral, Qwen2, Qwen3)."""
-
-    num_layers: int
-    num_heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    tie_embeddings: bool = False
-    model_type: str = "llama"
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    max_positions: int | None = None
-
-    @classmethod
-    def from_hf_config(cls, config: Any) -> ModelGeometry:
-        """From a transformers config object or its dict (``config.json``)."""
-        data = config if isinstance(config, dict) else config.to_dict()
-        data = data.get("text_config") or data
-        heads = data["num_attention_heads"]
-        model_type = data.get("model_type", "llama")
-        attention_bias = bool(data.get("attention_bias", False))
-        return cls(
-            num_layers=data["num_hidden_layers"],
-            num_heads=heads,
-            kv_heads=data.get("num_key_value_heads") or heads,
-            head_dim=data.get("head_dim") or data["hidden_size"] // heads,
-            hidden=data["hidden_size"],
-            intermediate=data["intermediate_size"],
-            vocab=data["vocab_size"],
-            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-            model_type=model_type,
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=attention_bias,
-            mlp_bias=bool(data.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            max_positions=data.get("max_position_embeddings"),
-        )
-
-    def layer_param_count(self) -> tuple[int, int]:
-        """One decoder layer's parameters: (those tensor parallelism splits, those every rank keeps whole)."""
-        h, d = self.hidden, self.head_dim
-        split = h * self.num_heads * d + 2 * h * self.kv_heads * d + self.num_heads * d * h + 3 * h * self.intermediate
-        split += (self.num_heads * d + 2 * self.kv_heads * d) if self.qkv_bias else 0
-        split += 2 * self.intermediate if self.mlp_bias else 0
-        whole = 2 * h + (h if self.o_bias else 0) + (2 * d if self.qk_norm else 0) + (h if self.mlp_bias else 0)
-        return split, whole
-
-    def param_count(self) -> int:
-        """Parameters computed from the geometry (embeddings, attention, MLP, norms, head)."""
-        split, whole = self.layer_param_count()
-        head = 0 if self.tie_embeddings else self.vocab * self.hidden
-        return self.vocab * self.hidden + self.num_layers * (split + whole) + self.hidden + head
-
-    def rank_param_count(self, tp_size: int) -> int:
-        """Parameters one of ``tp_size`` ranks holds under DeepSpeed AutoTP: every layer's projections and
-        the LM head (along the hidden size; a tied head becomes its own copy) split over the ranks, the
-        embeddings and norms whole on every rank."""
-        if tp_size == 1:
-            return self.param_count()
-        split, whole = self.layer_param_count()
-        h = self.hidden
-        return self.vocab * h + self.vocab * h // tp_size + self.num_layers * (split // tp_size + whole) + h
-
-    def zero_inference_gpu_params(self) -> int:
-        """Parameters on the GPU at a time under ZeRO-Inference: the largest module group fetched (one decoder
-        layer, or the embeddings or LM head), the prefetch bucket (two ``hidden x hidden`` matrices) and the
-        norms kept resident (at most ``hidden`` elements each)."""
-        split, whole = self.layer_param_count()
-        h = self.hidden
-        return max(split + whole, self.vocab * h) + 2 * h * h + (2 * self.num_layers + 1) * h
-
-    def shard(self, tp_size: int) -> ModelGeometry:
-        """The geometry one of ``tp_size`` ranks computes: its query heads, KV heads and MLP columns."""
-        if tp_size == 1:
-            return self
-        return replace(
-            self,
-            num_heads=self.num_heads // tp_size,
-            kv_heads=self.kv_heads // tp_size,
-            intermediate=self.intermediate // tp_size,
-        )
-
-    def kv_row_bytes(self, dtype_bytes: int) -> int:
-        """Bytes of one token of one layer, keys and values, one batch row."""
-        return 2 * self.kv_heads * self.head_dim * dtype_bytes
 
 
 _LLAMA3_8B = dict(
@@ -270,7 +178,7 @@ def plan_memory(
     section = config.omnikv
     plan = LayerPlan.build(geometry.num_layers, section.filter_layers, section.wait_layers, section.enabled)
     row = batch * geometry.kv_row_bytes(dtype_bytes)  # one token, one layer, whole batch
-    host_dtype = config.offload.host_dtype if config.offload.device == "cpu" else "auto"
+    host_dtype = config.offload.host_dtype  # "auto" unless offload.device = "cpu" (the config's rule)
     quantized = host_dtype != "auto"
     host_row = batch * packed_row_bytes(1, geometry.kv_heads, geometry.head_dim, dtype_bytes, quantized)
     reserve = reserve_tokens(context, new_tokens)
@@ -295,7 +203,7 @@ def plan_memory(
         for s in plan.segments
         if s.sparse_layers
     )
-    hot = config.offload.hot_cache_tokens if config.offload.device == "cpu" else 0
+    hot = config.offload.hot_cache_tokens  # 0 unless offload.device = "cpu"
     hot_segments = [len(s.sparse_layers) for s in plan.segments if s.sparse_layers] if hot else []
     # per segment: packed rows [batch, slots + 1, layers, 2, kv_heads, head_dim], int64 token of each slot,
     # int64 slot of each arena token; the eviction policy's float32 state per slot (up to two, LFU)

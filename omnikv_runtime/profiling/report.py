@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.layout import Role
 from omnikv_runtime.transfer.fp8 import is_quantized, packed_row_bytes
 
@@ -25,9 +26,8 @@ def geometry_check(engine: Any) -> dict[str, Any] | None:
     cache = engine.last_cache
     if cache is None or not cache.layers or not cache.layers[0].is_initialized:
         return None
-    text = engine.model.config.get_text_config(decoder=True)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    geometry = ModelGeometry.from_model(engine.model)
+    heads, head_dim = geometry.kv_heads, geometry.head_dim
     dtype_bytes = cache.layers[0].dtype.itemsize
     batch = engine.last_run.batch if engine.last_run is not None else 1
     roles = engine.plan.roles

@@ -33,6 +33,7 @@ import torch
 from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
 from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.errors import ConfigError, PromptError
+from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
 from omnikv_runtime.serve.text import TextStream
@@ -368,10 +369,9 @@ def _check_slots_fit(engine: Any, rows: int, context: int, new_tokens: int) -> N
         except PromptError as exc:
             raise ConfigError("serve", what, f"{exc} ({advice})") from None
         return
-    text = engine.model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    geometry = ModelGeometry.from_model(engine.model)
     dtype_bytes = next(engine.model.parameters()).element_size()
-    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * dtype_bytes
+    per_token = geometry.num_layers * geometry.kv_row_bytes(dtype_bytes)
     needed = rows * (context + 1 + new_tokens) * per_token  # every layer's columns and the tail rings
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:
