@@ -7,10 +7,12 @@ context of random KV, filled directly (no prefill). Per host tier and batch:
   replayed from its CUDA graph: the baseline;
 - ``slots_ms``: the server's step with every slot busy (rows at their own positions, each
   selecting alone), replayed from its CUDA graph;
-- ``eager_ms`` and ``record_ms``: the server's step run eagerly, and recording it again, which is
-  what a request joining or leaving costs once (the step's layout changes): timed on a layout
-  change forced after the replays (warm), while ``first_eager_ms`` is the very first slot step
-  (Triton compiling its kernels included).
+- ``eager_ms`` and ``record_ms``: the server's step run eagerly, and recording it, which is what a
+  request joining or leaving costs when the batch's layout is new (timed warm, after the replays:
+  the last request leaves), while ``first_eager_ms`` is the very first slot step (Triton compiling
+  its kernels included);
+- ``rejoin_ms`` and ``recordings_on_rejoin``: a request of the same length takes the freed slot, so
+  the layout is one the batch has run before: its kept recording replays at once (0 recordings).
 
     python benchmarks/serve_step.py --context 32768 --batches 1,4,8 --tiers none,cpu
 
@@ -30,12 +32,12 @@ import torch
 import omnikv_runtime as okv
 from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
 from omnikv_runtime.decode.sampling import SamplingSettings
-from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.serve.batch import SlotBatch
 from omnikv_runtime.tables import format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import FILTER_LAYERS, fill, random_kv, random_model, run_header  # noqa: E402
+from kv_fill import fill_prompt  # noqa: E402
 from step_timing import decode_steps, sync  # noqa: E402
 
 NEW_TOKENS = 64
@@ -51,18 +53,20 @@ def engine_step_ms(engine, model, config, device, dtype, batch: int, context: in
     return statistics.median(times)
 
 
+def occupy(slots: SlotBatch, row: int, config, device, dtype, context: int) -> None:
+    """A request of ``context`` random tokens takes slot ``row`` (filled directly, then activated)."""
+    prefill = slots.cache.row_cache(row, context)
+    fill_prompt(prefill, context, 32768, lambda layer, start, count: random_kv(config, 1, count, device, dtype))
+    slots.cache.activate(row, prefill)
+    slots.ids[row, 0] = 5
+    slots.positions[row, 0] = context
+    sync(device)
+
+
 def slot_batch(engine, config, device, dtype, batch: int, context: int) -> SlotBatch:
     slots = SlotBatch(engine, batch, context + NEW_TOKENS + 1, NEW_TOKENS)
     for row in range(batch):
-        prefill = slots.cache.row_cache(row, context)
-        for start in range(0, context, 32768):
-            count = min(32768, context - start)
-            for layer in range(ModelGeometry.from_hf_config(config).num_layers):
-                prefill.append_prompt_kv(layer, *random_kv(config, 1, count, device, dtype))
-        slots.cache.activate(row, prefill)
-        slots.ids[row, 0] = 5
-        slots.positions[row, 0] = context
-    sync(device)
+        occupy(slots, row, config, device, dtype, context)
     return slots
 
 
@@ -74,9 +78,13 @@ def measure(args, engine, model, config, device, dtype, batch: int) -> dict:
     row["first_eager_ms"] = decode_steps(slots.step, 1, device)[0]  # the first slot step: kernels compile
     decode_steps(slots.step, 1, device)  # recording, then the first replay
     row["slots_ms"] = statistics.median(decode_steps(slots.step, args.steps, device))
-    slots._graph_layout = None  # what a request joining or leaving does to the step: a new layout
+    slots.leave(batch - 1)  # a request leaves: a layout the batch has not run yet
     row["eager_ms"] = decode_steps(slots.step, 1, device)[0]  # the new layout's eager step
     row["record_ms"] = decode_steps(slots.step, 1, device)[0]  # recording it, then the first replay
+    recordings = slots.captures
+    occupy(slots, batch - 1, config, device, dtype, args.context)  # another request of that length joins
+    row["rejoin_ms"] = decode_steps(slots.step, 1, device)[0]  # the full layout again: its kept recording
+    row["recordings_on_rejoin"] = slots.captures - recordings
     row["slots_over_engine"] = row["slots_ms"] / row["engine_ms"]
     row["graph"] = slots.use_graph
     del slots
@@ -108,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         engine.detach()
     print(json.dumps({**run_header(device, "serve_step.py", argv), "rows": rows}, indent=1))
     columns = [("tier", "tier", ""), ("batch", "batch", ""), ("context", "context", "")]
-    timed = ("engine_ms", "slots_ms", "slots_over_engine", "eager_ms", "record_ms", "first_eager_ms")
-    columns += [(name, name, ".2f") for name in timed]
+    timed = ("engine_ms", "slots_ms", "slots_over_engine", "eager_ms", "record_ms", "rejoin_ms", "first_eager_ms")
+    columns += [(name, name, ".2f") for name in timed] + [("recordings_on_rejoin", "recordings_on_rejoin", "")]
     print(format_table(rows, columns, markdown=True), file=sys.stderr)
     return 0
 

@@ -113,6 +113,11 @@ class OmniKVCache(Cache):
         # adds the steps it replayed)
         self.selected_log: list[dict[int, int]] = []
 
+    def expect_prompt(self, tokens: int) -> None:
+        """The prompt being prefilled has at least ``tokens`` tokens: until the cache holds them, a
+        one-token forward is a prefill chunk, not a decode step."""
+        self.prompt_tokens = max(self.prompt_tokens, tokens)
+
     # transformers' entry point -------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:

@@ -127,5 +127,5 @@ def _marking_prepare_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
         cache = inputs.get("cache", inputs.get("past_key_values"))
         added = _prefill_tokens(inputs)
         if isinstance(cache, OmniKVCache) and added is not None:
-            cache.prompt_tokens = max(cache.prompt_tokens, cache.get_seq_length() + added)
+            cache.expect_prompt(cache.get_seq_length() + added)
     return inputs

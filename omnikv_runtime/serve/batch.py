@@ -117,7 +117,7 @@ class SlotBatch:
         layout = self.cache.layout()
         if not self.steps.enabled:
             if layout != self._view_layout:
-                self._view, self._view_layout = self.cache.prefix(self.cache.busy_prefix()), layout
+                self._view, self._view_layout = self.cache.prefix(max(self.cache.busy_prefix(), 1)), layout
             self._run_step(self._view)
             return self.logits
         if self.cache.tiers.generation != self._generation:  # a buffer a recording reads was replaced
