@@ -28,6 +28,7 @@ from omnikv_runtime.policies.base import (
     last_valid,
     ranked_groups,
 )
+from omnikv_runtime.policies.paging import paged
 from omnikv_runtime.policies.params import bounded
 from omnikv_runtime.policies.registry import register_selection_policy
 
@@ -54,12 +55,8 @@ class InfLLMPolicy(ScoredPolicy):
 
     def _representatives(self, ctx: SelectionContext, usable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Representative keys ``[batch, kv_heads, blocks, r, dim]`` and which are real ``[batch, blocks, r]``."""
-        batch, kv_heads, length, dim = ctx.keys.shape
-        blocks = -(-length // self.block_size)
-        pad = blocks * self.block_size - length
-        keys = torch.nn.functional.pad(ctx.keys.float(), (0, 0, 0, pad))
-        keys = keys.reshape(batch, kv_heads, blocks, self.block_size, dim)
-        real = torch.nn.functional.pad(usable, (0, pad)).reshape(batch, blocks, self.block_size)
+        keys, real = paged(ctx.keys.float(), usable, self.block_size)  # [batch, kv_heads, blocks, block_size, dim]
+        batch, kv_heads, blocks, _, dim = keys.shape
         weights = real[:, None, :, :, None].float()
         mean = (keys * weights).sum(3) / weights.sum(3).clamp(min=1.0)  # [batch, kv_heads, blocks, dim]
         fit = torch.einsum("bhnsd,bhnd->bns", keys, mean).masked_fill(~real, float("-inf"))

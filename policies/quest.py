@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from omnikv_runtime.policies.base import ScoredPolicy, SelectionContext, causal_columns, ranked_groups
+from omnikv_runtime.policies.paging import paged
 from omnikv_runtime.policies.params import bounded
 from omnikv_runtime.policies.registry import register_selection_policy
 
@@ -31,15 +32,12 @@ class QuestPolicy(ScoredPolicy):
     page_size: int = bounded(16, 1, 4096)  # consecutive context tokens per page
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
-        batch, kv_heads, length, dim = ctx.keys.shape
-        pages = -(-length // self.page_size)
+        kv_heads, length = ctx.keys.shape[1:3]
         usable = ctx.valid & causal_columns(ctx)[None, :]
-        pad = pages * self.page_size - length
-        keys = torch.nn.functional.pad(ctx.keys.float(), (0, 0, 0, pad))
-        usable = torch.nn.functional.pad(usable, (0, pad))[:, None, :, None]
-        keys_lo = keys.masked_fill(~usable, float("inf")).reshape(batch, kv_heads, pages, self.page_size, dim)
-        keys_hi = keys.masked_fill(~usable, float("-inf")).reshape(batch, kv_heads, pages, self.page_size, dim)
-        lo, hi = keys_lo.amin(dim=3), keys_hi.amax(dim=3)  # [batch, kv_heads, pages, dim]
+        keys, usable = paged(ctx.keys.float(), usable, self.page_size)  # [batch, kv_heads, pages, page_size, dim]
+        usable = usable[:, None, :, :, None]
+        lo = keys.masked_fill(~usable, float("inf")).amin(dim=3)  # [batch, kv_heads, pages, dim]
+        hi = keys.masked_fill(~usable, float("-inf")).amax(dim=3)
         query = ctx.queries[:, :, -1].float()  # [batch, q_heads, dim]
         group = query.shape[1] // kv_heads
         lo, hi = lo.repeat_interleave(group, dim=1), hi.repeat_interleave(group, dim=1)

@@ -13,6 +13,7 @@ from okv_testlib import PAD, PAD_TOKENS, PROMPT_LEN, dense_reference, make_model
 
 import omnikv_runtime as okv
 from omnikv_runtime.policies import SELECTION_POLICIES, SelectionContext, make_selection_policy
+from omnikv_runtime.policies.paging import paged
 
 BUDGET = 12
 NEW_TOKENS = 6
@@ -167,6 +168,33 @@ def test_snapkv_pools_neighbours_and_keeps_the_observation_window():
     assert 20 in chosen and {18, 19, 21, 22} & set(chosen)  # pooling lends the hit's neighbours its score
     unpooled = make_selection_policy({"type": "snapkv", "window_size": 4, "kernel_size": 1})
     assert set(unpooled.select(synthetic(keys, queries, 8))[0].tolist()) != set(chosen)
+
+
+@pytest.mark.parametrize("length", [11, 12, 13, 3])  # one less than 3 pages of 4, exactly 3, one more; under one
+def test_paged_puts_token_t_at_page_t_div_size_and_padding_is_never_valid(length):
+    keys = torch.randn(2, 3, length, 5)
+    valid = torch.rand(2, length) > 0.4
+    valid[0] = True  # a row valid throughout: its padding is still not
+    pages_keys, pages_valid = paged(keys, valid, 4)
+    pages = {11: 3, 12: 3, 13: 4, 3: 1}[length]
+    assert pages_keys.shape == (2, 3, pages, 4, 5) and pages_valid.shape == (2, pages, 4)
+    for t in range(pages * 4):
+        if t < length:
+            assert torch.equal(pages_keys[:, :, t // 4, t % 4], keys[:, :, t])
+            assert torch.equal(pages_valid[:, t // 4, t % 4], valid[:, t])
+        else:  # padding: zero keys, never valid
+            assert not pages_valid[:, t // 4, t % 4].any() and not pages_keys[:, :, t // 4, t % 4].any()
+    assert pages_valid.sum() == valid.sum()
+
+
+def test_paged_refuses_a_page_size_or_mask_that_does_not_fit():
+    keys = torch.randn(1, 2, 6, 4)
+    for size in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"page_size must be an integer of at least 1, got {size!r}"):
+            paged(keys, torch.ones(1, 6, dtype=torch.bool), size)
+    for mask in (torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 6)):
+        with pytest.raises(ValueError, match=r"valid \(1, [56]\) torch\.\w+ must be a bool \[batch, context_len\]"):
+            paged(keys, mask, 2)
 
 
 def test_quest_takes_the_page_whose_bound_is_highest_and_the_bound_is_an_upper_bound():

@@ -158,7 +158,7 @@ def test_fp8_kernels_compile_for_the_h200_without_spilling(tmp_path, monkeypatch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from omnikv_runtime.transfer import triton_fp8
+    from omnikv_runtime.transfer import triton_gather
 
     tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
@@ -166,21 +166,29 @@ def test_fp8_kernels_compile_for_the_h200_without_spilling(tmp_path, monkeypatch
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # the launches' default, stated (no warning)
     i64 = "i64"
-    gather_types = {"codes": "*u8", "scales": "*fp32", "indices": "*i64", "target": "*bf16", "hot": "*bf16"}
+    gather_types = {"source": "*u8", "scales": "*fp32", "indices": "*i64", "target": "*bf16", "hot": "*bf16"}
     gather_types.update({"hot_slots": "*i64", "rows_total": i64})
     gather_types.update(
-        {f"{t}_{s}_stride": i64 for t in ("codes", "scales", "target", "hot") for s in ("batch", "row")}
+        {f"{t}_{s}_stride": i64 for t in ("source", "scales", "target", "hot") for s in ("batch", "row")}
     )
+    quantized = {"BLOCK": None, "QUANTIZED": True}  # the FP8 variant of each kernel, as the launches pick it
+    warps = triton_gather.QUANTIZED_GATHER_WARPS
     kernels = [
-        (triton_fp8._gather_rows_kernel_fp8, gather_types, {"ROWS": 4, "GROUPS": 16, "DIM": 128, "HOT": hot}, 8)
+        (
+            triton_gather._gather_rows_kernel,
+            gather_types,
+            {"ROWS": 4, "GROUPS": 16, "DIM": 128, "HOT": hot, "row_elems": None},
+            warps,
+        )
         for hot in (False, True)
     ]
-    copy_types = {"source": "*bf16", "source_index": "*i64", "codes": "*u8", "scales": "*fp32", "target_index": "*i64"}
-    copy_types.update({f"{t}_{s}_stride": i64 for t in ("source", "codes", "scales") for s in ("batch", "row")})
-    kernels.append((triton_fp8._copy_row_fp8_kernel, copy_types, {"GROUPS": 32, "DIM": 128}, 4))
-    scatter_types = {"keys": "*bf16", "values": "*bf16", "codes": "*u8", "scales": "*fp32"}
-    scatter_types.update({f"{t}_{s}_stride": i64 for t in ("codes", "scales") for s in ("batch", "token")})
-    kernels.append((triton_fp8._scatter_rows_fp8_kernel, scatter_types, {"HEADS": 8, "DIM": 128}, 4))
+    copy_types = {"source": "*bf16", "source_index": "*i64", "target": "*u8", "scales": "*fp32", "target_index": "*i64"}
+    copy_types.update({f"{t}_{s}_stride": i64 for t in ("source", "target", "scales") for s in ("batch", "row")})
+    kernels.append((triton_gather._copy_row_kernel, copy_types, {"GROUPS": 32, "DIM": 128, "row_elems": None}, 4))
+    scatter_types = {"keys": "*bf16", "values": "*bf16", "arena": "*u8", "scales": "*fp32"}
+    scatter_types.update({f"{t}_{s}_stride": i64 for t in ("arena", "scales") for s in ("batch", "row")})
+    kernels.append((triton_gather._scatter_rows_kernel, scatter_types, {"HEADS": 8, "DIM": 128}, 4))
+    kernels = [(kernel, types, {**constants, **quantized}, warps) for kernel, types, constants, warps in kernels]
     for kernel, types, constants, warps in kernels:
         names = list(inspect.signature(kernel.fn).parameters)
         signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in names}
