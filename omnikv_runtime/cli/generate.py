@@ -107,6 +107,7 @@ def _run(engine: Any, input_ids: Any, max_new_tokens: int) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    prompt = read_prompt(args.prompt_file)  # a missing or bad prompt is reported before torch loads
     from omnikv_runtime.cli.threads import apply_cpu_threads
     from omnikv_runtime.config import load_config
     from omnikv_runtime.engine import Engine
@@ -115,7 +116,6 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from omnikv_runtime.planner.fit import dense_twin
 
     config = load_config(args.config)
-    prompt = read_prompt(args.prompt_file)  # a bad prompt is reported before the (slow) model load
     section = config.model
     apply_cpu_threads(section.cpu_num_threads, section.device)
     model, tokenizer = load_configured_model(config)

@@ -8,21 +8,21 @@ module turns a model's geometry and a runtime config into the bytes each tier ne
 working buffers grown by doubling, host arenas ``[batch, capacity, segment layers, 2, kv_heads,
 head_dim]``, a hot cache of ``offload.hot_cache_tokens`` rows per segment in the same packed layout),
 the host tier in ``offload.host_dtype`` (FP8 codes plus a float32 scale per token, layer and KV head),
-plus an estimate of transformers' sdpa activations. :mod:`omnikv_runtime.planner.fit` answers whether
+plus an estimate of transformers' sdpa activations. The geometry (:class:`ModelGeometry`, read from a
+config.json or a known name) lives in :mod:`omnikv_runtime.geometry`. :mod:`omnikv_runtime.planner.fit` answers whether
 a run fits and the longest context that does.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omnikv_runtime.config import OmniKVConfig
 from omnikv_runtime.distributed import check_head_split
 from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.geometry import KNOWN_GEOMETRIES, ModelGeometry, hf_config_dict, resolve_geometry
 from omnikv_runtime.layout import LayerPlan, reserve_tokens, tail_ring_tokens
 from omnikv_runtime.transfer.fp8 import packed_row_bytes
 from omnikv_runtime.transfer.host_arena import allocation_bytes
@@ -42,159 +42,6 @@ def parse_bytes(text: str | int | float, what: str = "memory") -> int:
     if not match or unit not in _UNITS:
         raise ConfigError(what, text, "a size such as 80GB, 80GiB, 512MB or a number of bytes")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """What the planner needs of a decoder-only model (Llama, Mistral, Qwen2, Qwen3)."""
-
-    num_layers: int
-    num_heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    tie_embeddings: bool = False
-    model_type: str = "llama"
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    max_positions: int | None = None
-
-    @classmethod
-    def from_hf_config(cls, config: Any) -> ModelGeometry:
-        """From a transformers config object or its dict (``config.json``)."""
-        data = config if isinstance(config, dict) else config.to_dict()
-        data = data.get("text_config") or data
-        heads = data["num_attention_heads"]
-        model_type = data.get("model_type", "llama")
-        attention_bias = bool(data.get("attention_bias", False))
-        return cls(
-            num_layers=data["num_hidden_layers"],
-            num_heads=heads,
-            kv_heads=data.get("num_key_value_heads") or heads,
-            head_dim=data.get("head_dim") or data["hidden_size"] // heads,
-            hidden=data["hidden_size"],
-            intermediate=data["intermediate_size"],
-            vocab=data["vocab_size"],
-            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-            model_type=model_type,
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=attention_bias,
-            mlp_bias=bool(data.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            max_positions=data.get("max_position_embeddings"),
-        )
-
-    def layer_param_count(self) -> tuple[int, int]:
-        """One decoder layer's parameters: (those tensor parallelism splits, those every rank keeps whole)."""
-        h, d = self.hidden, self.head_dim
-        split = h * self.num_heads * d + 2 * h * self.kv_heads * d + self.num_heads * d * h + 3 * h * self.intermediate
-        split += (self.num_heads * d + 2 * self.kv_heads * d) if self.qkv_bias else 0
-        split += 2 * self.intermediate if self.mlp_bias else 0
-        whole = 2 * h + (h if self.o_bias else 0) + (2 * d if self.qk_norm else 0) + (h if self.mlp_bias else 0)
-        return split, whole
-
-    def param_count(self) -> int:
-        """Parameters computed from the geometry (embeddings, attention, MLP, norms, head)."""
-        split, whole = self.layer_param_count()
-        head = 0 if self.tie_embeddings else self.vocab * self.hidden
-        return self.vocab * self.hidden + self.num_layers * (split + whole) + self.hidden + head
-
-    def rank_param_count(self, tp_size: int) -> int:
-        """Parameters one of ``tp_size`` ranks holds under DeepSpeed AutoTP: every layer's projections and
-        the LM head (along the hidden size; a tied head becomes its own copy) split over the ranks, the
-        embeddings and norms whole on every rank."""
-        if tp_size == 1:
-            return self.param_count()
-        split, whole = self.layer_param_count()
-        h = self.hidden
-        return self.vocab * h + self.vocab * h // tp_size + self.num_layers * (split // tp_size + whole) + h
-
-    def zero_inference_gpu_params(self) -> int:
-        """Parameters on the GPU at a time under ZeRO-Inference: the largest module group fetched (one decoder
-        layer, or the embeddings or LM head), the prefetch bucket (two ``hidden x hidden`` matrices) and the
-        norms kept resident (at most ``hidden`` elements each)."""
-        split, whole = self.layer_param_count()
-        h = self.hidden
-        return max(split + whole, self.vocab * h) + 2 * h * h + (2 * self.num_layers + 1) * h
-
-    def shard(self, tp_size: int) -> ModelGeometry:
-        """The geometry one of ``tp_size`` ranks computes: its query heads, KV heads and MLP columns."""
-        if tp_size == 1:
-            return self
-        return replace(
-            self,
-            num_heads=self.num_heads // tp_size,
-            kv_heads=self.kv_heads // tp_size,
-            intermediate=self.intermediate // tp_size,
-        )
-
-    def kv_row_bytes(self, dtype_bytes: int) -> int:
-        """Bytes of one token of one layer, keys and values, one batch row."""
-        return 2 * self.kv_heads * self.head_dim * dtype_bytes
-
-
-_LLAMA3_8B = dict(
-    model_type="llama",
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    hidden_size=4096,
-    intermediate_size=14336,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-)
-_SMOLLM2_135M = dict(
-    model_type="llama",
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    hidden_size=576,
-    intermediate_size=1536,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    max_position_embeddings=8192,
-)
-KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": _SMOLLM2_135M,
-    "llama3-8b": _LLAMA3_8B,
-    "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
-    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
-}
-
-
-def hf_config_dict(config: OmniKVConfig, model_config: str | Path | None = None) -> dict[str, Any]:
-    """The HF config (as a dict) of ``model_config`` (a JSON file, an HF folder, or a known name), else of
-    the config's model. No weights are read."""
-    source = str(model_config) if model_config is not None else config.model.name_or_path
-    if source in KNOWN_GEOMETRIES:
-        return dict(KNOWN_GEOMETRIES[source])
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file() and path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            ModelGeometry.from_hf_config(data)
-            return data
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            allowed = f"an HF config.json with the model's geometry ({exc!r})"
-            raise ConfigError("--model-config", str(path), allowed) from None
-    raise ConfigError(
-        "--model-config" if model_config is not None else "model.name_or_path",
-        source,
-        f"a known model {sorted(KNOWN_GEOMETRIES)}, an HF folder with config.json, or a config.json file",
-    )
-
-
-def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = None) -> ModelGeometry:
-    """Geometry from ``model_config`` (a JSON file, an HF folder, or a known name), else the config's model."""
-    return ModelGeometry.from_hf_config(hf_config_dict(config, model_config))
 
 
 def arena_rows(context: int, new_tokens: int, chunk_size: int | None) -> int:
@@ -368,3 +215,15 @@ def _activations(
         keys_copy = 0 if d == 2 else g.kv_heads * context * g.head_dim * 4
         selection = b * (keys_copy + g.num_heads * context * (d + 12) + 2 * context * 4 + budget * 16)
     return {"prefill": prefill, "decode": decode_core + selection}
+
+
+__all__ = [
+    "KNOWN_GEOMETRIES",
+    "MemoryPlan",
+    "ModelGeometry",
+    "arena_rows",
+    "hf_config_dict",
+    "parse_bytes",
+    "plan_memory",
+    "resolve_geometry",
+]
