@@ -8,11 +8,12 @@ does), but its KV still lives in the host tier and is fetched again at each step
 so, next to the bytes that moved. Below that, it says which share of the context the sparse layers
 attended to, and that the output can then differ from dense attention's. It counts the decode steps
 that ran after the answer had ended (the loop looks for the end every ``generation.check_every``
-tokens), so the steps and the new tokens agree.
+tokens and drops what came after it), so the steps and the new tokens add up.
 """
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 # cache tier key -> what the tier is
@@ -59,7 +60,7 @@ def attended_note(shares: list[float]) -> str | None:
     low, high = min(shares), max(shares)
     share = f"{low:.1%}" if low == high else f"{low:.1%} to {high:.1%}"
     return (
-        f"sparse layers attended to {share} of the context a step, plus the new tokens; below a token budget "
+        f"sparse layers attended to {share} of the context a step (plus the new tokens); below a token budget "
         "of 1.0 the output can differ from dense attention's"
     )
 
@@ -113,12 +114,7 @@ def run_lines(name: str, run: dict[str, Any]) -> list[str]:
         lines.append(f"  attention            dense in every layer ({run['dense_because']})")
     steps, after_end = run["decode_steps"], run.get("decode_steps_after_end", 0)
     tokens = f"  prompt tokens        {run['prompt_tokens']}, new tokens {run['new_tokens']} in {steps} decode steps"
-    if after_end:
-        tokens += (
-            f" ({after_end} of them after the answer had ended: the loop looks for the end every "
-            "generation.check_every tokens)"
-        )
-    lines.append(tokens)
+    lines.append(tokens + (f", {after_end} of them after the answer had ended" if after_end else ""))
     selected = run["selected_tokens_per_step"]
     if selected:
         per_layer = ", ".join(f"layer {k}: {v}" for k, v in selected.items())
@@ -133,7 +129,8 @@ def run_lines(name: str, run: dict[str, Any]) -> list[str]:
         )
     note = attended_note(run.get("attended_share", []))
     if note:
-        lines.append(f"  attended             {note}")
+        wrapped = textwrap.wrap(note, 96)
+        lines += [f"  note                 {wrapped[0]}", *(f"{'':23}{line}" for line in wrapped[1:])]
     tiers, device, host = run["bytes"], run["compute_device"], run["host_tier_device"]
     on_device = [f"dense layers {_mib(tiers.get('dense', 0))}"]
     if run["runs"] == "omnikv":
