@@ -25,13 +25,14 @@ from typing import Any
 
 from omnikv_runtime.cli.generate import positive_int
 from omnikv_runtime.config import DTYPES, OffloadSection
-from omnikv_runtime.geometry import geometry_config
+from omnikv_runtime.geometry import KNOWN_GEOMETRIES, geometry_config
 
 # torch and the planner are imported by the handler: building the parser (--help) needs neither
 HEADROOM_HELP = "0.05"  # planner.fit.DEFAULT_HEADROOM, written out so that --help imports nothing (tested)
 POSITION_LIMIT = "the model's position limit"
 DEFAULT_GPU_MEMORY = 80 * 10**9  # one H100 80 GB card, when no CUDA device is visible
-LONGER_MODEL_HINT = " (llama3.1-8b: Llama-3-8B's geometry with 131,072 positions)"
+LONG_CONTEXT_MODEL = "llama3.1-8b"  # suggested when a run is past a shorter model's position limit
+LONG_CONTEXT_POSITIONS = KNOWN_GEOMETRIES[LONG_CONTEXT_MODEL]["max_position_embeddings"]
 
 
 def register(commands: Any) -> None:
@@ -255,12 +256,13 @@ def print_report(report: dict[str, Any]) -> None:
         )
     limit = report["fits_model"]
     source = limit.get("max_positions_source", "max_position_embeddings")
+    hint = f" ({LONG_CONTEXT_MODEL}: Llama-3-8B's geometry with {LONG_CONTEXT_POSITIONS:,} positions)"
     if not limit["fits"]:
         print(
             f"\nDOES NOT FIT THE MODEL: {report['context']:,} prompt + {report['new_tokens']:,} new tokens = "
             f"{limit['tokens']:,} tokens, past the model's position limit of {limit['max_positions']:,} "
             f"({source}): generate refuses it, whatever the memory. Shorten the context, plan a model with a longer "
-            f"one with --model-config{LONGER_MODEL_HINT if limit['max_positions'] < 131072 else ''}, or give a "
+            f"one with --model-config{hint if limit['max_positions'] < LONG_CONTEXT_POSITIONS else ''}, or give a "
             "RoPE-scaled model's limit with --max-position."
         )
     elif limit["max_positions"]:
