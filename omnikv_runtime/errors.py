@@ -19,22 +19,29 @@ class ConfigError(OmniKVError, ValueError):
     """A config field holds a value that is not allowed.
 
     The message names the field (dotted path), the value, and what is allowed; for a config read
-    from a file, ``source`` is that file and the message starts with it.
+    from a file, ``source`` is that file and the message starts with it. ``problem`` says what is
+    wrong when "is not allowed" would mislead (a path that does not exist: ``"no such file"``).
     """
 
-    def __init__(self, field: str, value: object, allowed: str, source: str | None = None) -> None:
+    def __init__(
+        self, field: str, value: object, allowed: str, source: str | None = None, problem: str | None = None
+    ) -> None:
         self.field = field
         self.value = value
         self.allowed = allowed
         self.source = source
+        self.problem = problem
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}config field '{field}' = {_short_repr(value)} is not allowed: {allowed}")
+        what = f"config field '{field}' = {_short_repr(value)}"
+        super().__init__(
+            f"{where}{what}: {problem}; allowed: {allowed}" if problem else f"{where}{what} is not allowed: {allowed}"
+        )
 
     def in_file(self, source: str) -> ConfigError:
         """The same error, naming the file the config came from (unchanged if it already names one)."""
         if self.source is not None:
             return self
-        return ConfigError(self.field, self.value, self.allowed, source=source)
+        return ConfigError(self.field, self.value, self.allowed, source=source, problem=self.problem)
 
 
 def _short_repr(value: object, limit: int = 200) -> str:

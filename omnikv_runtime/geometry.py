@@ -2,14 +2,23 @@
 
 The one place that reads them off a transformers config (with its fallbacks: KV heads default to the
 attention heads, ``head_dim`` to hidden size / heads; a multimodal config's language model is read
-from its ``text_config``); every other module asks :class:`ModelGeometry`. It imports nothing
-heavy (no torch, transformers or pydantic), so the planner and the command line can use it cheaply.
+from its ``text_config``); every other module asks :class:`ModelGeometry`. Known models' geometries
+and the reading of a ``--model-config`` (a known name, an HF folder or a ``config.json``) live here
+too. It imports nothing heavy (no torch, transformers or pydantic), so the planner and the command
+line use it at once, and a mistyped ``--model-config`` is reported before torch loads.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omnikv_runtime.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from omnikv_runtime.config import OmniKVConfig
 
 
 @dataclass(frozen=True)
@@ -109,3 +118,84 @@ class ModelGeometry:
     def kv_row_bytes(self, dtype_bytes: int) -> int:
         """Bytes of one token of one layer, keys and values, one batch row."""
         return 2 * self.kv_heads * self.head_dim * dtype_bytes
+
+
+_LLAMA3_8B = dict(
+    model_type="llama",
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_size=4096,
+    intermediate_size=14336,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+)
+# Llama-3.1-8B: Llama-3-8B's geometry, trained (with its RoPE scaling) to 128K positions
+_LLAMA31_8B = {**_LLAMA3_8B, "max_position_embeddings": 131072}
+_SMOLLM2_135M = dict(
+    model_type="llama",
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    hidden_size=576,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": _SMOLLM2_135M,
+    "llama3-8b": _LLAMA3_8B,
+    "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
+    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
+    "llama3.1-8b": _LLAMA31_8B,
+    "meta-llama/Llama-3.1-8B": _LLAMA31_8B,
+    "meta-llama/Llama-3.1-8B-Instruct": _LLAMA31_8B,
+}
+GEOMETRY_SOURCES = "a known model name, an HF folder with config.json, or a config.json file"
+
+
+def geometry_config(source: str | Path, field: str = "--model-config") -> dict[str, Any]:
+    """The HF config (as a dict) that ``source`` names: a known model, an HF folder or a ``config.json``.
+
+    Raises ConfigError naming ``field``: "no such file" for a path that does not exist, and what is
+    wrong with a file that is not a model's config.
+    """
+    source = str(source)
+    if source in KNOWN_GEOMETRIES:
+        return dict(KNOWN_GEOMETRIES[source])
+    allowed = f"{GEOMETRY_SOURCES}; known models: {', '.join(sorted(KNOWN_GEOMETRIES))}"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(field, source, allowed, problem="a folder without config.json")
+    if not path.exists():
+        bare_name = not (path.suffix or "/" in source)
+        problem = "no such file"
+        if bare_name:
+            problem = f"no such file, folder or known model{did_you_mean(source, KNOWN_GEOMETRIES)}"
+        raise ConfigError(field, source, allowed, problem=problem)
+    if path.suffix != ".json":
+        raise ConfigError(field, source, allowed, problem="not a .json file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ModelGeometry.from_hf_config(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(field, str(path), f"an HF config.json with the model's geometry ({exc!r})") from None
+    return data
+
+
+def hf_config_dict(config: OmniKVConfig, model_config: str | Path | None = None) -> dict[str, Any]:
+    """The HF config (as a dict) of ``model_config`` (a JSON file, an HF folder, or a known name), else of
+    the config's model. No weights are read."""
+    if model_config is not None:
+        return geometry_config(model_config, "--model-config")
+    return geometry_config(config.model.name_or_path, "model.name_or_path")
+
+
+def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = None) -> ModelGeometry:
+    """Geometry from ``model_config`` (a JSON file, an HF folder, or a known name), else the config's model."""
+    return ModelGeometry.from_hf_config(hf_config_dict(config, model_config))

@@ -123,7 +123,8 @@ class Launcher:
 
     Args:
         config: the runtime config (path, bundled name, dict or OmniKVConfig); its ``model``
-            section is not used: the script loads its own models.
+            section is not used here: the script loads its own models (``omnikv run`` sets the CPU
+            threads from ``model.cpu_num_threads`` before the script starts).
         stats_path: write the wrapped models' generate stats here as JSON when the script ends
             (default: ``$OMNIKV_RUN_STATS``, if set).
         profile_dir: profile memory over the whole script and write the report there.

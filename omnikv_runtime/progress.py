@@ -94,3 +94,12 @@ def bar(
         dynamic_ncols=True,
         unit_scale=False,
     )
+
+
+def finish(bar: Bar, count: int) -> None:
+    """Close ``bar`` at ``count`` of ``count``: work that ended before its total (a decode that met an
+    end-of-sequence token) closes at what it produced, not at the count where it stopped."""
+    if hasattr(bar, "total"):  # a tqdm bar (a silent one has nothing to show)
+        bar.total = bar.n = count
+        bar.refresh()
+    bar.close()

@@ -217,14 +217,19 @@ def test_a_prompt_inside_the_budget_says_attention_was_dense_but_the_tiers_were_
 
 def test_plan_past_the_position_limit_does_not_fit(capsys):
     argv = ["plan", "--model-config", "smollm2-135m", "--context", "131072", "--gpu-memory", "80GB"]
-    assert cli.main([*argv, "--host-memory", "512GB"]) == 0
+    assert cli.main([*argv, "--host-memory", "512GB"]) == 1  # exit status 1: the run does not fit
     text = capsys.readouterr().out
     assert "DOES NOT FIT THE MODEL: 131,072 prompt + 32 new tokens" in text and "position limit of 8,192" in text
     fits_row = next(line for line in text.splitlines() if line.startswith("fits"))
     assert "True" not in fits_row
-    assert cli.main([*argv, "--host-memory", "512GB", "--json"]) == 0
+    assert cli.main([*argv, "--host-memory", "512GB", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["fits_model"] == {"max_positions": 8192, "tokens": 131104, "fits": False}
+    assert report["fits_model"] == {
+        "max_positions": 8192,
+        "max_positions_source": "max_position_embeddings",
+        "tokens": 131104,
+        "fits": False,
+    }
     for name in ("dense", "omnikv"):
         assert report[name]["fits"]["positions"] is False and report[name]["fits"]["all"] is False
         longest = report[name]["longest_context"]

@@ -106,7 +106,7 @@ def test_plan_cli_json(capsys, tmp_path):
     import json
 
     argv = ["plan", "--config", "llama3_8b", "--context", "32768", "--gpu-memory", "80GB", "--host-memory", "512GB"]
-    assert main([*argv, "--json"]) == 0
+    assert main([*argv, "--json"]) == 1  # exit status 1: the run does not fit
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["parameters"] == 8_030_261_248
     # the memory holds 32K tokens, but Llama-3-8B has 8,192 positions: the run does not fit the model

@@ -7,7 +7,9 @@ printed its own output) or a dict (printed with ``printer``, or as JSON with ``-
 
 Building the parser imports no command's dependencies: the modules import torch and transformers
 inside their handlers, so ``omnikv --help``, ``omnikv CMD --help`` and ``omnikv --version`` answer
-at once. Long commands draw progress bars on stderr when it is a terminal (``--quiet``: none).
+at once, and so do mistakes in paths and names (``--config``, ``--model-config``, a prompt file, a
+script): each is checked before torch is imported. Long commands draw progress bars on stderr when it
+is a terminal (``--quiet``: none).
 """
 
 from __future__ import annotations
@@ -119,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     restore_logging = _configure_logging(args.verbose, args.command)
     restore_progress = _set_progress(args)
     try:
-        if getattr(args, "trust_remote_code", False):  # import the config's policy modules now, opted in
-            from omnikv_runtime.config import load_config
+        if args.command in CONFIG_COMMANDS:
+            from omnikv_runtime.config import config_path, load_config  # pydantic: --help needs it not
 
-            load_config(args.config, trust_remote_code=True)
+            config_path(args.config, "--config")  # a mistyped --config is reported before torch loads
+            if args.trust_remote_code:  # import the config's policy modules now, opted in
+                load_config(args.config, trust_remote_code=True)
         result = args.handler(args)
     except (OmniKVError, OSError) as exc:
         print(f"omnikv: error: {exc}", file=sys.stderr)

@@ -107,6 +107,8 @@ def _run(engine: Any, input_ids: Any, max_new_tokens: int) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from_file = args.prompt_file not in (None, "-")
+    prompt = read_prompt(args.prompt_file) if from_file else None  # a missing file is reported before torch loads
     from omnikv_runtime.cli.threads import apply_cpu_threads
     from omnikv_runtime.config import load_config
     from omnikv_runtime.engine import Engine
@@ -115,7 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from omnikv_runtime.planner.fit import dense_twin
 
     config = load_config(args.config)
-    prompt = read_prompt(args.prompt_file)  # a bad prompt is reported before the (slow) model load
+    if not from_file:
+        prompt = read_prompt(args.prompt_file)  # stdin, read once the config is known to be good
     section = config.model
     apply_cpu_threads(section.cpu_num_threads, section.device)
     model, tokenizer = load_configured_model(config)

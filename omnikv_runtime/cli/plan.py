@@ -6,21 +6,32 @@ Prints the bytes of the weights, each KV tier and activations, whether the run
 fits dense and with OmniKV, and the longest context that fits each way (for OmniKV with offload to
 the host, once per host-tier dtype: the model's and FP8). The model's geometry comes
 from ``--model-config`` (a config.json, an HF folder or a known name) or the config's model; no
-weights are read. A run longer than the model's position limit (``max_position_embeddings``) does
-not fit, whatever the memory: the report says so, and the longest context is capped there.
+weights are read. A run longer than the model's position limit (``max_position_embeddings``, or
+``--max-position`` for a model whose RoPE reaches further) does not fit, whatever the memory: the
+report says so, and the longest context is capped there.
+
+Exit status: 0 when the config's own run (OmniKV, or dense for a config with OmniKV off) fits,
+1 when it does not (memory or positions; the dense column is a comparison and does not count),
+2 for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import replace
 from typing import Any
 
+from omnikv_runtime.cli.generate import positive_int
 from omnikv_runtime.config import DTYPES, HOST_DTYPES
+from omnikv_runtime.geometry import KNOWN_GEOMETRIES, geometry_config
 
 # torch and the planner are imported by the handler: building the parser (--help) needs neither
-HEADROOM_HELP = "0.05"  # planner_fit.DEFAULT_HEADROOM, written out so that --help imports nothing (tested)
+HEADROOM_HELP = "0.05"  # planner.fit.DEFAULT_HEADROOM, written out so that --help imports nothing (tested)
 POSITION_LIMIT = "the model's position limit"
 DEFAULT_GPU_MEMORY = 80 * 10**9  # one H100 80 GB card, when no CUDA device is visible
+LONG_CONTEXT_MODEL = "llama3.1-8b"  # suggested when a run is past a shorter model's position limit
+LONG_CONTEXT_POSITIONS = KNOWN_GEOMETRIES[LONG_CONTEXT_MODEL]["max_position_embeddings"]
 
 
 def register(commands: Any) -> None:
@@ -32,6 +43,12 @@ def register(commands: Any) -> None:
     plan.add_argument("--gpu-memory", help="GPU memory, e.g. 80GB (default: this CUDA device, else 80GB)")
     plan.add_argument("--host-memory", help="host memory for the pinned tier, e.g. 512GB (default: this machine)")
     plan.add_argument("--model-config", help="config.json, HF folder or known name (default: the config's model)")
+    plan.add_argument(
+        "--max-position",
+        type=positive_int,
+        help="the model's position limit in tokens, for a model whose RoPE reaches past its config's "
+        "(default: max_position_embeddings)",
+    )
     plan.add_argument("--dtype", choices=sorted(DTYPES), help="weights/KV dtype (default: model.dtype)")
     plan.add_argument(
         "--host-dtype", choices=sorted(HOST_DTYPES), help="host tier storage (default: offload.host_dtype)"
@@ -83,6 +100,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     if args.offload_weights:
         config.distributed.offload_weights = True
     geometry = resolve_geometry(config, args.model_config)
+    if args.max_position is not None:
+        geometry = replace(geometry, max_positions=args.max_position)
     new_tokens = args.new_tokens or config.generation.max_new_tokens
     if args.gpu_memory:
         gpu_memory, gpu_source = parse_bytes(args.gpu_memory, "--gpu-memory"), "--gpu-memory"
@@ -110,6 +129,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     max_positions = geometry.max_positions
     report["fits_model"] = {
         "max_positions": max_positions,
+        "max_positions_source": "--max-position" if args.max_position is not None else "max_position_embeddings",
         "tokens": args.context + new_tokens,
         "fits": not max_positions or args.context + new_tokens <= max_positions,
     }
@@ -163,6 +183,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                 geometry, variant, args.context, args.batch, new_tokens, args.dtype
             ).host_bytes_per_token
             report["omnikv"]["longest_context_by_host_dtype"][host_dtype] = figures
+    report["runs"] = "omnikv" if config.omnikv.enabled else "dense"  # the run the config asks for
+    report["fits"] = report[report["runs"]]["fits"]["all"]
     return report
 
 
@@ -232,22 +254,45 @@ def print_report(report: dict[str, Any]) -> None:
             f"(limited by {decode['limited_by']})"
         )
     limit = report["fits_model"]
+    source = limit.get("max_positions_source", "max_position_embeddings")
+    hint = f" ({LONG_CONTEXT_MODEL}: Llama-3-8B's geometry with {LONG_CONTEXT_POSITIONS:,} positions)"
     if not limit["fits"]:
         print(
             f"\nDOES NOT FIT THE MODEL: {report['context']:,} prompt + {report['new_tokens']:,} new tokens = "
             f"{limit['tokens']:,} tokens, past the model's position limit of {limit['max_positions']:,} "
-            "(max_position_embeddings): generate refuses it, whatever the memory. Shorten the context or use a "
-            "model with a longer one."
+            f"({source}): generate refuses it, whatever the memory. Shorten the context, plan a model with a longer "
+            f"one with --model-config{hint if limit['max_positions'] < LONG_CONTEXT_POSITIONS else ''}, or give a "
+            "RoPE-scaled model's limit with --max-position."
         )
     elif limit["max_positions"]:
         print(
-            f"(the model's own position limit is {limit['max_positions']:,} tokens; this run uses {limit['tokens']:,})"
+            f"(the model's position limit is {limit['max_positions']:,} tokens ({source}); "
+            f"this run uses {limit['tokens']:,})"
+        )
+    run = report["runs"]
+    if report["fits"]:
+        print(f"The {run} run fits.")
+    elif limit["fits"]:
+        needs, usable = report[run], 1 - report["headroom"]
+        short = [
+            f"{needs[name] / 1e9:.2f} GB of {name.upper() if name == 'gpu' else name} memory where "
+            f"{report[name + '_memory'] * usable / 1e9:.2f} GB may be used"
+            for name in ("gpu", "host")
+            if not needs["fits"][name]
+        ]
+        print(
+            f"\nDOES NOT FIT IN MEMORY: the {run} run needs {' and '.join(short)} ({report['headroom']:.0%} kept "
+            f"free); the longest context that fits is {needs['longest_context']['context']:,} tokens."
         )
 
 
-def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | int:
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Prints the plan (text, or JSON with ``--json``); exit status 1 when the config's run does not fit."""
+    if args.model_config is not None:  # a mistyped --model-config is reported before torch loads
+        geometry_config(args.model_config, "--model-config")
     report = build_report(args)
     if args.json:
-        return report
-    print_report(report)
-    return 0
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0 if report["fits"] else 1

@@ -9,6 +9,12 @@ arguments, output, exceptions, exit code and its own logging setup pass through:
 lines go to stderr through a handler of the ``omnikv_runtime`` logger, the root logger is the
 script's. See :mod:`omnikv_runtime.launcher`.
 
+CPU threads: as the other ``omnikv`` commands, the run uses one torch thread fewer than the cores
+(``model.cpu_num_threads`` or ``OMP_NUM_THREADS`` choose instead; see
+:mod:`omnikv_runtime.cli.threads`), set before the script starts, so the script's own
+``torch.set_num_threads`` still wins. When the script ends, one line on stderr per model says
+which share of the context its sparse layers attended to.
+
 Environment: ``OMNIKV_RUN_STATS=FILE`` stands for ``--stats-json FILE`` (the launcher reads it,
 ``--stats-json`` wins); ``OMNIKV_MODEL_CACHE`` is where converted GGUF models are kept.
 """
@@ -16,6 +22,8 @@ Environment: ``OMNIKV_RUN_STATS=FILE`` stands for ``--stats-json FILE`` (the lau
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 EPILOG = """environment:
@@ -46,7 +54,19 @@ def register(commands: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if not Path(args.script).is_file():  # said before torch loads (Launcher.run says the same to library callers)
+        print(f"omnikv run: can't open file {args.script!r}: no such file", file=sys.stderr)
+        return 2
+    from omnikv_runtime.cli.threads import apply_cpu_threads
     from omnikv_runtime.launcher import Launcher
+    from omnikv_runtime.profiling.run_report import attended_note, attended_shares
 
     launcher = Launcher(args.config, stats_path=args.stats_json, profile_dir=args.profile_memory, strict=args.strict)
-    return launcher.run(args.script, list(args.args))
+    apply_cpu_threads(launcher.config.model.cpu_num_threads, launcher.config.model.device)
+    code = launcher.run(args.script, list(args.args))
+    for wrapped in launcher.wrapped:
+        note = attended_note([share for call in wrapped.calls for share in attended_shares(call)])
+        if note:
+            calls = f"{len(wrapped.calls)} generate call{'s' if len(wrapped.calls) > 1 else ''}"
+            print(f"omnikv run: {type(wrapped.model).__name__}, {calls}: {note}", file=sys.stderr)
+    return code

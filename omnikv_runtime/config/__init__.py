@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from omnikv_runtime.config.io import read_json, validation_error
+from omnikv_runtime.config.io import FILE, read_json, validation_error
 from omnikv_runtime.config.legacy import from_legacy, is_legacy, seed_key_of
 from omnikv_runtime.config.sections import (
     ATTN_IMPLEMENTATIONS,
@@ -40,7 +40,7 @@ from omnikv_runtime.config.sections import (
     _Section,
     bitsandbytes_installed,
 )
-from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +131,39 @@ def _bundled_config(name: str) -> Path | None:
         return None
 
 
-def _config_path(source: str | Path) -> Path:
+def bundled_config_names() -> list[str]:
+    """The names of the configs shipped with the package (``default``, ``dense``, ...)."""
+    try:
+        entries = resources.files("omnikv_runtime.configs").iterdir()
+        return sorted(entry.name.removesuffix(".json") for entry in entries if entry.name.endswith(".json"))
+    except (ModuleNotFoundError, OSError):
+        return []
+
+
+def config_path(source: str | Path, field: str = FILE) -> Path:
+    """The file that a config path or a bundled name stands for.
+
+    Reads nothing and imports nothing heavy, so the command line checks ``--config`` with it before
+    loading torch. A path that does not exist is a :class:`ConfigError` naming ``field`` that says
+    "no such file" (with the bundled names, and the closest one to a mistyped name).
+    """
     path = Path(source)
     try:
         if path.is_file():
             return path
+        is_folder = path.is_dir()
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
-        raise ConfigError("<file>", str(source), f"a path to an existing JSON file ({exc})") from None
-    bundled = _bundled_config(str(source)) if not path.suffix and "/" not in str(source) else None
-    if bundled is None:
-        raise ConfigError("<file>", str(source), "a path to an existing JSON file or a bundled config name")
-    return bundled
+        raise ConfigError(field, str(source), f"a path to an existing JSON file ({exc})") from None
+    bare_name = not path.suffix and "/" not in str(source)
+    bundled = _bundled_config(str(source)) if bare_name else None
+    if bundled is not None:
+        return bundled
+    names = bundled_config_names()
+    problem = "a folder, not a file" if is_folder else "no such file"
+    if bare_name and not is_folder:
+        problem = f"no such file or bundled config{did_you_mean(str(source), names)}"
+    allowed = f"a path to an existing JSON file or a bundled config name ({', '.join(names)})"
+    raise ConfigError(field, str(source), allowed, problem=problem)
 
 
 def load_config(
@@ -161,7 +183,7 @@ def load_config(
         if source is None:
             return OmniKVConfig()
         if isinstance(source, (str, Path)):
-            path = _config_path(source)
+            path = config_path(source)
             data: Any = read_json(path)
         elif isinstance(source, OmniKVConfig):
             return _check_policies(source.model_copy(deep=True), trust_remote_code)

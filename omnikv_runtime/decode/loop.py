@@ -325,11 +325,12 @@ class DecodeLoop:
             done = self._check(emitted)
             if not each_token:
                 bar.update(run)
-        bar.close()
         self._synchronize()
         self.times.decode = time.perf_counter() - started - self.times.capture
         self.times.decode_steps = emitted - 1
-        return self._finish(emitted)
+        tokens = self._finish(emitted)
+        progress.finish(bar, tokens.shape[1])  # at the tokens kept, not the steps run past the end
+        return tokens
 
     def run_step(self) -> None:
         """One decode step: eager, or (after the warm-up steps) a replay of the recorded one."""

@@ -8,22 +8,21 @@ module turns a model's geometry and a runtime config into the bytes each tier ne
 working buffers grown by doubling, host arenas ``[batch, capacity, segment layers, 2, kv_heads,
 head_dim]``, a hot cache of ``offload.hot_cache_tokens`` rows per segment in the same packed layout),
 the host tier in ``offload.host_dtype`` (FP8 codes plus a float32 scale per token, layer and KV head),
-plus an estimate of transformers' sdpa activations. :mod:`omnikv_runtime.planner.fit` answers whether
+plus an estimate of transformers' sdpa activations. The geometry (:class:`ModelGeometry`, read from a
+config.json or a known name) lives in :mod:`omnikv_runtime.geometry`. :mod:`omnikv_runtime.planner.fit` answers whether
 a run fits and the longest context that does.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omnikv_runtime.config import OmniKVConfig
 from omnikv_runtime.distributed import check_head_split
 from omnikv_runtime.errors import ConfigError
-from omnikv_runtime.geometry import ModelGeometry
+from omnikv_runtime.geometry import KNOWN_GEOMETRIES, ModelGeometry, hf_config_dict, resolve_geometry
 from omnikv_runtime.layout import LayerPlan, reserve_tokens, tail_ring_tokens
 from omnikv_runtime.transfer.fp8 import packed_row_bytes
 from omnikv_runtime.transfer.host_arena import allocation_bytes
@@ -43,66 +42,6 @@ def parse_bytes(text: str | int | float, what: str = "memory") -> int:
     if not match or unit not in _UNITS:
         raise ConfigError(what, text, "a size such as 80GB, 80GiB, 512MB or a number of bytes")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-_LLAMA3_8B = dict(
-    model_type="llama",
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    hidden_size=4096,
-    intermediate_size=14336,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-)
-_SMOLLM2_135M = dict(
-    model_type="llama",
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    hidden_size=576,
-    intermediate_size=1536,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    max_position_embeddings=8192,
-)
-KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": _SMOLLM2_135M,
-    "llama3-8b": _LLAMA3_8B,
-    "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
-    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
-}
-
-
-def hf_config_dict(config: OmniKVConfig, model_config: str | Path | None = None) -> dict[str, Any]:
-    """The HF config (as a dict) of ``model_config`` (a JSON file, an HF folder, or a known name), else of
-    the config's model. No weights are read."""
-    source = str(model_config) if model_config is not None else config.model.name_or_path
-    if source in KNOWN_GEOMETRIES:
-        return dict(KNOWN_GEOMETRIES[source])
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file() and path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            ModelGeometry.from_hf_config(data)
-            return data
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            allowed = f"an HF config.json with the model's geometry ({exc!r})"
-            raise ConfigError("--model-config", str(path), allowed) from None
-    raise ConfigError(
-        "--model-config" if model_config is not None else "model.name_or_path",
-        source,
-        f"a known model {sorted(KNOWN_GEOMETRIES)}, an HF folder with config.json, or a config.json file",
-    )
-
-
-def resolve_geometry(config: OmniKVConfig, model_config: str | Path | None = None) -> ModelGeometry:
-    """Geometry from ``model_config`` (a JSON file, an HF folder, or a known name), else the config's model."""
-    return ModelGeometry.from_hf_config(hf_config_dict(config, model_config))
 
 
 def arena_rows(context: int, new_tokens: int, chunk_size: int | None) -> int:
@@ -276,3 +215,15 @@ def _activations(
         keys_copy = 0 if d == 2 else g.kv_heads * context * g.head_dim * 4
         selection = b * (keys_copy + g.num_heads * context * (d + 12) + 2 * context * 4 + budget * 16)
     return {"prefill": prefill, "decode": decode_core + selection}
+
+
+__all__ = [
+    "KNOWN_GEOMETRIES",
+    "MemoryPlan",
+    "ModelGeometry",
+    "arena_rows",
+    "hf_config_dict",
+    "parse_bytes",
+    "plan_memory",
+    "resolve_geometry",
+]

@@ -5,11 +5,15 @@ machine. Reports name them by role and print the device they are on, so a CPU ru
 a GPU. A run of a config with ``omnikv.enabled = false`` is reported as dense. When the token
 budget covers the whole prompt, every sparse layer attends to all of it (as dense attention
 does), but its KV still lives in the host tier and is fetched again at each step: the report says
-so, next to the bytes that moved.
+so, next to the bytes that moved. Below that, it says which share of the context the sparse layers
+attended to, and that the output can then differ from dense attention's. It counts the decode steps
+that ran after the answer had ended (the loop looks for the end every ``generation.check_every``
+tokens and drops what came after it), so the steps and the new tokens add up.
 """
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 # cache tier key -> what the tier is
@@ -39,6 +43,28 @@ def tier_label(tier: str, compute_device: str | None = None, host_device: str | 
     return f"{label} ({device})" if device else label
 
 
+def attended_shares(stats: dict[str, Any]) -> list[float]:
+    """For each filter layer, the share of the context its sparse layers attended to in a step (the
+    most tokens it selected in any step, over the context), from an engine's ``stats()``."""
+    context = stats.get("context_tokens") or 0
+    if not context:
+        return []
+    return [min(max(steps), context) / context for steps in stats.get("selected_per_step", {}).values() if steps]
+
+
+def attended_note(shares: list[float]) -> str | None:
+    """One line: the share of the context the sparse layers attended to, and what that means for the
+    output; None when there is no selection or it covered the whole context (dense attention)."""
+    if not shares or min(shares) >= 1:
+        return None
+    low, high = min(shares), max(shares)
+    share = f"{low:.1%}" if low == high else f"{low:.1%} to {high:.1%}"
+    return (
+        f"sparse layers attended to {share} of the context a step (plus the new tokens); below a token budget "
+        "of 1.0 the output can differ from dense attention's"
+    )
+
+
 def _dense_reason(engine: Any) -> str:
     if not engine.config.omnikv.enabled:
         return "omnikv.enabled = false"
@@ -53,13 +79,16 @@ def summarize_run(engine: Any, prompt_tokens: int, answer: str) -> dict[str, Any
     context = stats.get("context_tokens", prompt_tokens)
     enabled = engine.config.omnikv.enabled and bool(engine.plan.sparse_layers)
     tiers = {_JSON_KEYS.get(key, key): value for key, value in memory["tiers"].items()}
+    steps, new_tokens = stats.get("decode_steps", 0), stats.get("new_tokens")
     return {
         "answer": answer.strip(),
         "runs": "omnikv" if enabled else "dense",
         "dense_because": None if enabled else _dense_reason(engine),
         "prompt_tokens": prompt_tokens,
-        "new_tokens": stats.get("new_tokens"),
-        "decode_steps": stats.get("decode_steps", 0),
+        "new_tokens": new_tokens,
+        "decode_steps": steps,  # steps run: the first new token comes from the prefill
+        "decode_steps_after_end": max(0, steps - (new_tokens - 1)) if new_tokens else 0,
+        "attended_share": [round(share, 4) for share in attended_shares(stats)] if enabled else [],
         "plan": stats["plan"],
         "compute_device": memory["compute_device"],
         "offload": engine.config.offload.device,  # "cpu": the sparse layers' KV in host memory; "none": on the device
@@ -83,7 +112,9 @@ def run_lines(name: str, run: dict[str, Any]) -> list[str]:
     lines = [f"[{name}] layers {run['plan']} (D dense, F filter, W wait, s sparse)"]
     if run["runs"] == "dense":
         lines.append(f"  attention            dense in every layer ({run['dense_because']})")
-    lines.append(f"  prompt tokens        {run['prompt_tokens']}, new tokens {run['new_tokens']}")
+    steps, after_end = run["decode_steps"], run.get("decode_steps_after_end", 0)
+    tokens = f"  prompt tokens        {run['prompt_tokens']}, new tokens {run['new_tokens']} in {steps} decode steps"
+    lines.append(tokens + (f", {after_end} of them after the answer had ended" if after_end else ""))
     selected = run["selected_tokens_per_step"]
     if selected:
         per_layer = ", ".join(f"layer {k}: {v}" for k, v in selected.items())
@@ -96,6 +127,10 @@ def run_lines(name: str, run: dict[str, Any]) -> list[str]:
         lines.append(
             "                       as dense does, but their KV is still kept in the host tier and fetched each step"
         )
+    note = attended_note(run.get("attended_share", []))
+    if note:
+        wrapped = textwrap.wrap(note, 96)
+        lines += [f"  note                 {wrapped[0]}", *(f"{'':23}{line}" for line in wrapped[1:])]
     tiers, device, host = run["bytes"], run["compute_device"], run["host_tier_device"]
     on_device = [f"dense layers {_mib(tiers.get('dense', 0))}"]
     if run["runs"] == "omnikv":
@@ -110,7 +145,6 @@ def run_lines(name: str, run: dict[str, Any]) -> list[str]:
         where = f"host tier ({host})" if run["offload"] == "cpu" else f"full KV ({host})"
         sparse = run["plan"].count("s")
         lines.append(f"  {where:<20} {_mib(tiers.get('host', 0))}: every token of the {sparse} sparse layers")
-        steps = run["decode_steps"]
         per_step = f" ({_mib(tiers['bytes_fetched'] // steps)} a step)" if steps else ""
         lines.append(
             f"  fetched / written    {_mib(tiers['bytes_fetched'])} in {steps} decode steps{per_step} / "
