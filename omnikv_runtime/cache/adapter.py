@@ -167,6 +167,10 @@ class OmniKVCache(Cache):
             prompt_valid = torch.ones(batch, past, dtype=torch.bool, device=like.device)
         self.prompt_valid = prompt_valid[:, :past].to(like.device)
         self.tiers.start_decode(self.prompt_valid)
+        for segment in self.tiers.segments:  # at the phase's width now: no step replaces them
+            if segment.arena is not None:
+                width = min(self.token_budget, self.context_len)
+                self.tiers.generation += segment.reserve_selection(batch, max(width, 1), like.device)
 
     def ensure_room(self, like: torch.Tensor, steps: int = 1) -> None:
         """Make room for ``steps`` more decode steps now (buffers grow, at least doubling). A decode
@@ -233,7 +237,7 @@ class OmniKVCache(Cache):
         )
         if not is_recording():
             self.selected_log[-1][layer_idx] = indices.shape[1]
-        self.selector.fetch(self, segment, indices, selectable)
+        self.tiers.generation += self.selector.fetch(self, segment, indices, selectable)
         return indices
 
     # reporting ------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class CudaGraphRecorder:
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
         self.pool = torch.cuda.graph_pool_handle()
+        self._caller = torch.cuda.current_stream(self.device)  # the stream current when a recording began
 
     def warm(self, step: Callable[[], None]) -> None:
         run_on_stream(self.stream, step)
@@ -61,6 +62,7 @@ class CudaGraphRecorder:
     def record(self, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
+        self._caller = torch.cuda.current_stream(self.device)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             step()
         return graph
@@ -69,13 +71,15 @@ class CudaGraphRecorder:
         graph.replay()
 
     def recover(self) -> None:
-        """After a failed capture: the default generator leaves its capture state, the streams join."""
+        """After a failed capture: the caller's stream is current again (a capture that fails to end
+        leaves its own stream current), the default generator leaves its capture state, the streams join."""
+        torch.cuda.set_stream(self._caller)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         generator = torch.cuda.default_generators[index]
         fresh = torch.Generator(device=self.device)
         fresh.manual_seed(generator.initial_seed())
         generator.graphsafe_set_state(fresh)  # the capturing state object is dropped
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self._caller.wait_stream(self.stream)
         torch.cuda.synchronize(self.device)
 
 
