@@ -1,15 +1,22 @@
 """OmniKV ``uniform``: softmax attention of a window of recent queries, equally weighted.
 
 From OmniKV (Hao et al., ICLR 2025), as its code computes it: the filter layer keeps its last
-``window_size`` queries (the prompt's tail after prefill, then each decode step's). Each query's
-softmax attention over the context is maxed over heads, and the window's queries are summed. The
-tokens whose own query is still in the window (the prompt's last ``window_size - step`` tokens at
-decode step ``step``) are left out of that scoring and always selected. Lossless.
+``window_size`` queries (the prompt's tail after prefill, then each decode step's) and scores all of
+them at the current step's position (the original rotates the whole window with the step's
+position; here each stored query is turned from its own position to the current one). Each
+query's softmax attention over the context is maxed over heads, and the window's queries are
+summed. The tokens whose own query is still in the window (the prompt's last
+``window_size - step`` tokens at decode step ``step``) are left out of that scoring and always
+selected. Lossless.
+
+``uniform_own_position`` is the same scoring with each query at its own position, as attention
+itself sees it (this runtime's earlier ``uniform``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +34,7 @@ class UniformWindowPolicy(ScoredPolicy):
     name = "uniform"
     graph_safe = True
     tensor_parallel = True
+    at_current_position: ClassVar[bool] = True  # score the window's queries at the current step's position
 
     window_size: int = bounded(16, 1, MAX_WINDOW)  # recent queries scored
 
@@ -35,4 +43,13 @@ class UniformWindowPolicy(ScoredPolicy):
         return torch.ones(self.window_size)
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
-        return seed_window_scores(ctx, self.weights())
+        return seed_window_scores(ctx, self.weights(), self.at_current_position)
+
+
+@register_selection_policy
+@dataclass
+class UniformOwnPositionPolicy(UniformWindowPolicy):
+    """``uniform`` with each query of the window scored at its own position (not the current step's)."""
+
+    name = "uniform_own_position"
+    at_current_position = False

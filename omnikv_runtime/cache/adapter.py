@@ -125,6 +125,7 @@ class OmniKVCache(Cache):
         self.capturing = False  # a CUDA graph is recording: host-side counts are the runner's business
         self.fused_layers = False  # decoder layers given the fused forward run it for this cache
         self.tensor_parallel_group = None  # with tensor parallelism: the ranks holding the other heads
+        self.rope_inv_freq: torch.Tensor | None = None  # the model's rotary frequencies, for the policy (engine sets)
         # per decode step: filter layer -> tokens selected (the runtime's own account; a CUDA-graph
         # runner adds its replayed steps)
         self.selected_log: list[dict[int, int]] = []
@@ -363,6 +364,7 @@ class OmniKVCache(Cache):
             layer=layer_idx,
             state=segment.policy_state,
             head_group=self.tensor_parallel_group,
+            rope_inv_freq=self.rope_inv_freq,
         )
         indices = self.policy.select(context)
         if not self.capturing:

@@ -251,6 +251,7 @@ class SlotCache(OmniKVCache):
                 scaling=scaling,
                 layer=layer_idx,
                 state=request.states[segment.index],
+                rope_inv_freq=self.rope_inv_freq,
             )
             chosen.append((row, self.policy.select(context)))
         width = max((indices.shape[1] for _, indices in chosen), default=1)

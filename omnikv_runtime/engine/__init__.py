@@ -25,6 +25,7 @@ from omnikv_runtime.engine.stats import FirstDecodeTimer, RunRecord, memory_repo
 from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError
 from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
 from omnikv_runtime.listeners import EngineListener
+from omnikv_runtime.models.rotary import rotary_inverse_frequencies
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
 
@@ -70,6 +71,7 @@ class Engine:
         if config.offload.hot_cache_tokens and not self.hot_cache_tokens:
             logger.info("offload.hot_cache_tokens is ignored with offload.device='none': every row is on the GPU")
         self.device = execution_device(model, config)
+        self.rope_inv_freq = rotary_inverse_frequencies(model, self.device)  # window policies turn queries with it
         # attention, fused layers, prefill marks; detach() gives the model back its base attention
         self.base_attention, self.fused_layers = attach_model(model, config, self.device)
         offload = config.offload
@@ -114,6 +116,7 @@ class Engine:
         )
         cache.fused_layers = self.fused_layers
         cache.tensor_parallel_group = self.tensor_parallel_group
+        cache.rope_inv_freq = self.rope_inv_freq
         self._last_cache = cache
         return cache
 

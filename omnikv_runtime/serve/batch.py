@@ -83,6 +83,7 @@ class SlotBatch:
             tail_tokens=config.tail_tokens,
         )
         self.cache.fused_layers = engine.fused_layers
+        self.cache.rope_inv_freq = engine.rope_inv_freq
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.mask = torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=self.device)  # 4-D: transformers builds none
