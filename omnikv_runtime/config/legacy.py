@@ -117,7 +117,9 @@ def _any(key: str, value: Any) -> Any:
 
 
 def _optional_str(key: str, value: Any) -> str | None:
-    return None if value is None else _str(key, value)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(key, value, "a string or null")
+    return value
 
 
 def _segment_size(key: str, value: Any) -> int | str:
@@ -343,11 +345,12 @@ def _h2o_ratios(flat: dict[str, Any], out: dict[str, dict[str, Any]], selector: 
     if not given:
         return
     if selector.get("type") != "h2o":
-        logger.info(
-            "seed config keys %s have no effect here: the seed's H2O baseline reads them, and the selector is %r",
-            sorted(given),
-            selector.get("type"),
-        )
+        for key in given:
+            logger.info(
+                "seed config key %r has no effect here: the seed's H2O baseline reads it, and the selector is %r",
+                key,
+                selector.get("type"),
+            )
         return
     missing = [key for key in H2O_RATIOS if key not in given]
     if missing:
