@@ -194,7 +194,7 @@ def queries_at_current_position(ctx: SelectionContext) -> torch.Tensor:
 
     RoPE rotates each pair of a query's dimensions by ``position * inv_freq``; rotations compose, so
     turning a query rotated at its own position ``p`` by ``(current - p) * inv_freq`` gives the query
-    rotated at ``current``, exactly what rotating the un-rotated query there would give. Pairs are laid
+    rotated at ``current``: what rotating the un-rotated query there gives, up to rounding. Pairs are laid
     out as transformers lays them (first half with second half); dimensions past ``2 * len(inv_freq)``
     (partial rotary) are left as they are. No attention factor is applied: the stored queries carry the
     model's already. Returns float32. Without ``ctx.rope_inv_freq`` the queries are returned as they

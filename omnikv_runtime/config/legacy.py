@@ -365,7 +365,7 @@ def _h2o_ratios(flat: dict[str, Any], out: dict[str, dict[str, Any]], selector: 
         )
     total = given["hh_ratio"] + given["recent_ratio"]
     if not 0 < total <= 1:
-        raise ConfigError("hh_ratio", given["hh_ratio"], f"a value with recent_ratio summing to (0, 1], got {total}")
+        raise ConfigError("hh_ratio", given["hh_ratio"], f"a value with recent_ratio summing to (0, 1], got {total:g}")
     out["omnikv"]["token_budget"] = float(total)
     selector["recent_ratio"] = given["recent_ratio"] / total
     logger.info(
