@@ -219,19 +219,17 @@ def queries_at_current_position(ctx: SelectionContext) -> torch.Tensor:
     return torch.cat((turned, queries[..., rotary:]), dim=-1) if rotary < queries.shape[-1] else turned
 
 
-def seed_window_scores(ctx: SelectionContext, weights: torch.Tensor, at_current_position: bool = True) -> torch.Tensor:
+def seed_window_scores(ctx: SelectionContext, weights: torch.Tensor) -> torch.Tensor:
     """The original OmniKV's window scoring (its ``uniform`` and ``exp`` selectors).
 
     Every query of the window is scored at the current step's position, as the original rotates them
-    (:func:`queries_at_current_position`; ``at_current_position=False`` keeps each at its own). Tokens
-    whose own query is in the window are left out of the scoring (each query's softmax runs over the
-    other valid tokens it sees) and score above every other token, later ones higher, so they are
-    always selected when the budget holds them. The others score
+    (:func:`queries_at_current_position`). Tokens whose own query is in the window are left out of the
+    scoring (each query's softmax runs over the other valid tokens it sees) and score above every other
+    token, later ones higher, so they are always selected when the budget holds them. The others score
     ``sum_w weights[w] * max_h softmax_h(q_w . k)``: the max over heads is taken per query, then the
     window's queries are summed. ``weights`` is ``[window]``, oldest first.
     """
-    if at_current_position:
-        ctx = dataclasses.replace(ctx, queries=queries_at_current_position(ctx))
+    ctx = dataclasses.replace(ctx, queries=queries_at_current_position(ctx))
     forced = window_columns(ctx)
     logits = head_logits(ctx).masked_fill(~(ctx.valid & ~forced)[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query seeing nothing scores 0

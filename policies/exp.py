@@ -5,8 +5,6 @@ window at the current step's position; per query, max over heads, then summed ov
 window's own prompt tokens always selected), but a query ``a`` steps older than the current one
 weighs ``decay ** a`` (the original's 0.5 by default), so the current query dominates while recent
 ones still vote. Lossless.
-
-``exp_own_position`` is the same scoring with each query at its own position.
 """
 
 from __future__ import annotations
@@ -38,12 +36,3 @@ class ExpWindowPolicy(UniformWindowPolicy):
     def weights(self) -> torch.Tensor:
         ages = torch.arange(self.window_size - 1, -1, -1, dtype=torch.float32)  # oldest first
         return self.decay**ages
-
-
-@register_selection_policy
-@dataclass
-class ExpOwnPositionPolicy(ExpWindowPolicy):
-    """``exp`` with each query of the window scored at its own position (not the current step's)."""
-
-    name = "exp_own_position"
-    at_current_position = False

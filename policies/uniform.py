@@ -8,15 +8,11 @@ query's softmax attention over the context is maxed over heads, and the window's
 summed. The tokens whose own query is still in the window (the prompt's last
 ``window_size - step`` tokens at decode step ``step``) are left out of that scoring and always
 selected. Lossless.
-
-``uniform_own_position`` is the same scoring with each query at its own position, as attention
-itself sees it (this runtime's earlier ``uniform``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -34,7 +30,6 @@ class UniformWindowPolicy(ScoredPolicy):
     name = "uniform"
     graph_safe = True
     tensor_parallel = True
-    at_current_position: ClassVar[bool] = True  # score the window's queries at the current step's position
 
     window_size: int = bounded(16, 1, MAX_WINDOW)  # recent queries scored
 
@@ -43,13 +38,4 @@ class UniformWindowPolicy(ScoredPolicy):
         return torch.ones(self.window_size)
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
-        return seed_window_scores(ctx, self.weights(), self.at_current_position)
-
-
-@register_selection_policy
-@dataclass
-class UniformOwnPositionPolicy(UniformWindowPolicy):
-    """``uniform`` with each query of the window scored at its own position (not the current step's)."""
-
-    name = "uniform_own_position"
-    at_current_position = False
+        return seed_window_scores(ctx, self.weights())

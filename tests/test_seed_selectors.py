@@ -116,20 +116,6 @@ def test_the_max_over_heads_comes_before_the_sum_over_queries():
     assert exp.select(ctx).tolist() == original_selection(queries, keys, 4, 2, 2, 1, "exp", 1.0).tolist()
 
 
-@pytest.mark.parametrize("selector", ["uniform", "exp"])
-def test_the_own_position_variants_score_each_query_where_it_stands(selector):
-    """`uniform_own_position` and `exp_own_position`: the original's scoring of the queries as attention sees
-    them (each at its own position); on these cases that differs from the original's own selection."""
-    policy = make_selection_policy({"type": f"{selector}_own_position", "window_size": 8})
-    differs = 0
-    for step in range(1, 11):
-        ctx, rotated = decode_context(step, step, 8, 20)
-        own = original_selection(ctx.queries, ctx.keys, 48, step, 8, 20, selector, ctx.scaling)
-        assert torch.equal(policy.select(ctx), own), step
-        differs += not torch.equal(own, original_selection(rotated, ctx.keys, 48, step, 8, 20, selector, ctx.scaling))
-    assert differs >= 3
-
-
 def test_queries_are_turned_to_the_current_position_as_rope_would_rotate_them():
     """Partial rotary (8 of 12 dimensions), an empty window slot (position -1) and long distances included."""
     g = torch.Generator().manual_seed(7)
@@ -149,16 +135,23 @@ def test_queries_are_turned_to_the_current_position_as_rope_would_rotate_them():
     assert not torch.allclose(ctx.queries, expected, atol=1e-2)  # the turn is not nothing
 
 
-def test_without_rotary_frequencies_the_queries_stay_where_they_are(caplog, monkeypatch):
-    """A context built by hand without ``rope_inv_freq``: the window is scored as it stands, one log line."""
+@pytest.mark.parametrize("selector", ["uniform", "exp"])
+def test_without_rotary_frequencies_the_queries_stay_where_they_are(caplog, monkeypatch, selector):
+    """A context built by hand without ``rope_inv_freq``: the window is scored as it stands (each query at its
+    own position), which here selects otherwise than the original; one log line says so."""
     monkeypatch.setattr("omnikv_runtime.policies.base._UNROTATED_LOGGED", False)
-    ctx, _ = decode_context(11, step=3, window=8, budget=20)
-    bare = dataclasses.replace(ctx, rope_inv_freq=None)
+    policy = make_selection_policy({"type": selector, "window_size": 8})
+    differs = 0
     with caplog.at_level(logging.INFO, logger="omnikv_runtime.policies.base"):
-        assert queries_at_current_position(bare) is bare.queries
-        uniform = make_selection_policy({"type": "uniform", "window_size": 8})
-        own = make_selection_policy({"type": "uniform_own_position", "window_size": 8})
-        assert torch.equal(uniform.select(bare), own.select(ctx))
+        for step in range(1, 11):
+            ctx, rotated = decode_context(step, step, 8, 20)
+            bare = dataclasses.replace(ctx, rope_inv_freq=None)
+            assert queries_at_current_position(bare) is bare.queries
+            as_they_stand = original_selection(ctx.queries, ctx.keys, 48, step, 8, 20, selector, ctx.scaling)
+            assert torch.equal(policy.select(bare), as_they_stand), step
+            original = original_selection(rotated, ctx.keys, 48, step, 8, 20, selector, ctx.scaling)
+            differs += not torch.equal(as_they_stand, original)
+    assert differs >= 3
     assert len([r for r in caplog.records if "no rotary frequencies" in r.getMessage()]) == 1
 
 
