@@ -1,12 +1,13 @@
 """Passkey retrieval grid on the bundled model: dense against OmniKV configs, in one process.
 
     python benchmarks/accuracy.py --config configs/default.json --lengths 1000,2000,3000 \
-        --depths 0.1,0.5,0.9 --seeds 0,1 [--variants 2,8,18 2,8,16] \
+        --depths 0.1,0.5,0.9 --seeds 0,1 [--variants 2,8,18 2,8,16] [--selectors uniform,exp] \
         [--host-dtypes auto,float8_e4m3fn] [--model-dtype bfloat16] [--logit-steps 256]
 
 The grid is lengths x depths x keys (a seed draws the passkey and the filler). Dense (the same
-engine with ``omnikv.enabled = false``) is the baseline; ``--config`` is the OmniKV run, and each
-``--variants`` entry reruns it with other filter layers; ``--host-dtypes`` runs each of them with
+engine with ``omnikv.enabled = false``) is the baseline; ``--config`` is the OmniKV run, each
+``--variants`` entry reruns it with other filter layers, each ``--selectors`` entry with another
+selection policy; ``--host-dtypes`` runs each of them with
 each host-tier dtype (``auto``: the model's; ``float8_e4m3fn``: the FP8 tier). Prints one JSON
 object on stdout and a table on stderr: for each run, passkeys found, and found among the cases
 dense answered (and, for an FP8 run, among the cases its ``auto`` twin answered).
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--config", default="configs/default.json", help="the OmniKV config to measure")
     parser.add_argument("--variants", nargs="*", default=[], help="other filter layer sets, e.g. 2,8,18")
+    parser.add_argument("--selectors", default="", help="selector types to rerun the config with, e.g. uniform,exp")
     parser.add_argument("--budget", help="override omnikv.token_budget: int tokens or float fraction")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--host-dtypes", default="auto", help="host-tier dtypes to run each config with")
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         config = base.model_copy(deep=True)
         config.omnikv.filter_layers = [int(x) for x in variant.split(",")]
         configs[f"filter {variant}"] = config
+    for selector in [x for x in args.selectors.split(",") if x]:
+        config = base.model_copy(deep=True)
+        config.omnikv.selector = {"type": selector}
+        configs[f"selector {selector}"] = config
     runs = {}
     for name, config in configs.items():
         for host_dtype in host_dtypes:

@@ -1,12 +1,15 @@
 """The selection-policy interface: which context tokens a sparse layer attends to.
 
 A filter layer hands its policy a :class:`SelectionContext` (tensors only: recent queries after
-RoPE, the context keys, which positions are real tokens, the budget) and gets back sorted token
-indices ``[batch, k]`` on the same device. A policy never sees the cache.
+RoPE, the context keys, which positions are real tokens, the budget, the model's rotary
+frequencies) and gets back sorted token indices ``[batch, k]`` on the same device. A policy never
+sees the cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -14,7 +17,10 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from omnikv_runtime.kernels.layer_ops import rotate_half
 from omnikv_runtime.policies.params import check_fields
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +42,11 @@ class SelectionContext:
         head_group: with tensor parallelism, the process group whose ranks hold the other heads
             (None otherwise). A policy whose scores are a maximum over heads passes that maximum
             through :meth:`max_over_ranks` so that every rank selects the same tokens.
+        rope_inv_freq: ``[rotary_dim // 2]`` float32, the model's rotary inverse frequencies (on the
+            queries' device), or None where the cache was not told them. Each query in ``queries``
+            was rotated at its own position; with these a policy can turn it to another position
+            (:func:`queries_at_current_position`), as the original OmniKV's window selectors score
+            every query of their window at the current step's position.
     """
 
     queries: torch.Tensor
@@ -47,6 +58,7 @@ class SelectionContext:
     layer: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     head_group: Any = None
+    rope_inv_freq: torch.Tensor | None = None
 
     @property
     def context_len(self) -> int:
@@ -176,15 +188,50 @@ def window_columns(ctx: SelectionContext) -> torch.Tensor:
     return ctx.valid & marks[:length][None, :]
 
 
+_UNROTATED_LOGGED = False
+
+
+def queries_at_current_position(ctx: SelectionContext) -> torch.Tensor:
+    """``ctx.queries`` as if every one had been rotated at the current (last) query's position.
+
+    RoPE rotates each pair of a query's dimensions by ``position * inv_freq``; rotations compose, so
+    turning a query rotated at its own position ``p`` by ``(current - p) * inv_freq`` gives the query
+    rotated at ``current``: what rotating the un-rotated query there gives, up to rounding. Pairs are laid
+    out as transformers lays them (first half with second half); dimensions past ``2 * len(inv_freq)``
+    (partial rotary) are left as they are. No attention factor is applied: the stored queries carry the
+    model's already. Returns float32. Without ``ctx.rope_inv_freq`` the queries are returned as they
+    are (each at its own position), with one log line per process.
+    """
+    global _UNROTATED_LOGGED
+    if ctx.rope_inv_freq is None:
+        if not _UNROTATED_LOGGED and ctx.queries.shape[2] > 1:
+            _UNROTATED_LOGGED = True
+            logger.info(
+                "the selection context has no rotary frequencies (rope_inv_freq): the window's queries are "
+                "scored at their own positions, not at the current step's as the original OmniKV scores them"
+            )
+        return ctx.queries
+    queries = ctx.queries.float()
+    positions = ctx.query_positions.to(queries.device)
+    distance = (positions[-1] - positions).float()  # [window]
+    angles = distance[:, None] * ctx.rope_inv_freq.to(queries.device, torch.float32)[None, :]
+    angles = torch.cat((angles, angles), dim=-1)  # [window, rotary_dim]
+    rotary = angles.shape[-1]
+    turned = queries[..., :rotary] * angles.cos() + rotate_half(queries[..., :rotary]) * angles.sin()
+    return torch.cat((turned, queries[..., rotary:]), dim=-1) if rotary < queries.shape[-1] else turned
+
+
 def seed_window_scores(ctx: SelectionContext, weights: torch.Tensor) -> torch.Tensor:
     """The original OmniKV's window scoring (its ``uniform`` and ``exp`` selectors).
 
-    Tokens whose own query is in the window are left out of the scoring (each query's softmax runs
-    over the other valid tokens it sees) and score above every other token, later ones higher, so
-    they are always selected when the budget holds them. The others score
+    Every query of the window is scored at the current step's position, as the original rotates them
+    (:func:`queries_at_current_position`). Tokens whose own query is in the window are left out of the
+    scoring (each query's softmax runs over the other valid tokens it sees) and score above every other
+    token, later ones higher, so they are always selected when the budget holds them. The others score
     ``sum_w weights[w] * max_h softmax_h(q_w . k)``: the max over heads is taken per query, then the
     window's queries are summed. ``weights`` is ``[window]``, oldest first.
     """
+    ctx = dataclasses.replace(ctx, queries=queries_at_current_position(ctx))
     forced = window_columns(ctx)
     logits = head_logits(ctx).masked_fill(~(ctx.valid & ~forced)[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query seeing nothing scores 0

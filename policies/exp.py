@@ -1,9 +1,10 @@
 """OmniKV ``exp``: softmax attention of a window of recent queries, weights halving with age.
 
-From OmniKV (Hao et al., ICLR 2025), as its code computes it: like ``uniform`` (per query, max over
-heads, then summed over the window; the window's own prompt tokens always selected), but a query
-``a`` steps older than the current one weighs ``decay ** a`` (the original's 0.5 by default), so the
-current query dominates while recent ones still vote. Lossless.
+From OmniKV (Hao et al., ICLR 2025), as its code computes it: like ``uniform`` (every query of the
+window at the current step's position; per query, max over heads, then summed over the window; the
+window's own prompt tokens always selected), but a query ``a`` steps older than the current one
+weighs ``decay ** a`` (the original's 0.5 by default), so the current query dominates while recent
+ones still vote. Lossless.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """OmniKV ``uniform``: softmax attention of a window of recent queries, equally weighted.
 
 From OmniKV (Hao et al., ICLR 2025), as its code computes it: the filter layer keeps its last
-``window_size`` queries (the prompt's tail after prefill, then each decode step's). Each query's
-softmax attention over the context is maxed over heads, and the window's queries are summed. The
-tokens whose own query is still in the window (the prompt's last ``window_size - step`` tokens at
-decode step ``step``) are left out of that scoring and always selected. Lossless.
+``window_size`` queries (the prompt's tail after prefill, then each decode step's) and scores all of
+them at the current step's position (the original rotates the whole window with the step's
+position; here each stored query is turned from its own position to the current one). Each
+query's softmax attention over the context is maxed over heads, and the window's queries are
+summed. The tokens whose own query is still in the window (the prompt's last
+``window_size - step`` tokens at decode step ``step``) are left out of that scoring and always
+selected. Lossless.
 """
 
 from __future__ import annotations

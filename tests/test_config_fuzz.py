@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BASES: list[dict[str, Any]] = [
     json.loads(p.read_text(encoding="utf-8")) for p in sorted((ROOT / "configs").glob("*.json"))
 ]
-BASES.append(json.loads((ROOT / "tests" / "fixtures" / "seed" / "example.json").read_text(encoding="utf-8")))
 BASES.append(
     {
         "omnikv": {

@@ -10,7 +10,7 @@ import pytest
 import omnikv_runtime as okv
 from omnikv_runtime.config.legacy import SEED_KEYS
 
-EXAMPLE = Path(__file__).resolve().parent / "fixtures" / "seed" / "example.json"  # the original's configs/example.json
+EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "example.json"  # the original's, keys and values
 BASE = {"do_select_layers": "2,8,18", "num_wait_load_layers": 1, "num_of_selected_tokens": 0.067}
 BASE |= {"selector_cls": "last"}  # with these four written out, no seed default applies
 
@@ -23,8 +23,42 @@ EXAMPLE_KEYS = (
 OTHER_KEYS = (
     "decoder_start_layer_idx offload_sid sparse_in_prefill skip_prefill num_sink_tokens sink_window_length "
     "use_sink_cache use_sink skip_threshold seg_size attn_seg_sz max_len_can_hold ensure_head_tail_len "
-    "rope_factor ntk_factor pretraining_tp use_gptq use_fixed_prompt infllm_cfg_path"
+    "rope_factor ntk_factor pretraining_tp use_gptq use_fixed_prompt infllm_cfg_path use_multi_gpus n_gpu seed "
+    "hh_ratio recent_ratio batch_size"
 ).split()
+
+
+def latency_config(**changes) -> dict:
+    """The config the original's ``tiny_runs/end_to_end_latency_test.py`` writes, with its defaults
+    (context_len 128, num_sel_tokens 0.016, h2o_ratio 0.3, h2o_seg_sz 'auto', cpu_num_threads 12)."""
+    config = {
+        "batch_size": 1,
+        "model_name": "/input/jitai/huggingface/hub/Lourdle/Llama-3-8B-Instruct-262k",
+        "model_cls": "multi",
+        "max_context_len": 128000,
+        "rope_factor": -1,
+        "do_select_layers": "2,8,18",
+        "num_wait_load_layers": 1,
+        "num_of_selected_tokens": 0.016,
+        "dense_more": True,
+        "cache_cls": "multi",
+        "real_offload": True,
+        "selector_cls": "last",
+        "hh_ratio": 0.15,
+        "recent_ratio": 0.15,
+        "seg_size": "auto",
+        "skip_prefill": True,
+        "decoder_start_layer_idx": 6,
+        "offload_sid": 10,
+        "infllm_cfg_path": None,
+        "use_multi_gpus": False,
+        "load_in_4bit": False,
+        "use_flash_attn": True,
+        "use_fixed_prompt": True,
+        "use_chat_template": False,
+        "cpu_num_threads": 12,
+    }
+    return config | changes
 
 
 def _load(caplog, extra: dict) -> okv.OmniKVConfig:
@@ -52,11 +86,77 @@ def test_the_original_example_loads_with_its_values(caplog):
     assert any("'dense_more'" in line for line in inert)
     assert any("'window_size' = 16" in line and "selector 'last'" in line for line in inert)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # the budget the original uses: int(0.067 * L), with no floor (the runtime's own format floors it at 64)
+    assert config.omnikv.min_token_budget == 0
+    assert [config.omnikv.budget_tokens(length) for length in (300, 955, 3000)] == [20, 63, 201]
+    assert okv.load_config("example") == config  # shipped as configs/example.json, a bundled name
+
+
+def test_the_config_the_originals_latency_script_writes_loads(caplog):
+    with caplog.at_level(logging.INFO, logger="omnikv_runtime"):
+        config = okv.load_config(latency_config())
+    assert config.omnikv.token_budget == 0.016 and config.omnikv.min_token_budget == 0
+    # the original selects int(0.016 * L): 16, 31 and 47 tokens for these prompts
+    assert [config.omnikv.budget_tokens(length) for length in (1000, 1999, 2999)] == [16, 31, 47]
+    assert config.offload.device == "cpu" and config.model.max_context_len == 128000
+    assert (config.omnikv.selector.type, config.omnikv.filter_layers) == ("last", [2, 8, 18])
+    text = caplog.text
+    for key in ("batch_size", "seg_size", "infllm_cfg_path", "use_multi_gpus", "hh_ratio", "recent_ratio"):
+        assert f"'{key}'" in text, key
+    assert "H2O baseline reads it, and the selector is 'last'" in text
+    # the script's other runs: its dense model on two GPUs loads; the baselines it compares are refused
+    assert okv.load_config(latency_config(model_cls="raw_llama", use_multi_gpus=True)).omnikv.enabled is False
+    assert okv.load_config(latency_config(cache_cls="without_pack", real_offload=False)).offload.device == "none"
+    for model_cls, reason in (("h2o", "H2O"), ("brutal_offload", "without selecting"), ("infllm", "InfLLM")):
+        with pytest.raises(okv.ConfigError) as excinfo:
+            okv.load_config(latency_config(model_cls=model_cls))
+        assert excinfo.value.field == "model_cls" and reason in str(excinfo.value)
+
+
+def test_a_seed_config_has_no_budget_floor_unless_it_asks_for_one():
+    seed = okv.load_config(BASE)
+    sectioned = okv.load_config({"omnikv": {"filter_layers": [2, 8, 18], "token_budget": 0.067}})
+    assert (seed.omnikv.budget_tokens(300), sectioned.omnikv.budget_tokens(300)) == (20, 64)
+    floored = okv.load_config({**BASE, "omnikv": {"min_token_budget": 32}})
+    assert floored.omnikv.budget_tokens(300) == 32 and floored.omnikv.budget_tokens(1000) == 67
+
+
+H2O_SEED = {"do_select_layers": "2,8,18", "num_wait_load_layers": 1, "selector_cls": "h2o"}
+
+
+def test_the_h2o_ratios_set_the_h2o_selector(caplog):
+    """The seed's H2O keeps hh_ratio of the prompt as heavy hitters and recent_ratio as the latest tokens."""
+    with caplog.at_level(logging.INFO, logger="omnikv_runtime.config.legacy"):
+        config = okv.load_config({**H2O_SEED, "hh_ratio": 0.1, "recent_ratio": 0.3})
+    assert config.omnikv.selector.type == "h2o"
+    assert config.omnikv.token_budget == pytest.approx(0.4) and config.omnikv.min_token_budget == 0
+    assert config.omnikv.selector.model_dump()["recent_ratio"] == pytest.approx(0.75)
+    assert "set selector 'h2o'" in caplog.text and "compresses every layer" in caplog.text
+    assert config.omnikv.budget_tokens(1000) == 400  # int(0.1 * 1000) + int(0.3 * 1000) in the seed
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "reason"),
+    [
+        ({"hh_ratio": 0.1}, "hh_ratio", "given with recent_ratio too"),
+        ({"recent_ratio": 0.1}, "recent_ratio", "given with hh_ratio too"),
+        ({"hh_ratio": 0.1, "recent_ratio": 0.1, "num_of_selected_tokens": 512}, "hh_ratio", "set it too"),
+        ({"hh_ratio": 0.0, "recent_ratio": 0.0}, "hh_ratio", "summing to (0, 1]"),
+        ({"hh_ratio": 0.7, "recent_ratio": 0.6}, "hh_ratio", "summing to (0, 1]"),
+        ({"hh_ratio": 1.5, "recent_ratio": 0.1}, "hh_ratio", "a fraction of the prompt"),
+        ({"hh_ratio": "0.1", "recent_ratio": 0.1}, "hh_ratio", "a finite number"),
+    ],
+)
+def test_bad_h2o_ratios_are_refused(extra, key, reason):
+    with pytest.raises(okv.ConfigError) as excinfo:
+        okv.load_config({**H2O_SEED, **extra})
+    assert excinfo.value.field == key and reason in str(excinfo.value)
 
 
 def test_every_key_the_original_reads_is_known():
     assert set(EXAMPLE_KEYS) | set(OTHER_KEYS) <= SEED_KEYS
-    assert len(EXAMPLE_KEYS) == 17 and len(OTHER_KEYS) == 19
+    assert len(EXAMPLE_KEYS) == 17 and len(OTHER_KEYS) == 25
+    assert set(latency_config()) <= SEED_KEYS
 
 
 @pytest.mark.parametrize(
@@ -120,6 +220,16 @@ def test_mapped_keys(caplog, key, value, field, expected):
         ("use_gptq", True),  # without load_in_4bit the original ignores it too
         ("use_fixed_prompt", True),
         ("infllm_cfg_path", "config/llama-3-inf-llm.yaml"),
+        ("infllm_cfg_path", None),  # the latency script writes null when it runs no InfLLM
+        ("seg_size", "auto"),
+        ("seg_size", "auto_70B"),
+        ("batch_size", 1),
+        ("use_multi_gpus", True),
+        ("use_multi_gpus", False),
+        ("n_gpu", 2),
+        ("seed", 7),
+        ("hh_ratio", 0.15),  # with a selector other than h2o
+        ("recent_ratio", 0.15),
     ],
 )
 def test_inert_keys_are_accepted_with_one_log_line(caplog, key, value):
@@ -159,6 +269,23 @@ def test_keys_that_would_change_results_are_refused(extra, key, reason):
     assert reason in str(excinfo.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("seg_size", "big", "an integer, 'auto' or 'auto_70B'"),
+        ("seg_size", 2.5, "an integer, 'auto' or 'auto_70B'"),
+        ("infllm_cfg_path", 3, "a string or null"),
+        ("batch_size", "1", "an integer"),
+        ("use_multi_gpus", "maybe", "true or false"),
+        ("hh_ratio", -0.1, "a fraction of the prompt"),
+    ],
+)
+def test_inert_keys_check_their_values(key, value, allowed):
+    with pytest.raises(okv.ConfigError) as excinfo:
+        okv.load_config({**BASE, key: value})
+    assert excinfo.value.field == key and allowed in str(excinfo.value)
+
+
 def test_a_dense_model_needs_no_cache_class(caplog):
     config = _load(caplog, {"model_cls": "raw_llama", "cache_cls": "default"})
     assert config.omnikv.enabled is False
@@ -186,7 +313,7 @@ def test_booleans_are_parsed_not_tested_for_truth(key, field):
 
 BOOLEAN_KEYS = (
     "use_chat_template cot load_in_8bit load_in_4bit use_flash_attn real_offload dense_more sparse_in_prefill "
-    "skip_prefill use_sink_cache use_sink use_gptq use_fixed_prompt"
+    "skip_prefill use_sink_cache use_sink use_gptq use_fixed_prompt use_multi_gpus"
 ).split()
 
 

@@ -31,12 +31,15 @@ class Selector:
         transfer: the transfer engine whose byte counts time a fetch.
         head_group: with tensor parallelism, the ranks holding the other heads (None otherwise).
         listeners: the engine's listeners (selection and fetch events).
+        rope_inv_freq: the model's rotary inverse frequencies (policies that score a window of
+            queries turn each to the current position with them), or None.
     """
 
     policy: SelectionPolicy
     transfer: TransferEngine
     head_group: Any = None
     listeners: Listeners = field(default_factory=Listeners)
+    rope_inv_freq: torch.Tensor | None = None
 
     @property
     def window_size(self) -> int:
@@ -82,6 +85,7 @@ class Selector:
             layer=layer,
             state=state,
             head_group=self.head_group,
+            rope_inv_freq=self.rope_inv_freq,
         )
         indices = self.policy.select(context)
         self.listeners.announce_selection(cache, step, context, indices)

@@ -11,10 +11,12 @@ is handled in one of three ways:
   (a ``cache_cls`` that names another cache variant, sinks, RoPE scaling, ...).
 
 Booleans are parsed as the sectioned format parses them (``"false"`` is false; ``"maybe"`` is an
-error). Keys the original leaves out take the original's defaults (:data:`SEED_DEFAULTS`). A seed
-config may also carry sections of this runtime (``profiling``, ``prefill``, ...); they merge with
-what the seed keys map to, and a field set both ways is refused. Unknown keys raise a ConfigError
-with a did-you-mean.
+error). Keys the original leaves out take the original's defaults (:data:`SEED_DEFAULTS`), and a
+fractional budget has no floor (``omnikv.min_token_budget = 0``), as in the original, unless the
+config's ``omnikv`` section sets one. The H2O ratios (``hh_ratio``, ``recent_ratio``) configure this
+runtime's ``h2o`` selector when the config selects it (:func:`_h2o_ratios`). A seed config may also
+carry sections of this runtime (``profiling``, ``prefill``, ...); they merge with what the seed keys
+map to, and a field set both ways is refused. Unknown keys raise a ConfigError with a did-you-mean.
 """
 
 from __future__ import annotations
@@ -114,6 +116,27 @@ def _any(key: str, value: Any) -> Any:
     return value
 
 
+def _optional_str(key: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(key, value, "a string or null")
+    return value
+
+
+def _segment_size(key: str, value: Any) -> int | str:
+    if value in ("auto", "auto_70B"):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, value, "an integer, 'auto' or 'auto_70B'")
+    return value
+
+
+def _fraction(key: str, value: Any) -> float:
+    number = _number(key, value)
+    if not 0 <= number <= 1:
+        raise ConfigError(key, value, "a fraction of the prompt from 0 to 1")
+    return number
+
+
 # seed key -> (check of its value, why it has no effect here)
 NO_EFFECT: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "decoder_start_layer_idx": (_int, "where the seed's select-once models select; OmniKV selects at filter layers"),
@@ -121,14 +144,25 @@ NO_EFFECT: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "sparse_in_prefill": (_bool, "the seed's OmniKV model reads it but never uses it; its prefill is dense, as here"),
     "skip_prefill": (_bool, "an option of the seed's H2O baseline"),
     "skip_threshold": (_number, "an option of the seed's 'lazy' cache"),
-    "seg_size": (_int, "a chunk size of the seed's computation; it does not change results"),
+    "seg_size": (_segment_size, "the prefill chunk size of the seed's H2O baseline (an integer, 'auto' or 'auto_70B')"),
     "attn_seg_sz": (_int, "the seed's OmniKV model reads it but never uses it"),
     "max_len_can_hold": (_int, "the seed's OmniKV model reads it but never uses it"),
     "ensure_head_tail_len": (_number, "read only by the seed's 'token' model"),
     "ntk_factor": (_number, "read only by the seed's 'token' model"),
     "num_sink_tokens": (_number, "sizes the seed's sink cache, which is off (use_sink_cache is not true)"),
     "sink_window_length": (_number, "sizes the seed's sink cache, which is off (use_sink_cache is not true)"),
-    "infllm_cfg_path": (_str, "configures the seed's InfLLM baseline"),
+    "infllm_cfg_path": (_optional_str, "configures the seed's InfLLM baseline"),
+    "batch_size": (_int, "written by the seed's latency script; its generation runs one prompt at a time"),
+    "use_multi_gpus": (
+        _bool,
+        "the seed's dense model spreads its weights over the GPUs with it (device_map='auto'), which does not "
+        "change results; here distributed.tp_size or distributed.offload_weights place the weights",
+    ),
+    "n_gpu": (_int, "read only by the seed's H2O baseline"),
+    "seed": (
+        _int,
+        "the random seed of the seed's H2O baseline (its OmniKV model always seeds 42 and decodes greedily)",
+    ),
     "skip_gate": (_any, "not read by the seed's OmniKV model"),
     "chunk_size_for_prefill": (_any, "not read by the seed's OmniKV model"),
 }
@@ -217,7 +251,9 @@ CONDITIONAL: dict[str, Callable[[str, Any, dict[str, Any]], str]] = {
     "model_cls": _model_cls,
     "cache_cls": _cache_cls,
 }
-SEED_KEYS = frozenset(MAPPED) | frozenset(NO_EFFECT) | frozenset(CONDITIONAL)
+# the seed's H2O baseline budget: hh_ratio of the prompt as heavy hitters plus recent_ratio as the latest tokens
+H2O_RATIOS = ("hh_ratio", "recent_ratio")
+SEED_KEYS = frozenset(MAPPED) | frozenset(NO_EFFECT) | frozenset(CONDITIONAL) | frozenset(H2O_RATIOS)
 
 
 def is_legacy(data: dict[str, Any]) -> bool:
@@ -299,6 +335,50 @@ def _merge(out: dict[str, dict[str, Any]], sections: dict[str, Any]) -> None:
             out[name][field] = value
 
 
+def _h2o_ratios(flat: dict[str, Any], out: dict[str, dict[str, Any]], selector: dict[str, Any], written: set) -> None:
+    """``hh_ratio`` and ``recent_ratio``: the seed's H2O baseline keeps ``int(hh_ratio * L)`` heavy hitters and
+    ``int(recent_ratio * L)`` recent tokens of an ``L``-token prompt. With selector ``h2o`` they set this
+    runtime's H2O policy: ``omnikv.token_budget = hh_ratio + recent_ratio`` and its ``recent_ratio`` the recent
+    share of that (the budget may round to one token more than the seed's two roundings). With another
+    selector nothing reads them (one log line)."""
+    given = {key: _fraction(key, flat[key]) for key in H2O_RATIOS if key in flat}
+    if not given:
+        return
+    if selector.get("type") != "h2o":
+        for key in given:
+            logger.info(
+                "seed config key %r has no effect here: the seed's H2O baseline reads it, and the selector is %r",
+                key,
+                selector.get("type"),
+            )
+        return
+    missing = [key for key in H2O_RATIOS if key not in given]
+    if missing:
+        key = next(iter(given))
+        raise ConfigError(key, given[key], f"given with {missing[0]} too: the seed's H2O budget needs both")
+    if "num_of_selected_tokens" in flat or ("omnikv", "token_budget") in written:
+        raise ConfigError(
+            "hh_ratio",
+            given["hh_ratio"],
+            "left out with selector 'h2o' when num_of_selected_tokens or omnikv.token_budget sets the budget: "
+            "hh_ratio + recent_ratio set it too",
+        )
+    total = given["hh_ratio"] + given["recent_ratio"]
+    if not 0 < total <= 1:
+        raise ConfigError("hh_ratio", given["hh_ratio"], f"a value with recent_ratio summing to (0, 1], got {total:g}")
+    out["omnikv"]["token_budget"] = float(total)
+    selector["recent_ratio"] = given["recent_ratio"] / total
+    logger.info(
+        "seed H2O ratios hh_ratio = %r, recent_ratio = %r set selector 'h2o': omnikv.token_budget = %r, its "
+        "recent_ratio = %r (this runtime's H2O policy, which selects at the filter layers; the seed's H2O baseline "
+        "compresses every layer)",
+        given["hh_ratio"],
+        given["recent_ratio"],
+        total,
+        selector["recent_ratio"],
+    )
+
+
 def from_legacy(data: dict[str, Any]) -> dict[str, Any]:
     """Translate a seed OmniKV flat config into the sectioned layout (a dict to validate)."""
     out: dict[str, dict[str, Any]] = {name: {} for name in sorted(SECTION_NAMES)}
@@ -317,6 +397,8 @@ def from_legacy(data: dict[str, Any]) -> dict[str, Any]:
         elif key in CONDITIONAL:
             reason = CONDITIONAL[key](key, value, flat)
             logger.info("seed config key %r = %r has no effect here: %s", key, value, reason)
+        elif key in H2O_RATIOS:
+            continue  # read with the selector below
         else:
             known = sorted(SEED_KEYS | SECTION_NAMES)
             raise ConfigError(str(key), value, f"a seed OmniKV key{did_you_mean(str(key), known)}; known: {known}")
@@ -326,10 +408,13 @@ def from_legacy(data: dict[str, Any]) -> dict[str, Any]:
         _map(key, value, out, selector)
     if defaults:
         logger.info("seed config: keys left out take the original's defaults: %s", defaults)
+    _h2o_ratios(flat, out, selector, written)
     _drop_unused_window(selector)
     if selector:
         out["omnikv"]["selector"] = selector
     _merge(out, {name: data[name] for name in SECTION_NAMES if name in data})
+    if isinstance(out["omnikv"], dict):  # the original has no budget floor; a section may still ask for one
+        out["omnikv"].setdefault("min_token_budget", 0)
     return {name: section for name, section in out.items() if section or name in data}
 
 

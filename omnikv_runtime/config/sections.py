@@ -143,9 +143,12 @@ class OmniKVSection(_Section):
     )
     min_token_budget: StrictInt = Field(
         default=64,
-        ge=1,
+        ge=0,
         le=MAX_TOKENS,
-        description="a fractional budget never selects fewer tokens than this (short prompts then run dense)",
+        description=(
+            "a fractional budget never selects fewer tokens than this (short prompts then run dense); 0: no floor, "
+            "as in the seed (what a seed-format config gets unless it sets this field)"
+        ),
     )
     tail_tokens: StrictInt | None = Field(
         default=None,
@@ -193,7 +196,8 @@ class OmniKVSection(_Section):
         """How many context tokens a sparse layer sees for a context of `context_len` tokens.
 
         A fraction rounds down, ``int(fraction * context_len)``, as the original OmniKV does, and is
-        then raised to ``min_token_budget`` (a floor the original does not have).
+        then raised to ``min_token_budget`` (a floor the original does not have; seed-format configs
+        get 0, no floor).
         """
         if isinstance(self.token_budget, float):
             wanted = max(int(self.token_budget * context_len), self.min_token_budget)

@@ -29,6 +29,7 @@ from omnikv_runtime.errors import ConfigError, OmniKVError, PromptError
 from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.layout import LayerPlan, Role, reserve_tokens
 from omnikv_runtime.listeners import EngineListener, Listeners
+from omnikv_runtime.models.rotary import rotary_inverse_frequencies
 from omnikv_runtime.policies import make_eviction_policy, make_selection_policy
 from omnikv_runtime.transfer import make_transfer_engine
 
@@ -81,7 +82,10 @@ class Engine:
         )
         self.max_positions = self.geometry.max_positions
         self.cache_keyword = cache_keyword(model)  # "cache" or "past_key_values", as model.generate takes it
-        self.selector = Selector(self.policy, self.transfer, self.tensor_parallel_group, self.listeners)
+        self.rope_inv_freq = rotary_inverse_frequencies(model, self.device)  # window queries are turned with them
+        self.selector = Selector(
+            self.policy, self.transfer, self.tensor_parallel_group, self.listeners, self.rope_inv_freq
+        )
         self.detached = False
         self._last_cache: OmniKVCache | None = None
         self._last_run: RunRecord | None = None

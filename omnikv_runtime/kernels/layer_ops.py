@@ -238,7 +238,10 @@ def rotary_embedding(
     return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[-x2, x1]`` for ``x = [x1, x2]`` split in halves of the last dimension: with ``cos`` and ``sin`` of the
+    angles repeated over both halves, ``x * cos + rotate_half(x) * sin`` rotates each pair ``(x1[i], x2[i])``
+    by its angle (the layout transformers' rotary embedding uses)."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -248,7 +251,7 @@ def rotary_embedding_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same function in torch ops, on head-major ``[batch, heads, seq, dim]`` inputs, as transformers."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
