@@ -109,7 +109,7 @@ def test_valid_layout_builds_the_expected_plan(tiny_llama):
         (8, 1, 5, 5),
     ],
 )
-def test_budget_tokens(budget, minimum, context, tokens):
+def test_token_budget_for(budget, minimum, context, tokens):
     """A fraction takes int(fraction * context), at least min_token_budget; a count is capped by the context."""
     section = {"token_budget": budget, "min_token_budget": minimum}
     assert okv.load_config({"omnikv": section}).omnikv.token_budget_for(context) == tokens

@@ -88,7 +88,7 @@ def test_the_original_example_loads_with_its_values(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     # the budget the original uses: int(0.067 * L), with no floor (the runtime's own format floors it at 64)
     assert config.omnikv.min_token_budget == 0
-    assert [config.omnikv.budget_tokens(length) for length in (300, 955, 3000)] == [20, 63, 201]
+    assert [config.omnikv.token_budget_for(length) for length in (300, 955, 3000)] == [20, 63, 201]
     assert okv.load_config("example") == config  # shipped as configs/example.json, a bundled name
 
 
@@ -97,7 +97,7 @@ def test_the_config_the_originals_latency_script_writes_loads(caplog):
         config = okv.load_config(latency_config())
     assert config.omnikv.token_budget == 0.016 and config.omnikv.min_token_budget == 0
     # the original selects int(0.016 * L): 16, 31 and 47 tokens for these prompts
-    assert [config.omnikv.budget_tokens(length) for length in (1000, 1999, 2999)] == [16, 31, 47]
+    assert [config.omnikv.token_budget_for(length) for length in (1000, 1999, 2999)] == [16, 31, 47]
     assert config.offload.device == "cpu" and config.model.max_context_len == 128000
     assert (config.omnikv.selector.type, config.omnikv.filter_layers) == ("last", [2, 8, 18])
     text = caplog.text
@@ -116,9 +116,9 @@ def test_the_config_the_originals_latency_script_writes_loads(caplog):
 def test_a_seed_config_has_no_budget_floor_unless_it_asks_for_one():
     seed = okv.load_config(BASE)
     sectioned = okv.load_config({"omnikv": {"filter_layers": [2, 8, 18], "token_budget": 0.067}})
-    assert (seed.omnikv.budget_tokens(300), sectioned.omnikv.budget_tokens(300)) == (20, 64)
+    assert (seed.omnikv.token_budget_for(300), sectioned.omnikv.token_budget_for(300)) == (20, 64)
     floored = okv.load_config({**BASE, "omnikv": {"min_token_budget": 32}})
-    assert floored.omnikv.budget_tokens(300) == 32 and floored.omnikv.budget_tokens(1000) == 67
+    assert floored.omnikv.token_budget_for(300) == 32 and floored.omnikv.token_budget_for(1000) == 67
 
 
 H2O_SEED = {"do_select_layers": "2,8,18", "num_wait_load_layers": 1, "selector_cls": "h2o"}
@@ -132,7 +132,7 @@ def test_the_h2o_ratios_set_the_h2o_selector(caplog):
     assert config.omnikv.token_budget == pytest.approx(0.4) and config.omnikv.min_token_budget == 0
     assert config.omnikv.selector.model_dump()["recent_ratio"] == pytest.approx(0.75)
     assert "set selector 'h2o'" in caplog.text and "compresses every layer" in caplog.text
-    assert config.omnikv.budget_tokens(1000) == 400  # int(0.1 * 1000) + int(0.3 * 1000) in the seed
+    assert config.omnikv.token_budget_for(1000) == 400  # int(0.1 * 1000) + int(0.3 * 1000) in the seed
 
 
 @pytest.mark.parametrize(
