@@ -33,7 +33,8 @@ class SelectionContext:
         query_positions: ``[window]`` cache column of each query (for causality).
         keys: ``[batch, kv_heads, context_len, head_dim]``, keys of the selectable context.
         valid: ``[batch, context_len]`` bool, False at padded positions.
-        budget: how many tokens to select (``0 <= budget <= context_len``).
+        token_budget: how many tokens to select (``0 <= token_budget <= context_len``): the config's
+            ``omnikv.token_budget`` for this context.
         scaling: the attention's softmax scale.
         layer: index of the filter layer selecting.
         state: this filter layer's per-request state, owned by the cache (a fresh cache, a fresh
@@ -53,7 +54,7 @@ class SelectionContext:
     query_positions: torch.Tensor
     keys: torch.Tensor
     valid: torch.Tensor
-    budget: int
+    token_budget: int
     scaling: float
     layer: int = 0
     state: dict[str, Any] = field(default_factory=dict)
@@ -112,7 +113,7 @@ class SelectionPolicy(ABC):
 
     @abstractmethod
     def select(self, ctx: SelectionContext) -> torch.Tensor:
-        """Sorted indices ``[batch, k]`` (``k <= ctx.budget``) of the tokens to read; padded tokens last, if at all."""
+        """Sorted indices ``[batch, k]`` (``k <= ctx.token_budget``) of the tokens to read; padded tokens last, if at all."""
 
     def dropped_tokens(self, states: dict[int, dict[str, Any]]) -> dict[int, int]:
         """Filter layer -> context tokens dropped for good this request (max over batch rows), from each
@@ -122,7 +123,7 @@ class SelectionPolicy(ABC):
 
 @dataclass
 class ScoredPolicy(SelectionPolicy):
-    """A policy that scores every context token and keeps the top ``budget`` valid ones."""
+    """A policy that scores every context token and keeps the top ``token_budget`` valid ones."""
 
     @abstractmethod
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
@@ -130,10 +131,10 @@ class ScoredPolicy(SelectionPolicy):
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         batch = ctx.keys.shape[0]
-        if ctx.budget >= ctx.context_len:
+        if ctx.token_budget >= ctx.context_len:
             return all_indices(batch, ctx.context_len, ctx.keys.device)
         scores = self.scores(ctx).float().masked_fill(~ctx.valid, float("-inf"))
-        indices = torch.topk(scores, ctx.budget, dim=-1, sorted=False).indices
+        indices = torch.topk(scores, ctx.token_budget, dim=-1, sorted=False).indices
         return torch.sort(indices, dim=-1).values
 
 

@@ -42,5 +42,5 @@ class H2OPolicy(LossyPolicy):
             accumulated = torch.zeros_like(attention)
         accumulated = accumulated + attention
         state.extra["accumulated"] = accumulated
-        recent = last_valid(ctx, int(ctx.budget * self.recent_ratio))
+        recent = last_valid(ctx, int(ctx.token_budget * self.recent_ratio))
         return accumulated + recent * (accumulated.amax() + 1.0)

@@ -77,6 +77,6 @@ class InfLLMPolicy(ScoredPolicy):
         relevance = relevance.masked_fill(~ok.any(-1), float("-inf"))  # a block of padding only
         scores = ranked_groups(relevance, self.block_size, length)
         top = scores.amax() + 1.0
-        scores = scores + last_valid(ctx, int(ctx.budget * self.local_ratio)) * top
+        scores = scores + last_valid(ctx, int(ctx.token_budget * self.local_ratio)) * top
         scores = scores + first_valid(usable, self.init_tokens) * 2 * top
         return scores.masked_fill(~causal_columns(ctx)[None, :], -1.0)

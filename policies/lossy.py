@@ -74,7 +74,7 @@ class LossyPolicy(SelectionPolicy):
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         state = self._state(ctx)
         batch = ctx.keys.shape[0]
-        if ctx.budget >= ctx.context_len:  # nothing needs dropping
+        if ctx.token_budget >= ctx.context_len:  # nothing needs dropping
             state.first = False
             return all_indices(batch, ctx.context_len, ctx.keys.device)
         scores = self.rank(ctx, state).float().nan_to_num(0.0).clamp(min=KEEP_FLOOR)
@@ -82,7 +82,7 @@ class LossyPolicy(SelectionPolicy):
         keep = state.alive & ctx.valid
         filler = torch.full_like(scores, float("-inf")).masked_fill(~ctx.valid, _PAD_SCORE)
         scores = torch.where(keep, scores, filler)
-        indices = torch.sort(torch.topk(scores, ctx.budget, dim=-1, sorted=False).indices, dim=-1).values
+        indices = torch.sort(torch.topk(scores, ctx.token_budget, dim=-1, sorted=False).indices, dim=-1).values
         chosen = torch.zeros_like(state.alive).scatter_(1, indices, True)
         state.alive = state.alive & (chosen | ~ctx.valid)
         return indices

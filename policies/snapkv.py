@@ -44,7 +44,7 @@ class SnapKVPolicy(LossyPolicy):
         pad = self.kernel_size // 2
         pooled = torch.nn.functional.max_pool1d(attention, self.kernel_size, stride=1, padding=pad)
         votes = pooled.sum(dim=1)
-        window = min(self.window_size, ctx.budget // 2)
+        window = min(self.window_size, ctx.token_budget // 2)
         votes = votes + last_valid(ctx, window) * (votes.amax() + 1.0)
         state.extra["votes"] = votes
         return votes

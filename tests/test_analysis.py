@@ -46,7 +46,7 @@ def test_probe_selects_what_the_runtime_filter_layers_select(family):
     for step in range(STEPS):
         for layer in (1, 4):
             ctx = next(c for c in contexts[2 * step : 2 * step + 2] if c.layer == layer)
-            ctx = dataclasses.replace(ctx, budget=8)
+            ctx = dataclasses.replace(ctx, token_budget=8)
             assert torch.equal(policy.select(ctx)[0], probe.selections[layer][step]), (layer, step)
     # control: layers do not all select the same tokens
     assert len({tuple(s[0].tolist()) for s in probe.selections}) > 2

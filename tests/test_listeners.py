@@ -46,7 +46,9 @@ def test_events_of_a_generation(offload):
     selections = [e for e in listener.events if isinstance(e, Selection)]
     fetches = [e for e in listener.events if isinstance(e, Fetch)]
     assert [(e.layer, e.step) for e in selections] == [(layer, step) for step in range(NEW - 1) for layer in (1, 4)]
-    assert all(e.indices.shape == (2, 8) and e.context.budget == 8 and e.context.layer == e.layer for e in selections)
+    assert all(
+        e.indices.shape == (2, 8) and e.context.token_budget == 8 and e.context.layer == e.layer for e in selections
+    )
     # every selection is followed by its segment's fetch; the fetches add up to what the transfer engine moved
     kinds = [type(e).__name__ for e in listener.events if not isinstance(e, ForwardStart)]
     assert kinds == ["Selection", "Fetch"] * len(selections)

@@ -42,7 +42,7 @@ def random_context(
         query_positions=torch.arange(context_len - window + 1, context_len + 1),
         keys=torch.randn(batch, kv_heads, context_len, dim, generator=g),
         valid=valid,
-        budget=budget,
+        token_budget=budget,
         scaling=dim**-0.5,
     )
 
@@ -61,7 +61,7 @@ def test_policy_contract_on_random_contexts(name, seed, q_heads, kv_heads):
     if name == "full":
         assert torch.equal(indices, torch.arange(ctx.context_len).expand(2, -1))
         return
-    assert indices.shape == (2, ctx.budget)
+    assert indices.shape == (2, ctx.token_budget)
     assert (indices[:, 1:] > indices[:, :-1]).all()  # sorted, no repeats
     assert indices.min() >= 0 and indices.max() < ctx.context_len
     assert ctx.valid.gather(1, indices).all()  # 30 valid tokens in row 1 > budget: no padding picked
@@ -117,7 +117,7 @@ def gqa_context(head: int, window: int) -> tuple[SelectionContext, torch.Tensor,
         query_positions=torch.arange(length, length + window),  # decode steps: no window query inside the context
         keys=keys,
         valid=torch.ones(batch, length, dtype=torch.bool),
-        budget=1,
+        token_budget=1,
         scaling=dim**-0.5,
     )
     return ctx, target, decoy
@@ -160,7 +160,7 @@ def causal_context(window: int = 8) -> SelectionContext:
         query_positions=torch.arange(20 - window, 20),
         keys=keys,
         valid=torch.ones(batch, length, dtype=torch.bool),
-        budget=5,
+        token_budget=5,
         scaling=dim**-0.5,
     )
 

@@ -53,7 +53,7 @@ def test_policy_matrix_in_the_runtime(family_runs, name):
         valid, indices = event.context.valid, event.indices
         assert torch.equal(valid, mask)  # the policy is told exactly which positions are padding
         expected = PROMPT_LEN if name == "full" else BUDGET
-        assert event.context.budget == BUDGET and indices.shape == (2, expected)
+        assert event.context.token_budget == BUDGET and indices.shape == (2, expected)
         assert (indices[:, 1:] > indices[:, :-1]).all() and indices.max() < PROMPT_LEN
         if name != "full":  # 33 real tokens in the padded row > budget: padding is never picked
             assert valid.gather(1, indices).all() and (indices[1] >= PAD_TOKENS).all()

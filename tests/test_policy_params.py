@@ -144,7 +144,7 @@ def _decode_context(policy: SelectionPolicy, seed: int, length: int = 64, budget
         query_positions=torch.arange(length + 1 - window, length + 1),
         keys=torch.randn(2, 2, length, 16, generator=g),
         valid=valid,
-        budget=budget,
+        token_budget=budget,
         scaling=0.25,
     )
 

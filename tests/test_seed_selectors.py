@@ -71,7 +71,7 @@ def decode_context(seed, step, window, budget, prompt_len=48, heads=4, kv_heads=
         query_positions=positions,
         keys=rope(torch.randn(1, kv_heads, prompt_len, DIM, generator=g), torch.arange(prompt_len)),
         valid=torch.ones(1, prompt_len, dtype=torch.bool),
-        budget=budget,
+        token_budget=budget,
         scaling=DIM**-0.5,
         rope_inv_freq=INV_FREQ,
     )

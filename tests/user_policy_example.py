@@ -35,7 +35,7 @@ class VaryingCountPolicy(SelectionPolicy):
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         position = int(ctx.query_positions[-1])
-        count = ctx.budget if position % 2 == 0 else max(ctx.budget - 3, 1)
+        count = ctx.token_budget if position % 2 == 0 else max(ctx.token_budget - 3, 1)
         scores = ctx.keys.float().norm(dim=-1).amax(dim=1).masked_fill(~ctx.valid, float("-inf"))
         indices = torch.topk(scores, count, dim=-1).indices
         return torch.sort(indices, dim=-1).values
@@ -65,7 +65,7 @@ class RecentBoostPolicy(ScoredPolicy):
         # [batch, q_heads, 1, context] logits of the current query; a token's score is its best head's
         logits = head_logits(ctx, last_only=True)[:, :, 0].amax(dim=1)
         # the latest `recent` real tokens outrank every other token
-        boost = last_valid(ctx, min(self.recent, ctx.budget)) * (logits.abs().amax() * 2 + 1)
+        boost = last_valid(ctx, min(self.recent, ctx.token_budget)) * (logits.abs().amax() * 2 + 1)
         return logits + boost
 
 

@@ -80,7 +80,7 @@ class Selector:
             query_positions=positions,
             keys=keys,
             valid=valid,
-            budget=min(token_budget, keys.shape[2]),
+            token_budget=min(token_budget, keys.shape[2]),
             scaling=scaling,
             layer=layer,
             state=state,
