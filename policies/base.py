@@ -113,7 +113,8 @@ class SelectionPolicy(ABC):
 
     @abstractmethod
     def select(self, ctx: SelectionContext) -> torch.Tensor:
-        """Sorted indices ``[batch, k]`` (``k <= ctx.token_budget``) of the tokens to read; padded tokens last, if at all."""
+        """Sorted indices ``[batch, k]`` (``k <= ctx.token_budget``) of the tokens to read; padded tokens
+        last, if at all."""
 
     def dropped_tokens(self, states: dict[int, dict[str, Any]]) -> dict[int, int]:
         """Filter layer -> context tokens dropped for good this request (max over batch rows), from each
