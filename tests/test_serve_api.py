@@ -36,12 +36,14 @@ def client(scheduler):
 
 
 def error_of(response, status: int, param: str | None = None, code: str | None = None) -> str:
-    """The error message of `response`, after checking its status and OpenAI's error body shape."""
+    """The error message of `response`, after checking its status and OpenAI's error body shape (a code
+    always; `code` when given)."""
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str) and error["message"]
     assert error["param"] == param
+    assert isinstance(error["code"], str) and error["code"]
     if code is not None:
         assert error["code"] == code
     return error["message"]
@@ -135,18 +137,20 @@ BAD_BODIES = [
     pytest.param({**PROMPT, "max_tokens": "8"}, "max_tokens", "invalid_value", id="max_tokens-string"),
     pytest.param({**PROMPT, "temperature": 3}, "temperature", "invalid_value", id="temperature"),
     pytest.param({**PROMPT, "top_p": 0}, "top_p", "invalid_value", id="top_p"),
-    pytest.param({**PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop", None, id="5-stops"),
+    pytest.param({**PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value", id="5-stops"),
     pytest.param({**PROMPT, "stop": 7}, "stop", "invalid_value", id="stop-number"),
     pytest.param({**PROMPT, "seed": 2**64}, "seed", "invalid_value", id="seed-too-big"),
-    pytest.param({**PROMPT, "prompt": ["a", "b"]}, "prompt", None, id="two-prompts"),
-    pytest.param({**PROMPT, "prompt": ""}, "prompt", None, id="empty-prompt"),
+    pytest.param({**PROMPT, "prompt": ["a", "b"]}, "prompt", "invalid_value", id="two-prompts"),
+    pytest.param({**PROMPT, "prompt": ""}, "prompt", "empty_prompt", id="empty-prompt"),
     pytest.param({"max_tokens": 3}, "prompt", "missing_required_parameter", id="no-prompt"),
     pytest.param({**PROMPT, "best_of": 2}, "best_of", "unsupported_value", id="best_of=2"),
     pytest.param({**PROMPT, "n": 2}, "n", "unsupported_value", id="n=2"),
     pytest.param({**PROMPT, "logprobs": 1}, "logprobs", "unsupported_value", id="logprobs=1"),
     pytest.param({**PROMPT, "frequency_penalty": 0.5}, "frequency_penalty", "unsupported_value", id="penalty"),
     pytest.param({**PROMPT, "echo": True}, "echo", "unsupported_value", id="echo"),
-    pytest.param({**PROMPT, "stream_options": {"include_usage": True}}, "stream_options", None, id="options-no-stream"),
+    pytest.param(
+        {**PROMPT, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value", id="options-no-stream"
+    ),
     pytest.param({**PROMPT, "stream": True, "stream_options": {"x": 1}}, "stream_options.x", "unknown_parameter"),
 ]
 
