@@ -147,7 +147,18 @@ def test_a_non_ascii_api_key_authenticates_as_utf8_bytes():
             api_key_bytes(key)
 
 
-def test_a_key_no_request_can_carry_is_refused_before_the_model_loads(capsys):
+@pytest.fixture
+def no_model(monkeypatch):
+    """``omnikv serve`` fails the test if it gets as far as loading a config (and a model)."""
+    import omnikv_runtime.config
+
+    def load_config(*args, **kwargs):
+        raise AssertionError("the command went on to load the model")
+
+    monkeypatch.setattr(omnikv_runtime.config, "load_config", load_config)
+
+
+def test_a_key_no_request_can_carry_is_refused_before_the_model_loads(capsys, no_model):
     assert cli.main(["serve", "--api-key", "key "]) == 2
     assert "api_key" in capsys.readouterr().err
 
@@ -337,7 +348,7 @@ def test_silent_slow_and_idle_connections_are_closed():
         assert _closed_by_server(idle, 2)  # keep-alive over
 
 
-def test_the_descriptor_limit_is_raised_and_checked_against_the_connections(capsys):
+def test_the_descriptor_limit_is_raised_and_checked_against_the_connections(capsys, no_model):
     resource = pytest.importorskip("resource")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lowered = min(soft, 4096) if hard == resource.RLIM_INFINITY else hard // 2
