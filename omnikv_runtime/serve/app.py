@@ -153,7 +153,10 @@ class Api:
     # a request -------------------------------------------------------------------------------------------
     def prepare(self, raw: bytes, chat: bool) -> Prepared:
         """The body checked, rendered and tokenized (on the worker thread: this grows with the body)."""
-        body = parse_body(raw, ChatCompletionRequest if chat else CompletionRequest)
+        if chat:
+            body = parse_body(raw, ChatCompletionRequest, max_messages=self.encoder.room(None))
+        else:
+            body = parse_body(raw, CompletionRequest)
         if body.model is not None and body.model != self.model_name:
             message = f"The model '{body.model}' does not exist: this server serves '{self.model_name}'"
             raise ApiError(404, message, "model", "model_not_found")
@@ -189,7 +192,6 @@ class Api:
             message = "This model's tokenizer has no chat template: use /v1/completions"
             raise ApiError(400, message, "messages", "unsupported_value")
         messages = [message.as_template_message() for message in body.messages]
-        self.encoder.check_messages(len(messages), max_tokens)
         self.encoder.check_chars(sum(len(m["content"]) for m in messages), max_tokens, "messages")
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -5,8 +5,8 @@ The checks run cheapest first:
 1. **By characters.** No token covers more characters than the longest entry of the tokenizer's
    vocabulary (byte-level BPE entries hold one character per byte, SentencePiece entries one per
    character), so a text longer than ``room × longest`` characters has more than ``room`` tokens:
-   it is refused without tokenizing. A chat request with more messages than the context has tokens
-   is refused the same way (each message renders to at least one token).
+   it is refused without tokenizing. (A chat request with more messages than the context has
+   tokens is refused before that, as its body is parsed: each message renders to at least one token.)
 2. **By prefix.** A long text is counted on growing prefixes, each cut before a space. Tokens do not
    span such a cut in the vocabularies served here, so a prefix has about as many tokens as the
    same stretch of the whole text; one more than ``room + PREFIX_SLACK`` tokens refuses the
@@ -79,12 +79,6 @@ class PromptEncoder:
         if self.longest_token is not None and chars > max(room, 0) * self.longest_token:
             why = f"{chars} characters, and no token is longer than {self.longest_token}"
             raise too_long(room, why, self.context_limit, max_tokens, param)
-
-    def check_messages(self, count: int, max_tokens: int | None) -> None:
-        room = self.room(max_tokens)
-        if count > room:
-            why = f"{count} messages, each at least one"
-            raise too_long(room, why, self.context_limit, max_tokens, "messages")
 
     def encode(self, text: str, add_special_tokens: bool, max_tokens: int | None, param: str) -> tuple[int, ...]:
         """The ids of ``text``; raises ApiError 400 when they cannot fit (possibly before counting them all)."""

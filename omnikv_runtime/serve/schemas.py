@@ -242,8 +242,9 @@ def _surrogate_error(loc: tuple[Any, ...], text: str, what: str) -> ApiError:
     )
 
 
-def parse_body(raw: bytes, model: type[_Sampling]) -> _Sampling:
-    """A request body (bytes of JSON) as `model`, checked; raises :class:`ApiError` (400) naming the problem."""
+def parse_body(raw: bytes, model: type[_Sampling], max_messages: int | None = None) -> _Sampling:
+    """A request body (bytes of JSON) as `model`, checked; raises :class:`ApiError` (400) naming the problem.
+    More than ``max_messages`` chat messages are refused before they are validated one by one."""
     try:
         data = json.loads(raw, parse_int=_integer)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -252,6 +253,13 @@ def parse_body(raw: bytes, model: type[_Sampling]) -> _Sampling:
         raise ApiError(400, "The request body nests arrays or objects too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    messages = data.get("messages")
+    if max_messages is not None and isinstance(messages, list) and len(messages) > max_messages:
+        message = (
+            f"'messages' holds {len(messages)} messages: more than the {max_messages} tokens this server's context "
+            "leaves for a prompt (each message is at least one token)"
+        )
+        raise ApiError(400, message, "messages", "context_length_exceeded")
     surrogate = _lone_surrogate(data)
     if surrogate is not None:
         raise surrogate
