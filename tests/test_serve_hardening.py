@@ -368,6 +368,25 @@ def test_the_descriptor_limit_is_raised_and_checked_against_the_connections(caps
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_past_the_limit_of_requests_in_flight_a_request_gets_503_busy():
+    scheduler = FakeScheduler(hold=True)  # each request holds after its first token
+    with live_server(create_app(scheduler, MODEL), max_connections=2) as (_, url):
+        held = [
+            threading.Thread(target=httpx.post, args=(url + "/v1/completions",), kwargs={"json": PROMPT}) for _ in "ab"
+        ]
+        for thread in held:
+            thread.start()
+        while len(scheduler.requests) < 2:
+            time.sleep(0.01)
+        error = refusal(httpx.post(url + "/v1/completions", json=PROMPT), 503)
+        assert error["code"] == "server_busy" and "limit of 2" in error["message"]
+        scheduler.release.set()
+        for thread in held:
+            thread.join()
+        assert httpx.post(url + "/v1/completions", json=PROMPT).status_code == 200
+    assert len(scheduler.requests) == 3
+
+
 def test_a_slow_header_flood_past_the_connection_limit(tmp_path):
     """Connections that never finish their head, ten times the limit: a normal request is still answered, and
     /health; the server holds no more connections than the limit, closes the rest after the header timeout,

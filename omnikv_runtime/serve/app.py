@@ -121,7 +121,6 @@ class Prepared:
     body: CompletionRequest | ChatCompletionRequest
     prompt_ids: tuple[int, ...]
     max_tokens: int
-    chat: bool
 
 
 class Api:
@@ -169,7 +168,7 @@ class Api:
             max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
             self._check_max_tokens(max_tokens, chat)
             ids = self.encoder.encode(body.prompt_text(), True, max_tokens, "prompt")
-        return Prepared(body, ids, max_tokens, chat)
+        return Prepared(body, ids, max_tokens)
 
     def _check_max_tokens(self, max_tokens: int | None, chat: bool) -> None:
         """The scheduler's admission check of ``max_tokens`` alone, before the prompt is tokenized."""

@@ -23,7 +23,6 @@ connections fit in it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -37,6 +36,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.serve import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, GRACEFUL_SHUTDOWN_S
+from omnikv_runtime.serve.guard import error_response
+from omnikv_runtime.serve.schemas import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -111,22 +112,10 @@ class BoundedH11Protocol(H11Protocol):
             logger.warning(
                 "%d requests in flight on %d connections, limit %d: refused", in_flight, connections, self.limit
             )
-            await _busy(send, self.limit)
+            message = f"The server holds its limit of {self.limit} connections and requests: retry later"
+            await error_response(ApiError(503, message, code="server_busy"))(scope, receive, send)
             return
         await self.config.loaded_app(scope, receive, send)
-
-
-async def _busy(send: Any, limit: int) -> None:
-    error = {
-        "message": f"The server holds its limit of {limit} connections and requests: retry later",
-        "type": "server_error",
-        "param": None,
-        "code": "server_busy",
-    }
-    body = json.dumps({"error": error}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 503, "headers": [*headers, (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class RepeatFilter(logging.Filter):
