@@ -1,20 +1,131 @@
-"""Helpers of the serve tests: a Prometheus text parser, and a stand-in for
-``omnikv_runtime.serve.scheduler.Scheduler`` for fast tests of the HTTP layer.
+"""Helpers of the serve tests: live servers, a stand-in for ``omnikv_runtime.serve.scheduler.Scheduler``
+for fast tests of the HTTP layer, and a Prometheus text parser.
 
-The fake keeps the real one's interface (``tokenizer``, ``context_limit``, ``start``, ``shutdown``,
-``submit``, ``metrics``; handles with ``request_id`` and ``cancel``) and emits events from its own
-thread, as the real one does: the word ``w0 ``, ``w1 ``, ... per token, then ``finish_reason``
-``"length"`` (or ``finish`` when set: ``"stop"``, ``"error"``). With ``hold`` set, each request
-waits after its first token until it is cancelled or ``release`` is set.
+:func:`live_server` serves an app the way ``omnikv serve`` does (``build_server``: bounded connections,
+graceful stop) on a free loopback port, in a thread of the test process. :func:`spawned_server` runs one
+over a :class:`FakeScheduler` in a process of its own, for what needs the main thread (signals), its own
+descriptor limit, or its own log (its stderr, in a file).
+
+The fake keeps the real scheduler's interface (``tokenizer``, ``context_limit``, ``max_new_tokens``,
+``start``, ``shutdown``, ``check``, ``submit``, ``metrics``; handles with ``request_id`` and ``cancel``) and
+emits events from its own thread, as the real one does: the word ``w0 ``, ``w1 ``, ... per token, then
+``finish_reason`` ``"length"`` (or ``finish`` when set: ``"stop"``, ``"error"``). With ``hold`` set, each
+request waits after its first token until it is cancelled or ``release`` is set.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
+
+TESTS = Path(__file__).parent
+
+
+@contextmanager
+def live_server(app: Any, **options: Any) -> Iterator[tuple[Any, str]]:
+    """``(server, url)``: ``app`` served by ``build_server(app, **options)`` on a free loopback port, in a
+    thread; stopped (gracefully) when the block ends."""
+    from omnikv_runtime.serve.server import build_server
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with another process
+    port = sock.getsockname()[1]
+    server = build_server(app, log_level="warning", **options)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+_SPAWNED = """
+import json, logging, resource, socket, sys
+sys.path.insert(0, {tests!r})
+args = json.loads(sys.argv[1])
+if args["open_files"]:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (args["open_files"], args["open_files"]))
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from serve_testlib import FakeScheduler
+from omnikv_runtime.serve.app import create_app
+from omnikv_runtime.serve.server import build_server
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+sock.bind(("127.0.0.1", 0))
+print(sock.getsockname()[1], flush=True)
+build_server(create_app(FakeScheduler(**args["fake"]), "fake-model"), **args["server"]).run(sockets=[sock])
+"""
+
+
+@dataclass
+class Spawned:
+    process: subprocess.Popen
+    url: str
+    port: int
+    log: Path
+
+    def log_bytes(self) -> int:
+        return self.log.stat().st_size
+
+    def open_files(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+
+@contextmanager
+def spawned_server(
+    tmp_path: Path, fake: dict | None = None, open_files: int | None = None, **options: Any
+) -> Iterator[Spawned]:
+    """A server over ``FakeScheduler(**fake)``, built with ``build_server(app, **options)``, in a process of
+    its own with ``open_files`` as its descriptor limit (soft and hard); its stderr goes to a file."""
+    log = tmp_path / "server.log"
+    args = json.dumps({"fake": fake or {}, "server": options, "open_files": open_files})
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SPAWNED.format(tests=str(TESTS)), args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        port = int(process.stdout.readline())
+        spawned = Spawned(process, f"http://127.0.0.1:{port}", port, log)
+        deadline = time.monotonic() + 60
+        while not _answers(port):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield spawned
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        process.stdout.close()
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
 
 
 class CharTokenizer:
@@ -62,14 +173,17 @@ class FakeScheduler:
     def shutdown(self) -> None:
         self.stopped = True
 
-    def submit(self, request: ServeRequest, on_event) -> FakeHandle:
-        if request.max_tokens > self.max_new_tokens:
+    def check(self, prompt_tokens: int | None, max_tokens: int) -> None:
+        if max_tokens > self.max_new_tokens:
             self.rejected += 1
             raise AdmissionError(400, f"max_tokens over {self.max_new_tokens}", "max_tokens_exceeded")
-        if len(request.prompt_ids) + request.max_tokens > self.context_limit:
+        if prompt_tokens is not None and prompt_tokens + max_tokens > self.context_limit:
             self.rejected += 1
-            message = f"{len(request.prompt_ids)} prompt tokens + {request.max_tokens} new > {self.context_limit}"
+            message = f"{prompt_tokens} prompt tokens + {max_tokens} new > {self.context_limit}"
             raise AdmissionError(400, message, "context_length_exceeded")
+
+    def submit(self, request: ServeRequest, on_event) -> FakeHandle:
+        self.check(len(request.prompt_ids), request.max_tokens)
         if self.queue_full:
             self.rejected += 1
             raise AdmissionError(429, "the queue is full: retry later", "queue_full")

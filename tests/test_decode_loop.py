@@ -10,13 +10,14 @@ EOS, stop strings and sampling must behave as transformers' do.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
 from okv_testlib import PAD, PROMPT_LEN, cache_keyword, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
-from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
+from omnikv_runtime.decode.sampling import MIN_SAMPLING_TEMPERATURE, SamplingSettings, choose_tokens
 from omnikv_runtime.layout import reserve_tokens
 
 NEW = 24
@@ -114,6 +115,33 @@ def test_sampling_follows_the_warpers():
     assert nucleus.item() in (0, 1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingSettings(True, 1.0, top_p=1.5)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-40, 1e-45, 5e-324])
+def test_a_tiny_temperature_is_greedy(temperature):
+    """Dividing the logits by such a temperature overflows float32: the draw must not turn into NaN and token 0."""
+    logits = torch.tensor([[0.5, -1.0, 2.0, 7.25, 7.0], [3.0, 1.0, 4.0, -2.0, 0.0]])
+    chosen = choose_tokens(logits, SamplingSettings(True, temperature), torch.Generator().manual_seed(1))
+    assert chosen.tolist() == [3, 2] == logits.argmax(-1).tolist()
+
+
+def test_the_greedy_temperature_bound():
+    """Below MIN_SAMPLING_TEMPERATURE the choice is greedy and draws nothing; at it, it samples (and draws)."""
+    logits = torch.tensor([[0.5, -1.0, 2.0, 7.25, 7.0]])
+    below = math.nextafter(MIN_SAMPLING_TEMPERATURE, 0.0)
+    generator = torch.Generator().manual_seed(1)
+    state = generator.get_state()
+    assert choose_tokens(logits, SamplingSettings(True, below), generator).tolist() == [3]
+    assert torch.equal(generator.get_state(), state)  # greedy: no random number drawn
+    assert choose_tokens(logits, SamplingSettings(True, MIN_SAMPLING_TEMPERATURE), generator).tolist() == [3]
+    assert not torch.equal(generator.get_state(), state)  # sampled, and at this temperature still the top token
+    engine = okv.initialize(make_model("llama"), omni(8))
+    ids, mask = make_prompt(1)
+    greedy = engine.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
+    tiny = engine.generate(
+        ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD, do_sample=True, temperature=1e-40
+    )
+    assert torch.equal(tiny, greedy)
 
 
 def test_what_the_loop_cannot_run_goes_to_transformers_with_a_reason(caplog):

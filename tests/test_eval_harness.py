@@ -253,3 +253,47 @@ def test_chain_of_thought_asks_twice(bundled, tmp_path, monkeypatch):
     assert len(prompts) == 2 and prompts[0].endswith("Let's think step by step.")
     assert record["reasoning"] and record["reasoning"].strip() in prompts[1]
     assert "Now give only the final answer" in prompts[1]
+
+
+def _hotpot_rows(tmp_path: Path, rows: list[dict]) -> Path:
+    good = json.loads((FIXTURES / "longbench" / "hotpotqa.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    (tmp_path / "hotpotqa.jsonl").write_text("".join(json.dumps({**good, **row}) + "\n" for row in rows), "utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "bad, field, allowed",
+    [
+        ({"input": 5}, "input", "a string"),
+        ({"context": None}, "context", "a string"),
+        ({"answers": [None, 5]}, "answers", "a non-empty list of reference answers (strings)"),
+        ({"answers": "Mara Quill"}, "answers", "a non-empty list of reference answers (strings)"),
+        ({"_id": ["x"]}, "_id", "a string or a whole number"),
+    ],
+)
+def test_a_longbench_row_of_the_wrong_types_is_refused_naming_line_and_field(tmp_path, bad, field, allowed):
+    data = _hotpot_rows(tmp_path, [{"_id": "a"}, {"_id": "b", **bad}])
+    with pytest.raises(longbench.EvalDataError) as refused:
+        longbench.task_spec("hotpotqa").load(data, None)
+    assert str(refused.value).startswith(f"{data / 'hotpotqa.jsonl'}, line 2: field {field!r} = ")
+    assert str(refused.value).endswith(f"is not allowed: {allowed}")
+
+
+def test_a_duplicate_longbench_id_is_refused_naming_both_lines(tmp_path):
+    data = _hotpot_rows(tmp_path, [{"_id": "a"}, {"_id": "b"}, {"_id": "a"}])
+    with pytest.raises(longbench.EvalDataError, match=r"line 3: field '_id' = 'a' is not allowed: .*line 1"):
+        longbench.task_spec("hotpotqa").load(data, None)
+    assert [s.id for s in longbench.task_spec("hotpotqa").load(_hotpot_rows(tmp_path, [{"_id": 7}]), None)] == ["7"]
+
+
+def test_synthetic_lengths_below_one_token_are_refused(capsys):
+    from omnikv_runtime.eval import synthetic
+
+    with pytest.raises(ValueError, match=r"lengths must be whole numbers of tokens of at least 1, got \[100, 0\]"):
+        synthetic.task_spec("passkey", lengths=(100, 0))
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["eval", "--benchmark", "synthetic", "--lengths", "100,0"])
+    assert "--lengths: expected whole numbers of at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["eval", "--benchmark", "synthetic", "--depths", "0.5,1.5"])
+    assert "--depths: expected numbers from 0 to 1, got 1.5" in capsys.readouterr().err

@@ -36,12 +36,14 @@ def client(scheduler):
 
 
 def error_of(response, status: int, param: str | None = None, code: str | None = None) -> str:
-    """The error message of `response`, after checking its status and OpenAI's error body shape."""
+    """The error message of `response`, after checking its status and OpenAI's error body shape (a code
+    always; `code` when given)."""
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str) and error["message"]
     assert error["param"] == param
+    assert isinstance(error["code"], str) and error["code"]
     if code is not None:
         assert error["code"] == code
     return error["message"]
@@ -135,18 +137,20 @@ BAD_BODIES = [
     pytest.param({**PROMPT, "max_tokens": "8"}, "max_tokens", "invalid_value", id="max_tokens-string"),
     pytest.param({**PROMPT, "temperature": 3}, "temperature", "invalid_value", id="temperature"),
     pytest.param({**PROMPT, "top_p": 0}, "top_p", "invalid_value", id="top_p"),
-    pytest.param({**PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop", None, id="5-stops"),
+    pytest.param({**PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value", id="5-stops"),
     pytest.param({**PROMPT, "stop": 7}, "stop", "invalid_value", id="stop-number"),
     pytest.param({**PROMPT, "seed": 2**64}, "seed", "invalid_value", id="seed-too-big"),
-    pytest.param({**PROMPT, "prompt": ["a", "b"]}, "prompt", None, id="two-prompts"),
-    pytest.param({**PROMPT, "prompt": ""}, "prompt", None, id="empty-prompt"),
+    pytest.param({**PROMPT, "prompt": ["a", "b"]}, "prompt", "invalid_value", id="two-prompts"),
+    pytest.param({**PROMPT, "prompt": ""}, "prompt", "empty_prompt", id="empty-prompt"),
     pytest.param({"max_tokens": 3}, "prompt", "missing_required_parameter", id="no-prompt"),
     pytest.param({**PROMPT, "best_of": 2}, "best_of", "unsupported_value", id="best_of=2"),
     pytest.param({**PROMPT, "n": 2}, "n", "unsupported_value", id="n=2"),
     pytest.param({**PROMPT, "logprobs": 1}, "logprobs", "unsupported_value", id="logprobs=1"),
     pytest.param({**PROMPT, "frequency_penalty": 0.5}, "frequency_penalty", "unsupported_value", id="penalty"),
     pytest.param({**PROMPT, "echo": True}, "echo", "unsupported_value", id="echo"),
-    pytest.param({**PROMPT, "stream_options": {"include_usage": True}}, "stream_options", None, id="options-no-stream"),
+    pytest.param(
+        {**PROMPT, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value", id="options-no-stream"
+    ),
     pytest.param({**PROMPT, "stream": True, "stream_options": {"x": 1}}, "stream_options.x", "unknown_parameter"),
 ]
 
@@ -354,14 +358,14 @@ def test_binding_beyond_loopback_without_a_key_warns(host, key, warns):
 
 
 def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
-    """The command as run: config, engine, a Scheduler with the flags, the app, uvicorn on the host and
-    port; the key from the environment; the warning for a non-loopback bind (here with no key)."""
-    import uvicorn
-
+    """The command as run: config, engine, a Scheduler with the flags, the app, the server on the host and
+    port with the connection flags; the key from the environment; the warning for a non-loopback bind
+    (here with no key)."""
     import omnikv_runtime.cli.threads
     import omnikv_runtime.engine
     import omnikv_runtime.serve.scheduler
     from omnikv_runtime import cli
+    from omnikv_runtime.serve.server import DrainingServer
 
     built, ran = {}, {}
     engine = object()
@@ -373,12 +377,15 @@ def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
     monkeypatch.setattr(omnikv_runtime.cli.threads, "apply_cpu_threads", lambda *a: None)
     monkeypatch.setattr(omnikv_runtime.engine, "initialize", lambda config: engine)
     monkeypatch.setattr(omnikv_runtime.serve.scheduler, "Scheduler", scheduler)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.update(kwargs, app=app))
+    monkeypatch.setattr(DrainingServer, "run", lambda server: ran.update(server=server, app=server.config.app))
     monkeypatch.setenv("OMNIKV_API_KEY", "from-env")
     argv = ["serve", "--config", "configs/default.json", "--port", "8123", "--max-batch", "3", "--max-queue", "5"]
-    assert cli.main([*argv, "--max-context", "300"]) == 0
+    limits = ["--max-connections", "40", "--header-timeout", "2.5", "--keep-alive-timeout", "3"]
+    assert cli.main([*argv, "--max-context", "300", *limits]) == 0
     assert built == {"engine": engine, "max_batch": 3, "max_queue": 5, "max_context": 300}
-    assert (ran["host"], ran["port"]) == ("127.0.0.1", 8123)
+    config = ran["server"].config
+    assert (config.host, config.port, config.limit_concurrency, config.timeout_keep_alive) == ("127.0.0.1", 8123, 40, 3)
+    assert config.http.header_timeout == 2.5 and ran["server"].grace == 10
     with TestClient(ran["app"]) as client:
         error_of(client.get("/v1/models"), 401, None, "missing_api_key")
         models = client.get("/v1/models", headers={"Authorization": "Bearer from-env"}).json()
@@ -388,4 +395,5 @@ def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="omnikv_runtime.cli.serve"):
         assert cli.main([*argv, "--host", "0.0.0.0"]) == 0
     assert "serving on 0.0.0.0 without an API key" in caplog.text
-    assert ran["host"] == "0.0.0.0" and built["max_context"] is None
+    assert ran["server"].config.host == "0.0.0.0" and built["max_context"] is None
+    assert ran["server"].config.limit_concurrency == 512

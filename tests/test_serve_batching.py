@@ -296,3 +296,28 @@ def test_a_layout_seen_before_replays_its_recording():
         assert tokens[row] == alone.tolist(), row
     alone = engine.generate(torch.tensor([ids[2]]), max_new_tokens=len(second), do_sample=False)[0, len(ids[2]) :]
     assert second == alone.tolist()
+
+
+def test_the_smallest_context_serves_and_one_less_is_refused_at_start():
+    """At 12 to 14 tokens of context the server started, then failed every request of more than one token
+    (the slot's masks one column narrower than the KV buffers): 15 is the floor, and it serves."""
+    from omnikv_runtime.errors import ConfigError
+    from omnikv_runtime.serve import MIN_CONTEXT
+
+    engine = make_engine()
+    with pytest.raises(ConfigError, match=f"max_context.*at least {MIN_CONTEXT} tokens"):
+        Scheduler(engine, max_batch=2, max_context=MIN_CONTEXT - 1)
+    scheduler = Scheduler(engine, max_batch=2, max_context=MIN_CONTEXT)
+    prompt = prompts()[0][:3]
+    collected = Collector(2)
+    scheduler.start()
+    try:
+        for index, max_tokens in enumerate((2, MIN_CONTEXT - len(prompt))):
+            request = ServeRequest(f"r{index}", tuple(prompt), max_tokens, temperature=0.0)
+            scheduler.submit(request, collected.sink(index))
+        collected.wait()
+    finally:
+        scheduler.shutdown()
+    assert collected.finish == {0: "length", 1: "length"}
+    alone = engine.generate(torch.tensor([prompt]), max_new_tokens=MIN_CONTEXT - len(prompt))[0, len(prompt) :]
+    assert collected.tokens[1] == alone.tolist() and collected.tokens[0] == alone[:2].tolist()

@@ -7,7 +7,6 @@ greedy (temperature 0), so a request's text does not depend on what else is in t
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
-from serve_testlib import parse_exposition  # noqa: E402
+from serve_testlib import live_server, parse_exposition  # noqa: E402
 
 import omnikv_runtime as okv  # noqa: E402
 from omnikv_runtime.engine.patches import detach_model  # noqa: E402
@@ -60,21 +59,8 @@ def reference(engine) -> str:
 @pytest.fixture(scope="module")
 def server(engine, reference):
     scheduler = Scheduler(engine, max_batch=8, max_queue=64, max_context=CONTEXT)
-    app = create_app(scheduler, MODEL)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with another process
-    port = sock.getsockname()[1]
-    live = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=live.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not live.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield scheduler, f"http://127.0.0.1:{port}"
-    live.should_exit = True
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    with live_server(create_app(scheduler, MODEL), grace=5) as (_, url):
+        yield scheduler, url
 
 
 @pytest.fixture
@@ -199,11 +185,12 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_and_host_rows(client, se
 def test_over_the_context_limit_and_metrics(client, server):
     scheduler, url = server
     assert scheduler.context_limit == CONTEXT
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.completions.create(model=MODEL, prompt="Hello " * 100, max_tokens=CONTEXT - 50)
-    assert refused.value.code == "context_length_exceeded"
-    assert refused.value.body["param"] == "prompt"
-    assert f"over this server's context of {CONTEXT} tokens" in refused.value.message
+    for prompt, max_tokens in (("Hello " * 30, CONTEXT - 20), ("Hello " * 100, CONTEXT - 50)):  # admission, prefix
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens)
+        assert refused.value.code == "context_length_exceeded"
+        assert refused.value.body["param"] == "prompt"
+        assert f"over this server's context of {CONTEXT} tokens" in refused.value.message
     samples = parse_exposition(httpx.get(f"{url}/metrics").text)
     metrics = scheduler.metrics()
     assert samples["omnikv_requests_rejected_total"] >= 1
@@ -211,4 +198,40 @@ def test_over_the_context_limit_and_metrics(client, server):
     assert samples["omnikv_generation_tokens_total"] >= NEW
     for tier in ("gpu_dense", "gpu_selected", "gpu_tail", "host_used", "host_allocated"):
         assert f'omnikv_kv_bytes{{tier="{tier}"}}' in samples
-    assert samples['omnikv_http_responses_total{code="400"}'] >= 1
+    assert samples['omnikv_http_responses_total{code="400"}'] >= 2
+
+
+def test_a_tiny_temperature_answers_as_greedy(client, reference):
+    """Sampling at 1e-38 divided the logits into infinities: NaN probabilities, token 0, an empty text."""
+    for temperature in (1e-38, 5e-324):
+        reply = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=NEW, temperature=temperature)
+        assert reply.choices[0].text == reference
+
+
+def test_a_length_cut_inside_a_character_leaves_no_replacement_character(client, engine):
+    """Greedy, the second token of this prompt's answer ends inside a character: at max_tokens 2 it is cut."""
+    prompt, tokenizer = "中国的首都是", engine.tokenizer
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    tokens = engine.generate(ids, max_new_tokens=3)[0, ids.shape[1] :].tolist()
+    cut, whole_characters = tokenizer.decode(tokens[:2]), tokenizer.decode(tokens)
+    assert cut.endswith("\ufffd") and "\ufffd" not in cut[:-1] + whole_characters
+    for max_tokens, text in ((2, cut[:-1]), (3, whole_characters)):
+        whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        stream = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+        )
+        assert whole.choices[0].finish_reason == "length"
+        assert whole.choices[0].text == "".join(chunk.choices[0].text for chunk in stream) == text
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(server):
+    """The tokenizer raised TypeError on it (a 500); a chat message's content too."""
+    url = server[1]
+    raw = {"/v1/completions": '{"prompt": "ab\\ud800cd", "max_tokens": 1}'}
+    raw["/v1/chat/completions"] = '{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 1}'
+    for path, body in raw.items():
+        response = httpx.post(url + path, content=body.encode(), headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_value" and error["param"] in ("prompt", "messages[0].content")
+        assert "lone surrogate (\\ud800 at character" in error["message"]

@@ -13,14 +13,26 @@ from pathlib import Path
 from typing import Any
 
 
-def _csv(kind: type):
+def _csv(kind: type, allowed: tuple[str, object] | None = None):
+    """argparse type: comma-separated `kind` values; `allowed` = (what, predicate) checks each one."""
+
     def parse(text: str) -> list:
         try:
-            return [kind(item) for item in text.split(",") if item.strip()]
+            values = [kind(item) for item in text.split(",") if item.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+        if allowed is not None:
+            what, check = allowed
+            for value in values:
+                if not check(value):
+                    raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return values
 
     return parse
+
+
+LENGTHS = (int, ("whole numbers of at least 1", lambda n: n >= 1))
+DEPTHS = (float, ("numbers from 0 to 1", lambda d: 0.0 <= d <= 1.0))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -82,8 +94,10 @@ def register(commands: Any) -> None:
     )
     ev.add_argument("--out", help="run directory (default: eval_runs/<benchmark>-<config>)")
     ev.add_argument("--max-new-tokens", type=int, help="cap every task's generation length (smoke tests)")
-    ev.add_argument("--lengths", type=_csv(int), help="synthetic: prompt lengths in tokens (default 1000,2000,3000)")
-    ev.add_argument("--depths", type=_csv(float), help="synthetic: needle depths in [0, 1] (default 0.1,0.5,0.9)")
+    ev.add_argument(
+        "--lengths", type=_csv(*LENGTHS), help="synthetic: prompt lengths in tokens (default 1000,2000,3000)"
+    )
+    ev.add_argument("--depths", type=_csv(*DEPTHS), help="synthetic: needle depths in [0, 1] (default 0.1,0.5,0.9)")
     ev.add_argument(
         "--samples", type=int, default=1, help="synthetic: samples per length and depth (default: %(default)s)"
     )

@@ -1,11 +1,13 @@
 """``omnikv serve``: an OpenAI-compatible HTTP server over one engine, with continuous batching.
 
     omnikv serve --config C [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch N] [--max-queue N]
-                 [--max-context N] [--max-body-bytes N]
+                 [--max-context N] [--max-body-bytes N] [--max-connections N] [--header-timeout S]
+                 [--keep-alive-timeout S]
 
 Needs the ``serve`` extra (FastAPI and uvicorn). torch, transformers and FastAPI are imported only
 when the command runs, not to parse or print help. The server binds the loopback interface unless
-told otherwise, and warns when it listens elsewhere without an API key.
+told otherwise, and warns when it listens elsewhere without an API key. What can be checked before
+the model loads is: the API key, the context's floor, the open-file limit against the connections.
 """
 
 from __future__ import annotations
@@ -17,14 +19,42 @@ from typing import Any
 
 from omnikv_runtime.cli.generate import positive_int
 from omnikv_runtime.errors import OmniKVError
-from omnikv_runtime.serve import DEFAULT_MAX_BODY_BYTES
+from omnikv_runtime.serve import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    GRACEFUL_SHUTDOWN_S,
+    MIN_CONTEXT,
+)
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "OMNIKV_API_KEY"
 SERVE_EXTRA = 'omnikv serve needs FastAPI and uvicorn: pip install "omnikv-runtime[serve]"'
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-GRACEFUL_SHUTDOWN_S = 10  # open streams get this long to finish on Ctrl-C before they are cancelled
+
+
+def context_tokens(text: str) -> int:
+    """argparse type of --max-context: a whole number of at least MIN_CONTEXT."""
+    value = positive_int(text)
+    if value < MIN_CONTEXT:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_CONTEXT}, got {value} (a slot is its context plus one scratch column, and "
+            f"the KV buffers are never narrower than {MIN_CONTEXT + 1} columns)"
+        )
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def register(commands: Any) -> None:
@@ -46,7 +76,7 @@ def register(commands: Any) -> None:
     )
     serve.add_argument(
         "--max-context",
-        type=positive_int,
+        type=context_tokens,
         help="prompt + new tokens of one request at most (default: the model's and the config's limit); "
         "every slot holds this many tokens, so it sizes the KV tiers",
     )
@@ -55,6 +85,26 @@ def register(commands: Any) -> None:
         type=positive_int,
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"request body size limit, then 413 (default: {DEFAULT_MAX_BODY_BYTES})",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="open connections and requests in flight at most: one more connection closes the one that has "
+        f"waited longest for its next request, one more request gets 503 (default: {DEFAULT_MAX_CONNECTIONS})",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=seconds,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        help="seconds a request's head may take to arrive, from the connection's opening or the request's "
+        f"first byte; then the connection closes (default: {DEFAULT_HEADER_TIMEOUT_S:g})",
+    )
+    serve.add_argument(
+        "--keep-alive-timeout",
+        type=seconds,
+        default=DEFAULT_KEEP_ALIVE_S,
+        help=f"seconds an idle connection stays open after a response (default: {DEFAULT_KEEP_ALIVE_S:g})",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -71,9 +121,9 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
         from omnikv_runtime.serve.app import create_app
+        from omnikv_runtime.serve.guard import api_key_bytes
+        from omnikv_runtime.serve.server import build_server, raise_descriptor_limit
     except ImportError as exc:  # said before the (slow) model load
         raise OmniKVError(str(exc) if "[serve]" in str(exc) else f"{exc}: {SERVE_EXTRA}") from None
     from omnikv_runtime.cli.threads import apply_cpu_threads
@@ -82,14 +132,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from omnikv_runtime.serve.scheduler import Scheduler
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is not None:
+        api_key_bytes(api_key)  # refused now, not after the model loads
+        if not api_key.isascii():
+            logger.warning("the API key is not ASCII: it is compared as UTF-8, which some HTTP clients cannot send")
     warning = exposure_warning(args.host, api_key)
     if warning:
         logger.warning(warning)
+    raise_descriptor_limit(args.max_connections)
     config = load_config(args.config)
     apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     engine = initialize(config=config)
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context)
     app = create_app(scheduler, config.model.name_or_path, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    server = build_server(
+        app,
+        args.host,
+        args.port,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        grace=GRACEFUL_SHUTDOWN_S,
+    )
     serve_logger = logging.getLogger("omnikv_runtime.serve")
     saved_level = serve_logger.level
     serve_logger.setLevel(logging.INFO)  # the scheduler's line per request, without -v
@@ -102,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.max_batch,
             scheduler.context_limit,
         )
-        uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        server.run()
     finally:
         serve_logger.setLevel(saved_level)
     return 0

@@ -3,7 +3,9 @@
 Everything is a fixed-shape tensor operation with no value read back to the host, so it runs
 inside a captured decode step. Sampling draws with the exponential-race trick (the argmax of
 ``p / E`` with ``E ~ Exp(1)`` is a sample from ``p``), which needs no ``multinomial``. The order of
-the warpers is transformers' own: temperature, then top-k, then top-p.
+the warpers is transformers' own: temperature, then top-k, then top-p. A temperature below
+:data:`MIN_SAMPLING_TEMPERATURE` chooses greedily: dividing float32 logits by it can overflow to
+infinity (the probabilities then turn NaN), and a sample at it is the most likely token anyway.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# Below this, sampling is greedy. At 1e-5 a logit gap of 1e-3 is already a factor e^100 between two tokens'
+# probabilities, and float32 overflows only past logits of 3e33; at 1e-38 and below it overflows for any logit.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,9 @@ def choose_tokens(
     logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """The next token of each row, ``[batch]`` int64, from ``logits`` ``[batch, vocab]`` (sampling
-    draws from ``generator`` when given: a seeded request's own stream of random numbers)."""
-    if not settings.do_sample:
+    draws from ``generator`` when given: a seeded request's own stream of random numbers). Greedy, drawing
+    nothing, without sampling or below :data:`MIN_SAMPLING_TEMPERATURE`."""
+    if not settings.do_sample or settings.temperature < MIN_SAMPLING_TEMPERATURE:
         return logits.argmax(dim=-1)
     scores = logits.float() / settings.temperature
     if settings.top_k is not None and settings.top_k < scores.shape[-1]:

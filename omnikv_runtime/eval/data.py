@@ -73,3 +73,26 @@ def field_error(path: Path, line: int, name: str, value: Any, allowed: str) -> E
     """An EvalDataError for a field whose value is not allowed."""
     shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
     return EvalDataError(f"{path}, line {line}: field {name!r} = {shown} is not allowed: {allowed}")
+
+
+def text_field(path: Path, line: int, obj: dict[str, Any], name: str) -> str:
+    """``obj[name]``, which must be a string (a number or null there is a broken row, not text to quote)."""
+    value = obj[name]
+    if not isinstance(value, str):
+        raise field_error(path, line, name, value, "a string")
+    return value
+
+
+def sample_id(path: Path, line: int, obj: dict[str, Any], name: str, seen: dict[str, int]) -> str:
+    """The row's id from field ``name`` (``line<N>`` without one), refused when an earlier line of the file
+    (``seen``: id -> line, updated here) has it too: predictions are stored and resumed by id."""
+    value = obj.get(name)
+    if value is None:
+        return f"line{line}"
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise field_error(path, line, name, value, "a string or a whole number")
+    text = str(value)
+    if text in seen:
+        raise field_error(path, line, name, value, f"ids must be unique, and line {seen[text]} has this one")
+    seen[text] = line
+    return text

@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from omnikv_runtime.eval.data import EvalDataError, Sample, field_error, read_jsonl
+from omnikv_runtime.eval.data import EvalDataError, Sample, field_error, read_jsonl, sample_id, text_field
 from omnikv_runtime.eval.metrics import METRICS
 from omnikv_runtime.eval.task import TaskSpec
 
@@ -160,20 +160,20 @@ def _load(task: str, data_dir: Path | None, limit: int | None) -> list[Sample]:
         raise EvalDataError(f"LongBench task {task!r} needs --data-dir with {task}.jsonl (see docs/evaluation.md)")
     path = Path(data_dir) / f"{task}.jsonl"
     samples = []
+    seen: dict[str, int] = {}
     for line, obj in read_jsonl(path, REQUIRED, limit):
+        fields = {name: text_field(path, line, obj, name) for name in ("context", "input")}
         answers = obj["answers"]
-        if not isinstance(answers, list) or not answers:
-            raise field_error(path, line, "answers", answers, "a non-empty list of reference answers")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise field_error(path, line, "answers", answers, "a non-empty list of reference answers (strings)")
         classes = obj.get("all_classes") or []
         if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
             raise field_error(path, line, "all_classes", classes, "a list of class names (strings) or null")
         length = obj.get("length")
         if task.endswith("_e") and (isinstance(length, bool) or not isinstance(length, int) or length < 0):
             raise field_error(path, line, "length", length, "the context's length in words, a whole number >= 0")
-        sample_id = str(obj.get("_id", f"line{line}"))
-        fields = {"context": str(obj["context"]), "input": str(obj["input"])}
         extra = {"all_classes": classes, "length": length if isinstance(length, int) else None}
-        samples.append(Sample(task, sample_id, fields, [str(a) for a in answers], extra))
+        samples.append(Sample(task, sample_id(path, line, obj, "_id", seen), fields, answers, extra))
     return samples
 
 

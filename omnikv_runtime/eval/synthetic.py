@@ -183,6 +183,8 @@ def task_spec(
     """A synthetic task at ``lengths`` x ``depths`` x ``samples`` seeded samples."""
     if not all(0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths must lie in [0, 1], got {list(depths)}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
+        raise ValueError(f"lengths must be whole numbers of tokens of at least 1, got {list(lengths)}")
 
     def load(data_dir: Path | None, limit: int | None) -> list[Sample]:
         return _stubs(name, tuple(lengths), tuple(depths), samples, limit)

@@ -2,22 +2,27 @@
 
 ``create_app(scheduler, model_name)`` builds a FastAPI application with ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (whole responses, or server-sent events with ``"stream": true``),
-``GET /v1/models``, ``GET /health`` and ``GET /metrics``. Every refusal is a 4xx with OpenAI's error
-body. A guard in front of the routes checks the bearer token (when an API key is set; ``/health``
-stays open) and the body size (``Content-Length`` first, then the bytes as they arrive) before any
-route parses anything. A client that goes away cancels its request, freeing its batch slot.
+``GET /v1/models``, ``GET``/``HEAD /health`` and ``GET /metrics``. Every refusal is a 4xx with
+OpenAI's error body. A :class:`~omnikv_runtime.serve.guard.Guard` in front of the routes checks the
+bearer token and the body size before any route parses anything. The body is parsed, rendered and
+tokenized on a worker thread (:mod:`~omnikv_runtime.serve.prompts`), never on the event loop. A
+client that goes away cancels its request, freeing its batch slot.
+
+To stop (see :mod:`omnikv_runtime.serve.server`), ``app.state.api.stop_admitting()`` refuses every
+new request with 503; ``app.state.api.end_open_requests()`` then ends those still running with
+their documented error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -30,7 +35,9 @@ except ImportError as exc:  # the serve extra is not installed
     ) from exc
 
 from omnikv_runtime.serve import DEFAULT_MAX_BODY_BYTES
+from omnikv_runtime.serve.guard import STOPPING, Guard, error_response
 from omnikv_runtime.serve.metrics import CONTENT_TYPE, render_metrics
+from omnikv_runtime.serve.prompts import PromptEncoder, PromptWorker
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
 from omnikv_runtime.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
 from omnikv_runtime.serve.sse import STREAM_HEADERS, chat_chunks, completion_chunks
@@ -41,7 +48,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-OPEN_PATHS = ("/health",)  # answered without the API key
 # the field an AdmissionError's code points at ("prompt" reads "messages" for chat)
 ADMISSION_PARAMS = {
     "context_length_exceeded": "prompt",
@@ -60,12 +66,19 @@ class Inbox:
         self.loop = loop
         self.queue: asyncio.Queue[RequestEvent] = asyncio.Queue()
         self.finished = False
+        self.handle: Any = None  # the scheduler's handle, once submitted
 
     def __call__(self, event: RequestEvent) -> None:  # on the scheduler's thread
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the loop is closed: the server stopped, nobody is listening
             pass
+
+    def end(self) -> None:
+        """End the request now (on the event loop): it reads as cancelled after what was already
+        delivered, and the scheduler drops it."""
+        self.handle.cancel()
+        self.queue.put_nowait(RequestEvent("", [], "cancelled"))
 
     async def __aiter__(self) -> AsyncIterator[RequestEvent]:
         while not self.finished:
@@ -78,133 +91,93 @@ class EventStream(StreamingResponse):
     """A server-sent event stream that cancels its request when it ends early: the client went away
     (Starlette stops the stream when it sees the disconnect, or a send fails) or the server stops."""
 
-    def __init__(self, chunks: AsyncIterator[str], inbox: Inbox, handle: Any) -> None:
+    def __init__(self, chunks: AsyncIterator[str], inbox: Inbox, closed: Callable[[Inbox], None]) -> None:
         super().__init__(chunks, media_type="text/event-stream", headers=STREAM_HEADERS)
         self.chunks = chunks
         self.inbox = inbox
-        self.handle = handle
+        self.closed = closed
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         spec = tuple(int(part) for part in scope.get("asgi", {}).get("spec_version", "2.0").split("."))
         watcher = None
         if spec >= (2, 4):  # Starlette then stops the stream only when a send fails: a silent stretch (queued) is
-            watcher = asyncio.create_task(_cancel_on_disconnect(receive, self.handle))  # watched here
+            watcher = asyncio.create_task(_cancel_on_disconnect(receive, self.inbox.handle))  # watched here
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self.closed(self.inbox)
             if watcher is not None:
                 watcher.cancel()
             if not self.inbox.finished:
-                logger.info("stream of %s ended before the request finished: cancelled", self.handle.request_id)
-                self.handle.cancel()
+                logger.info("stream of %s ended before the request finished: cancelled", self.inbox.handle.request_id)
+                self.inbox.handle.cancel()
             await self.chunks.aclose()
 
 
-def _error_response(error: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+@dataclass
+class Prepared:
+    """A request body, checked, with its prompt's token ids and its token limit."""
 
-
-class Guard:
-    """Pure ASGI middleware: API key, body size limit, response counts by status code; an exception
-    that escapes a route becomes a 500 with the error body."""
-
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, counts: Counter) -> None:
-        self.app = app
-        self.api_key = api_key
-        self.max_body_bytes = max_body_bytes
-        self.counts = counts
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def counting_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                self.counts[message["status"]] += 1
-            await send(message)
-
-        try:
-            self._authorize(scope)
-            receive = await self._read_body(scope, receive)
-        except ApiError as error:
-            await _error_response(error)(scope, receive, counting_send)
-            return
-        if receive is None:  # the client left while sending its body
-            return
-        try:
-            await self.app(scope, receive, counting_send)
-        except Exception:
-            logger.exception("%s %s failed", scope.get("method"), scope.get("path"))
-            if started:
-                raise
-            await _error_response(ApiError(500, "internal server error", code="internal_error"))(
-                scope, receive, counting_send
-            )
-
-    def _authorize(self, scope: dict) -> None:
-        if self.api_key is None or scope.get("path") in OPEN_PATHS:
-            return
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = given.partition(" ")
-        if not given:
-            raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
-
-    async def _read_body(self, scope: dict, receive: Any) -> Any:
-        """The whole body, read here up to the limit (413 past it), replayed to the app; then the
-        connection's own messages (``http.disconnect``). None when the client left first."""
-        limit = self.max_body_bytes
-        too_large = ApiError(413, f"The request body is over the server's limit of {limit} bytes", code="too_large")
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise ApiError(400, "Content-Length is not a number", code="invalid_request")
-            if int(length) > limit:
-                raise too_large
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replay() -> dict:
-            return pending.pop() if pending else await receive()
-
-        return replay
+    body: CompletionRequest | ChatCompletionRequest
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
 
 
 class Api:
-    """The routes' state: the scheduler, the served model's name, response counts."""
+    """The routes' state: the scheduler, the served model's name, response counts, the requests open."""
 
     def __init__(self, scheduler: Scheduler, model_name: str, counts: Counter) -> None:
         self.scheduler = scheduler
         self.model_name = model_name
         self.counts = counts
         self.created = int(time.time())
+        self.encoder = PromptEncoder(scheduler.tokenizer, scheduler.context_limit)
+        self.worker = PromptWorker()
+        self.stopping = False
+        self.open: set[Inbox] = set()
 
-    def check_model(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+    # shutting down (on the event loop) ----------------------------------------------------------------
+    def stop_admitting(self) -> None:
+        """Every new request gets 503 ``server_shutting_down`` from now on; those running go on."""
+        self.stopping = True
+
+    def end_open_requests(self) -> None:
+        """End every running request now with its documented error: a whole request gets 503 ``cancelled``,
+        a stream an error event and ``[DONE]``."""
+        if self.open:
+            logger.warning("ending %d requests still running: the server is stopping", len(self.open))
+        for inbox in list(self.open):
+            inbox.end()
+
+    # a request -------------------------------------------------------------------------------------------
+    def prepare(self, raw: bytes, chat: bool) -> Prepared:
+        """The body checked, rendered and tokenized (on the worker thread: this grows with the body)."""
+        if chat:
+            body = parse_body(raw, ChatCompletionRequest, max_messages=self.encoder.room(None))
+        else:
+            body = parse_body(raw, CompletionRequest)
         if body.model is not None and body.model != self.model_name:
-            raise ApiError(
-                404,
-                f"The model '{body.model}' does not exist: this server serves '{self.model_name}'",
-                "model",
-                "model_not_found",
-            )
+            message = f"The model '{body.model}' does not exist: this server serves '{self.model_name}'"
+            raise ApiError(404, message, "model", "model_not_found")
+        if chat:
+            limit = body.token_limit()
+            self._check_max_tokens(limit, chat)
+            ids = self.chat_prompt(body, limit)
+            max_tokens = limit if limit is not None else self.default_chat_tokens(len(ids))
+        else:
+            max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
+            self._check_max_tokens(max_tokens, chat)
+            ids = self.encoder.encode(body.prompt_text(), True, max_tokens, "prompt")
+        return Prepared(body, ids, max_tokens)
+
+    def _check_max_tokens(self, max_tokens: int | None, chat: bool) -> None:
+        """The scheduler's admission check of ``max_tokens`` alone, before the prompt is tokenized."""
+        if max_tokens is None:
+            return
+        try:
+            self.scheduler.check(None, max_tokens)
+        except AdmissionError as exc:
+            raise _admission_error(exc, chat) from None
 
     def default_chat_tokens(self, prompt_tokens: int) -> int:
         """A chat request without a token limit may fill the context, up to the scheduler's cap per request."""
@@ -212,35 +185,29 @@ class Api:
         cap = getattr(self.scheduler, "max_new_tokens", None)
         return max(1, room if cap is None else min(room, cap))
 
-    def encode(self, text: str, add_special_tokens: bool, param: str) -> tuple[int, ...]:
-        encoded = self.scheduler.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        ids = tuple(int(each) for each in encoded)
-        if not ids:
-            raise ApiError(400, f"'{param}' gives no tokens", param)
-        return ids
-
-    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[int, ...]:
+    def chat_prompt(self, body: ChatCompletionRequest, max_tokens: int | None) -> tuple[int, ...]:
         tokenizer = self.scheduler.tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            raise ApiError(400, "This model's tokenizer has no chat template: use /v1/completions", "messages")
+            message = "This model's tokenizer has no chat template: use /v1/completions"
+            raise ApiError(400, message, "messages", "unsupported_value")
         messages = [message.as_template_message() for message in body.messages]
+        self.encoder.check_chars(sum(len(m["content"]) for m in messages), max_tokens, "messages")
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template refuses these messages (jinja2's TemplateError, ...)
-            raise ApiError(400, f"The chat template refused the messages: {exc}", "messages") from None
-        return self.encode(text, add_special_tokens=False, param="messages")
+            raise ApiError(400, f"The chat template refused the messages: {exc}", "messages", "invalid_value") from None
+        return self.encoder.encode(text, False, max_tokens, "messages")
 
-    async def serve(self, request: Request, body: Any, prompt_ids: tuple[int, ...], chat: bool) -> Response:
-        if chat:
-            limit = body.token_limit()
-            max_tokens = limit if limit is not None else self.default_chat_tokens(len(prompt_ids))
-        else:
-            max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
+    async def serve(self, request: Request, chat: bool) -> Response:
+        prepared = await self.worker.run(self.prepare, await request.body(), chat)
+        if self.stopping:  # it arrived before the server began to stop, and was being prepared since
+            raise ApiError(503, STOPPING, code="server_shutting_down")
+        body = prepared.body
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         serve_request = ServeRequest(
             request_id=request_id,
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
+            prompt_ids=prepared.prompt_ids,
+            max_tokens=prepared.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
@@ -248,27 +215,28 @@ class Api:
         )
         inbox = Inbox(asyncio.get_running_loop())
         try:
-            handle = self.scheduler.submit(serve_request, inbox)
+            inbox.handle = self.scheduler.submit(serve_request, inbox)
         except AdmissionError as exc:
-            param = ADMISSION_PARAMS.get(exc.code)
-            if param == "prompt" and chat:
-                param = "messages"
-            raise ApiError(exc.status, exc.message, param, exc.code) from None
+            raise _admission_error(exc, chat) from None
+        self.open.add(inbox)
         head = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if body.stream:
             chunks = chat_chunks if chat else completion_chunks
-            return EventStream(chunks(head, inbox, body.include_usage), inbox, handle)
-        return await self._whole(request, inbox, handle, head, chat)
+            return EventStream(chunks(head, inbox, body.include_usage), inbox, self.open.discard)
+        try:
+            return await self._whole(request, inbox, head, chat)
+        finally:
+            self.open.discard(inbox)
 
-    async def _whole(self, request: Request, inbox: Inbox, handle: Any, head: dict, chat: bool) -> Response:
-        watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, handle))
+    async def _whole(self, request: Request, inbox: Inbox, head: dict, chat: bool) -> Response:
+        watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, inbox.handle))
         try:
             events = [event async for event in inbox]
         finally:
             client_left = watcher.done() and not watcher.cancelled()
             watcher.cancel()
             if not inbox.finished:  # this task was cancelled (the server is stopping)
-                handle.cancel()
+                inbox.handle.cancel()
         last = events[-1]
         if client_left and last.finish_reason == "cancelled":
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; counted apart from the server's errors
@@ -291,6 +259,11 @@ class Api:
         return JSONResponse({**head, "object": obj, "choices": [choice], "usage": usage})
 
 
+def _admission_error(exc: AdmissionError, chat: bool) -> ApiError:
+    param = ADMISSION_PARAMS.get(exc.code)
+    return ApiError(exc.status, exc.message, "messages" if param == "prompt" and chat else param, exc.code)
+
+
 async def _cancel_on_disconnect(receive: Any, handle: Any) -> None:
     """Wait for the client to go away (its body is read: the next message is the disconnect); cancel."""
     while (await receive())["type"] != "http.disconnect":
@@ -306,7 +279,10 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     manage_scheduler: bool = True,
 ) -> FastAPI:
-    """The application. With ``manage_scheduler`` its lifespan starts the scheduler and shuts it down."""
+    """The application. With ``manage_scheduler`` its lifespan starts the scheduler and shuts it down.
+    An ``api_key`` no request could carry (spaces at either end, control characters) raises ConfigError."""
+    counts: Counter = Counter()
+    api = Api(scheduler, model_name, counts)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -315,18 +291,19 @@ def create_app(
         try:
             yield
         finally:
+            api.worker.close()
             if manage_scheduler:
                 scheduler.shutdown()
 
-    counts: Counter = Counter()
-    api = Api(scheduler, model_name, counts)
     app = FastAPI(title="omnikv-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = api
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, counts=counts)
+    app.add_middleware(
+        Guard, api_key=api_key, max_body_bytes=max_body_bytes, counts=counts, stopping=lambda: api.stopping
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -335,10 +312,10 @@ def create_app(
         elif exc.status_code == 405:
             message, code = f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"
         else:
-            message, code = str(exc.detail), None
-        return _error_response(ApiError(exc.status_code, message, code=code))
+            message, code = str(exc.detail), "invalid_request"
+        return error_response(ApiError(exc.status_code, message, code=code))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -353,15 +330,10 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = parse_body(await request.body(), CompletionRequest)
-        api.check_model(body)
-        ids = api.encode(body.prompt_text(), add_special_tokens=True, param="prompt")
-        return await api.serve(request, body, ids, chat=False)
+        return await api.serve(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = parse_body(await request.body(), ChatCompletionRequest)
-        api.check_model(body)
-        return await api.serve(request, body, api.chat_prompt(body), chat=True)
+        return await api.serve(request, chat=True)
 
     return app

@@ -34,6 +34,7 @@ from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
 from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.errors import ConfigError, PromptError
 from omnikv_runtime.geometry import ModelGeometry
+from omnikv_runtime.serve import MIN_CONTEXT
 from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
 from omnikv_runtime.serve.text import TextStream
@@ -75,7 +76,7 @@ class Scheduler:
         max_batch: slots: requests decoding together.
         max_queue: requests waiting for a slot at most; more get HTTP 429.
         max_context: prompt plus new tokens of one request at most (default: the model's and the
-            config's context limit).
+            config's context limit); at least ``MIN_CONTEXT`` (15).
         max_new_tokens: new tokens of one request at most (the tail ring's size; default 1024, or
             anything up to the context with ``omnikv.tail_tokens`` set).
         recorder: how the batch's steps are recorded (default: CUDA graphs where the engine allows).
@@ -108,6 +109,14 @@ class Scheduler:
         if not limits:
             raise ConfigError("model.max_context_len", None, "a context limit (the model declares none)")
         self.context_limit = min(limits)
+        if self.context_limit < MIN_CONTEXT:
+            raise ConfigError(
+                "max_context",
+                self.context_limit,
+                f"at least {MIN_CONTEXT} tokens: a slot is its context plus one scratch column, and the dense "
+                f"layers' KV buffers are never narrower than {MIN_CONTEXT + 1} columns, so a narrower slot "
+                "would not match them",
+            )
         self.max_new_tokens = engine.config.omnikv.tail_tokens and self.context_limit or max_new_tokens or 1024
         self.max_new_tokens = min(self.max_new_tokens, self.context_limit - 1)
         _check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens)
@@ -143,29 +152,35 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
 
-    def submit(self, request: ServeRequest, on_event: Callable[[RequestEvent], None]) -> RequestHandle:
-        """Queue ``request``; its events go to ``on_event`` (on the scheduler's thread)."""
-        prompt = len(request.prompt_ids)
+    def check(self, prompt_tokens: int | None, max_tokens: int) -> None:
+        """Raise AdmissionError (400, counted as rejected) for a request that can never be served here: an
+        empty prompt, ``max_tokens`` below 1 or over the cap per request, or prompt and ``max_tokens`` over
+        the context. ``prompt_tokens`` None checks ``max_tokens`` alone (before the prompt is tokenized)."""
         problem = None
-        if prompt == 0:
+        if prompt_tokens == 0:
             problem = ("the prompt is empty: give at least one token", "empty_prompt")
-        elif request.max_tokens < 1:
-            problem = (f"max_tokens must be at least 1, got {request.max_tokens}", "invalid_max_tokens")
-        elif request.max_tokens > self.max_new_tokens:
+        elif max_tokens < 1:
+            problem = (f"max_tokens must be at least 1, got {max_tokens}", "invalid_max_tokens")
+        elif max_tokens > self.max_new_tokens:
             problem = (
-                f"max_tokens {request.max_tokens} is over this server's {self.max_new_tokens} new tokens per request",
+                f"max_tokens {max_tokens} is over this server's {self.max_new_tokens} new tokens per request",
                 "max_tokens_exceeded",
             )
-        elif prompt + request.max_tokens > self.context_limit:
+        elif prompt_tokens is not None and prompt_tokens + max_tokens > self.context_limit:
             problem = (
-                f"the prompt has {prompt} tokens and max_tokens is {request.max_tokens}, "
-                f"{prompt + request.max_tokens} in all, over this server's context of {self.context_limit} "
+                f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}, "
+                f"{prompt_tokens + max_tokens} in all, over this server's context of {self.context_limit} "
                 "tokens: shorten the prompt or lower max_tokens",
                 "context_length_exceeded",
             )
         if problem is not None:
             self._count("requests_rejected_total")
             raise AdmissionError(400, *problem)
+
+    def submit(self, request: ServeRequest, on_event: Callable[[RequestEvent], None]) -> RequestHandle:
+        """Queue ``request`` (:meth:`check`-ed first); its events go to ``on_event`` (on the scheduler's thread)."""
+        prompt = len(request.prompt_ids)
+        self.check(prompt, request.max_tokens)
         settings = SamplingSettings(request.temperature > 0, request.temperature or 1.0, None, _top_p(request.top_p))
         generator = None
         if settings.do_sample:

@@ -9,7 +9,9 @@ silently served without it. This module needs pydantic only, not FastAPI.
 
 from __future__ import annotations
 
+import collections
 import json
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -85,14 +87,18 @@ class _Sampling(_Body):
                     code="unsupported_value",
                 )
         if self.stream_options is not None and not self.stream:
-            raise ApiError(400, "'stream_options' is allowed only with 'stream': true", "stream_options")
+            raise ApiError(
+                400, "'stream_options' is allowed only with 'stream': true", "stream_options", "invalid_value"
+            )
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
-            raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
+            raise ApiError(
+                400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop", "invalid_value"
+            )
         if any(not each for each in stops):
-            raise ApiError(400, "'stop' strings must not be empty", "stop")
+            raise ApiError(400, "'stop' strings must not be empty", "stop", "invalid_value")
         return tuple(stops)
 
     @property
@@ -114,9 +120,10 @@ class CompletionRequest(_Sampling):
     def prompt_text(self) -> str:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
-            raise ApiError(400, f"'prompt' must be one string (or a list of one); got {len(prompts)}", "prompt")
+            message = f"'prompt' must be one string (or a list of one); got {len(prompts)}"
+            raise ApiError(400, message, "prompt", "invalid_value")
         if not prompts[0]:
-            raise ApiError(400, "'prompt' is empty", "prompt")
+            raise ApiError(400, "'prompt' is empty", "prompt", "empty_prompt")
         return prompts[0]
 
 
@@ -150,7 +157,8 @@ class ChatCompletionRequest(_Sampling):
         """``max_completion_tokens`` (the newer name), else ``max_tokens``; None when neither is given."""
         if self.max_completion_tokens is not None and self.max_tokens is not None:
             if self.max_completion_tokens != self.max_tokens:
-                raise ApiError(400, "give 'max_completion_tokens' or 'max_tokens', not both", "max_tokens")
+                message = "give 'max_completion_tokens' or 'max_tokens', not both (or both equal)"
+                raise ApiError(400, message, "max_tokens", "invalid_value")
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
@@ -176,18 +184,85 @@ def _validation_error(exc: ValidationError) -> ApiError:
         return ApiError(400, f"Missing required parameter: '{param}'", param, "missing_required_parameter")
     same = [each["msg"] for each in errors if _param(each["loc"]) == param]  # a union's members, one line
     received = first.get("input")
-    shown = json.dumps(received)[:80] if isinstance(received, (str, int, float, bool, type(None))) else "a value"
+    if isinstance(received, LongInteger):
+        shown = f"an integer of {received.digits} digits"
+    elif isinstance(received, (str, int, float, bool, type(None))):
+        shown = json.dumps(received)[:80]
+    else:
+        shown = "a value"
     return ApiError(400, f"Invalid '{param}' ({shown}): " + "; or ".join(dict.fromkeys(same)), param, "invalid_value")
 
 
-def parse_body(raw: bytes, model: type[_Sampling]) -> _Sampling:
-    """A request body (bytes of JSON) as `model`, checked; raises :class:`ApiError` (400) naming the problem."""
+class LongInteger:
+    """A JSON integer with more digits than Python converts (``sys.get_int_max_str_digits``): kept as its
+    digit count, so that the field holding it is refused by name like any other value of the wrong type."""
+
+    def __init__(self, digits: str) -> None:
+        self.digits = len(digits.lstrip("-"))
+
+
+def _integer(digits: str) -> int | LongInteger:
     try:
-        data = json.loads(raw)
+        return int(digits)
+    except ValueError:
+        return LongInteger(digits)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(data: Any) -> ApiError | None:
+    """The refusal of the first string (key or value, breadth first) holding a lone surrogate (``\\ud800``
+    in JSON), which no text encoding can carry; None when there is none. Walks without recursion."""
+    pending: collections.deque[tuple[tuple[Any, ...], Any]] = collections.deque([((), data)])
+    while pending:
+        loc, value = pending.popleft()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    return _surrogate_error(loc, key, "A field name in")
+                pending.append(((*loc, key), item))
+        elif isinstance(value, list):
+            pending.extend(((*loc, index), item) for index, item in enumerate(value))
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            return _surrogate_error(loc, value, "")
+    return None
+
+
+def _surrogate_error(loc: tuple[Any, ...], text: str, what: str) -> ApiError:
+    param = _param(loc) or None
+    found = _SURROGATE.search(text)
+    where = f"{what} '{param}'".strip() if param else "A field name"
+    return ApiError(
+        400,
+        f"{where} holds a lone surrogate (\\u{ord(found.group()):04x} at character {found.start()}): "
+        "strings must be Unicode text",
+        param,
+        "invalid_value",
+    )
+
+
+def parse_body(raw: bytes, model: type[_Sampling], max_messages: int | None = None) -> _Sampling:
+    """A request body (bytes of JSON) as `model`, checked; raises :class:`ApiError` (400) naming the problem.
+    More than ``max_messages`` chat messages are refused before they are validated one by one."""
+    try:
+        data = json.loads(raw, parse_int=_integer)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "The request body nests arrays or objects too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    messages = data.get("messages")
+    if max_messages is not None and isinstance(messages, list) and len(messages) > max_messages:
+        message = (
+            f"'messages' holds {len(messages)} messages: more than the {max_messages} tokens this server's context "
+            "leaves for a prompt (each message is at least one token)"
+        )
+        raise ApiError(400, message, "messages", "context_length_exceeded")
+    surrogate = _lone_surrogate(data)
+    if surrogate is not None:
+        raise surrogate
     try:
         body = model.model_validate(data)
     except ValidationError as exc:

@@ -3,7 +3,8 @@
 Text is handed out as soon as it is final. Two things hold it back: a token that ends inside a
 multi-byte character (the tokenizer shows U+FFFD until the character completes), and a tail
 that could be the beginning of a stop string. When a stop string appears, the text ends just
-before it.
+before it. When the request ends with a character still incomplete (``max_tokens`` reached, or
+the end-of-sequence token), that character is left out: it never came.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ class TextStream:
         return out, False
 
     def finish(self) -> str:
-        """The text still held back, when the request ends for another reason than a stop string."""
+        """The text still held back, when the request ends for another reason than a stop string, less
+        a character left incomplete at the end."""
         if self.stopped:
             return ""
-        text = self._text()
+        text = self._text().rstrip(_INCOMPLETE)
         out = text[self.sent :]
-        self.sent = len(text)
+        self.sent = max(self.sent, len(text))
         return out
