@@ -198,7 +198,7 @@ def _fake_with(tokenizer: RecordingTokenizer, context_limit: int = 64) -> FakeSc
 
 
 def test_tokenizing_does_not_stall_the_event_loop():
-    tokenizer = RecordingTokenizer(delay=1.5)
+    tokenizer = RecordingTokenizer(delay=1.0)
     with live_server(create_app(_fake_with(tokenizer, 4096), MODEL)) as (_, url):
         slow = threading.Thread(
             target=httpx.post, args=(url + "/v1/completions",), kwargs={"json": {**PROMPT, "prompt": "ab " * 500}}
@@ -280,7 +280,7 @@ def _stream_lines(url: str, first: threading.Event, lines: list[str]) -> None:
 
 def test_sigint_ends_what_runs_with_its_documented_error_after_the_grace(tmp_path):
     """Two streams and three whole requests, each longer than the grace (they hold after their first token)."""
-    grace = 1.5
+    grace = 1.0
     with spawned_server(tmp_path, fake={"hold": True}, grace=grace) as server:
         streams = [([], threading.Event()) for _ in range(2)]
         threads = [threading.Thread(target=_stream_lines, args=(server.url, first, lines)) for lines, first in streams]
@@ -392,7 +392,7 @@ def test_a_slow_header_flood_past_the_connection_limit(tmp_path):
     /health; the server holds no more connections than the limit, closes the rest after the header timeout,
     and its log barely grows."""
     limit = 16
-    with spawned_server(tmp_path, max_connections=limit, header_timeout=2, keep_alive_timeout=1) as server:
+    with spawned_server(tmp_path, max_connections=limit, header_timeout=1, keep_alive_timeout=1) as server:
         files, log = server.open_files(), server.log_bytes()
         flood = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(10 * limit)]
         for sock in flood:
@@ -418,7 +418,7 @@ def test_running_out_of_descriptors_logs_a_few_lines_and_recovers(tmp_path):
     with spawned_server(tmp_path, open_files=128, max_connections=None, header_timeout=2) as server:
         log = server.log_bytes()
         flood = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(200)]
-        time.sleep(2.5)  # accepts fail, are retried every second, and fail again
+        time.sleep(1.2)  # accepts fail, are retried a second later, and fail again
         assert "out of system resource" in server.log.read_text()
         for sock in flood:
             sock.close()
