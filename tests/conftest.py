@@ -68,3 +68,14 @@ def attention_spy():
     yield install
     while stack:
         stack.pop().__exit__(None, None, None)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """A command fails the test if it gets as far as loading a config (and a model)."""
+    import omnikv_runtime.config
+
+    def load_config(*args, **kwargs):
+        raise AssertionError("the command went on to load the model")
+
+    monkeypatch.setattr(omnikv_runtime.config, "load_config", load_config)

@@ -1,5 +1,5 @@
 """Helpers of the serve tests: live servers, a stand-in for ``omnikv_runtime.serve.scheduler.Scheduler``
-for fast tests of the HTTP layer, and a Prometheus text parser.
+for fast tests of the HTTP layer, a check of refusals (:func:`refusal`), and a Prometheus text parser.
 
 :func:`live_server` serves an app the way ``omnikv serve`` does (``build_server``: bounded connections,
 graceful stop) on a free loopback port, in a thread of the test process. :func:`spawned_server` runs one
@@ -126,6 +126,14 @@ def _answers(port: int) -> bool:
             return sock.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
+
+
+def refusal(response: Any, status: int = 400) -> dict:
+    """The error body of a refusal, after checking its status and that it has a code."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"], error
+    return error
 
 
 class CharTokenizer:

@@ -77,8 +77,8 @@ def register(commands: Any) -> None:
     serve.add_argument(
         "--max-context",
         type=context_tokens,
-        help="prompt + new tokens of one request at most (default: the model's and the config's limit); "
-        "every slot holds this many tokens, so it sizes the KV tiers",
+        help="prompt + new tokens of one request at most (default: the model's and the config's limit; at "
+        f"least {MIN_CONTEXT}); every slot holds this many tokens, so it sizes the KV tiers",
     )
     serve.add_argument(
         "--max-body-bytes",
