@@ -31,6 +31,7 @@ TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host", "host_a
 
 SCRIPT = Path(__file__).parent / "scripts" / "tp_generate.py"
 SERVE_SCRIPT = Path(__file__).parent / "scripts" / "tp_serve.py"
+BF16_SCRIPT = Path(__file__).parent / "scripts" / "tp_bf16.py"
 
 
 def _free_port() -> int:
@@ -90,6 +91,33 @@ def test_two_ranks_serve_each_request_the_tokens_it_gets_alone(tmp_path):
             assert shard["kv_heads_on_this_rank"] == 1  # each rank holds its own KV head only
             assert shard["batch"] == shard["alone"] == single["alone"]
     assert one["tiers"]["0"]["alone"] == one["tiers"]["12"]["alone"]  # the hot cache changes no token
+
+
+def test_bf16_float32_partial_sums_round_once_as_one_rank(tmp_path):
+    """``distributed.float32_partial_sums``: on inputs whose float32 sums are exact in any order, each
+    row-parallel layer (attention output, MLP down projection, LM head) gives one rank's float32-accumulated
+    product rounded once to bf16, element for element; DeepSpeed's own bf16 partial sums do not. Through a
+    tiny bf16 model the ranks then stay closer to one rank's logits and tokens than without the switch; where
+    the tokens still part, the one rank's logits of the two tokens were within the difference the float32
+    sums taken in another order left before (two ranks sum each half of a projection's inputs, then the
+    halves: float32 sums in another order, which round to another bf16 value now and then)."""
+    port = str(_free_port())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    _run([*torchrun, str(BF16_SCRIPT)], tmp_path / "bf16")
+    ranks = [json.loads((tmp_path / f"bf16.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the LM head's all-reduce gives every rank the same logits
+    result = ranks[0]
+    assert result["layers"]["on"] == {"o_proj": 0, "down_proj": 0, "lm_head": 0}
+    assert all(count > 0 for count in result["layers"]["off"].values()), result["layers"]["off"]
+    on, off = result["logits"]["on"], result["logits"]["off"]
+    assert on["elements_differing"] < off["elements_differing"]
+    assert on["max_abs_difference"] < off["max_abs_difference"]
+    rows = {key: [row for budget in result["tokens"].values() for row in budget[key]] for key in ("on", "off")}
+    assert sum(row["agree"] for row in rows["on"]) > sum(row["agree"] for row in rows["off"])
+    for row in rows["on"]:
+        assert row["agree"] >= 1  # the prompt's next token is one rank's
+        if row["margin"] is not None:
+            assert row["margin"] <= row["noise"], row
 
 
 def _planned_per_rank(budget: str, single: dict, shards: list[dict]) -> None:
@@ -179,3 +207,17 @@ def test_restore_float32_buffers_puts_back_only_what_was_cast():
     model.to(torch.bfloat16)
     assert restore_float32_buffers(model, kept) == len(kept) > 0
     assert all(buffer.dtype == torch.float32 for name, buffer in model.named_buffers() if name in kept)
+
+
+def test_float32_partial_sums_refuse_a_row_parallel_layer_they_do_not_handle():
+    from omnikv_runtime.distributed import reduce_partial_sums_in_float32
+
+    class LinearAllreduce(torch.nn.Module):  # DeepSpeed's names; a subclass with a forward of its own
+        pass
+
+    class Conv_LinearALlreduce(LinearAllreduce):  # noqa: N801 - DeepSpeed's spelling
+        pass
+
+    model = torch.nn.Sequential(Conv_LinearALlreduce())
+    with pytest.raises(ConfigError, match=r"distributed.float32_partial_sums.*Conv_LinearALlreduce.*LinearAllreduce"):
+        reduce_partial_sums_in_float32(model)
