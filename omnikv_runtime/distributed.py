@@ -246,6 +246,15 @@ def tensor_parallel_group(config: OmniKVConfig) -> Any:
     return dist.group.WORLD if config.distributed.tp_size > 1 and dist.is_initialized() else None
 
 
+def leave_process_group() -> None:
+    """At the end of a run of several ranks: wait for every rank, then destroy the process group (a rank that
+    exits while another still uses the group can abort in gloo's teardown, and the launcher then stops the
+    others)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def zero_inference_config(dtype: torch.dtype, hidden: int, pin_memory: bool) -> dict[str, Any]:
     """DeepSpeed's ZeRO-Inference config: stage-3 parameters offloaded to (pinned) host memory.
 
