@@ -33,17 +33,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import torch
-import torch.distributed as dist
 
 from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
 from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
-from omnikv_runtime.errors import ConfigError, PromptError
-from omnikv_runtime.geometry import ModelGeometry
+from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.serve import MIN_CONTEXT
 from omnikv_runtime.serve.batch import SlotBatch
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
+from omnikv_runtime.serve.slot_checks import check_ranks_agree, check_slots_fit
 from omnikv_runtime.serve.text import TextStream
 from omnikv_runtime.serve.turns import PlanChannel, TurnPlan, TurnRunner
 
@@ -125,7 +123,7 @@ class Scheduler:
             )
         self.max_new_tokens = engine.config.omnikv.tail_tokens and self.context_limit or max_new_tokens or 1024
         self.max_new_tokens = min(self.max_new_tokens, self.context_limit - 1)
-        _check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens)
+        check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens)
         self.batch = SlotBatch(engine, max_batch, self.context_limit + 1, self.max_new_tokens, recorder=recorder)
         logger.info(
             "serving %d slots of %d tokens (%d new at most); KV tiers allocated: %s",
@@ -137,7 +135,7 @@ class Scheduler:
         self.chunk_size = engine.config.prefill.chunk_size or self.context_limit
         group = engine.tensor_parallel_group
         if group is not None:
-            _check_ranks_agree(group, self.batch.device, max_batch, self.context_limit, self.max_new_tokens)
+            check_ranks_agree(group, self.batch.device, max_batch, self.context_limit, self.max_new_tokens)
         channel = PlanChannel(group, self.batch.device) if group is not None else None
         self.turns = TurnRunner(self.batch, self.chunk_size, channel)
         self.follower = not self.turns.leader  # a rank other than 0: it follows rank 0's turns
@@ -411,43 +409,6 @@ class Scheduler:
         self.turns.reset()
         for live in ended:
             self._emit(live, "", [], "error" if error else "cancelled", error)
-
-
-def _check_slots_fit(engine: Any, rows: int, context: int, new_tokens: int) -> None:
-    """Raise ConfigError, saying what to lower, when ``rows`` slots of ``context`` tokens cannot fit:
-    on CUDA as the memory planner sees it, on the CPU against the memory available now."""
-    what = f"{rows} slots of {context} tokens"
-    advice = "lower --max-batch or --max-context"
-    if engine.device.type == "cuda":
-        try:
-            engine.check_memory(rows, context - new_tokens, new_tokens)
-        except PromptError as exc:
-            raise ConfigError("serve", what, f"{exc} ({advice})") from None
-        return
-    geometry = ModelGeometry.from_model(engine.model)
-    dtype_bytes = next(engine.model.parameters()).element_size()
-    per_token = geometry.num_layers * geometry.kv_row_bytes(dtype_bytes)
-    needed = rows * (context + 1 + new_tokens) * per_token  # every layer's columns and the tail rings
-    available = psutil.virtual_memory().available
-    if needed > 0.9 * available:
-        raise ConfigError(
-            "serve", what, f"KV tiers of {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available ({advice})"
-        )
-
-
-def _check_ranks_agree(group: Any, device: torch.device, *values: int) -> None:
-    """Raise ConfigError unless every rank built its scheduler with the same slots (a collective: every rank
-    calls it while building its scheduler)."""
-    mine = torch.tensor(values, dtype=torch.long, device=device)
-    low, high = mine.clone(), mine.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(low, high):
-        raise ConfigError(
-            "serve",
-            f"slots, context and new tokens from {low.tolist()} to {high.tolist()} across the ranks",
-            "the same --max-batch, --max-context and new tokens on every rank (start every rank with the same command)",
-        )
 
 
 def _top_p(value: float) -> float | None:
