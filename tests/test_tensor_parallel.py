@@ -298,3 +298,19 @@ def test_float32_partial_sums_refuse_a_row_parallel_layer_they_do_not_handle():
     model = torch.nn.Sequential(Conv_LinearALlreduce())
     with pytest.raises(ConfigError, match=r"distributed.float32_partial_sums.*Conv_LinearALlreduce.*LinearAllreduce"):
         reduce_partial_sums_in_float32(model)
+
+
+def test_tp_arithmetic_finds_the_row_parallel_rounding(tmp_path):
+    """benchmarks/tp_arithmetic.py on a CPU at small widths: each rank's bf16 partial sums rounded before
+    they are added differ from one GEMM in a large share of the outputs; float32 partial sums in a handful."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import tp_arithmetic
+
+    out = tmp_path / "arithmetic.json"
+    argv = ["--tiny", "--device", "cpu", "--tp-sizes", "2", "--tokens", "4,64", "--batches", "2"]
+    assert tp_arithmetic.main([*argv, "--contexts", "256", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["source"] for row in rows} == {"column", "row bf16", "row float32", "attention"}
+    rounded_rows, wide_rows = ([r for r in rows if r["source"] == s] for s in ("row bf16", "row float32"))
+    for rounded, wide in zip(rounded_rows, wide_rows, strict=True):
+        assert rounded["what"] == wide["what"] and rounded["share"] > 0.2 and wide["share"] < 0.01, (rounded, wide)
