@@ -175,10 +175,13 @@ def gather_ranks(row: dict) -> None:
 
     if row_world() == 1 or not dist.is_initialized():
         return
-    mine = {k: row[k] for k in ("gpu_peak_bytes", "host_rss_bytes", "tokens", "selection_digests")}
+    mine = {
+        k: row[k] for k in ("gpu_peak_bytes", "gpu_peak_prefill_bytes", "host_rss_bytes", "tokens", "selection_digests")
+    }
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     row["gpu_peak_bytes_per_rank"] = [r["gpu_peak_bytes"] for r in every]
+    row["gpu_peak_prefill_bytes_per_rank"] = [r["gpu_peak_prefill_bytes"] for r in every]
     row["host_rss_bytes_per_rank"] = [r["host_rss_bytes"] for r in every]
     row["ranks_same_tokens"] = all(r["tokens"] == row["tokens"] for r in every)
     row["ranks_same_selections"] = all(r["selection_digests"] == row["selection_digests"] for r in every)
