@@ -33,8 +33,8 @@
 #           16384: the last four 4,096-token chunks, which attend to the whole context and set the prefill's peak
 #           memory), those run through the model's prefill, then 8 decode steps at budget 2048; tp_plan_check.py
 #           against the plan's figure with a prefill. LONG4_PREFILL=all prefills the whole prompt: its attention is
-#           quadratic, about 10 to 20 minutes on four H100s at 2.57M tokens (from 11.4 s at 128K on one H200),
-#           more than one call allows
+#           quadratic, roughly 20 minutes on four GPUs at 2.57M tokens (11.4 s at 128K on one H200, scaled by the
+#           square of the length, split over four), more than one call allows
 #   serve2  (2 GPUs) omnikv serve with distributed.tp_size 2 under benchmarks/serve_load.py (torchrun: rank 0 serves
 #           and runs the clients, rank 1 follows): 8 clients for 90 s, 32K prompts, 64 new tokens, every response
 #           checked against sequential Engine.generate on the same two GPUs, 8 sent again alone -> serve_tp2.json
