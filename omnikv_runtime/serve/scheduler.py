@@ -291,7 +291,8 @@ class Scheduler:
                     self._fail_all(f"{type(exc).__name__}: {exc}")
                     if self.turns.channel is not None:
                         logger.error("tensor parallel: after a failed turn the ranks may disagree; the scheduler stops")
-                        self._stopping = True
+                        with self._lock:
+                            self._stopping = True
                         break
                 finally:
                     for live in ended:
