@@ -24,6 +24,10 @@ random model has no tokenizer: :class:`WordTokenizer` maps ``"w17 w9 ..."`` to i
     python benchmarks/serve_load.py --model random-llama3-8b --clients 8 --max-batch 8 --seconds 90 \\
         --prompt-tokens 32768 --max-tokens 64 --offload cpu --out serve.json
 
+Under tensor parallelism, every rank runs the script (``torchrun --nproc-per-node N benchmarks/serve_load.py
+...``, ``distributed.tp_size = N``): rank 0 serves and runs the clients, the other ranks' schedulers follow
+its turns, then every rank runs the sequential ``Engine.generate`` pass on the prompts rank 0 names.
+
 Prints one JSON object on stdout (and writes it with ``--out``) and a table on stderr. Exits 1 when
 any response is lost or differs from the reference (``--inject corrupt|lose`` breaks some on
 purpose, to check that this shows).
@@ -44,8 +48,10 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 import omnikv_runtime as okv
+from omnikv_runtime.distributed import leave_process_group
 from omnikv_runtime.tables import format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode.py, also under python -P
@@ -199,8 +205,9 @@ def client_process(spec: dict[str, Any], connection: Any) -> None:
 
 
 # the server and the engine ----------------------------------------------------------------------------
-def build(args) -> tuple[Any, Any, list[str] | None, int, torch.device]:
-    """The engine, its tokenizer, the prompt words (bundled) and the vocabulary size."""
+def build(args, world: int) -> tuple[Any, Any, list[str] | None, int, torch.device]:
+    """The engine (over ``world`` tensor-parallel ranks), its tokenizer, the prompt words (bundled) and the
+    vocabulary size."""
     config: dict[str, Any]
     if args.model == "bundled":
         from omnikv_runtime.models import load_model
@@ -224,6 +231,7 @@ def build(args) -> tuple[Any, Any, list[str] | None, int, torch.device]:
         config["omnikv"]["token_budget"] = args.budget
     if args.prefill_chunk is not None:
         config.setdefault("prefill", {})["chunk_size"] = args.prefill_chunk
+    config["distributed"] = {"tp_size": world}
     engine = okv.initialize(model, config, tokenizer=tokenizer)
     return engine, tokenizer, words, model.config.vocab_size, device
 
@@ -311,6 +319,7 @@ class Server:
         self.thread.join(timeout=60)
         if self.thread.is_alive():
             raise RuntimeError("the server did not stop within 60 s")
+        self.scheduler.shutdown()  # the lifespan did; with several ranks this is where the others stop following
         return {
             "generation_tokens_total": metrics["generation_tokens_total"],
             "prompt_tokens_total": metrics["prompt_tokens_total"],
@@ -374,6 +383,32 @@ def reference(engine: Any, tokenizer: Any, text: str, max_tokens: int, device: t
     return tokenizer.decode(new, skip_special_tokens=True), seconds, timing
 
 
+def share_prompt(pair: tuple[int, int] | None, device: torch.device) -> tuple[int, int] | None:
+    """With several ranks, rank 0's next prompt of the sequential pass, ``(client, index)``, or None when the
+    pass ends: every rank runs ``Engine.generate`` on it (its collectives need every rank). One rank: ``pair``."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return pair
+    message = torch.tensor([*(pair or (0, 0)), pair is not None], dtype=torch.long, device=device)
+    dist.broadcast(message, 0)
+    client, index, more = message.tolist()
+    return (client, index) if more else None
+
+
+def follow(engine: Any, tokenizer: Any, args, context: int, words: list[str] | None, vocab: int) -> int:
+    """A rank other than 0: its scheduler follows rank 0's through the load, then the sequential pass."""
+    from omnikv_runtime.serve.scheduler import Scheduler
+
+    Scheduler(engine, max_batch=args.max_batch, max_queue=64, max_context=context).follow()
+    gc.collect()
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+    while (pair := share_prompt(None, engine.device)) is not None:
+        text = prompt_text(words, vocab, args.prompt_tokens, args.seed, *pair)
+        reference(engine, tokenizer, text, args.max_tokens, engine.device)
+    leave_process_group()
+    return 0
+
+
 def write(path: str | None, result: dict[str, Any]) -> None:
     if path:
         with open(path, "w", encoding="utf-8") as handle:
@@ -428,14 +463,20 @@ def main(argv: list[str] | None = None) -> int:
         args.budget = int(args.budget)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and args.device == "cuda":  # each rank builds the model on its own GPU; DeepSpeed keeps its shard
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(torch.device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
 
-    engine, tokenizer, words, vocab, device = build(args)
+    engine, tokenizer, words, vocab, device = build(args, world)
     name = MODEL_NAMES[args.model]
     sample_ids = tokenizer(prompt_text(words, vocab, args.prompt_tokens, args.seed, 0, 0))["input_ids"]
     context = args.max_context or len(sample_ids) + args.max_tokens
+    if rank != 0:
+        return follow(engine, tokenizer, args, context, words, vocab)
     result: dict[str, Any] = {
         **run_header(device, "serve_load.py", argv),
         "model": name,
@@ -457,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget": engine.config.omnikv.token_budget,
             "warmup": args.warmup,
             "inject": args.inject,
+            "tp_size": world,
         },
     }
     print(f"engine ready: {result['geometry']} on {result['device']}, server context {context}", file=sys.stderr)
@@ -526,13 +568,14 @@ def main(argv: list[str] | None = None) -> int:
     write(args.out, result)  # the load's figures, kept if the baseline does not finish
 
     # the baseline: the same prompts through sequential Engine.generate, after the server stopped
-    warm_prompt = prompt_text(words, vocab, args.prompt_tokens, args.seed, WARMUP_CLIENT, 0)
+    warm_prompt = prompt_text(words, vocab, args.prompt_tokens, args.seed, *share_prompt((WARMUP_CLIENT, 0), device))
     reference(engine, tokenizer, warm_prompt, args.max_tokens, device)  # kernels compiled, the step captured
     mismatched, base_seconds, base_tokens, timings = [], 0.0, 0, []
     checked, cap_at = 0, time.perf_counter() + (args.baseline_cap or float("inf"))
     for record in sorted(done, key=lambda r: r["started"]):  # a capped pass still covers every client
         if time.perf_counter() > cap_at:
             break
+        share_prompt((record["client"], record["index"]), device)
         text = prompt_text(words, vocab, args.prompt_tokens, args.seed, record["client"], record["index"])
         expected, seconds, timing = reference(engine, tokenizer, text, args.max_tokens, device)
         checked += 1
@@ -551,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                     "generate": expected[max(0, at - 20) : at + 40],
                 }
             )
+    share_prompt(None, device)  # the other ranks' pass ends with rank 0's
     served["mismatched"] = len(mismatched)
     served["checked"] = checked
     served["unchecked"] = len(done) - checked
@@ -626,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if served["unchecked"]:
         print(f"{served['unchecked']} complete responses not checked (--baseline-cap)", file=sys.stderr)
+    leave_process_group()  # with several ranks: every rank's pass has ended
     if not result["ok"]:
         print(
             f"FAILED: {len(lost)} lost, {len(mismatched)} mismatched of {checked} checked, "

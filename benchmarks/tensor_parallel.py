@@ -18,7 +18,11 @@ pinned-copy bandwidth measured here. ``--gpu-memory`` caps the process's GPU mem
 a machine whose host memory cannot hold weights larger than the whole GPU). ``--tiny`` checks the
 script on CPU (on a GPU: a quick check of the same path on a small Llama). ``--selections DIR`` saves
 every rank's selected indices per budget, batch, filter layer and step (``benchmarks/tp_compare.py``
-compares two runs' files).
+compares two runs' files). ``--prefill TOKENS`` runs the model's chunked prefill over the context's last
+TOKENS tokens (``all``: the whole context) after filling the rest directly, and reports its time and peak
+GPU memory: the last chunks of a long context attend to all of it, so they carry the prefill's peak.
+``--float32-partial-sums`` sets ``distributed.float32_partial_sums`` (its cost: the step time against a run
+without it; its tokens: ``tp_compare.py`` against one GPU).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 
 import omnikv_runtime as okv
 from omnikv_runtime.config import load_config
-from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
+from omnikv_runtime.decode.loop import DecodeLoop, StopSettings, cached_forward
 from omnikv_runtime.decode.sampling import SamplingSettings
 from omnikv_runtime.geometry import ModelGeometry
 from omnikv_runtime.models.random import random_model
@@ -74,12 +78,21 @@ def run(
 ) -> dict:
     steps = args.steps
     cache = engine.new_cache(reserve_tokens=args.context + steps + 64, prompt_tokens=args.context)
-    started = time.perf_counter()
-    fill(cache, geometry.num_layers, geometry.kv_heads, geometry.head_dim, batch, args.context, device, dtype)
-    fill_s = time.perf_counter() - started
     cache.token_budget_for = lambda context, k=budget: min(
         context, k if isinstance(k, int) else max(1, int(k * context))
     )
+    prefilled = min(args.context, args.context if args.prefill == "all" else int(args.prefill or 0))
+    started = time.perf_counter()
+    if args.context > prefilled:
+        filled = args.context - prefilled
+        fill(cache, geometry.num_layers, geometry.kv_heads, geometry.head_dim, batch, filled, device, dtype)
+    fill_s = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    prefill(engine, cache, batch, args.context - prefilled, args.context, device)
+    prefill_s = time.perf_counter() - started
+    prefill_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     use_graph = engine.graph_blocker() is None
     loop = DecodeLoop(
         model, cache, engine.cache_keyword, SamplingSettings(), StopSettings(), steps + 1, use_graph=use_graph
@@ -108,6 +121,9 @@ def run(
         "step_ms": round(statistics.median(timed), 3),
         "steps_ms": [round(t, 2) for t in times],
         "fill_s": round(fill_s, 1),
+        "prefill_tokens": prefilled,
+        "prefill_s": round(prefill_s, 2),
+        "gpu_peak_prefill_bytes": prefill_peak,
         "cuda_graph": use_graph,
         "tokens": loop.tokens[:, :steps].tolist(),
         # one digest per filter layer and step (equal digests: equal sorted indices in every row)
@@ -127,6 +143,23 @@ def run(
     return row
 
 
+def prefill(engine, cache: okv.OmniKVCache, batch: int, start: int, end: int, device: torch.device) -> None:
+    """The model's chunked prefill of columns ``[start, end)`` through ``cache`` (filled up to ``start``):
+    random token ids, the same on every rank, in chunks of the config's ``prefill.chunk_size``."""
+    if end <= start:
+        return
+    chunk = engine.config.prefill.chunk_size or end - start
+    generator = torch.Generator().manual_seed(start)
+    ids = torch.randint(3, engine.model.config.vocab_size, (batch, end - start), generator=generator).to(device)
+    mask = torch.ones(batch, end, dtype=torch.long, device=device)
+    for first in range(start, end, chunk):  # no inference mode: the decode loop then writes these buffers
+        last = min(first + chunk, end)
+        columns = torch.arange(first, last, device=device)
+        part, positions = ids[:, first - start : last - start], columns.expand(batch, -1)
+        cached_forward(engine.model, cache, engine.cache_keyword, part, positions, mask[:, :last], columns)
+    sync(device)
+
+
 def host_used() -> int:
     memory = psutil.virtual_memory()
     return memory.total - memory.available
@@ -142,10 +175,13 @@ def gather_ranks(row: dict) -> None:
 
     if row_world() == 1 or not dist.is_initialized():
         return
-    mine = {k: row[k] for k in ("gpu_peak_bytes", "host_rss_bytes", "tokens", "selection_digests")}
+    mine = {
+        k: row[k] for k in ("gpu_peak_bytes", "gpu_peak_prefill_bytes", "host_rss_bytes", "tokens", "selection_digests")
+    }
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     row["gpu_peak_bytes_per_rank"] = [r["gpu_peak_bytes"] for r in every]
+    row["gpu_peak_prefill_bytes_per_rank"] = [r["gpu_peak_prefill_bytes"] for r in every]
     row["host_rss_bytes_per_rank"] = [r["host_rss_bytes"] for r in every]
     row["ranks_same_tokens"] = all(r["tokens"] == row["tokens"] for r in every)
     row["ranks_same_selections"] = all(r["selection_digests"] == row["selection_digests"] for r in every)
@@ -254,6 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a small geometry on CPU (checks the script)")
     parser.add_argument("--eager", action="store_true", help="decode steps without a CUDA graph")
     parser.add_argument(
+        "--prefill",
+        help="run the model's chunked prefill over the context's last TOKENS tokens ('all': the whole context) "
+        "after filling the rest directly; its time and peak GPU memory are reported (default: no prefill)",
+    )
+    parser.add_argument(
+        "--float32-partial-sums",
+        action="store_true",
+        help="distributed.float32_partial_sums: the row-parallel layers all-reduce float32 partial sums",
+    )
+    parser.add_argument(
         "--dtype", choices=["bfloat16", "float32"], help="weights and KV (default: bfloat16 on CUDA, else float32)"
     )
     parser.add_argument("--out", required=True)
@@ -276,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"dtype": dtype_name},
         "omnikv": {"filter_layers": FILTER_LAYERS, "wait_layers": 1},
         "offload": {"device": "cpu"},
-        "distributed": {"tp_size": world, "offload_weights": args.zero},
+        "distributed": {
+            "tp_size": world,
+            "offload_weights": args.zero,
+            "float32_partial_sums": args.float32_partial_sums,
+        },
         "generation": {"cuda_graphs": not args.eager},
     }
     base = load_config(config)
@@ -319,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "initialize_s": round(initialize_s, 1),
         "gpu_memory_cap": args.gpu_memory,
         "dtype": dtype_name,
+        "float32_partial_sums": args.float32_partial_sums,
         # what the GPU holds before the first step: under ZeRO-Inference, only the resident norms
         "gpu_allocated_after_initialize": torch.cuda.memory_allocated(device) if device.type == "cuda" else 0,
     }

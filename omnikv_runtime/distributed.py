@@ -13,6 +13,11 @@ heads, hence the same top-k and the same rows to fetch from its own host tier, o
 transfer stream. The all-reduce is an ordinary collective on the compute stream, so a CUDA graph
 captures it with the rest of the decode step (NCCL supports capture).
 
+In bf16, DeepSpeed's row-parallel layers (attention output, MLP down projection, LM head) round each
+rank's partial sum to bf16 before the all-reduce, where one GPU rounds the whole sum once: near-tied
+logits then flip. ``distributed.float32_partial_sums`` keeps the partial sums in float32 through the
+all-reduce and rounds once (:func:`reduce_partial_sums_in_float32`).
+
 On CPU the group uses gloo. DeepSpeed would route its all-reduces through a shared-memory kernel
 that it compiles at start-up; that kernel crashed two-rank CPU runs (a segmentation fault), so it is
 marked unavailable and DeepSpeed falls back to ``torch.distributed.all_reduce``.
@@ -20,10 +25,12 @@ marked unavailable and DeepSpeed falls back to ``torch.distributed.all_reduce``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -150,13 +157,102 @@ def tensor_parallel(model: PreTrainedModel, config: OmniKVConfig) -> PreTrainedM
         model, tensor_parallel={"tp_size": tp_size}, dtype=dtype, replace_with_kernel_inject=False
     )
     restore_float32_buffers(engine.module, kept)
+    if config.distributed.float32_partial_sums:
+        reduce_partial_sums_in_float32(engine.module)
     logger.info("tensor parallel: rank %d of %d holds 1/%d of every layer's heads", dist.get_rank(), tp_size, tp_size)
     return engine.module
+
+
+# DeepSpeed AutoTP's row-parallel layers: each rank multiplies its slice of the input features by its
+# columns of the weight, and the all-reduce sums the ranks' partial outputs. The LM head's class takes
+# the whole hidden state and slices it itself.
+ROW_PARALLEL_CLASSES = ("LinearAllreduce", "LmHeadLinearAllreduce")
+
+
+def reduce_partial_sums_in_float32(model: torch.nn.Module) -> int:
+    """Make AutoTP's row-parallel layers sum in float32 across the ranks; returns how many layers changed.
+
+    Each such layer then computes its partial product with a float32 output (on CUDA one GEMM with bf16
+    inputs and a float32 result, as cuBLAS accumulates anyway), all-reduces that in float32, adds the
+    bias and rounds once to the weights' dtype. One GPU rounds its whole sum once too, so the result
+    differs from one GPU's only where float32 sums taken in another order round to another bf16 value.
+    Layers whose weights are float32 already are left as they are. Every rank must call this (one
+    all-gather of the layers' widths).
+    """
+    layers = [(name, module) for name, module in model.named_modules() if _row_parallel(name, module)]
+    layers = [(name, module) for name, module in layers if module.weight.dtype != torch.float32]
+    if not layers:
+        return 0
+    device = layers[0][1].weight.device
+    group = layers[0][1].mp_group
+    widths = torch.tensor([module.weight.shape[-1] for _, module in layers], device=device)
+    every = [torch.empty_like(widths) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, widths, group=group)
+    rank = dist.get_rank(group)
+    offsets = torch.stack(every[:rank]).sum(dim=0).tolist() if rank else [0] * len(layers)
+    product = _float32_product(device)
+    for (_, module), offset in zip(layers, offsets, strict=True):
+        module.forward = functools.partial(_row_parallel_float32, module, offset, product)
+    logger.info("tensor parallel: %d row-parallel layers all-reduce float32 partial sums", len(layers))
+    return len(layers)
+
+
+def _row_parallel(name: str, module: torch.nn.Module) -> bool:
+    """Whether ``module`` is one of AutoTP's row-parallel layers (ConfigError for a kind not handled here)."""
+    classes = [cls.__name__ for cls in type(module).__mro__]
+    if "LinearAllreduce" not in classes:
+        return False
+    if classes[0] not in ROW_PARALLEL_CLASSES:
+        raise ConfigError(
+            "distributed.float32_partial_sums",
+            True,
+            f"false for this model: its layer {name} is DeepSpeed's {classes[0]}, and the float32 reduction "
+            f"handles {' and '.join(ROW_PARALLEL_CLASSES)} only",
+        )
+    return True
+
+
+def _float32_product(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(features, weight) -> features @ weight.T`` in float32: on CUDA one GEMM with a float32 output."""
+    if device.type == "cuda":
+        probe = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        try:
+            torch.mm(probe, probe, out_dtype=torch.float32)
+            return lambda features, weight: torch.mm(features, weight.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            logger.warning("this torch has no GEMM with a float32 output: the row-parallel inputs are cast first")
+    return lambda features, weight: torch.mm(features.float(), weight.t().float())
+
+
+def _row_parallel_float32(
+    module: torch.nn.Module,
+    offset: int,
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+) -> torch.Tensor:
+    """A row-parallel layer's forward with a float32 partial sum and all-reduce, rounded once at the end."""
+    width = module.weight.shape[-1]
+    if features.shape[-1] != width:  # the LM head takes the whole hidden state: this rank's columns of it
+        features = features[..., offset : offset + width]
+    summed = product(features.reshape(-1, width), module.weight)
+    dist.all_reduce(summed, group=module.mp_group)
+    if module.bias is not None:
+        summed = summed + module.bias.float()
+    return summed.to(features.dtype).reshape(*features.shape[:-1], summed.shape[-1])
 
 
 def tensor_parallel_group(config: OmniKVConfig) -> Any:
     """The process group whose ranks split the heads (the default group), or None without tensor parallelism."""
     return dist.group.WORLD if config.distributed.tp_size > 1 and dist.is_initialized() else None
+
+
+def leave_process_group() -> None:
+    """At the end of a run of several ranks: wait for every rank, then destroy the process group (a rank that
+    exits while another still uses the group can abort in gloo's teardown, and the launcher then stops the
+    others)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def zero_inference_config(dtype: torch.dtype, hidden: int, pin_memory: bool) -> dict[str, Any]:

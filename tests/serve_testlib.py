@@ -174,6 +174,7 @@ class FakeScheduler:
         self.threads: list[threading.Thread] = []
         self.started = self.stopped = False
         self.rejected = 0
+        self.follower = False  # one process: it serves (the real scheduler's rank other than 0 follows)
 
     def start(self) -> None:
         self.started = True

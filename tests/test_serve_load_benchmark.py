@@ -60,3 +60,31 @@ def test_word_tokenizer_round_trip():
     assert text != serve_load.prompt_text(None, 1000, 16, 0, 3, 8)  # distinct per request
     with pytest.raises(ValueError):
         tokenizer("w1000")
+
+
+@pytest.mark.slow
+def test_load_on_two_ranks_is_checked_against_generate_on_the_same_ranks(tmp_path):
+    """Under torchrun (about 20 s on a 2-core box): rank 0 serves and runs the clients, rank 1's scheduler
+    follows its turns, and both run the sequential pass on the prompts rank 0 names."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    out = tmp_path / "serve.json"
+    script = Path(__file__).parent.parent / "benchmarks" / "serve_load.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    done = subprocess.run(
+        [*torchrun, str(script), *SMALLEST, "--out", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    server = report["server"]
+    assert report["ok"] and report["settings"]["tp_size"] == 2
+    assert server["requests"] >= 2 and server["requests"] == server["checked"] and server["mismatched"] == 0

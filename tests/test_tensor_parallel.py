@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -31,6 +33,8 @@ TIER_KEYS = ("gpu_dense", "gpu_selected", "gpu_tail", "gpu_hot", "host", "host_a
 
 SCRIPT = Path(__file__).parent / "scripts" / "tp_generate.py"
 SERVE_SCRIPT = Path(__file__).parent / "scripts" / "tp_serve.py"
+BF16_SCRIPT = Path(__file__).parent / "scripts" / "tp_bf16.py"
+SCHEDULER_SCRIPT = Path(__file__).parent / "scripts" / "tp_scheduler.py"
 
 
 def _free_port() -> int:
@@ -90,6 +94,107 @@ def test_two_ranks_serve_each_request_the_tokens_it_gets_alone(tmp_path):
             assert shard["kv_heads_on_this_rank"] == 1  # each rank holds its own KV head only
             assert shard["batch"] == shard["alone"] == single["alone"]
     assert one["tiers"]["0"]["alone"] == one["tiers"]["12"]["alone"]  # the hot cache changes no token
+
+
+def test_rank_0_schedules_and_rank_1_follows_its_plans(tmp_path):
+    """The server's scheduler on two ranks: rank 0 decides each turn and sends it; rank 1 runs it on its own
+    batch. Requests arrive while others decode, wait for a slot, end at a stop string, are cancelled while
+    decoding or as soon as sent, and one samples with a seed after an idle spell. Each greedy request gets
+    what ``engine.generate`` gives it alone on the same ranks, the sampled one what a one-rank scheduler gives
+    it, and both ranks run the same turns and end with every slot free."""
+    port = str(_free_port())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    _run([*torchrun, str(SCHEDULER_SCRIPT)], tmp_path / "serve")
+    ranks = [json.loads((tmp_path / f"serve.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["alone"] == ranks[1]["alone"]
+    assert ranks[0]["turns"] == ranks[1]["turns"] > 0
+    for rank in ranks:
+        assert rank["free_slots"] == [0, 1] and rank["host_used"] == 0
+    served, alone, finish = ranks[0]["tokens"], ranks[0]["alone"], ranks[0]["finish"]
+    for name in ("a", "c", "f"):
+        assert served[name] == alone[name] and finish[name] == "length", name
+    assert served["b"] == alone["b"][:3] and finish["b"] == "stop"  # its stop string is its third token's text
+    assert 2 <= len(served["d"]) < len(alone["d"]) and served["d"] == alone["d"][: len(served["d"])]
+    assert served["e"] == alone["e"][: len(served["e"])]
+    assert finish["d"] == finish["e"] == "cancelled"
+    assert served["s"] == ranks[0]["sampled_one_rank"] and len(served["s"]) == 12 and finish["s"] == "length"
+
+
+@pytest.mark.slow
+def test_omnikv_serve_on_three_ranks_answers_and_stops_with_rank_0(tmp_path, bundled):
+    """The command itself under torchrun (the bundled model's 3 KV heads over 3 ranks, 16 s on a 2-core
+    box): rank 0 answers HTTP with one rank's greedy text, the others follow; SIGINT to rank 0 alone stops
+    every rank (the followers log it and leave the group with rank 0)."""
+    import httpx
+    import psutil
+
+    model, tokenizer = bundled
+    config = {
+        "model": {"name_or_path": "smollm2-135m", "dtype": "float32"},
+        "omnikv": {"filter_layers": [2, 6, 18], "wait_layers": 1, "token_budget": 0.25},
+        "offload": {"device": "cpu"},
+        "prefill": {"chunk_size": 64},
+    }
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    alone = okv.initialize(model, config, tokenizer=tokenizer).generate(ids, max_new_tokens=10)[0, ids.shape[1] :]
+    path = tmp_path / "tp3.json"
+    path.write_text(json.dumps({**config, "distributed": {"tp_size": 3}}))
+    port, log = _free_port(), tmp_path / "serve.log"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port"]
+    command = [*torchrun, str(_free_port()), "-m", "omnikv_runtime.cli", "serve", "--config", str(path)]
+    command += ["--port", str(port), "--max-context", "192", "--max-batch", "2"]
+    with log.open("wb") as stderr:
+        launcher = subprocess.Popen(command, stderr=stderr, stdout=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert launcher.poll() is None, log.read_text()[-3000:]
+            threading.Event().wait(0.5)
+        body = {"prompt": prompt, "max_tokens": 10, "temperature": 0}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        assert answer["choices"][0]["text"] == tokenizer.decode(alone, skip_special_tokens=True)
+        ranks = {int(p.environ()["RANK"]): p for p in psutil.Process(launcher.pid).children()}
+        assert sorted(ranks) == [0, 1, 2]
+        ranks[0].send_signal(signal.SIGINT)
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    text = log.read_text()
+    assert "rank 1: rank 0 stopped after" in text and "rank 2: rank 0 stopped after" in text, text[-3000:]
+
+
+def test_bf16_float32_partial_sums_round_once_as_one_rank(tmp_path):
+    """``distributed.float32_partial_sums``: on inputs whose float32 sums are exact in any order, each
+    row-parallel layer (attention output, MLP down projection, LM head) gives one rank's float32-accumulated
+    product rounded once to bf16, element for element; DeepSpeed's own bf16 partial sums do not. Through a
+    tiny bf16 model the ranks then stay closer to one rank's logits and tokens than without the switch; where
+    the tokens still part, the one rank's logits of the two tokens were within the difference the float32
+    sums taken in another order left before (two ranks sum each half of a projection's inputs, then the
+    halves: float32 sums in another order, which round to another bf16 value now and then)."""
+    port = str(_free_port())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    _run([*torchrun, str(BF16_SCRIPT)], tmp_path / "bf16")
+    ranks = [json.loads((tmp_path / f"bf16.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the LM head's all-reduce gives every rank the same logits
+    result = ranks[0]
+    assert result["layers"]["on"] == {"o_proj": 0, "down_proj": 0, "lm_head": 0}
+    assert all(count > 0 for count in result["layers"]["off"].values()), result["layers"]["off"]
+    on, off = result["logits"]["on"], result["logits"]["off"]
+    assert on["elements_differing"] < off["elements_differing"]
+    assert on["max_abs_difference"] < off["max_abs_difference"]
+    rows = {key: [row for budget in result["tokens"].values() for row in budget[key]] for key in ("on", "off")}
+    assert sum(row["agree"] for row in rows["on"]) > sum(row["agree"] for row in rows["off"])
+    for row in rows["on"]:
+        assert row["agree"] >= 1  # the prompt's next token is one rank's
+        if row["margin"] is not None:
+            assert row["margin"] <= row["noise"], row
 
 
 def _planned_per_rank(budget: str, single: dict, shards: list[dict]) -> None:
@@ -179,3 +284,33 @@ def test_restore_float32_buffers_puts_back_only_what_was_cast():
     model.to(torch.bfloat16)
     assert restore_float32_buffers(model, kept) == len(kept) > 0
     assert all(buffer.dtype == torch.float32 for name, buffer in model.named_buffers() if name in kept)
+
+
+def test_float32_partial_sums_refuse_a_row_parallel_layer_they_do_not_handle():
+    from omnikv_runtime.distributed import reduce_partial_sums_in_float32
+
+    class LinearAllreduce(torch.nn.Module):  # DeepSpeed's names; a subclass with a forward of its own
+        pass
+
+    class Conv_LinearALlreduce(LinearAllreduce):  # noqa: N801 - DeepSpeed's spelling
+        pass
+
+    model = torch.nn.Sequential(Conv_LinearALlreduce())
+    with pytest.raises(ConfigError, match=r"distributed.float32_partial_sums.*Conv_LinearALlreduce.*LinearAllreduce"):
+        reduce_partial_sums_in_float32(model)
+
+
+def test_tp_arithmetic_finds_the_row_parallel_rounding(tmp_path):
+    """benchmarks/tp_arithmetic.py on a CPU at small widths: each rank's bf16 partial sums rounded before
+    they are added differ from one GEMM in a large share of the outputs; float32 partial sums in a handful."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import tp_arithmetic
+
+    out = tmp_path / "arithmetic.json"
+    argv = ["--tiny", "--device", "cpu", "--tp-sizes", "2", "--tokens", "4,64", "--batches", "2"]
+    assert tp_arithmetic.main([*argv, "--contexts", "256", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["source"] for row in rows} == {"column", "row bf16", "row float32", "attention"}
+    rounded_rows, wide_rows = ([r for r in rows if r["source"] == s] for s in ("row bf16", "row float32"))
+    for rounded, wide in zip(rounded_rows, wide_rows, strict=True):
+        assert rounded["what"] == wide["what"] and rounded["share"] > 0.2 and wide["share"] < 0.01, (rounded, wide)

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnikv", description="OmniKV tiered-KV runtime for transformers")
     parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    # DeepSpeed's launcher passes --local_rank=N before the command (the rank is in $LOCAL_RANK too)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(commands)

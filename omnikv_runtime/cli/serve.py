@@ -4,6 +4,10 @@
                  [--max-context N] [--max-body-bytes N] [--max-connections N] [--header-timeout S]
                  [--keep-alive-timeout S]
 
+Under tensor parallelism (``distributed.tp_size > 1``, every rank started by ``torchrun`` or ``deepspeed``
+with the same command) rank 0 serves HTTP and schedules; every other rank follows its schedule, serves
+nothing, and exits when rank 0 stops.
+
 Needs the ``serve`` extra (FastAPI and uvicorn). torch, transformers and FastAPI are imported only
 when the command runs, not to parse or print help. The server binds the loopback interface unless
 told otherwise, and warns when it listens elsewhere without an API key. What can be checked before
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from typing import Any
 
 from omnikv_runtime.cli.generate import positive_int
@@ -128,6 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise OmniKVError(str(exc) if "[serve]" in str(exc) else f"{exc}: {SERVE_EXTRA}") from None
     from omnikv_runtime.cli.threads import apply_cpu_threads
     from omnikv_runtime.config import load_config
+    from omnikv_runtime.distributed import leave_process_group
     from omnikv_runtime.engine import initialize
     from omnikv_runtime.serve.scheduler import Scheduler
 
@@ -144,20 +150,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     engine = initialize(config=config)
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context)
-    app = create_app(scheduler, config.model.name_or_path, api_key=api_key, max_body_bytes=args.max_body_bytes)
-    server = build_server(
-        app,
-        args.host,
-        args.port,
-        max_connections=args.max_connections,
-        header_timeout=args.header_timeout,
-        keep_alive_timeout=args.keep_alive_timeout,
-        grace=GRACEFUL_SHUTDOWN_S,
-    )
     serve_logger = logging.getLogger("omnikv_runtime.serve")
     saved_level = serve_logger.level
     serve_logger.setLevel(logging.INFO)  # the scheduler's line per request, without -v
     try:
+        if scheduler.follower:
+            return follow(scheduler)
+        app = create_app(scheduler, config.model.name_or_path, api_key=api_key, max_body_bytes=args.max_body_bytes)
+        server = build_server(
+            app,
+            args.host,
+            args.port,
+            max_connections=args.max_connections,
+            header_timeout=args.header_timeout,
+            keep_alive_timeout=args.keep_alive_timeout,
+            grace=GRACEFUL_SHUTDOWN_S,
+        )
         logger.info(
             "serving %s on http://%s:%d/v1 (%d slots of %d tokens)",
             config.model.name_or_path,
@@ -166,7 +174,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.max_batch,
             scheduler.context_limit,
         )
-        server.run()
+        try:
+            server.run()
+        finally:
+            scheduler.shutdown()  # done already by the app's lifespan, unless uvicorn was forced out (a second Ctrl-C)
+            leave_process_group()  # with several ranks: the others stopped following at the shutdown
     finally:
         serve_logger.setLevel(saved_level)
+    return 0
+
+
+def follow(scheduler: Any) -> int:
+    """A rank other than 0 under tensor parallelism: no HTTP; run rank 0's turns until it stops."""
+    from omnikv_runtime.distributed import leave_process_group
+
+    rank = scheduler.turns.channel.rank
+    logger.info("rank %d follows rank 0's schedule (rank 0 serves HTTP)", rank)
+    # Ctrl-C in a terminal reaches every rank: rank 0 stops gracefully, then tells this one to stop
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        turns = scheduler.follow()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    leave_process_group()
+    logger.info("rank %d stopped with rank 0 after %d turns", rank, turns)
     return 0

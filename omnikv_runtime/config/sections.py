@@ -375,6 +375,15 @@ class DistributedSection(_Section):
     backend: Literal["auto", "nccl", "gloo"] = Field(
         default="auto", description="the process group's backend: `auto` (NCCL on CUDA, gloo on CPU), `nccl` or `gloo`"
     )
+    float32_partial_sums: StrictBool = Field(
+        default=False,
+        description=(
+            "with tp_size > 1: AutoTP's row-parallel layers (attention output, MLP down projection, LM head) keep "
+            "each rank's partial sum in float32, all-reduce it in float32 and round once to the weights' dtype, as "
+            "one GPU rounds its whole sum once; off, each rank rounds its partial sum to bf16 before the all-reduce "
+            "(no effect in float32 or with one rank; see docs/multi_gpu.md)"
+        ),
+    )
     offload_weights: StrictBool = Field(
         default=False,
         description=(

@@ -1,7 +1,9 @@
 """``omnikv serve``: an OpenAI-compatible HTTP server over one engine, with continuous batching.
 
 :mod:`omnikv_runtime.serve.requests` holds what the HTTP layer and the batch scheduler exchange;
-:mod:`omnikv_runtime.serve.scheduler` runs the batch (requests join and leave between decode steps);
+:mod:`omnikv_runtime.serve.scheduler` runs the batch (requests join and leave between decode steps), each turn
+a plan of :mod:`~omnikv_runtime.serve.turns` (which the other ranks follow under tensor parallelism), after
+the checks of :mod:`~omnikv_runtime.serve.slot_checks`;
 :mod:`omnikv_runtime.serve.app` is the HTTP API (FastAPI), with :mod:`~omnikv_runtime.serve.schemas`
 (request bodies, error bodies), :mod:`~omnikv_runtime.serve.guard` (API key, body limit),
 :mod:`~omnikv_runtime.serve.prompts` (tokenizing off the event loop), :mod:`~omnikv_runtime.serve.sse`

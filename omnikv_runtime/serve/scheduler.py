@@ -10,6 +10,12 @@ One thread owns the engine. Each turn of its loop it
 3. runs **one decode step** of every busy slot, chooses each row's token with that request's own
    settings (and its own random stream when sampling), and hands each request its new text.
 
+Each turn is a :class:`~omnikv_runtime.serve.turns.TurnPlan` (the slots dropped, the requests admitted,
+the slot whose prefill chunk runs) that :class:`~omnikv_runtime.serve.turns.TurnRunner` runs on the batch;
+the scheduler, as its chooser, picks each token and hands it out. Under tensor parallelism
+(``distributed.tp_size > 1``) every rank builds the same scheduler: rank 0 runs it (and the HTTP server), and
+the others call :meth:`Scheduler.follow`, which runs rank 0's plans on their own batch until it stops.
+
 A request whose prompt and ``max_tokens`` cannot fit a slot is refused at :meth:`Scheduler.submit`
 (HTTP 400), and one that finds the queue full too (429). Slots are allocated when the scheduler is
 built (``max_batch`` rows of ``context_limit + 1`` columns); on CUDA the memory planner checks
@@ -27,17 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import torch
 
 from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
 from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
-from omnikv_runtime.errors import ConfigError, PromptError
-from omnikv_runtime.geometry import ModelGeometry
+from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.serve import MIN_CONTEXT
-from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
+from omnikv_runtime.serve.batch import SlotBatch
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
+from omnikv_runtime.serve.slot_checks import check_ranks_agree, check_slots_fit
 from omnikv_runtime.serve.text import TextStream
+from omnikv_runtime.serve.turns import PlanChannel, TurnPlan, TurnRunner
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +70,6 @@ class _Live:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     row: int | None = None
-    job: PrefillJob | None = None
     tokens: list[int] = field(default_factory=list)
 
 
@@ -80,7 +85,12 @@ class Scheduler:
         max_new_tokens: new tokens of one request at most (the tail ring's size; default 1024, or
             anything up to the context with ``omnikv.tail_tokens`` set).
         recorder: how the batch's steps are recorded (default: CUDA graphs where the engine allows).
+
+    Under tensor parallelism every rank builds its scheduler with the same arguments (checked across the
+    ranks); rank 0 starts it, the others call :meth:`follow`.
     """
+
+    idle_plan_s = 30.0  # with tensor parallelism: an idle rank 0 sends an empty plan this often
 
     def __init__(
         self,
@@ -93,12 +103,6 @@ class Scheduler:
     ) -> None:
         if engine.tokenizer is None:
             raise ConfigError("model", "no tokenizer", "a model with a tokenizer (the server decodes text)")
-        if engine.tensor_parallel_group is not None:
-            raise ConfigError(
-                "distributed.tp_size",
-                engine.config.distributed.tp_size,
-                "1 for omnikv serve (its scheduler drives one process; the batch itself runs tensor-parallel)",
-            )
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(name, value, f"an integer of at least {low}")
@@ -119,7 +123,7 @@ class Scheduler:
             )
         self.max_new_tokens = engine.config.omnikv.tail_tokens and self.context_limit or max_new_tokens or 1024
         self.max_new_tokens = min(self.max_new_tokens, self.context_limit - 1)
-        _check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens)
+        check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens)
         self.batch = SlotBatch(engine, max_batch, self.context_limit + 1, self.max_new_tokens, recorder=recorder)
         logger.info(
             "serving %d slots of %d tokens (%d new at most); KV tiers allocated: %s",
@@ -129,6 +133,12 @@ class Scheduler:
             ", ".join(f"{tier} {size / 2**30:.2f} GiB" for tier, size in self.batch.cache.tier_bytes().items()),
         )
         self.chunk_size = engine.config.prefill.chunk_size or self.context_limit
+        group = engine.tensor_parallel_group
+        if group is not None:
+            check_ranks_agree(group, self.batch.device, max_batch, self.context_limit, self.max_new_tokens)
+        channel = PlanChannel(group, self.batch.device) if group is not None else None
+        self.turns = TurnRunner(self.batch, self.chunk_size, channel)
+        self.follower = not self.turns.leader  # a rank other than 0: it follows rank 0's turns
         self.eos_ids = set(_eos_ids(engine))
         self._lock = threading.Condition()
         self._queue: collections.deque[_Live] = collections.deque()
@@ -142,15 +152,29 @@ class Scheduler:
 
     # the HTTP side's calls (any thread) -----------------------------------------------------------
     def start(self) -> None:
+        """Start the scheduler's thread (on rank 0 under tensor parallelism)."""
+        if self.follower:
+            raise ConfigError("rank", self.turns.channel.rank, "0 to start the scheduler: the other ranks follow()")
         self._thread = threading.Thread(target=self._run, name="omnikv-scheduler", daemon=True)
         self._thread.start()
 
+    def follow(self) -> int:
+        """On a rank other than 0 under tensor parallelism: run rank 0's turns on this rank's batch until rank 0
+        stops (this thread; returns the turns run)."""
+        if not self.follower:
+            raise ConfigError("rank", 0, "another rank to follow: rank 0 runs the scheduler (start())")
+        with torch.inference_mode():
+            return self.turns.follow()
+
     def shutdown(self) -> None:
+        """Stop the scheduler's thread (its requests end "cancelled"); under tensor parallelism the other ranks
+        then stop following, also when the thread never started."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join()
+        self.turns.stop()
 
     def check(self, prompt_tokens: int | None, max_tokens: int) -> None:
         """Raise AdmissionError (400, counted as rejected) for a request that can never be served here: an
@@ -188,6 +212,8 @@ class Scheduler:
             generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
         live = _Live(request, on_event, TextStream(self.tokenizer, request.stop), settings, generator)
         with self._lock:
+            if self._stopping:
+                raise AdmissionError(503, "the scheduler has stopped", "server_shutting_down")
             if len(self._queue) >= self.max_queue + self._free_slots():
                 self._counts["requests_rejected_total"] += 1
                 raise AdmissionError(429, f"the queue holds {self.max_queue} requests: retry later", "queue_full")
@@ -241,63 +267,84 @@ class Scheduler:
 
     # the scheduler's thread -----------------------------------------------------------------
     def _run(self) -> None:
+        idle_plan_s = None if self.turns.channel is None else self.idle_plan_s
         with torch.inference_mode():
             while True:
                 with self._lock:
                     while not (self._stopping or self._queue or self._prefilling or self._running or self._cancelled):
-                        self._lock.wait()
+                        if not self._lock.wait(idle_plan_s):
+                            break  # tensor parallel and idle: an empty plan keeps the other ranks' broadcast alive
                     if self._stopping:
                         break
                     cancelled, self._cancelled = self._cancelled, set()
-                    self._admit()
-                self._drop(cancelled)
+                    ended = self._drop(cancelled)
+                    admitted = self._admit()
+                plan = TurnPlan(
+                    drop=[live.row for live in ended if live.row is not None],
+                    admit=[(live.row, list(live.request.prompt_ids)) for live in admitted],
+                    prefill=self._prefilling[0].row if self._prefilling else None,
+                )
                 try:
-                    self._turn()
+                    self.turns.run(plan, self)
                 except Exception as exc:  # a failing step fails its requests, not the server
                     logger.exception("the batch step failed; its requests end with an error")
                     self._fail_all(f"{type(exc).__name__}: {exc}")
+                    if self.turns.channel is not None:
+                        logger.error("tensor parallel: after a failed turn the ranks may disagree; the scheduler stops")
+                        with self._lock:
+                            self._stopping = True
+                        break
+                finally:
+                    for live in ended:
+                        self._emit(live, "", [], "cancelled")
+        self.turns.stop()
         self._fail_all(None)
 
-    def _admit(self) -> None:
-        """Queued requests take free slots (lock held); their prefill starts at the next chunk turn."""
+    def _admit(self) -> list[_Live]:
+        """Queued requests take free slots (lock held); their prefill starts in this turn's plan."""
         free = [row for row in self.batch.cache.free_rows() if row not in {x.row for x in self._prefilling}]
+        admitted = []
         while self._queue and free:
             live = self._queue.popleft()
             live.row = free.pop(0)
-            live.job = PrefillJob(self.batch, live.row, list(live.request.prompt_ids), self.chunk_size)
             self._prefilling.append(live)
+            admitted.append(live)
+        return admitted
 
-    def _turn(self) -> None:
-        if self._prefilling:
-            live = self._prefilling[0]
-            logits = live.job.advance()
-            if logits is not None:
-                token = int(choose_tokens(logits[None], live.settings, live.generator)[0])
+    # the chooser of each turn (TurnRunner calls these on the scheduler's thread) ---------------------
+    def choose(self, logits: torch.Tensor, rows: list[int]) -> dict[int, int]:
+        """Each slot's token, with its request's settings (its own random stream when sampling)."""
+        tokens = logits.argmax(dim=-1)
+        for index, row in enumerate(rows):
+            live = self._in_slot(row)
+            if live.settings.do_sample:
+                tokens[index] = choose_tokens(logits[index : index + 1], live.settings, live.generator)[0]
+        return dict(zip(rows, tokens.tolist(), strict=True))
+
+    def deliver(self, tokens: dict[int, int]) -> list[int]:
+        """Hand each slot's token to its request (a prefilled one joins the decoding requests first); returns the
+        slots whose request finished."""
+        finished = []
+        for row, token in tokens.items():
+            live = self._running.get(row)
+            if live is None:  # its prefill ended: its first token
+                live = self._in_slot(row)
                 live.first_token_at = time.perf_counter()
-                self.batch.join(live.job, token)  # before the token is handed out: metrics see the slot busy
-                self._running[live.row] = live
-                live.job = None
+                self._running[row] = live
                 with self._lock:
-                    self._prefilling.popleft()
-                if self._deliver(live, token):
-                    del self._running[live.row]
-                    self.batch.leave(live.row)
-        if self._running:
-            logits = self.batch.step()
-            self._last_batch = len(self._running)
-            rows = sorted(self._running)
-            tokens = logits.argmax(dim=-1)
-            for row in rows:
-                live = self._running[row]
-                if live.settings.do_sample:
-                    tokens[row] = choose_tokens(logits[row : row + 1], live.settings, live.generator)[0]
-            chosen = tokens.tolist()
-            self.batch.ids[:, 0].copy_(tokens)
-            for row in rows:
-                live = self._running[row]
-                if self._deliver(live, chosen[row]):
-                    del self._running[row]
-                    self.batch.leave(row)
+                    self._prefilling.remove(live)
+            else:
+                self._last_batch = len(tokens)
+            if self._deliver(live, token):
+                del self._running[row]
+                finished.append(row)
+        return finished
+
+    def _in_slot(self, row: int) -> _Live:
+        """The request in slot ``row``: decoding, or at the end of its prefill."""
+        if row in self._running:
+            return self._running[row]
+        return next(live for live in self._prefilling if live.row == row)
 
     def _deliver(self, live: _Live, token: int) -> bool:
         """Hand ``token``'s text to the request; True when the request has finished."""
@@ -339,24 +386,18 @@ class Scheduler:
             finish,
         )
 
-    def _drop(self, cancelled: set[str]) -> None:
-        """End cancelled requests wherever they are, freeing their slots."""
+    def _drop(self, cancelled: set[str]) -> list[_Live]:
+        """Take cancelled requests out wherever they are (lock held); their slots are freed by the turn's plan."""
         if not cancelled:
-            return
-        with self._lock:
-            queued = [x for x in self._queue if x.request.request_id in cancelled]
-            for live in queued:
-                self._queue.remove(live)
-            prefilling = [x for x in self._prefilling if x.request.request_id in cancelled]
-            for live in prefilling:
-                self._prefilling.remove(live)
+            return []
+        queued = [x for x in self._queue if x.request.request_id in cancelled]
+        for live in queued:
+            self._queue.remove(live)
+        prefilling = [x for x in self._prefilling if x.request.request_id in cancelled]
+        for live in prefilling:
+            self._prefilling.remove(live)
         running = [row for row, x in self._running.items() if x.request.request_id in cancelled]
-        ended = queued + prefilling + [self._running.pop(row) for row in running]
-        for row in running:
-            self.batch.leave(row)
-        for live in ended:
-            live.job = None
-            self._emit(live, "", [], "cancelled")
+        return queued + prefilling + [self._running.pop(row) for row in running]
 
     def _fail_all(self, error: str | None) -> None:
         """End every request (``error`` set: the step failed; None: the server is stopping)."""
@@ -365,34 +406,10 @@ class Scheduler:
             self._queue.clear()
             self._prefilling.clear()
         ended += list(self._running.values())
-        for row in list(self._running):
-            self.batch.leave(row)
         self._running.clear()
+        self.turns.reset()
         for live in ended:
-            live.job = None
             self._emit(live, "", [], "error" if error else "cancelled", error)
-
-
-def _check_slots_fit(engine: Any, rows: int, context: int, new_tokens: int) -> None:
-    """Raise ConfigError, saying what to lower, when ``rows`` slots of ``context`` tokens cannot fit:
-    on CUDA as the memory planner sees it, on the CPU against the memory available now."""
-    what = f"{rows} slots of {context} tokens"
-    advice = "lower --max-batch or --max-context"
-    if engine.device.type == "cuda":
-        try:
-            engine.check_memory(rows, context - new_tokens, new_tokens)
-        except PromptError as exc:
-            raise ConfigError("serve", what, f"{exc} ({advice})") from None
-        return
-    geometry = ModelGeometry.from_model(engine.model)
-    dtype_bytes = next(engine.model.parameters()).element_size()
-    per_token = geometry.num_layers * geometry.kv_row_bytes(dtype_bytes)
-    needed = rows * (context + 1 + new_tokens) * per_token  # every layer's columns and the tail rings
-    available = psutil.virtual_memory().available
-    if needed > 0.9 * available:
-        raise ConfigError(
-            "serve", what, f"KV tiers of {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available ({advice})"
-        )
 
 
 def _top_p(value: float) -> float | None:
