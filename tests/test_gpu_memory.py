@@ -7,6 +7,7 @@ import torch
 from okv_testlib import PAD, make_model, make_prompt, omni
 
 import omnikv_runtime as okv
+from omnikv_runtime.config.sections import MAX_TOKENS
 from omnikv_runtime.planner import ModelGeometry, plan_memory
 
 pytestmark = pytest.mark.gpu
@@ -19,10 +20,16 @@ def cuda_llama():
     return make_model("llama", max_position_embeddings=10**9).to("cuda")
 
 
-def test_initialize_refuses_a_context_that_cannot_fit(cuda_llama):
-    config = omni(8, model={"max_context_len": 2 * 10**9}, offload={"device": "none"})
+def test_initialize_refuses_a_context_that_cannot_fit():
+    # the longest context a config may name (16,777,216 tokens) at 64 KiB of KV a token: about 1.1 TB
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    wide = make_model(
+        "llama", max_position_embeddings=10**9, hidden_size=1024, num_attention_heads=16, num_key_value_heads=16
+    ).to("cuda")
+    config = omni(8, model={"max_context_len": MAX_TOKENS}, offload={"device": "none"})
     with pytest.raises(okv.PromptError, match="does not fit") as error:
-        okv.initialize(cuda_llama, config)
+        okv.initialize(wide, config)
     assert "offload.device = 'cpu'" in str(error.value) and "omnikv.filter_layers" in str(error.value)
 
 

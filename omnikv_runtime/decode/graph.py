@@ -71,10 +71,15 @@ class CudaGraphRecorder:
         graph.replay()
 
     def recover(self) -> None:
-        """After a failed capture: the caller's stream is current again (a capture that fails to end
-        leaves its own stream current), the default generator leaves its capture state, the streams join."""
+        """After a failed capture: the caller's stream is current again and the allocator stops filling
+        the recordings' pool (a capture that fails to end leaves both as they were while it recorded),
+        the default generator leaves its capture state, the streams join."""
         torch.cuda.set_stream(self._caller)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        try:  # a capture that fails to end leaves the allocator sending new blocks to the recordings' pool
+            torch._C._cuda_endAllocateToPool(index, self.pool)
+        except RuntimeError:
+            pass  # the capture had ended it
         generator = torch.cuda.default_generators[index]
         fresh = torch.Generator(device=self.device)
         fresh.manual_seed(generator.initial_seed())
