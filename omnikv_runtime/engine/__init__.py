@@ -375,8 +375,9 @@ class Engine:
             self.release_graphs()
             self.check_memory(batch, prompt_tokens, new_tokens)
 
-    def check_memory(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
-        """On CUDA, raise PromptError (naming what to change) when the memory planner says the run cannot fit."""
+    def check_memory(self, batch: int, prompt_tokens: int, new_tokens: int, reserved: tuple[int, int] = (0, 0)) -> None:
+        """On CUDA, raise PromptError (naming what to change) when the memory planner says the run cannot fit
+        (with ``reserved`` ``(GPU, host)`` bytes more, e.g. a server's prefix cache)."""
         if self.device.type != "cuda":
             return
         from omnikv_runtime.planner.fit import check_run
@@ -386,7 +387,7 @@ class Engine:
         if dtype in ("float32", "bfloat16", "float16"):
             config.model.dtype = dtype
         geometry = self.geometry
-        check_run(geometry, config, self.device, batch, prompt_tokens, new_tokens)
+        check_run(geometry, config, self.device, batch, prompt_tokens, new_tokens, reserved)
 
     def stats(self) -> dict[str, Any]:
         """What the last generate did: tokens selected per filter layer and step, bytes moved, timings."""

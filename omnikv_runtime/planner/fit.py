@@ -165,14 +165,23 @@ def available_memory(device: torch.device) -> tuple[int, int]:
 
 
 def check_run(
-    geometry: ModelGeometry, config: OmniKVConfig, device: torch.device, batch: int, context: int, new_tokens: int
+    geometry: ModelGeometry,
+    config: OmniKVConfig,
+    device: torch.device,
+    batch: int,
+    context: int,
+    new_tokens: int,
+    reserved: tuple[int, int] = (0, 0),
 ) -> MemoryPlan:
-    """Raise PromptError when a CUDA run of this size cannot fit the memory free now (weights resident)."""
+    """Raise PromptError when a CUDA run of this size, and ``reserved`` ``(GPU, host)`` bytes beside it, cannot
+    fit the memory free now (weights resident)."""
     plan = plan_memory(geometry, config, context, batch, new_tokens)
     if device.type != "cuda":
         return plan
     gpu_free, host_free = available_memory(device)
     needed = _resident_excluded(plan)
+    needed.gpu += reserved[0]
+    needed.host += reserved[1]
     message = describe_shortfall(needed, config, int(gpu_free * (1 - DEFAULT_HEADROOM)), host_free)
     if message:
         raise PromptError(message)

@@ -18,19 +18,34 @@ from omnikv_runtime.cache.adapter import OmniKVCache
 from omnikv_runtime.cache.slots import SlotCache
 from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder, GraphedStep
 from omnikv_runtime.decode.loop import cached_forward
+from omnikv_runtime.serve.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
 
 class PrefillJob:
-    """One request's prompt, run chunk by chunk into its slot (:meth:`advance` runs one chunk)."""
+    """One request's prompt, run chunk by chunk into its slot (:meth:`advance` runs one chunk).
 
-    def __init__(self, batch: SlotBatch, row: int, prompt_ids: list[int], chunk_size: int) -> None:
+    ``reused`` tokens at the prompt's start are already in the slot (copied from the server's prefix cache into
+    :attr:`cache`): the prefill runs from there."""
+
+    def __init__(
+        self,
+        batch: SlotBatch,
+        row: int,
+        prompt_ids: list[int],
+        chunk_size: int,
+        prefixes: PrefixCache | None = None,
+        reused: int = 0,
+    ) -> None:
         self.batch, self.row = batch, row
+        self.prompt_ids = prompt_ids
         self.ids = torch.tensor([prompt_ids], dtype=torch.long, device=batch.device)
         self.chunk_size = chunk_size
-        self.done_tokens = 0
         self.cache: OmniKVCache = batch.cache.row_cache(row, len(prompt_ids))
+        if reused:
+            prefixes.load(self.cache, prompt_ids, reused)
+        self.done_tokens = self.reused = reused
 
     @property
     def prompt_tokens(self) -> int:

@@ -40,6 +40,13 @@ from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.serve import MIN_CONTEXT
 from omnikv_runtime.serve.batch import SlotBatch
+from omnikv_runtime.serve.prefix_cache import (
+    DEFAULT_BLOCK_TOKENS,
+    PREFIX_METRICS,
+    PrefixCache,
+    block_bytes,
+    planned_blocks,
+)
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
 from omnikv_runtime.serve.slot_checks import check_ranks_agree, check_slots_fit
 from omnikv_runtime.serve.text import TextStream
@@ -71,6 +78,7 @@ class _Live:
     first_token_at: float | None = None
     row: int | None = None
     tokens: list[int] = field(default_factory=list)
+    reused: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class Scheduler:
@@ -85,6 +93,10 @@ class Scheduler:
         max_new_tokens: new tokens of one request at most (the tail ring's size; default 1024, or
             anything up to the context with ``omnikv.tail_tokens`` set).
         recorder: how the batch's steps are recorded (default: CUDA graphs where the engine allows).
+        prefix_cache_bytes: bytes of the prefix cache (0: none), which keeps the KV of prompts' full blocks of
+            ``prefix_block_tokens`` tokens so that a later prompt starting with them prefills only the rest
+            (:mod:`~omnikv_runtime.serve.prefix_cache`); allocated with the slots and checked with them.
+        prefix_block_tokens: tokens per block of the prefix cache.
 
     Under tensor parallelism every rank builds its scheduler with the same arguments (checked across the
     ranks); rank 0 starts it, the others call :meth:`follow`.
@@ -100,6 +112,8 @@ class Scheduler:
         max_context: int | None = None,
         max_new_tokens: int | None = None,
         recorder: CudaGraphRecorder | EagerRecorder | None = None,
+        prefix_cache_bytes: int = 0,
+        prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS,
     ) -> None:
         if engine.tokenizer is None:
             raise ConfigError("model", "no tokenizer", "a model with a tokenizer (the server decodes text)")
@@ -123,8 +137,20 @@ class Scheduler:
             )
         self.max_new_tokens = engine.config.omnikv.tail_tokens and self.context_limit or max_new_tokens or 1024
         self.max_new_tokens = min(self.max_new_tokens, self.context_limit - 1)
-        check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens)
+        blocks = planned_blocks(engine, prefix_cache_bytes, prefix_block_tokens)
+        prefix_bytes = tuple(blocks * size for size in block_bytes(engine, prefix_block_tokens))
+        check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens, prefix_bytes)
         self.batch = SlotBatch(engine, max_batch, self.context_limit + 1, self.max_new_tokens, recorder=recorder)
+        self.prefixes = None
+        if blocks:
+            window = self.batch.cache.selector.window_size
+            self.prefixes = PrefixCache(engine, self.batch.cache.tiers, blocks, prefix_block_tokens, window)
+            logger.info(
+                "prefix cache: %d blocks of %d tokens (GPU %.2f GiB, host %.2f GiB)",
+                blocks,
+                prefix_block_tokens,
+                *(size / 2**30 for size in prefix_bytes),
+            )
         logger.info(
             "serving %d slots of %d tokens (%d new at most); KV tiers allocated: %s",
             max_batch,
@@ -135,9 +161,17 @@ class Scheduler:
         self.chunk_size = engine.config.prefill.chunk_size or self.context_limit
         group = engine.tensor_parallel_group
         if group is not None:
-            check_ranks_agree(group, self.batch.device, max_batch, self.context_limit, self.max_new_tokens)
+            check_ranks_agree(
+                group,
+                self.batch.device,
+                max_batch,
+                self.context_limit,
+                self.max_new_tokens,
+                blocks,
+                prefix_block_tokens,
+            )
         channel = PlanChannel(group, self.batch.device) if group is not None else None
-        self.turns = TurnRunner(self.batch, self.chunk_size, channel)
+        self.turns = TurnRunner(self.batch, self.chunk_size, channel, self.prefixes)
         self.follower = not self.turns.leader  # a rank other than 0: it follows rank 0's turns
         self.eos_ids = set(_eos_ids(engine))
         self._lock = threading.Condition()
@@ -234,7 +268,9 @@ class Scheduler:
         transfer = self.engine.transfer.stats
         offloaded = self.engine.config.offload.device == "cpu"
         pcie = transfer.bytes_fetched + transfer.bytes_prefill_read + transfer.bytes_written if offloaded else 0
+        prefixes = self.prefixes.metrics() if self.prefixes is not None else dict.fromkeys(PREFIX_METRICS, 0)
         return {
+            **prefixes,
             "requests_total": counts.get("requests_total", 0),
             "requests_rejected_total": counts.get("requests_rejected_total", 0),
             "requests_running": running,
@@ -283,6 +319,7 @@ class Scheduler:
                     drop=[live.row for live in ended if live.row is not None],
                     admit=[(live.row, list(live.request.prompt_ids)) for live in admitted],
                     prefill=self._prefilling[0].row if self._prefilling else None,
+                    reuse=self._reuse(admitted),
                 )
                 try:
                     self.turns.run(plan, self)
@@ -310,6 +347,14 @@ class Scheduler:
             self._prefilling.append(live)
             admitted.append(live)
         return admitted
+
+    def _reuse(self, admitted: list[_Live]) -> dict[int, int]:
+        """The prompt tokens each admitted request takes from the prefix cache (slot -> tokens, none left out)."""
+        if self.prefixes is None:
+            return {}
+        for live in admitted:
+            live.reused = self.prefixes.match(list(live.request.prompt_ids))
+        return {live.row: live.reused for live in admitted if live.reused}
 
     # the chooser of each turn (TurnRunner calls these on the scheduler's thread) ---------------------
     def choose(self, logits: torch.Tensor, rows: list[int]) -> dict[int, int]:
@@ -377,9 +422,10 @@ class Scheduler:
         ttft = f"{(first - live.submitted) * 1e3:.0f} ms" if first is not None else "-"
         rate = (len(live.tokens) - 1) / (now - first) if first is not None and now > first else 0.0
         logger.info(
-            "request %s: %d prompt tokens, %d generated, time to first token %s, %.1f tokens/s, %s",
+            "request %s: %d prompt tokens (%d reused), %d generated, time to first token %s, %.1f tokens/s, %s",
             live.request.request_id,
             len(live.request.prompt_ids),
+            live.reused,
             len(live.tokens),
             ttft,
             rate,

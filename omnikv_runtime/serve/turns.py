@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
+from omnikv_runtime.serve.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +46,22 @@ class TurnPlan:
             slot is freed. Runs first, so a slot dropped here may be admitted again in the same plan.
         admit: ``(slot, prompt ids)`` of the requests that take a slot; their prefill starts.
         prefill: the slot whose next prefill chunk runs this turn, or None.
+        reuse: ``{slot: tokens}`` of admitted requests whose prompt starts with a prefix the prefix cache holds:
+            its KV is copied into the slot and the prefill starts after it (a slot left out reuses nothing).
     """
 
     drop: list[int] = field(default_factory=list)
     admit: list[tuple[int, list[int]]] = field(default_factory=list)
     prefill: int | None = None
+    reuse: dict[int, int] = field(default_factory=dict)
 
     def encode(self) -> list[int]:
         message = [_PLAN, -1 if self.prefill is None else self.prefill, len(self.drop), *self.drop, len(self.admit)]
         for row, ids in self.admit:
             message += [row, len(ids), *ids]
+        message.append(len(self.reuse))
+        for row, tokens in self.reuse.items():
+            message += [row, tokens]
         return message
 
     @classmethod
@@ -69,7 +76,9 @@ class TurnPlan:
             row, length = message[at + 1], message[at + 2]
             admit.append((row, message[at + 3 : at + 3 + length]))
             at += 2 + length
-        return cls(drop, admit, None if prefill < 0 else prefill)
+        pairs = message[at + 2 : at + 2 + 2 * message[at + 1]]
+        reuse = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        return cls(drop, admit, None if prefill < 0 else prefill, reuse)
 
 
 class Chooser(Protocol):
@@ -119,10 +128,14 @@ class TurnRunner:
         batch: this rank's slot batch.
         chunk_size: prompt tokens per prefill chunk.
         channel: with tensor parallelism, the channel to the other ranks; None on one process.
+        prefixes: this rank's prefix cache (None: no prefix reuse): admissions copy the prefix the plan reuses
+            from it, and each prompt's blocks are stored into it when its prefill ends.
     """
 
-    def __init__(self, batch: SlotBatch, chunk_size: int, channel: PlanChannel | None = None) -> None:
-        self.batch, self.chunk_size, self.channel = batch, chunk_size, channel
+    def __init__(
+        self, batch: SlotBatch, chunk_size: int, channel: PlanChannel | None = None, prefixes: PrefixCache | None = None
+    ) -> None:
+        self.batch, self.chunk_size, self.channel, self.prefixes = batch, chunk_size, channel, prefixes
         self.leader = channel is None or channel.rank == 0
         self.jobs: dict[int, PrefillJob] = {}  # slot -> its prefill in progress
         self.decoding: set[int] = set()
@@ -138,10 +151,12 @@ class TurnRunner:
         else:
             plan = TurnPlan.decode(self.channel.receive())
         self.turns_run += 1
+        if self.prefixes is not None:
+            self.prefixes.begin_turn()
         for row in plan.drop:
             self._end(row)
         for row, ids in plan.admit:
-            self.jobs[row] = PrefillJob(self.batch, row, ids, self.chunk_size)
+            self.jobs[row] = PrefillJob(self.batch, row, ids, self.chunk_size, self.prefixes, plan.reuse.get(row, 0))
         if plan.prefill is not None:
             job = self.jobs[plan.prefill]
             logits = job.advance()
@@ -204,6 +219,8 @@ class TurnRunner:
         if joining is not None:
             self.batch.join(joining, tokens[joining.row])
             self.decoding.add(joining.row)
+            if self.prefixes is not None:
+                self.prefixes.store(joining.cache, joining.prompt_ids)
             return
         rows = torch.tensor(list(tokens), dtype=torch.long, device=self.batch.device)
         values = torch.tensor(list(tokens.values()), dtype=torch.long, device=self.batch.device)

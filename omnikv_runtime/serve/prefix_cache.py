@@ -1,0 +1,269 @@
+"""Prefix reuse: the KV of prompt prefixes the server has prefilled, kept by fixed-size token blocks.
+
+Many requests about one long document begin with the same tokens. :class:`PrefixCache` keeps the KV of the
+prompts' full blocks of ``block_tokens`` tokens, so that a later prompt beginning with the same blocks copies
+their KV into its slot and prefills only the rest (its suffix).
+
+- **Matching.** A block is named by a digest of its tokens chained with the digest of the block before it, so
+  a block matches only where every token before it matches too. Only full blocks are kept and matched, and a
+  lookup also checks each block's tokens and parent (a digest is never trusted alone).
+- **What is kept.** Per block, the dense layers' keys and values (in pools on the compute device, beside the
+  slots' dense buffers) and each segment's host-tier rows of the sparse layers (in the arena's storage dtype,
+  FP8 codes and their scales included; in pinned host memory when the tier is offloaded). Copies are exact.
+- **What is not kept.** What the decode phase derives from the prompt's last tokens: the filter layers' query
+  windows come from prefilling the suffix, so a match always leaves at least ``max(1, window_size)`` tokens to
+  prefill (the first token's logits, and the window, come from that prefill); the selection policy's
+  per-request state is empty after any prefill (policies write it while decoding), so nothing of it is kept.
+- **Numerics.** Reusing ``n`` tokens is a prefill with a chunk boundary at column ``n``: the suffix reads the
+  prefix's sparse-layer KV back from the host tier, as any later chunk does (FP8-rounded with an FP8 tier).
+- **Budget.** The pools are allocated once, at ``budget_bytes`` in all (every memory counted; see
+  :func:`block_bytes` for a block's GPU and host parts, which the server's memory check adds to its slots').
+  When they are full, storing evicts the least recently used block that no admission of the current turn
+  copies from; blocks of a chain are touched last to first, so a chain loses its tail before its head.
+
+Every rank of a tensor-parallel server runs the same loads and stores in the same order (the turn plans carry
+each admission's reused tokens), so every rank's store holds the same blocks, each of its own heads.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+from array import array
+from dataclasses import dataclass
+
+import torch
+
+from omnikv_runtime.cache.adapter import OmniKVCache
+from omnikv_runtime.errors import ConfigError
+from omnikv_runtime.transfer import fp8
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_TOKENS = 64
+# what :meth:`PrefixCache.metrics` reports (the scheduler reports zeros without a prefix cache)
+PREFIX_METRICS = (
+    "prefix_cache_lookup_tokens_total",
+    "prefix_cache_hit_tokens_total",
+    "prefix_cache_evictions_total",
+    "prefix_cache_blocks",
+    "prefix_cache_gpu_bytes",
+    "prefix_cache_host_bytes",
+)
+
+
+def block_bytes(engine, block_tokens: int) -> tuple[int, int]:
+    """Bytes of one block ``(gpu, host)``: the dense layers' KV on the compute device, and the sparse layers'
+    host-tier rows (counted as GPU memory when the tier is not offloaded, ``offload.device`` "none"). This rank's
+    heads."""
+    geometry = engine.geometry
+    kv_heads = geometry.kv_heads // engine.config.distributed.tp_size
+    dtype_bytes = next(engine.model.parameters()).element_size()
+    sparse = len(engine.plan.sparse_layers)
+    dense = len(engine.plan.roles) - sparse
+    quantized = fp8.is_quantized(engine.transfer.host_dtype)
+    gpu = block_tokens * dense * 2 * kv_heads * geometry.head_dim * dtype_bytes
+    host = block_tokens * fp8.packed_row_bytes(sparse, kv_heads, geometry.head_dim, dtype_bytes, quantized)
+    return (gpu, host) if engine.config.offload.device == "cpu" else (gpu + host, 0)
+
+
+def check_budget(budget_bytes: object, block_tokens: object) -> None:
+    """Raise ConfigError for a budget that is not a whole number of bytes of at least 0, or a block size below 1."""
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+        raise ConfigError(
+            "prefix_cache_bytes", budget_bytes, "a whole number of bytes, at least 0 (0: no prefix reuse)"
+        )
+    if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
+        raise ConfigError("prefix_block_tokens", block_tokens, "a whole number of tokens, at least 1")
+
+
+def planned_blocks(engine, budget_bytes: int, block_tokens: int) -> int:
+    """Blocks a store of ``budget_bytes`` holds (ConfigError when the budget is above 0 but below one block)."""
+    check_budget(budget_bytes, block_tokens)
+    one = sum(block_bytes(engine, block_tokens))
+    blocks = budget_bytes // one
+    if budget_bytes and not blocks:
+        raise ConfigError(
+            "prefix_cache_bytes",
+            budget_bytes,
+            f"0 (no prefix reuse) or at least {one} bytes: one block of {block_tokens} tokens of this model",
+        )
+    return blocks
+
+
+@dataclass
+class _Block:
+    index: int  # its place in the pools
+    parent: bytes  # the digest of the block before it (b"" for a prompt's first block)
+    tokens: tuple[int, ...]
+
+
+class PrefixCache:
+    """Stored prompt blocks and their KV (see the module docstring).
+
+    Args:
+        engine: the server's engine (its plan, transfer engine and model dtype).
+        tiers_like: the slot cache's tiers (the pools take their layers' shapes and devices).
+        blocks: blocks held at most (:func:`planned_blocks`).
+        block_tokens: tokens per block.
+        keep_tokens: tokens a match always leaves to prefill (at least 1; the query window's size).
+    """
+
+    def __init__(self, engine, tiers_like, blocks: int, block_tokens: int, keep_tokens: int) -> None:
+        self.block_tokens, self.capacity, self.keep_tokens = block_tokens, blocks, max(1, keep_tokens)
+        self.transfer = engine.transfer
+        self.gpu_block_bytes, self.host_block_bytes = block_bytes(engine, block_tokens)
+        dense = tiers_like.dense_layers
+        like = dense[0].key_buffer if dense else None
+        self.dense = None
+        if like is not None:  # [blocks, layers, 2 (keys, values), kv_heads, block, head_dim]
+            shape = (blocks, len(dense), 2, like.shape[1], block_tokens, like.shape[3])
+            self.dense = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.rows: list[torch.Tensor | None] = []  # per segment: [blocks, block, *row_shape] raw storage
+        self.scales: list[torch.Tensor | None] = []  # per segment (FP8 tier): [blocks, block, layers, 2, heads]
+        for arena in tiers_like.arenas:
+            rows = scales = None
+            if arena is not None and arena.row_shape[0]:
+                raw = torch.uint8 if arena.quantized else arena.storage_dtype
+                rows = self.transfer.allocate_host((blocks, block_tokens, *arena.row_shape), raw)
+                if arena.quantized:
+                    scales = self.transfer.allocate_host((blocks, block_tokens, *arena.row_shape[:-1]), fp8.SCALE_DTYPE)
+            self.rows.append(rows)
+            self.scales.append(scales)
+        self._blocks: collections.OrderedDict[bytes, _Block] = collections.OrderedDict()  # least recent first
+        self._free = list(range(blocks))
+        self._busy: set[bytes] = set()  # blocks an admission of this turn copied from: never evicted this turn
+        self.counts = collections.Counter()  # lookup_tokens, hit_tokens, stored_blocks, evictions
+
+    # naming blocks ----------------------------------------------------------------------------------
+    def keys(self, ids: list[int], tokens: int | None = None) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
+        """``(digest, parent digest, tokens)`` of each full block of ``ids[:tokens]``."""
+        stop = len(ids) if tokens is None else tokens
+        named, parent = [], b""
+        for start in range(0, stop - self.block_tokens + 1, self.block_tokens):
+            block = tuple(ids[start : start + self.block_tokens])
+            digest = hashlib.blake2b(parent + array("q", block).tobytes(), digest_size=16)
+            named.append((digest.digest(), parent, block))
+            parent = named[-1][0]
+        return named
+
+    def _held(self, key: bytes, parent: bytes, tokens: tuple[int, ...]) -> _Block | None:
+        block = self._blocks.get(key)
+        return block if block is not None and block.parent == parent and block.tokens == tokens else None
+
+    # the scheduler's question (rank 0) ------------------------------------------------------------------
+    def match(self, ids: list[int]) -> int:
+        """Tokens of ``ids`` whose KV can be copied in (whole blocks, leaving ``keep_tokens`` to prefill); counts
+        the lookup. Changes nothing else: :meth:`load` then copies and marks the blocks used."""
+        reusable = 0
+        for key, parent, tokens in self.keys(ids, len(ids) - self.keep_tokens):
+            if self._held(key, parent, tokens) is None:
+                break
+            reusable += self.block_tokens
+        self.counts["lookup_tokens"] += len(ids)
+        self.counts["hit_tokens"] += reusable
+        return reusable
+
+    # every rank, as the turn plan says ---------------------------------------------------------------
+    def begin_turn(self) -> None:
+        """A new turn: the blocks copied from in the last one may be evicted again."""
+        self._busy.clear()
+
+    def load(self, cache: OmniKVCache, ids: list[int], tokens: int) -> None:
+        """Copy the KV of ``ids[:tokens]`` (whole blocks, all held) into the fresh batch-1 ``cache`` of a slot, which
+        then holds ``tokens`` tokens; the blocks become the most recently used and stay until the next turn."""
+        named = self.keys(ids, tokens)
+        blocks = [self._held(*name) for name in named]
+        if len(named) * self.block_tokens != tokens or any(block is None for block in blocks):
+            raise RuntimeError(f"the prefix cache does not hold the first {tokens} tokens the turn plan reuses")
+        tiers = cache.tiers
+        if tiers.length():
+            raise RuntimeError("a prefix is loaded into an empty slot only")
+        index = torch.tensor([block.index for block in blocks], dtype=torch.long)
+        if self.dense is not None:
+            chosen = self.dense[index.to(self.dense.device)]  # [n, layers, 2, heads, block, dim]
+            chosen = chosen.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)  # [layers, 2, heads, tokens, dim]
+            for number, layer in enumerate(tiers.dense_layers):
+                layer.key_buffer[0, :, :tokens].copy_(chosen[number, 0])
+                layer.value_buffer[0, :, :tokens].copy_(chosen[number, 1])
+        self.transfer.synchronize()  # nothing in flight touches the slot's host rows as the host writes them
+        for arena, rows, scales in zip(tiers.arenas, self.rows, self.scales, strict=True):
+            if rows is not None:
+                _raw(arena.data)[0, :tokens].copy_(rows[index.to(rows.device)].flatten(0, 1))
+                if scales is not None:
+                    arena.scales[0, :tokens].copy_(scales[index.to(scales.device)].flatten(0, 1))
+        tiers.advance(tokens)  # every layer and arena counts the tokens now in place
+        for key, _, _ in reversed(named):  # the head of the chain is the most recent: evicted last
+            self._blocks.move_to_end(key)
+            self._busy.add(key)
+
+    def store(self, cache: OmniKVCache, ids: list[int]) -> int:
+        """Copy in the full blocks of the prompt ``ids`` just prefilled through ``cache`` that are not held yet
+        (evicting the least recently used blocks as needed); returns the blocks copied in."""
+        named = self.keys(ids)
+        if not named or not self.capacity:
+            return 0
+        chain = {key for key, _, _ in named}
+        new: list[tuple[int, int]] = []  # (block of the prompt, pool index)
+        for number, (key, parent, tokens) in enumerate(named):
+            if self._held(key, parent, tokens) is not None:
+                continue
+            index = self._take(chain)
+            if index is None:
+                break  # every block is in use this turn or part of this prompt: the rest is not kept
+            self._blocks.pop(key, None)  # a different block under the same digest (never seen) gives way
+            self._blocks[key] = _Block(index, parent, tokens)
+            new.append((number, index))
+        for key, _, _ in reversed(named):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+        if new:
+            self._copy_out(cache, new)
+        self.counts["stored_blocks"] += len(new)
+        return len(new)
+
+    def _take(self, protected: set[bytes]) -> int | None:
+        if self._free:
+            return self._free.pop(0)
+        for key in self._blocks:  # least recently used first
+            if key not in self._busy and key not in protected:
+                self.counts["evictions"] += 1
+                return self._blocks.pop(key).index
+        return None
+
+    def _copy_out(self, cache: OmniKVCache, new: list[tuple[int, int]]) -> None:
+        tiers, size = cache.tiers, self.block_tokens
+        numbers = torch.tensor([number for number, _ in new], dtype=torch.long)
+        index = torch.tensor([slot for _, slot in new], dtype=torch.long)
+        if self.dense is not None:
+            target = index.to(self.dense.device)
+            for number, layer in enumerate(tiers.dense_layers):
+                for side, buffer in enumerate((layer.key_buffer, layer.value_buffer)):
+                    filled = buffer[0, :, : (int(numbers.max()) + 1) * size]  # [heads, tokens, dim]
+                    blocks = filled.unflatten(1, (-1, size)).permute(1, 0, 2, 3)  # [blocks, heads, block, dim]
+                    self.dense[target, number, side] = blocks[numbers.to(blocks.device)]
+        self.transfer.synchronize()  # the prefill's writes to the host tier have landed
+        for arena, rows, scales in zip(tiers.arenas, self.rows, self.scales, strict=True):
+            if rows is not None:
+                span = (int(numbers.max()) + 1) * size
+                data = _raw(arena.data)[0, :span].unflatten(0, (-1, size))
+                rows[index.to(rows.device)] = data[numbers.to(data.device)]
+                if scales is not None:
+                    scales[index.to(scales.device)] = arena.scales[0, :span].unflatten(0, (-1, size))[
+                        numbers.to(scales.device)
+                    ]
+
+    # reporting --------------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, int]:
+        """Tokens looked up and found (admissions), blocks evicted, and blocks held with their bytes."""
+        held = len(self._blocks)
+        counts = self.counts
+        values = (counts["lookup_tokens"], counts["hit_tokens"], counts["evictions"], held)
+        values += (held * self.gpu_block_bytes, held * self.host_block_bytes)
+        return dict(zip(PREFIX_METRICS, values, strict=True))
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """FP8 codes as bytes (indexing and copies of any kind work on them), else the tensor itself."""
+    return tensor.view(torch.uint8) if fp8.is_quantized(tensor.dtype) else tensor

@@ -1,0 +1,125 @@
+"""Prefix reuse in the server: questions about one document against the same questions served without it.
+
+Each answer (greedy tokens) must equal the answer of a server without prefix reuse and of ``Engine.generate``
+alone, while a request whose prompt starts with stored blocks prefills only its suffix (counted chunk by chunk).
+The store itself: LRU eviction under its byte budget, blocks an admission copies from this turn never evicted or
+overwritten, a cancelled request leaving the blocks it shared intact, and refusals of a bad budget.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from okv_testlib import make_prompt
+from test_serve_batching import Collector, make_engine
+
+import omnikv_runtime as okv
+from omnikv_runtime.serve.batch import PrefillJob
+from omnikv_runtime.serve.prefix_cache import block_bytes
+from omnikv_runtime.serve.requests import ServeRequest
+from omnikv_runtime.serve.scheduler import Scheduler
+from omnikv_runtime.serve.turns import TurnPlan
+
+BLOCK = 16
+NEW_TOKENS = 6
+
+
+def document(length: int, seed: int) -> list[int]:
+    return make_prompt(1, length, 0, seed=seed)[0][0].tolist()
+
+
+def budget(engine, blocks: int) -> int:
+    return blocks * sum(block_bytes(engine, BLOCK))
+
+
+def serve(scheduler: Scheduler, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+    """Each prompt's greedy tokens, the requests sent one after another."""
+    answers = []
+    for i, ids in enumerate(prompts):
+        collected = Collector(1)
+        scheduler.submit(ServeRequest(f"q{i}", tuple(ids), new_tokens, temperature=0.0), collected.sink(0))
+        collected.wait()
+        assert collected.finish[0] == "length"
+        answers.append(collected.tokens[0])
+    return answers
+
+
+def alone(engine, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+    outputs = [engine.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False) for ids in prompts]
+    return [out[0, len(ids) :].tolist() for out, ids in zip(outputs, prompts, strict=True)]
+
+
+@pytest.fixture
+def prefilled(monkeypatch) -> list[tuple[int, int, int]]:
+    """``(prefill, prompt tokens, tokens run)`` of each prefill chunk that runs (see :func:`per_prefill`)."""
+    chunks: list[tuple[int, int, int]] = []
+    advance = PrefillJob.advance
+
+    def counting(job: PrefillJob):
+        before = job.done_tokens
+        logits = advance(job)
+        chunks.append((id(job), job.prompt_tokens, job.done_tokens - before))
+        return logits
+
+    monkeypatch.setattr(PrefillJob, "advance", counting)
+    return chunks
+
+
+def per_prefill(chunks: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """``(prompt tokens, tokens prefilled)`` of each prefill, in the order they started."""
+    totals: dict[int, list[int]] = {}
+    for job, prompt, run in chunks:
+        totals.setdefault(job, [prompt, 0])[1] += run
+    return [tuple(total) for total in totals.values()]
+
+
+@pytest.mark.parametrize(
+    ("offload", "selector", "host_dtype"),
+    [
+        ("cpu", None, None),
+        ("none", None, None),
+        ("cpu", None, "float8_e4m3fn"),  # codes and scales stored and copied as they are
+        ("cpu", {"type": "uniform", "window_size": 4}, None),  # the query window comes from the suffix
+    ],
+)
+def test_questions_about_one_document_prefill_only_their_suffix(prefilled, offload, selector, host_dtype):
+    engine = make_engine(offload, selector, host_dtype=host_dtype)
+    doc = document(150, seed=3)
+    questions = [doc + document(n, seed=20 + n) for n in (9, 17, 3, 30)]
+    expected = alone(engine, questions)
+    plain = Scheduler(engine, max_batch=2, max_context=256, max_new_tokens=16)
+    plain.start()
+    try:
+        assert serve(plain, questions) == expected
+    finally:
+        plain.shutdown()
+    assert per_prefill(prefilled) == [(len(q), len(q)) for q in questions]  # no reuse: every prompt in full
+    prefilled.clear()
+
+    scheduler = Scheduler(
+        engine,
+        max_batch=2,
+        max_context=256,
+        max_new_tokens=16,
+        prefix_cache_bytes=budget(engine, 40),
+        prefix_block_tokens=BLOCK,
+    )
+    scheduler.start()
+    try:
+        assert serve(scheduler, questions) == expected
+    finally:
+        scheduler.shutdown()
+    keep = max(1, engine.selector.window_size)
+    reused = [0] + [min(150, len(q) - keep) // BLOCK * BLOCK for q in questions[1:]]
+    assert reused[1:] == [144, 144, 144]
+    assert per_prefill(prefilled) == [(len(q), len(q) - r) for q, r in zip(questions, reused, strict=True)]
+    metrics = scheduler.metrics()
+    assert metrics["prefix_cache_hit_tokens_total"] == sum(reused)
+    assert metrics["prefix_cache_lookup_tokens_total"] == sum(map(len, questions))
+    stored = 9 + sum(len(q) // BLOCK - 9 for q in questions)  # the document's 9 blocks once, then each tail's
+    assert metrics["prefix_cache_blocks"] == stored
+    gpu, host = block_bytes(engine, BLOCK)
+    assert (metrics["prefix_cache_gpu_bytes"], metrics["prefix_cache_host_bytes"]) == (stored * gpu, stored * host)
+    assert (host > 0) == (offload == "cpu")
