@@ -140,3 +140,137 @@ def test_questions_about_one_document_prefill_only_their_suffix(prefilled, offlo
     gpu, host = block_bytes(engine, BLOCK)
     assert (metrics["prefix_cache_gpu_bytes"], metrics["prefix_cache_host_bytes"]) == (stored * gpu, stored * host)
     assert (host > 0) == (offload == "cpu")
+
+
+def test_blocks_are_evicted_least_recently_used_first_under_the_budget():
+    engine = make_engine()
+    docs = [document(96, seed=40 + i) for i in range(3)]  # 6 blocks each
+    ask = [doc + document(5, seed=50 + i) for i, doc in enumerate(docs)]
+    again = [doc + document(7, seed=60 + i) for i, doc in enumerate(docs)]
+    scheduler = Scheduler(
+        engine,
+        max_batch=2,
+        max_context=256,
+        max_new_tokens=16,
+        prefix_cache_bytes=budget(engine, 12) + 1,
+        prefix_block_tokens=BLOCK,
+    )
+    prefixes = scheduler.prefixes
+    assert prefixes.capacity == 12
+    scheduler.start()
+    try:
+        serve(scheduler, [ask[0], ask[1]])  # full: both documents
+        assert (
+            prefixes.match(again[0]),
+            prefixes.match(again[1]),
+            scheduler.metrics()["prefix_cache_evictions_total"],
+        ) == (96, 96, 0)
+        first = serve(scheduler, [again[0]])  # document 0 is the most recent now
+        answers = serve(scheduler, [ask[2], again[0], again[1]])  # document 2 evicts document 1, not 0
+    finally:
+        scheduler.shutdown()
+    assert first + answers == alone(engine, [again[0], ask[2], again[0], again[1]])
+    metrics = scheduler.metrics()
+    assert metrics["prefix_cache_evictions_total"] == 6 + 6  # document 1's blocks, then (asked again) document 2's
+    assert metrics["prefix_cache_hit_tokens_total"] == 96 * 2  # document 0 twice; document 1 after its eviction: none
+    assert metrics["prefix_cache_blocks"] == 12
+    assert metrics["prefix_cache_host_bytes"] == 12 * block_bytes(engine, BLOCK)[1]
+
+
+def test_a_block_an_admission_copies_from_is_not_evicted_in_that_turn():
+    engine = make_engine()
+    scheduler = Scheduler(
+        engine,
+        max_batch=2,
+        max_context=256,
+        max_new_tokens=16,
+        prefix_cache_bytes=budget(engine, 6),
+        prefix_block_tokens=BLOCK,
+    )
+    batch, prefixes = scheduler.batch, scheduler.prefixes
+    doc, other = document(96, seed=70), document(100, seed=71)
+
+    def prefill(row: int, ids: list[int], reused: int = 0) -> PrefillJob:
+        job = PrefillJob(batch, row, ids, scheduler.chunk_size, prefixes, reused)
+        while job.advance() is None:
+            pass
+        return job
+
+    with torch.inference_mode():
+        prefixes.store(prefill(0, doc + [5]).cache, doc + [5])  # the store is full: the document's 6 blocks
+        held = prefixes.dense.clone(), [rows.clone() for rows in prefixes.rows]
+        prefixes.begin_turn()
+        question = doc + [7, 8]
+        job = PrefillJob(batch, 1, question, scheduler.chunk_size, prefixes, prefixes.match(question))
+        assert job.done_tokens == 96
+        done = prefill(0, other)  # the same turn: its prompt's blocks find no room
+        assert prefixes.store(done.cache, other) == 0
+        assert torch.equal(prefixes.dense, held[0]) and all(map(torch.equal, prefixes.rows, held[1]))
+        assert prefixes.match(question) == 96
+        prefixes.begin_turn()  # the next turn: the document's blocks may go
+        assert prefixes.store(done.cache, other) == 6
+        assert prefixes.match(question) == 0 and prefixes.match(other + [1]) == 96
+        assert prefixes.counts["evictions"] == 6
+
+
+def test_a_cancelled_request_leaves_the_blocks_it_shared_for_the_others(monkeypatch):
+    engine = make_engine()
+    doc = document(96, seed=80)
+    first, cancelled, later = doc + document(9, seed=81), doc + document(70, seed=82), doc + document(12, seed=83)
+    scheduler = Scheduler(
+        engine,
+        max_batch=2,
+        max_context=256,
+        max_new_tokens=16,
+        prefix_cache_bytes=budget(engine, 40),
+        prefix_block_tokens=BLOCK,
+    )
+    prefixes = scheduler.prefixes
+    handles, chunks_run = [], []
+    advance = PrefillJob.advance
+
+    def cancel_after_one_chunk(job: PrefillJob):
+        logits = advance(job)
+        if job.prompt_ids == cancelled:
+            chunks_run.append((job.reused, job.done_tokens))
+            handles[0].cancel()  # its prefill has copied the prefix and run one chunk of its 70 suffix tokens
+        return logits
+
+    scheduler.start()
+    try:
+        answers = serve(scheduler, [first])
+        held = len(prefixes._blocks), prefixes.dense.clone(), [rows.clone() for rows in prefixes.rows]
+        monkeypatch.setattr(PrefillJob, "advance", cancel_after_one_chunk)
+        ended = Collector(1)
+        handles.append(scheduler.submit(ServeRequest("gone", tuple(cancelled), 8, temperature=0.0), ended.sink(0)))
+        ended.wait()
+        assert ended.finish[0] == "cancelled" and ended.tokens[0] == []
+        assert chunks_run == [(96, 96 + 32)]
+        assert len(prefixes._blocks) == held[0] and torch.equal(prefixes.dense, held[1])
+        assert all(map(torch.equal, prefixes.rows, held[2]))
+        answers += serve(scheduler, [later])
+    finally:
+        scheduler.shutdown()
+    assert answers == alone(engine, [first, later])
+    assert scheduler.metrics()["prefix_cache_hit_tokens_total"] == 96 + 96
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "1000", True])
+def test_a_bad_budget_is_refused_naming_the_field(value):
+    with pytest.raises(okv.ConfigError, match=r"prefix_cache_bytes.*whole number of bytes, at least 0"):
+        Scheduler(make_engine(), max_batch=1, max_context=64, prefix_cache_bytes=value)
+
+
+def test_a_budget_below_one_block_and_a_bad_block_size_are_refused():
+    engine = make_engine()
+    one = sum(block_bytes(engine, BLOCK))
+    with pytest.raises(okv.ConfigError, match=rf"prefix_cache_bytes.*0 \(no prefix reuse\) or at least {one} bytes"):
+        Scheduler(engine, max_batch=1, max_context=64, prefix_cache_bytes=one - 1, prefix_block_tokens=BLOCK)
+    with pytest.raises(okv.ConfigError, match=r"prefix_block_tokens.*at least 1"):
+        Scheduler(engine, max_batch=1, max_context=64, prefix_cache_bytes=one, prefix_block_tokens=0)
+
+
+def test_the_reused_tokens_travel_in_the_turn_plan():
+    plan = TurnPlan(drop=[1], admit=[(1, [5, 6, 7]), (0, list(range(3, 300)))], prefill=1, reuse={0: 256})
+    assert TurnPlan.decode(plan.encode()) == plan
+    assert TurnPlan.decode(TurnPlan(admit=[(2, [9])]).encode()).reuse == {}

@@ -154,13 +154,18 @@ class PrefixCache:
 
     # the scheduler's question (rank 0) ------------------------------------------------------------------
     def match(self, ids: list[int]) -> int:
-        """Tokens of ``ids`` whose KV can be copied in (whole blocks, leaving ``keep_tokens`` to prefill); counts
-        the lookup. Changes nothing else: :meth:`load` then copies and marks the blocks used."""
+        """Tokens of ``ids`` whose KV can be copied in (whole blocks, leaving ``keep_tokens`` to prefill). Changes
+        nothing: :meth:`load` copies them and marks the blocks used."""
         reusable = 0
         for key, parent, tokens in self.keys(ids, len(ids) - self.keep_tokens):
             if self._held(key, parent, tokens) is None:
                 break
             reusable += self.block_tokens
+        return reusable
+
+    def lookup(self, ids: list[int]) -> int:
+        """:meth:`match` for an admitted request, counted in the metrics."""
+        reusable = self.match(ids)
         self.counts["lookup_tokens"] += len(ids)
         self.counts["hit_tokens"] += reusable
         return reusable

@@ -353,7 +353,7 @@ class Scheduler:
         if self.prefixes is None:
             return {}
         for live in admitted:
-            live.reused = self.prefixes.match(list(live.request.prompt_ids))
+            live.reused = self.prefixes.lookup(list(live.request.prompt_ids))
         return {live.row: live.reused for live in admitted if live.reused}
 
     # the chooser of each turn (TurnRunner calls these on the scheduler's thread) ---------------------
