@@ -8,15 +8,15 @@ overwritten, a cancelled request leaving the blocks it shared intact, and refusa
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from okv_testlib import make_prompt
+from serve_testlib import parse_exposition
 from test_serve_batching import Collector, make_engine
 
 import omnikv_runtime as okv
 from omnikv_runtime.serve.batch import PrefillJob
+from omnikv_runtime.serve.metrics import render_metrics
 from omnikv_runtime.serve.prefix_cache import block_bytes
 from omnikv_runtime.serve.requests import ServeRequest
 from omnikv_runtime.serve.scheduler import Scheduler
@@ -140,6 +140,9 @@ def test_questions_about_one_document_prefill_only_their_suffix(prefilled, offlo
     gpu, host = block_bytes(engine, BLOCK)
     assert (metrics["prefix_cache_gpu_bytes"], metrics["prefix_cache_host_bytes"]) == (stored * gpu, stored * host)
     assert (host > 0) == (offload == "cpu")
+    samples = parse_exposition(render_metrics(metrics))
+    assert samples["omnikv_prefix_cache_hit_tokens_total"] == sum(reused)
+    assert samples["omnikv_prefix_cache_host_bytes"] == stored * host
 
 
 def test_blocks_are_evicted_least_recently_used_first_under_the_budget():
@@ -274,3 +277,13 @@ def test_the_reused_tokens_travel_in_the_turn_plan():
     plan = TurnPlan(drop=[1], admit=[(1, [5, 6, 7]), (0, list(range(3, 300)))], prefill=1, reuse={0: 256})
     assert TurnPlan.decode(plan.encode()) == plan
     assert TurnPlan.decode(TurnPlan(admit=[(2, [9])]).encode()).reuse == {}
+
+
+@pytest.mark.parametrize(("value", "said"), [("-1", "must be at least 0"), ("1.5", "expected a whole number of bytes")])
+def test_the_command_refuses_a_bad_budget_naming_the_option(capsys, value, said):
+    from omnikv_runtime import cli
+
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["serve", "--prefix-cache-bytes", value])
+    assert refused.value.code == 2
+    assert f"argument --prefix-cache-bytes: {said}" in capsys.readouterr().err

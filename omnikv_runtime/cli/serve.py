@@ -2,7 +2,7 @@
 
     omnikv serve --config C [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch N] [--max-queue N]
                  [--max-context N] [--max-body-bytes N] [--max-connections N] [--header-timeout S]
-                 [--keep-alive-timeout S]
+                 [--keep-alive-timeout S] [--prefix-cache-bytes N]
 
 Under tensor parallelism (``distributed.tp_size > 1``, every rank started by ``torchrun`` or ``deepspeed``
 with the same command) rank 0 serves HTTP and schedules; every other rank follows its schedule, serves
@@ -48,6 +48,17 @@ def context_tokens(text: str) -> int:
             f"must be at least {MIN_CONTEXT}, got {value} (a slot is its context plus one scratch column, and "
             f"the KV buffers are never narrower than {MIN_CONTEXT + 1} columns)"
         )
+    return value
+
+
+def byte_count(text: str) -> int:
+    """argparse type of --prefix-cache-bytes: a whole number of bytes, at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (0: no prefix reuse), got {value}")
     return value
 
 
@@ -111,6 +122,14 @@ def register(commands: Any) -> None:
         default=DEFAULT_KEEP_ALIVE_S,
         help=f"seconds an idle connection stays open after a response (default: {DEFAULT_KEEP_ALIVE_S:g})",
     )
+    serve.add_argument(
+        "--prefix-cache-bytes",
+        type=byte_count,
+        default=0,
+        help="bytes of KV kept for prompt prefixes (GPU and host together, allocated at start and checked with the "
+        "slots): a prompt starting with blocks of a prompt served before copies their KV and prefills only the rest "
+        "(default: 0, no prefix reuse)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -149,7 +168,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     engine = initialize(config=config)
-    scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context)
+    scheduler = Scheduler(
+        engine,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        prefix_cache_bytes=args.prefix_cache_bytes,
+    )
     serve_logger = logging.getLogger("omnikv_runtime.serve")
     saved_level = serve_logger.level
     serve_logger.setLevel(logging.INFO)  # the scheduler's line per request, without -v

@@ -31,6 +31,32 @@ SCHEDULER_METRICS: dict[str, tuple[str, str, str]] = {
         "counter",
         "Bytes moved between the host tier and the device: selected rows fetched, prefill reads, KV written.",
     ),
+    "prefix_cache_lookup_tokens_total": (
+        "omnikv_prefix_cache_lookup_tokens_total",
+        "counter",
+        "Prompt tokens of the admitted requests looked up in the prefix cache.",
+    ),
+    "prefix_cache_hit_tokens_total": (
+        "omnikv_prefix_cache_hit_tokens_total",
+        "counter",
+        "Prompt tokens whose KV came from the prefix cache (not prefilled).",
+    ),
+    "prefix_cache_evictions_total": (
+        "omnikv_prefix_cache_evictions_total",
+        "counter",
+        "Prefix-cache blocks evicted to make room.",
+    ),
+    "prefix_cache_blocks": ("omnikv_prefix_cache_blocks", "gauge", "Prefix-cache blocks held."),
+    "prefix_cache_gpu_bytes": (
+        "omnikv_prefix_cache_gpu_bytes",
+        "gauge",
+        "GPU bytes of the prefix-cache blocks held (dense layers; sparse layers too when not offloaded).",
+    ),
+    "prefix_cache_host_bytes": (
+        "omnikv_prefix_cache_host_bytes",
+        "gauge",
+        "Host bytes of the prefix-cache blocks held (the sparse layers' host-tier rows).",
+    ),
 }
 KV_BYTES = ("omnikv_kv_bytes", "gauge", "Bytes of KV cache per tier.")
 HTTP_RESPONSES = ("omnikv_http_responses_total", "counter", "HTTP responses sent, by status code.")
