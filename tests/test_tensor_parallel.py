@@ -101,7 +101,8 @@ def test_rank_0_schedules_and_rank_1_follows_its_plans(tmp_path):
     batch. Requests arrive while others decode, wait for a slot, end at a stop string, are cancelled while
     decoding or as soon as sent, and one samples with a seed after an idle spell. Each greedy request gets
     what ``engine.generate`` gives it alone on the same ranks, the sampled one what a one-rank scheduler gives
-    it, and both ranks run the same turns and end with every slot free."""
+    it, and both ranks run the same turns and end with every slot free. The last request shares the first's
+    first 48 tokens: rank 0's plan reuses them, and both ranks' prefix caches hold the same blocks."""
     port = str(_free_port())
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
     _run([*torchrun, str(SCHEDULER_SCRIPT)], tmp_path / "serve")
@@ -112,8 +113,10 @@ def test_rank_0_schedules_and_rank_1_follows_its_plans(tmp_path):
     for rank in ranks:
         assert rank["free_slots"] == [0, 1] and rank["host_used"] == 0
     served, alone, finish = ranks[0]["tokens"], ranks[0]["alone"], ranks[0]["finish"]
-    for name in ("a", "c", "f"):
+    for name in ("a", "c", "f", "g"):
         assert served[name] == alone[name] and finish[name] == "length", name
+    assert ranks[0]["prefix_hit_tokens"] == 48  # g's first 48 tokens, a's, came from the prefix cache
+    assert ranks[0]["prefix_blocks"] == ranks[1]["prefix_blocks"] and len(ranks[0]["prefix_blocks"]) > 3
     assert served["b"] == alone["b"][:3] and finish["b"] == "stop"  # its stop string is its third token's text
     assert 2 <= len(served["d"]) < len(alone["d"]) and served["d"] == alone["d"][: len(served["d"])]
     assert served["e"] == alone["e"][: len(served["e"])]

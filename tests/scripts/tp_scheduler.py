@@ -5,10 +5,12 @@ rank builds the same :class:`~omnikv_runtime.serve.scheduler.Scheduler` (two slo
 Llama; rank 0 starts it and submits requests straight to it (no HTTP), rank 1 calls ``follow()``. The
 requests: greedy ones of different lengths arriving while others decode and waiting for a slot, one that
 ends at a stop string, one cancelled while it decodes and one cancelled as soon as it is sent, then, after
-an idle spell (empty plans), a seeded sampled one. Every rank writes ``OUT.rank<R>.json``: each request's
-tokens and finish reason (rank 0), each request's greedy tokens from ``engine.generate`` alone on the same
-ranks, the turns each rank ran, its free slots at the end, and (rank 0) the sampled request's tokens from
-a one-rank scheduler over the same weights.
+an idle spell (empty plans), a seeded sampled one, and last one whose prompt starts with the first 48 tokens
+of the first request's (the prefix cache holds them: rank 0's plan says so, and every rank copies them). Every
+rank writes ``OUT.rank<R>.json``: each request's tokens and finish reason (rank 0), each request's greedy
+tokens from ``engine.generate`` alone on the same ranks, the turns each rank ran, its free slots at the end,
+its prefix cache's blocks (their digests, least recently used first) and tokens reused (rank 0), and (rank 0)
+the sampled request's tokens from a one-rank scheduler over the same weights.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' share
 from okv_testlib import make_model, make_prompt  # noqa: E402
 
 import omnikv_runtime as okv  # noqa: E402
+from omnikv_runtime.serve.prefix_cache import block_bytes  # noqa: E402
 from omnikv_runtime.serve.requests import ServeRequest  # noqa: E402
 from omnikv_runtime.serve.scheduler import Scheduler  # noqa: E402
 
@@ -38,7 +41,9 @@ REQUESTS = {
     "e": (33, 30, 0.0, None),  # cancelled as soon as it is sent
     "s": (40, 12, 1.3, 7),  # sampled, seeded
     "f": (24, 6, 0.0, None),
+    "g": (68, 6, 0.0, None),  # the first 48 tokens of a's prompt, then its own 20
 }
+SHARED = 48
 SPECS = list(REQUESTS.items())
 STOP_AT = 2  # b's stop string is the text of its token at this index
 
@@ -87,7 +92,9 @@ def engine(world: int):
 
 
 def prompts() -> dict[str, list[int]]:
-    return {name: make_prompt(1, spec[0], 0, seed=30 + i)[0][0].tolist() for i, (name, spec) in enumerate(SPECS)}
+    ids = {name: make_prompt(1, spec[0], 0, seed=30 + i)[0][0].tolist() for i, (name, spec) in enumerate(SPECS)}
+    ids["g"] = ids["a"][:SHARED] + ids["g"][: REQUESTS["g"][0] - SHARED]
+    return ids
 
 
 def request(name: str, stop: tuple[str, ...] = ()) -> ServeRequest:
@@ -96,7 +103,16 @@ def request(name: str, stop: tuple[str, ...] = ()) -> ServeRequest:
 
 
 def scheduler_for(served) -> Scheduler:
-    return Scheduler(served, max_batch=2, max_queue=8, max_context=128, max_new_tokens=48)
+    blocks = 20 * sum(block_bytes(served, 16))
+    return Scheduler(
+        served,
+        max_batch=2,
+        max_queue=8,
+        max_context=128,
+        max_new_tokens=48,
+        prefix_cache_bytes=blocks,
+        prefix_block_tokens=16,
+    )
 
 
 def serve(scheduler: Scheduler, alone: dict[str, list[int]]) -> Requests:
@@ -123,6 +139,8 @@ def serve(scheduler: Scheduler, alone: dict[str, list[int]]) -> Requests:
         threading.Event().wait(0.3)  # idle: empty plans go out
         submit("s")
         submit("f")
+        seen.wait(lambda: len(seen.finish) == len(REQUESTS) - 1)
+        submit("g")
         seen.wait(lambda: len(seen.finish) == len(REQUESTS))
     finally:
         scheduler.shutdown()
@@ -151,6 +169,8 @@ def main() -> int:
     result["turns"] = scheduler.turns.turns_run
     result["free_slots"] = scheduler.batch.cache.free_rows()
     result["host_used"] = scheduler.metrics()["kv_bytes"]["host_used"]
+    result["prefix_blocks"] = [key.hex() for key in scheduler.prefixes._blocks]
+    result["prefix_hit_tokens"] = scheduler.metrics()["prefix_cache_hit_tokens_total"]
     if rank == 0:  # the sampled request alone, on one rank with the same weights
         single = scheduler_for(engine(1))
         seen = Requests()
