@@ -8,6 +8,10 @@ overwritten, a cancelled request leaving the blocks it shared intact, and refusa
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from okv_testlib import make_prompt
@@ -17,7 +21,7 @@ from test_serve_batching import Collector, make_engine
 import omnikv_runtime as okv
 from omnikv_runtime.serve.batch import PrefillJob
 from omnikv_runtime.serve.metrics import render_metrics
-from omnikv_runtime.serve.prefix_cache import block_bytes
+from omnikv_runtime.serve.prefix_cache import PrefixCache, block_bytes
 from omnikv_runtime.serve.requests import ServeRequest
 from omnikv_runtime.serve.scheduler import Scheduler
 from omnikv_runtime.serve.turns import TurnPlan
@@ -287,3 +291,32 @@ def test_the_command_refuses_a_bad_budget_naming_the_option(capsys, value, said)
         cli.main(["serve", "--prefix-cache-bytes", value])
     assert refused.value.code == 2
     assert f"argument --prefix-cache-bytes: {said}" in capsys.readouterr().err
+
+
+BENCHMARK = ["--model", "tiny", "--context", "64", "--questions", "3", "--question-tokens", "5", "--max-tokens", "2"]
+BENCHMARK += ["--block-tokens", "16", "--threads", "1"]
+
+
+def test_the_benchmark_runs_small_and_notices_a_wrong_answer(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import serve_prefix
+
+    threads = torch.get_num_threads()
+    try:
+        assert serve_prefix.main([*BENCHMARK, "--out", str(tmp_path / "prefix.json")]) == 0
+        report = json.loads((tmp_path / "prefix.json").read_text())
+        assert [row["reused_tokens"] for row in report["questions"]] == [0, 64, 64]
+        assert report["answers_equal_baseline"] and report["later_vs_first_ttft"] > 0
+        assert "questions 2..3 vs the first" in capsys.readouterr().err
+        load = PrefixCache.load
+
+        def zeroed(self, cache, ids, tokens):  # the copied prefix loses its values: the answers change
+            load(self, cache, ids, tokens)
+            for layer in cache.tiers.dense_layers:
+                layer.value_buffer.zero_()
+
+        monkeypatch.setattr(PrefixCache, "load", zeroed)
+        assert serve_prefix.main(BENCHMARK) == 1
+        assert not json.loads(capsys.readouterr().out)["answers_equal_baseline"]
+    finally:
+        torch.set_num_threads(threads)
