@@ -3,7 +3,8 @@
 :mod:`omnikv_runtime.serve.requests` holds what the HTTP layer and the batch scheduler exchange;
 :mod:`omnikv_runtime.serve.scheduler` runs the batch (requests join and leave between decode steps), each turn
 a plan of :mod:`~omnikv_runtime.serve.turns` (which the other ranks follow under tensor parallelism), after
-the checks of :mod:`~omnikv_runtime.serve.slot_checks`;
+the checks of :mod:`~omnikv_runtime.serve.slot_checks`, with the prefix reuse of
+:mod:`~omnikv_runtime.serve.prefix_cache`;
 :mod:`omnikv_runtime.serve.app` is the HTTP API (FastAPI), with :mod:`~omnikv_runtime.serve.schemas`
 (request bodies, error bodies), :mod:`~omnikv_runtime.serve.guard` (API key, body limit),
 :mod:`~omnikv_runtime.serve.prompts` (tokenizing off the event loop), :mod:`~omnikv_runtime.serve.sse`

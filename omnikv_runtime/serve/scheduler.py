@@ -16,6 +16,10 @@ the scheduler, as its chooser, picks each token and hands it out. Under tensor p
 (``distributed.tp_size > 1``) every rank builds the same scheduler: rank 0 runs it (and the HTTP server), and
 the others call :meth:`Scheduler.follow`, which runs rank 0's plans on their own batch until it stops.
 
+With a prefix cache (``prefix_cache_bytes``), an admitted request whose prompt starts with blocks of a prompt
+served before reuses their KV (:mod:`~omnikv_runtime.serve.prefix_cache`): the plan says how many tokens, and its
+prefill starts after them.
+
 A request whose prompt and ``max_tokens`` cannot fit a slot is refused at :meth:`Scheduler.submit`
 (HTTP 400), and one that finds the queue full too (429). Slots are allocated when the scheduler is
 built (``max_batch`` rows of ``context_limit + 1`` columns); on CUDA the memory planner checks
