@@ -173,13 +173,16 @@ def test_blocks_are_evicted_least_recently_used_first_under_the_budget():
             scheduler.metrics()["prefix_cache_evictions_total"],
         ) == (96, 96, 0)
         first = serve(scheduler, [again[0]])  # document 0 is the most recent now
-        answers = serve(scheduler, [ask[2], again[0], again[1]])  # document 2 evicts document 1, not 0
+        answers = serve(scheduler, [ask[2], again[2]])  # document 2 evicts document 1, not 0 ...
+        assert [prefixes.match(again[i]) for i in range(3)] == [96, 0, 96]
+        assert [prefixes._blocks[key].index for key, _, _ in prefixes.keys(docs[2])] == [11, 10, 9, 8, 7, 6]
+        answers += serve(scheduler, [again[0], again[1]])  # ... in document 1's places, the last first
     finally:
         scheduler.shutdown()
-    assert first + answers == alone(engine, [again[0], ask[2], again[0], again[1]])
+    assert first + answers == alone(engine, [again[0], ask[2], again[2], again[0], again[1]])
     metrics = scheduler.metrics()
     assert metrics["prefix_cache_evictions_total"] == 6 + 6  # document 1's blocks, then (asked again) document 2's
-    assert metrics["prefix_cache_hit_tokens_total"] == 96 * 2  # document 0 twice; document 1 after its eviction: none
+    assert metrics["prefix_cache_hit_tokens_total"] == 96 * 3  # document 0 twice, 2 once; 1 after its eviction: none
     assert metrics["prefix_cache_blocks"] == 12
     assert metrics["prefix_cache_host_bytes"] == 12 * block_bytes(engine, BLOCK)[1]
 
