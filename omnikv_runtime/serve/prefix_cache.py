@@ -114,21 +114,22 @@ class PrefixCache:
         self.block_tokens, self.capacity, self.keep_tokens = block_tokens, blocks, max(1, keep_tokens)
         self.transfer = engine.transfer
         self.gpu_block_bytes, self.host_block_bytes = block_bytes(engine, block_tokens)
+        columns = blocks * block_tokens  # block i holds columns i * block_tokens onwards of every pool
         dense = tiers_like.dense_layers
-        like = dense[0].key_buffer if dense else None
-        self.dense = None
-        if like is not None:  # [blocks, layers, 2 (keys, values), kv_heads, block, head_dim]
-            shape = (blocks, len(dense), 2, like.shape[1], block_tokens, like.shape[3])
+        self.dense = None  # [layers, 2 (keys, values), kv_heads, columns, head_dim], like the slots' buffers
+        if dense:
+            like = dense[0].key_buffer
+            shape = (len(dense), 2, like.shape[1], columns, like.shape[3])
             self.dense = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.rows: list[torch.Tensor | None] = []  # per segment: [blocks, block, *row_shape] raw storage
-        self.scales: list[torch.Tensor | None] = []  # per segment (FP8 tier): [blocks, block, layers, 2, heads]
+        self.rows: list[torch.Tensor | None] = []  # per segment: [columns, *row_shape], the arena's storage
+        self.scales: list[torch.Tensor | None] = []  # per segment (FP8 tier): [columns, layers, 2, kv_heads]
         for arena in tiers_like.arenas:
             rows = scales = None
             if arena is not None and arena.row_shape[0]:
                 raw = torch.uint8 if arena.quantized else arena.storage_dtype
-                rows = self.transfer.allocate_host((blocks, block_tokens, *arena.row_shape), raw)
+                rows = self.transfer.allocate_host((columns, *arena.row_shape), raw)
                 if arena.quantized:
-                    scales = self.transfer.allocate_host((blocks, block_tokens, *arena.row_shape[:-1]), fp8.SCALE_DTYPE)
+                    scales = self.transfer.allocate_host((columns, *arena.row_shape[:-1]), fp8.SCALE_DTYPE)
             self.rows.append(rows)
             self.scales.append(scales)
         self._blocks: collections.OrderedDict[bytes, _Block] = collections.OrderedDict()  # least recent first
@@ -182,23 +183,10 @@ class PrefixCache:
         blocks = [self._held(*name) for name in named]
         if len(named) * self.block_tokens != tokens or any(block is None for block in blocks):
             raise RuntimeError(f"the prefix cache does not hold the first {tokens} tokens the turn plan reuses")
-        tiers = cache.tiers
-        if tiers.length():
+        if cache.tiers.length():
             raise RuntimeError("a prefix is loaded into an empty slot only")
-        index = torch.tensor([block.index for block in blocks], dtype=torch.long)
-        if self.dense is not None:
-            chosen = self.dense[index.to(self.dense.device)]  # [n, layers, 2, heads, block, dim]
-            chosen = chosen.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)  # [layers, 2, heads, tokens, dim]
-            for number, layer in enumerate(tiers.dense_layers):
-                layer.key_buffer[0, :, :tokens].copy_(chosen[number, 0])
-                layer.value_buffer[0, :, :tokens].copy_(chosen[number, 1])
-        self.transfer.synchronize()  # nothing in flight touches the slot's host rows as the host writes them
-        for arena, rows, scales in zip(tiers.arenas, self.rows, self.scales, strict=True):
-            if rows is not None:
-                _raw(arena.data)[0, :tokens].copy_(rows[index.to(rows.device)].flatten(0, 1))
-                if scales is not None:
-                    arena.scales[0, :tokens].copy_(scales[index.to(scales.device)].flatten(0, 1))
-        tiers.advance(tokens)  # every layer and arena counts the tokens now in place
+        self._copy(cache, [(number, block.index) for number, block in enumerate(blocks)], into_slot=True)
+        cache.tiers.advance(tokens)  # every layer and arena counts the tokens now in place
         for key, _, _ in reversed(named):  # the head of the chain is the most recent: evicted last
             self._blocks.move_to_end(key)
             self._busy.add(key)
@@ -214,17 +202,18 @@ class PrefixCache:
         for number, (key, parent, tokens) in enumerate(named):
             if self._held(key, parent, tokens) is not None:
                 continue
+            stale = self._blocks.pop(key, None)  # another block under the same digest (never seen) gives way
+            if stale is not None:
+                self._free.append(stale.index)
             index = self._take(chain)
             if index is None:
                 break  # every block is in use this turn or part of this prompt: the rest is not kept
-            self._blocks.pop(key, None)  # a different block under the same digest (never seen) gives way
             self._blocks[key] = _Block(index, parent, tokens)
             new.append((number, index))
         for key, _, _ in reversed(named):
             if key in self._blocks:
                 self._blocks.move_to_end(key)
-        if new:
-            self._copy_out(cache, new)
+        self._copy(cache, new, into_slot=False)
         self.counts["stored_blocks"] += len(new)
         return len(new)
 
@@ -237,27 +226,32 @@ class PrefixCache:
                 return self._blocks.pop(key).index
         return None
 
-    def _copy_out(self, cache: OmniKVCache, new: list[tuple[int, int]]) -> None:
+    def _copy(self, cache: OmniKVCache, pairs: list[tuple[int, int]], into_slot: bool) -> None:
+        """Copy blocks between the slot of the batch-1 ``cache`` and the pools: ``(block of the prompt, pool index)``
+        pairs, in runs consecutive on both sides (one copy per run, layer and side; no temporary)."""
+        runs: list[list[int]] = []  # [block of the prompt, pool index, blocks]
+        for number, index in pairs:
+            if runs and runs[-1][0] + runs[-1][2] == number and runs[-1][1] + runs[-1][2] == index:
+                runs[-1][2] += 1
+            else:
+                runs.append([number, index, 1])
+        if not runs:
+            return
         tiers, size = cache.tiers, self.block_tokens
-        numbers = torch.tensor([number for number, _ in new], dtype=torch.long)
-        index = torch.tensor([slot for _, slot in new], dtype=torch.long)
-        if self.dense is not None:
-            target = index.to(self.dense.device)
-            for number, layer in enumerate(tiers.dense_layers):
-                for side, buffer in enumerate((layer.key_buffer, layer.value_buffer)):
-                    filled = buffer[0, :, : (int(numbers.max()) + 1) * size]  # [heads, tokens, dim]
-                    blocks = filled.unflatten(1, (-1, size)).permute(1, 0, 2, 3)  # [blocks, heads, block, dim]
-                    self.dense[target, number, side] = blocks[numbers.to(blocks.device)]
-        self.transfer.synchronize()  # the prefill's writes to the host tier have landed
-        for arena, rows, scales in zip(tiers.arenas, self.rows, self.scales, strict=True):
-            if rows is not None:
-                span = (int(numbers.max()) + 1) * size
-                data = _raw(arena.data)[0, :span].unflatten(0, (-1, size))
-                rows[index.to(rows.device)] = data[numbers.to(data.device)]
+        self.transfer.synchronize()  # the prefill's writes to the host tier have landed; nothing in flight there
+        for number, index, count in runs:
+            slot, pool = slice(number * size, (number + count) * size), slice(index * size, (index + count) * size)
+            places = []  # (the slot's columns, the pool's)
+            for layer_number, layer in enumerate(tiers.dense_layers):
+                places.append((layer.key_buffer[0, :, slot], self.dense[layer_number, 0, :, pool]))
+                places.append((layer.value_buffer[0, :, slot], self.dense[layer_number, 1, :, pool]))
+            for arena, rows, scales in zip(tiers.arenas, self.rows, self.scales, strict=True):
+                if rows is not None:
+                    places.append((_raw(arena.data)[0, slot], rows[pool]))
                 if scales is not None:
-                    scales[index.to(scales.device)] = arena.scales[0, :span].unflatten(0, (-1, size))[
-                        numbers.to(scales.device)
-                    ]
+                    places.append((arena.scales[0, slot], scales[pool]))
+            for in_slot, in_pool in places:
+                (in_slot.copy_(in_pool) if into_slot else in_pool.copy_(in_slot))
 
     # reporting --------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, int]:
