@@ -323,3 +323,30 @@ def test_the_benchmark_runs_small_and_notices_a_wrong_answer(tmp_path, capsys, m
         assert not json.loads(capsys.readouterr().out)["answers_equal_baseline"]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_budget_is_counted_where_the_slots_are_checked(monkeypatch):
+    import psutil
+
+    from omnikv_runtime.geometry import ModelGeometry
+    from omnikv_runtime.planner import fit
+
+    engine = make_engine()
+    geometry = ModelGeometry.from_model(engine.model)
+    slots = 2 * (64 + 1 + 16) * geometry.num_layers * geometry.kv_row_bytes(4)  # what the CPU check counts
+    room = psutil.virtual_memory()._replace(available=int((slots + budget(engine, 10)) / 0.9) + 1)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: room)
+    Scheduler(engine, max_batch=2, max_context=64, max_new_tokens=16, prefix_cache_bytes=budget(engine, 10))
+    with pytest.raises(okv.ConfigError, match=r"prefix cache of .* GiB.*or --prefix-cache-bytes"):
+        Scheduler(engine, max_batch=2, max_context=64, max_new_tokens=16, prefix_cache_bytes=budget(engine, 12))
+    # on CUDA the planner's GPU and host needs each grow by their part of the budget
+    monkeypatch.setattr(fit, "available_memory", lambda device: (2**40, 2**40))
+    plan = fit.check_run(geometry, engine.config, torch.device("cuda"), 2, 48, 16)
+    needed = plan.gpu - plan.weights
+    monkeypatch.setattr(fit, "available_memory", lambda device: (int(needed / 0.95) + 2**20, 2**40))
+    fit.check_run(geometry, engine.config, torch.device("cuda"), 2, 48, 16, reserved=(0, 2**30))
+    with pytest.raises(okv.PromptError, match="GPU needs"):
+        fit.check_run(geometry, engine.config, torch.device("cuda"), 2, 48, 16, reserved=(2**21, 0))
+    monkeypatch.setattr(fit, "available_memory", lambda device: (2**40, plan.host + 2**20))
+    with pytest.raises(okv.PromptError, match="host needs"):
+        fit.check_run(geometry, engine.config, torch.device("cuda"), 2, 48, 16, reserved=(0, 2**21))
