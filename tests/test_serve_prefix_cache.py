@@ -9,6 +9,7 @@ overwritten, a cancelled request leaving the blocks it shared intact, and refusa
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def per_prefill(chunks: list[tuple[PrefillJob, int, int]]) -> list[tuple[int, in
         ("cpu", {"type": "uniform", "window_size": 4}, None),  # the query window comes from the suffix
     ],
 )
-def test_questions_about_one_document_prefill_only_their_suffix(prefilled, offload, selector, host_dtype):
+def test_questions_about_one_document_prefill_only_their_suffix(prefilled, caplog, offload, selector, host_dtype):
     engine = make_engine(offload, selector, host_dtype=host_dtype)
     doc = document(160, seed=3)  # 10 blocks
     questions = [doc + document(n, seed=20 + n) for n in (9, 17, 2, 30)]
@@ -129,7 +130,8 @@ def test_questions_about_one_document_prefill_only_their_suffix(prefilled, offlo
     )
     scheduler.start()
     try:
-        assert serve(scheduler, questions) == expected
+        with caplog.at_level(logging.INFO, logger="omnikv_runtime.serve.scheduler"):
+            assert serve(scheduler, questions) == expected
     finally:
         scheduler.shutdown()
     keep = max(1, engine.selector.window_size)
@@ -144,6 +146,12 @@ def test_questions_about_one_document_prefill_only_their_suffix(prefilled, offlo
     gpu, host = block_bytes(engine, BLOCK)
     assert (metrics["prefix_cache_gpu_bytes"], metrics["prefix_cache_host_bytes"]) == (stored * gpu, stored * host)
     assert (host > 0) == (offload == "cpu")
+    prefixes = scheduler.prefixes
+    pools = [prefixes.dense, *prefixes.rows, *prefixes.scales]
+    assert sum(pool.numel() * pool.element_size() for pool in pools if pool is not None) == 40 * (gpu + host)
+    logged = [r.getMessage() for r in caplog.records if r.name == "omnikv_runtime.serve.scheduler"]
+    for i, (q, r) in enumerate(zip(questions, reused, strict=True)):
+        assert any(line.startswith(f"request q{i}: {len(q)} prompt tokens ({r} reused),") for line in logged[-8:])
     samples = parse_exposition(render_metrics(metrics))
     assert samples["omnikv_prefix_cache_hit_tokens_total"] == sum(reused)
     assert samples["omnikv_prefix_cache_host_bytes"] == stored * host
