@@ -206,8 +206,11 @@ class PrefixCache:
             if stale is not None:
                 self._free.append(stale.index)
             index = self._take(chain)
-            if index is None:
-                break  # every block is in use this turn or part of this prompt: the rest is not kept
+            if index is None:  # every block is in use this turn or part of this prompt: the rest is not kept
+                logger.debug(
+                    "prefix cache full: %d of the prompt's %d blocks not kept", len(named) - number, len(named)
+                )
+                break
             self._blocks[key] = _Block(index, parent, tokens)
             new.append((number, index))
         for key, _, _ in reversed(named):
