@@ -212,6 +212,7 @@ def summarize(name: str, records: list[dict], memory: dict[str, Any], failure: s
         "tbt_p99_ms": ms(percentile(tbt, 99)),
         **memory,
         "unserved": [{"index": index, "why": why} for index, why in unserved[:DETAILS]],
+        "texts": {record["index"]: tuple(record["text"].split()) for record in done},  # the words: the tokens
     }
 
 
@@ -243,6 +244,14 @@ def run_server(name: str, server: ServerProcess, trace: list[dict], args, device
     row = summarize(name, records, peak, failure)
     row.update(start_s=start_s, warmup_s=warmup_s, stop_s=stop_s, command=" ".join(server.command))
     return row
+
+
+def agreement(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Requests every server completed, and of those how many got the same text from each (the same greedy model:
+    they differ only where the servers' arithmetic rounds differently). Takes the rows' texts out."""
+    texts = [row.pop("texts") for row in rows]
+    common = set.intersection(*(set(each) for each in texts)) if texts else set()
+    return {"compared": len(common), "equal": sum(1 for i in common if len({each[i] for each in texts}) == 1)}
 
 
 def warmup_trace(trace: list[dict]) -> list[dict]:
@@ -332,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             server = SERVERS[name](model_folder, args, context, result["model"]["dtype"], trace, folder)
             rows.append(run_server(name, server, trace, args, args.device))
+    result["same_text"] = agreement(rows)
     result["servers"] = rows
     by_name = {row["server"]: row for row in rows}
     ours, peer = by_name.get("omnikv"), by_name.get("transformers")
@@ -365,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         for item in row["unserved"]:
             print(f"{row['server']}: request {item['index']} not served: {item['why']}", file=sys.stderr)
+    same = result["same_text"]
+    print(f"same text from every server: {same['equal']} of the {same['compared']} all completed", file=sys.stderr)
     return 0 if ours is None or ours["completed"] == ours["requests"] else 1
 
 
