@@ -56,14 +56,21 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"exited with status {self.process.returncode} before answering: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                pass
+            if self.answers():
+                return
             time.sleep(0.5)
         raise RuntimeError(f"did not answer /health within {timeout:g} s: {self.log_tail()}")
+
+    def answers(self) -> bool:
+        """Whether ``/health`` (or, for a server without it, ``/v1/models``) answers 200."""
+        for path in ("/health", "/v1/models"):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as answer:
+                    if answer.status == 200:
+                        return True
+            except OSError:
+                continue
+        return False
 
     def log_tail(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as log:
