@@ -52,6 +52,7 @@ import time
 from typing import Any
 
 import torch
+import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode.py, serve_load.py, also under python -P
 from decode import random_model, run_header  # noqa: E402
@@ -62,6 +63,7 @@ from omnikv_runtime.tables import format_table  # noqa: E402
 
 WARMUP_TOKENS = (16, 4)  # the warm-up request's prompt and new tokens
 DETAILS = 10  # unserved requests listed in the JSON at most
+MARKER = "serve_peer_model.json"  # in a model folder: which model it holds
 
 
 # the trace --------------------------------------------------------------------------------------------------
@@ -125,23 +127,34 @@ def word_tokenizer(vocab: int) -> Any:
 
 
 def save_model(folder: str, model_name: str, device: str, positions: int) -> dict[str, Any]:
-    """The random model (seed 0) and its word tokenizer, saved to ``folder``; its description."""
+    """The random model (seed 0) and its word tokenizer, saved to ``folder`` (kept there: a folder that holds
+    this very model already, as its ``MARKER`` file says, is used as it is); its description."""
     tiny = model_name == "tiny"
-    _, model, config, dtype = random_model(device, tiny)
+    dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"  # decode.random_model's choice
+    wanted = {"model": model_name, "dtype": dtype, "positions": positions}
+    marker = os.path.join(folder, MARKER)
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as handle:
+            kept = json.load(handle)
+        if {key: kept.get(key) for key in wanted} == wanted:
+            return kept["description"]
+    _, model, config, _ = random_model(device, tiny)
     config.max_position_embeddings = positions  # random weights: no trained limit; the servers read this one
     model.generation_config.eos_token_id = None  # never stops early: every request generates its new tokens
     model.generation_config.pad_token_id = 0
     model.save_pretrained(folder)
     word_tokenizer(config.vocab_size).save_pretrained(folder)
     description = {
-        "geometry": f"{'tiny Llama' if tiny else 'Llama-3-8B'} (random {str(dtype)[6:]} weights)",
-        "dtype": str(dtype)[6:],
+        "geometry": f"{'tiny Llama' if tiny else 'Llama-3-8B'} (random {dtype} weights)",
+        "dtype": dtype,
         "vocab": config.vocab_size,
         "layers": config.num_hidden_layers,
     }
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump({**wanted, "description": description}, handle)
     return description
 
 
@@ -287,6 +300,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to answer")
     parser.add_argument("--request-timeout", type=float, default=1800.0, help="the client's timeout a request")
     parser.add_argument("--drain-cap", type=float, default=900.0, help="seconds after the last arrival")
+    parser.add_argument(
+        "--model-folder", help="save the model here and keep it, or use the one saved there (default: a temporary one)"
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.requests < 1 or not args.rate > 0 or not 0 <= args.shared_fraction <= 1:
@@ -305,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     context = args.prompt_tokens[1] + args.new_tokens[1]
     positions = -(-context // 256) * 256
     result: dict[str, Any] = {**run_header(torch.device(args.device), "serve_peer.py", argv)}
+    result["transformers"] = transformers.__version__  # the peer's
     with tempfile.TemporaryDirectory(prefix="serve_peer_") as folder:
-        model_folder = os.path.join(folder, "model")
+        model_folder = args.model_folder or os.path.join(folder, "model")
         result["model"] = save_model(model_folder, args.model, args.device, positions)
         trace = make_trace(
             args.seed,

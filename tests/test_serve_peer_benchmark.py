@@ -126,3 +126,17 @@ def test_smallest_run_on_cpu(tmp_path, capsys):
         rows["omnikv"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"], rel=1e-2
     )
     assert report["same_text"]["compared"] == 3  # float32 on the CPU: the same greedy words, or close
+
+
+def test_a_kept_model_folder_is_used_again(tmp_path, monkeypatch):
+    folder = str(tmp_path / "model")
+    first = serve_peer.save_model(folder, "tiny", "cpu", 256)
+    assert first["dtype"] == "float32" and (tmp_path / "model" / "tokenizer.json").is_file()
+
+    def built_again(*args):
+        raise RuntimeError("built again")
+
+    monkeypatch.setattr(serve_peer, "random_model", built_again)
+    assert serve_peer.save_model(folder, "tiny", "cpu", 256) == first
+    with pytest.raises(RuntimeError, match="built again"):  # another context: another model
+        serve_peer.save_model(folder, "tiny", "cpu", 512)
