@@ -187,3 +187,32 @@ def test_omnikv_serve_auto_builds_the_scheduler_with_the_count(monkeypatch, engi
     monkeypatch.setattr(DrainingServer, "run", lambda server: None)
     assert main(["serve", "--config", "configs/default.json", "--max-batch", "auto", "--max-context", "64"]) == 0
     assert built["max_batch"] == MAX_AUTO_BATCH and built["max_context"] == 64
+
+
+def test_omnikv_serve_says_the_capacity_at_start_without_verbose(monkeypatch, engine, caplog):
+    """The real scheduler under the command, no -v: the capacity line is logged (the command lets the serve
+    package's INFO lines through from before the scheduler is built), with auto's count."""
+    pytest.importorskip("fastapi")
+    import types
+
+    import omnikv_runtime.cli.threads
+    import omnikv_runtime.engine
+    from omnikv_runtime.cli import main
+    from omnikv_runtime.serve.server import DrainingServer
+
+    engine.tokenizer = types.SimpleNamespace(eos_token_id=None, pad_token_id=0)
+    as_if_on_cuda(monkeypatch, engine, 10**13, 10**14)
+    monkeypatch.setattr(engine, "device", torch.device("cpu"))  # the slots are allocated for real, on the CPU
+
+    class Memory:
+        available = 10**12
+
+    monkeypatch.setattr(slot_checks.psutil, "virtual_memory", lambda: Memory)
+    monkeypatch.setattr(omnikv_runtime.cli.threads, "apply_cpu_threads", lambda *a: None)
+    monkeypatch.setattr(omnikv_runtime.engine, "initialize", lambda config: engine)
+    monkeypatch.setattr(DrainingServer, "run", lambda server: None)
+    assert main(["serve", "--config", "configs/default.json", "--max-batch", "auto", "--max-context", "32"]) == 0
+    assert logging.getLogger().level == logging.WARNING  # nobody else lets INFO through
+    (line,) = [r.getMessage() for r in caplog.records if r.name == slot_checks.__name__]
+    assert "this machine holds" in line and "concurrent requests of 32 tokens" in line
+    assert line.endswith(f"serving {MAX_AUTO_BATCH}")

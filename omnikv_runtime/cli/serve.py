@@ -173,12 +173,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     engine = initialize(config=config)
-    max_batch = args.max_batch if args.max_batch != AUTO else batch_that_fits(engine, args.max_context)
-    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=args.max_queue, max_context=args.max_context)
     serve_logger = logging.getLogger("omnikv_runtime.serve")
     saved_level = serve_logger.level
-    serve_logger.setLevel(logging.INFO)  # the scheduler's line per request, without -v
+    serve_logger.setLevel(logging.INFO)  # the slots' capacity at start, the scheduler's line per request, without -v
     try:
+        max_batch = args.max_batch if args.max_batch != AUTO else batch_that_fits(engine, args.max_context)
+        scheduler = Scheduler(engine, max_batch=max_batch, max_queue=args.max_queue, max_context=args.max_context)
         if scheduler.follower:
             return follow(scheduler)
         app = create_app(scheduler, config.model.name_or_path, api_key=api_key, max_body_bytes=args.max_body_bytes)
