@@ -27,8 +27,10 @@ the last one done), TTFT and time between streamed tokens (p50, p99), the peak m
 took above what was in use before it started (the card's ``memory.used`` from ``nvidia-smi`` on CUDA, the
 resident memory of its processes on the CPU, sampled every 0.2 s), requests completed and the requests it
 did not serve: errors (HTTP or stream errors, a server that did not start or died) and timeouts (not done
-``--drain-cap`` seconds after the last arrival), each counted, never dropped. Then omnikv's throughput and
-TTFT p99 as ratios to the peer's.
+``--drain-cap`` seconds after the last arrival), each counted, never dropped; and (``said``) its log's lines
+on its KV capacity (``omnikv serve``'s start line: how many requests of its context fit, and how many a dense
+server would hold; transformers' memory for its cache). Then omnikv's throughput and TTFT p99 as ratios to
+the peer's, and on how many requests both servers gave the same words. ``--logs`` keeps the servers' logs.
 
     python benchmarks/serve_peer.py --model tiny --device cpu --requests 4 --rate 20 \\
         --prompt-tokens 64..128 --new-tokens 4..8 --document-tokens 128
@@ -64,6 +66,7 @@ from omnikv_runtime.tables import format_table  # noqa: E402
 WARMUP_TOKENS = (16, 4)  # the warm-up request's prompt and new tokens
 DETAILS = 10  # unserved requests listed in the JSON at most
 MARKER = "serve_peer_model.json"  # in a model folder: which model it holds
+LOG_NOTES = {"omnikv": "capacity: ", "transformers": "for cache allocation"}  # a server's log lines kept in its row
 
 
 # the trace --------------------------------------------------------------------------------------------------
@@ -175,11 +178,14 @@ def drive(url: str, model: str, trace: list[dict[str, Any]], timeout: float, dra
         thread.start()
         threads.append(thread)
     deadline = time.perf_counter() + drain_cap
-    for thread, record in zip(threads, records):
+    done = []
+    for thread, record, entry in zip(threads, records, trace):
         thread.join(timeout=max(0.0, deadline - time.perf_counter()))
-        if thread.is_alive():  # its stream ends when the server stops; counted here as a timeout
+        if thread.is_alive():  # its stream ends when the server stops; its record may still change: not read
+            record = {"index": entry["index"], "expected_tokens": entry["new_tokens"]}
             record["timeout"] = f"not done {drain_cap:g} s after the last arrival"
-    return [dict(record) for record in records]
+        done.append(record)
+    return done
 
 
 def tokens_of(record: dict[str, Any]) -> int:
@@ -236,7 +242,7 @@ def run_server(name: str, server: ServerProcess, trace: list[dict], args, device
     memory.start(server)
     failure, records, warmup_s = None, [{"index": e["index"], "expected_tokens": e["new_tokens"]} for e in trace], None
     began = time.perf_counter()
-    start_s = stop_s = None
+    start_s = stop_s = died = None
     try:
         server.start(args.start_timeout)
         start_s = round(time.perf_counter() - began, 2)
@@ -244,8 +250,9 @@ def run_server(name: str, server: ServerProcess, trace: list[dict], args, device
         warmup_s = round(warm[0]["ended"] - warm[0]["started"], 2) if "ended" in warm[0] else None
         print(f"{name}: ready in {start_s} s; warm-up {warmup_s} s; sending {len(trace)} requests", file=sys.stderr)
         records = drive(server.url, server.model_name, trace, args.request_timeout, args.drain_cap)
-        if not server.alive():
-            failure = f"error: the server died (exit status {server.returncode()}); see {server.log_path}"
+        if not server.alive():  # its requests' own errors count what it did not serve
+            died = f"exit status {server.returncode()}: {server.log_tail()}"
+            print(f"{name}: the server died during the trace ({died})", file=sys.stderr)
     except RuntimeError as exc:  # it did not start
         failure = f"error: {exc}"
         print(f"{name}: {exc}", file=sys.stderr)
@@ -255,7 +262,8 @@ def run_server(name: str, server: ServerProcess, trace: list[dict], args, device
         stop_s = round(time.perf_counter() - stopping, 2)
         peak = memory.stop()
     row = summarize(name, records, peak, failure)
-    row.update(start_s=start_s, warmup_s=warmup_s, stop_s=stop_s, command=" ".join(server.command))
+    row.update(start_s=start_s, warmup_s=warmup_s, stop_s=stop_s, died=died, command=" ".join(server.command))
+    row["said"] = server.log_lines(LOG_NOTES[name]) if os.path.isfile(server.log_path) else []
     return row
 
 
@@ -303,6 +311,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--model-folder", help="save the model here and keep it, or use the one saved there (default: a temporary one)"
     )
+    parser.add_argument("--logs", help="write the servers' logs into this folder (default: a temporary one)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.requests < 1 or not args.rate > 0 or not 0 <= args.shared_fraction <= 1:

@@ -72,6 +72,11 @@ class ServerProcess:
                 continue
         return False
 
+    def log_lines(self, containing: str) -> list[str]:
+        """The lines of its log that contain ``containing``."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            return [line.strip() for line in log if containing in line]
+
     def log_tail(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as log:
             return " | ".join(line.strip() for line in log.read().splitlines()[-LOG_LINES:])
@@ -122,7 +127,7 @@ def omnikv_server(model_folder: str, args: Any, context: int, dtype: str, trace:
     command = [sys.executable, "-m", "omnikv_runtime.cli", "serve", "--config", config_path, "--port", str(port)]
     command += ["--max-batch", str(args.max_batch), "--max-context", str(context)]
     command += ["--max-queue", str(max(64, len(trace)))]
-    return ServerProcess(command, os.path.join(folder, "omnikv.log"), port, model_folder)
+    return ServerProcess(command, os.path.join(args.logs or folder, "omnikv.log"), port, model_folder)
 
 
 def best_attention(device: str) -> str:
@@ -142,7 +147,7 @@ def transformers_server(model_folder: str, args: Any, context: int, dtype: str, 
         blocks = sum(-(-(len(e["prompt_ids"]) + e["new_tokens"]) // CPU_BLOCK_TOKENS) + 1 for e in trace)
         command += ["--cb-num-blocks", str(blocks + 8), "--cb-block-size", str(CPU_BLOCK_TOKENS)]
     command += args.peer_arg
-    return ServerProcess(command, os.path.join(folder, "transformers.log"), port, model_folder)
+    return ServerProcess(command, os.path.join(args.logs or folder, "transformers.log"), port, model_folder)
 
 
 SERVERS = {"omnikv": omnikv_server, "transformers": transformers_server}

@@ -118,6 +118,8 @@ def test_smallest_run_on_cpu(tmp_path, capsys):
         assert row["generated_tokens"] == expected and row["tokens_per_s"] > 0
         assert row["ttft_p99_ms"] >= row["ttft_p50_ms"] > 0 and row["tbt_p50_ms"] > 0 and row["peak_memory_mib"] > 0
     assert report["trace"]["prompt_tokens"]["max"] <= 128 and report["settings"]["context"] == 136
+    (capacity,) = rows["omnikv"]["said"]  # the server's start line: slots of the context it can hold, auto's
+    assert "concurrent requests of 136 tokens" in capacity and capacity.endswith("serving 64")
     table = capsys.readouterr().err
     assert "| omnikv | 3 | 0 | 0 |" in table
     if not peer:
