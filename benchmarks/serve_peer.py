@@ -61,6 +61,7 @@ from decode import random_model, run_header  # noqa: E402
 from serve_load import ms, percentile, write  # noqa: E402
 from server_processes import SERVERS, PeakMemory, ServerProcess, peer_available  # noqa: E402
 
+from omnikv_runtime.geometry import ModelGeometry  # noqa: E402
 from omnikv_runtime.tables import format_table  # noqa: E402
 
 WARMUP_TOKENS = (16, 4)  # the warm-up request's prompt and new tokens
@@ -146,12 +147,13 @@ def save_model(folder: str, model_name: str, device: str, positions: int) -> dic
     model.generation_config.eos_token_id = None  # never stops early: every request generates its new tokens
     model.generation_config.pad_token_id = 0
     model.save_pretrained(folder)
-    word_tokenizer(config.vocab_size).save_pretrained(folder)
+    geometry = ModelGeometry.from_hf_config(config)
+    word_tokenizer(geometry.vocab).save_pretrained(folder)
     description = {
         "geometry": f"{'tiny Llama' if tiny else 'Llama-3-8B'} (random {dtype} weights)",
         "dtype": dtype,
-        "vocab": config.vocab_size,
-        "layers": config.num_hidden_layers,
+        "vocab": geometry.vocab,
+        "layers": geometry.num_layers,
     }
     del model
     if device.startswith("cuda"):
