@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import signal
+from dataclasses import replace
 from typing import Any
 
 from omnikv_runtime.cli.generate import positive_int
@@ -216,7 +217,8 @@ def batch_that_fits(engine: Any, max_context: int | None) -> int:
 
     context, new_tokens = slot_sizes(engine, max_context, None)
     capacity = slot_capacity(engine, context, new_tokens)
-    rows = fewest_across_ranks(engine.tensor_parallel_group, engine.device, auto_batch(capacity))
+    fewest = fewest_across_ranks(engine.tensor_parallel_group, engine.device, capacity.slots)  # before any raise
+    rows = auto_batch(replace(capacity, slots=fewest))
     logger.info(
         "--max-batch %s: %d slots of %d tokens (%d fit, at most %d)",
         AUTO,

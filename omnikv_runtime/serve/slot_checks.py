@@ -132,7 +132,8 @@ def auto_batch(capacity: SlotCapacity) -> int:
         raise ConfigError(
             "max_batch",
             "auto",
-            f"at least one slot: not even one request of {capacity.context} tokens fits ({capacity.shortfall}); "
+            f"at least one slot: not even one request of {capacity.context} tokens fits "
+            f"({capacity.shortfall or 'on another rank'}); "
             f"{advice}",
         )
     return min(capacity.slots, MAX_AUTO_BATCH)
