@@ -2,7 +2,9 @@
 # One call on a CUDA machine without internet (carry .whl/: pydantic and its dependencies). Logs and JSON
 # under $OUT. Parts: tests (the GPU tests of the decode step and of continuous batching), step
 # (benchmarks/serve_step.py at 32K, batches 1/4/8, GPU and offload tiers), agree (bf16 at 4K: the server
-# under load against itself alone and against Engine.generate, with 4 slots and with 1).
+# under load against itself alone and against Engine.generate, with 4 slots and with 1), peer (benchmarks/serve_peer.py:
+# omnikv serve against transformers serve, 16 requests of 8K-32K tokens at 0.5 a second; PEER_ARGS adds flags, e.g.
+# PEER_ARGS="--servers omnikv" and then "--servers transformers" in two calls on the same warm machine).
 # Usage: OUT=... bash benchmarks/gpu_serve.sh tests step
 set -u
 source benchmarks/device_setup.sh
@@ -21,6 +23,11 @@ for part in "$@"; do
           --seconds 15 --drain-cap 40 --prompt-tokens 4096 --max-tokens 32 --offload cpu --solo 4 --baseline-cap 40 \
           --out "$OUT/agree_slots$slots.json" > /dev/null 2> "$OUT/agree_slots$slots.err"; tail -12 "$OUT/agree_slots$slots.err"
       done ;;
+    peer)
+      timeout 590 python3 benchmarks/serve_peer.py --model random-llama3-8b --requests 16 --rate 0.5 \
+        --prompt-tokens 8192..32768 --new-tokens 128..256 --shared-fraction 0.5 --max-batch 16 \
+        --model-folder /tmp/serve_peer_model ${PEER_ARGS:-} --out "$OUT/serve_peer.json" > /dev/null \
+        2> "$OUT/serve_peer.err"; tail -12 "$OUT/serve_peer.err" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - started )) s"

@@ -127,14 +127,24 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def one_request(client: Any, spec: dict[str, Any], client_index: int, index: int) -> dict[str, Any]:
-    """One streamed completion; its text, finish reason, usage and the time of each text chunk."""
+    """One streamed completion of the request's prompt (see :func:`streamed_completion`)."""
     prompt = prompt_text(spec["words"], spec["vocab"], spec["prompt_tokens"], spec["seed"], client_index, index)
-    record: dict[str, Any] = {"client": client_index, "index": index, "chunks": []}
+    record: dict[str, Any] = {"client": client_index, "index": index}
+    return streamed_completion(client, spec["model"], prompt, spec["max_tokens"], record)
+
+
+def streamed_completion(
+    client: Any, model: str, prompt: str, max_tokens: int, record: dict[str, Any], usage: bool = False
+) -> dict[str, Any]:
+    """One streamed greedy completion, into ``record``: its text, finish reason, usage (asked for with ``usage``),
+    the time of each text chunk, when it started and ended, and the error that lost it, if any."""
+    record["chunks"] = []
     record["started"] = time.perf_counter()
     texts = []
+    options = {"stream_options": {"include_usage": True}} if usage else {}
     try:
         stream = client.completions.create(
-            model=spec["model"], prompt=prompt, max_tokens=spec["max_tokens"], temperature=0, stream=True
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, **options
         )
         for chunk in stream:
             if chunk.usage is not None:

@@ -1,6 +1,6 @@
 """``omnikv serve``: an OpenAI-compatible HTTP server over one engine, with continuous batching.
 
-    omnikv serve --config C [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch N] [--max-queue N]
+    omnikv serve --config C [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch N|auto] [--max-queue N]
                  [--max-context N] [--max-body-bytes N] [--max-connections N] [--header-timeout S]
                  [--keep-alive-timeout S] [--prefix-cache-bytes N]
 
@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import signal
+from dataclasses import replace
 from typing import Any
 
 from omnikv_runtime.cli.generate import positive_int
@@ -30,6 +31,7 @@ from omnikv_runtime.serve import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
     GRACEFUL_SHUTDOWN_S,
+    MAX_AUTO_BATCH,
     MIN_CONTEXT,
 )
 
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 API_KEY_ENV = "OMNIKV_API_KEY"
 SERVE_EXTRA = 'omnikv serve needs FastAPI and uvicorn: pip install "omnikv-runtime[serve]"'
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+AUTO = "auto"  # --max-batch auto: the memory planner's count of slots
 
 
 def context_tokens(text: str) -> int:
@@ -60,6 +63,18 @@ def byte_count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0 (0: no prefix reuse), got {value}")
     return value
+
+
+def max_batch_value(text: str) -> int | str:
+    """argparse type of --max-batch: a whole number of at least 1, or 'auto'."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of requests of at least 1, or '{AUTO}' (as many as fit), got {text!r}"
+        ) from None
 
 
 def seconds(text: str) -> float:
@@ -86,7 +101,17 @@ def register(commands: Any) -> None:
         "--api-key",
         help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV}, else none)",
     )
-    serve.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together (default: 8)")
+    serve.add_argument(
+        "--max-batch",
+        type=max_batch_value,
+        metavar="N|auto",
+        default=8,
+        help="requests decoded together, each in a slot of --max-context tokens allocated at start (default: 8); "
+        f"'{AUTO}': as many as fit on this machine, at most {MAX_AUTO_BATCH}. The memory planner counts them beside "
+        "the weights, with the config's host tier (the model's dtype, or FP8 with offload.host_dtype = "
+        "'float8_e4m3fn'); the server logs at start how many requests of its context this machine holds and how "
+        "many a dense server (every layer's KV on the GPU, no offload) would hold on the same card",
+    )
     serve.add_argument(
         "--max-queue", type=positive_int, default=64, help="requests waiting at most, then 429 (default: 64)"
     )
@@ -168,17 +193,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     engine = initialize(config=config)
-    scheduler = Scheduler(
-        engine,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_context=args.max_context,
-        prefix_cache_bytes=args.prefix_cache_bytes,
-    )
     serve_logger = logging.getLogger("omnikv_runtime.serve")
     saved_level = serve_logger.level
-    serve_logger.setLevel(logging.INFO)  # the scheduler's line per request, without -v
+    serve_logger.setLevel(logging.INFO)  # the slots' capacity at start, the scheduler's line per request, without -v
     try:
+        max_batch = args.max_batch
+        if max_batch == AUTO:
+            max_batch = batch_that_fits(engine, args.max_context, args.prefix_cache_bytes)
+        scheduler = Scheduler(
+            engine,
+            max_batch=max_batch,
+            max_queue=args.max_queue,
+            max_context=args.max_context,
+            prefix_cache_bytes=args.prefix_cache_bytes,
+        )
         if scheduler.follower:
             return follow(scheduler)
         app = create_app(scheduler, config.model.name_or_path, api_key=api_key, max_body_bytes=args.max_body_bytes)
@@ -196,7 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.model.name_or_path,
             args.host,
             args.port,
-            args.max_batch,
+            max_batch,
             scheduler.context_limit,
         )
         try:
@@ -207,6 +235,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         serve_logger.setLevel(saved_level)
     return 0
+
+
+def batch_that_fits(engine: Any, max_context: int | None, prefix_cache_bytes: int = 0) -> int:
+    """--max-batch auto: the most slots of the server's context that fit beside the prefix cache (the memory
+    planner's count, the fewest of every rank's under tensor parallelism), at most MAX_AUTO_BATCH; ConfigError
+    when not even one fits."""
+    from omnikv_runtime.serve.prefix_cache import DEFAULT_BLOCK_TOKENS, block_bytes, planned_blocks
+    from omnikv_runtime.serve.slot_checks import auto_batch, fewest_across_ranks, slot_capacity, slot_sizes
+
+    context, new_tokens = slot_sizes(engine, max_context, None)
+    blocks = planned_blocks(engine, prefix_cache_bytes, DEFAULT_BLOCK_TOKENS)
+    prefix_bytes = tuple(blocks * size for size in block_bytes(engine, DEFAULT_BLOCK_TOKENS))
+    capacity = slot_capacity(engine, context, new_tokens, prefix_bytes)
+    fewest = fewest_across_ranks(engine.tensor_parallel_group, engine.device, capacity.slots)  # before any raise
+    rows = auto_batch(replace(capacity, slots=fewest))
+    logger.info(
+        "--max-batch %s: %d slots of %d tokens (%d fit, at most %d)",
+        AUTO,
+        rows,
+        context,
+        capacity.slots,
+        MAX_AUTO_BATCH,
+    )
+    return rows
 
 
 def follow(scheduler: Any) -> int:

@@ -382,12 +382,15 @@ class Engine:
             return
         from omnikv_runtime.planner.fit import check_run
 
+        check_run(self.geometry, self.planner_config(), self.device, batch, prompt_tokens, new_tokens, reserved)
+
+    def planner_config(self) -> OmniKVConfig:
+        """The config as the memory planner must see it: a copy, with the dtype the weights are loaded in."""
         config = self.config.model_copy(deep=True)
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         if dtype in ("float32", "bfloat16", "float16"):
             config.model.dtype = dtype
-        geometry = self.geometry
-        check_run(geometry, config, self.device, batch, prompt_tokens, new_tokens, reserved)
+        return config
 
     def stats(self) -> dict[str, Any]:
         """What the last generate did: tokens selected per filter layer and step, bytes moved, timings."""

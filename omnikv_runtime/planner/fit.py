@@ -195,3 +195,48 @@ def _resident_excluded(plan: MemoryPlan) -> MemoryPlan:
     copy.gpu -= plan.weights
     copy.weights = 0
     return copy
+
+
+MAX_SEARCH_SLOTS = 1 << 16
+
+
+def shortfall_beside_weights(plan: MemoryPlan, config: OmniKVConfig, gpu_free: int, host_free: int) -> str | None:
+    """:func:`describe_shortfall` of a plan whose weights are resident already, in the memory free now: the test
+    of :func:`check_run` (GPU free memory less the headroom, host memory as it is). None when it fits."""
+    return describe_shortfall(_resident_excluded(plan), config, int(gpu_free * (1 - DEFAULT_HEADROOM)), host_free)
+
+
+def most_slots(
+    geometry: ModelGeometry,
+    config: OmniKVConfig,
+    context: int,
+    new_tokens: int,
+    gpu_free: int,
+    host_free: int,
+    limit: int = MAX_SEARCH_SLOTS,
+) -> dict[str, Any]:
+    """The most requests of ``context`` tokens (prompt and ``new_tokens`` together) that fit side by side
+    beside the resident weights in ``gpu_free`` GPU and ``host_free`` host bytes (the server's slots, each
+    planned as one row of a batch), at most ``limit``; and which memory stops one more (``"gpu"`` or
+    ``"host"``, ``"search limit"`` at the limit). 0 when not even one fits."""
+    if context <= new_tokens:
+        raise ValueError(f"a context of {context} tokens leaves no room for a prompt beside {new_tokens} new tokens")
+
+    def plan(rows: int) -> MemoryPlan:
+        return plan_memory(geometry, config, context - new_tokens, rows, new_tokens)
+
+    def ok(rows: int) -> bool:
+        return shortfall_beside_weights(plan(rows), config, gpu_free, host_free) is None
+
+    low, high = 0, 1
+    while high <= limit and ok(high):
+        low, high = high, high * 2
+    if low == limit or (high > limit and ok(limit)):
+        return {"slots": limit, "limited_by": "search limit"}
+    high = min(high, limit)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if ok(middle) else (low, middle)
+    over = _resident_excluded(plan(high))
+    gpu_short = over.gpu > int(gpu_free * (1 - DEFAULT_HEADROOM))
+    return {"slots": low, "limited_by": "gpu" if gpu_short else "host"}

@@ -21,3 +21,4 @@ GRACEFUL_SHUTDOWN_S = 10.0  # on SIGINT/SIGTERM, running requests get this long 
 # The smallest context a server can have: the dense layers' KV buffers are never narrower than 16 columns, and a
 # slot holds its context plus one scratch column; with fewer, the slot's masks and the buffers differ in width.
 MIN_CONTEXT = 15
+MAX_AUTO_BATCH = 64  # --max-batch auto takes the memory planner's count of slots, at most this many

@@ -42,7 +42,6 @@ import torch
 from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
 from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.errors import ConfigError
-from omnikv_runtime.serve import MIN_CONTEXT
 from omnikv_runtime.serve.batch import SlotBatch
 from omnikv_runtime.serve.prefix_cache import (
     DEFAULT_BLOCK_TOKENS,
@@ -52,7 +51,7 @@ from omnikv_runtime.serve.prefix_cache import (
     planned_blocks,
 )
 from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
-from omnikv_runtime.serve.slot_checks import check_ranks_agree, check_slots_fit
+from omnikv_runtime.serve.slot_checks import check_ranks_agree, check_slots_fit, slot_sizes
 from omnikv_runtime.serve.text import TextStream
 from omnikv_runtime.serve.turns import PlanChannel, TurnPlan, TurnRunner
 
@@ -127,20 +126,7 @@ class Scheduler:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        limits = [x for x in (max_context, engine.max_positions, engine.config.model.max_context_len) if x]
-        if not limits:
-            raise ConfigError("model.max_context_len", None, "a context limit (the model declares none)")
-        self.context_limit = min(limits)
-        if self.context_limit < MIN_CONTEXT:
-            raise ConfigError(
-                "max_context",
-                self.context_limit,
-                f"at least {MIN_CONTEXT} tokens: a slot is its context plus one scratch column, and the dense "
-                f"layers' KV buffers are never narrower than {MIN_CONTEXT + 1} columns, so a narrower slot "
-                "would not match them",
-            )
-        self.max_new_tokens = engine.config.omnikv.tail_tokens and self.context_limit or max_new_tokens or 1024
-        self.max_new_tokens = min(self.max_new_tokens, self.context_limit - 1)
+        self.context_limit, self.max_new_tokens = slot_sizes(engine, max_context, max_new_tokens)
         blocks = planned_blocks(engine, prefix_cache_bytes, prefix_block_tokens)
         prefix_bytes = tuple(blocks * size for size in block_bytes(engine, prefix_block_tokens))
         check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens, prefix_bytes)
