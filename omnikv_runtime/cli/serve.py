@@ -2,7 +2,7 @@
 
     omnikv serve --config C [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch N] [--max-queue N]
                  [--max-context N] [--max-body-bytes N] [--max-connections N] [--header-timeout S]
-                 [--keep-alive-timeout S]
+                 [--keep-alive-timeout S] [--max-prefill-tokens N]
 
 Under tensor parallelism (``distributed.tp_size > 1``, every rank started by ``torchrun`` or ``deepspeed``
 with the same command) rank 0 serves HTTP and schedules; every other rank follows its schedule, serves
@@ -86,6 +86,12 @@ def register(commands: Any) -> None:
         f"least {MIN_CONTEXT}); every slot holds this many tokens, so it sizes the KV tiers",
     )
     serve.add_argument(
+        "--max-prefill-tokens",
+        type=positive_int,
+        help="prompt tokens prefilled per turn at most, over every prefilling request (default: the config's "
+        "prefill.chunk_size); a larger budget runs several requests' chunks in one forward",
+    )
+    serve.add_argument(
         "--max-body-bytes",
         type=positive_int,
         default=DEFAULT_MAX_BODY_BYTES,
@@ -149,7 +155,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     apply_cpu_threads(config.model.cpu_num_threads, config.model.device)
     engine = initialize(config=config)
-    scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context)
+    scheduler = Scheduler(
+        engine,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        max_prefill_tokens=args.max_prefill_tokens,
+    )
     serve_logger = logging.getLogger("omnikv_runtime.serve")
     saved_level = serve_logger.level
     serve_logger.setLevel(logging.INFO)  # the scheduler's line per request, without -v
