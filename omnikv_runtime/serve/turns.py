@@ -123,7 +123,7 @@ class TurnRunner:
 
     Args:
         batch: this rank's slot batch.
-        chunk_size: prompt tokens per prefill chunk.
+        chunk_size: prompt tokens of one request's prefill chunk at most.
         channel: with tensor parallelism, the channel to the other ranks; None on one process.
     """
 
