@@ -299,11 +299,12 @@ class Scheduler:
                     ended = self._drop(cancelled)
                     admitted = self._admit()
                     order = [live.row for live in self._prefilling]
+                admit = [(live.row, list(live.request.prompt_ids)) for live in admitted]
                 plan = TurnPlan(
                     drop=[live.row for live in ended if live.row is not None],
-                    admit=[(live.row, list(live.request.prompt_ids)) for live in admitted],
+                    admit=admit,
+                    prefill=self.turns.plan_prefill(order, admit, self.max_prefill_tokens),
                 )
-                plan.prefill = self.turns.plan_prefill(order, plan.admit, self.max_prefill_tokens)
                 try:
                     self.turns.run(plan, self)
                 except Exception as exc:  # a failing step fails its requests, not the server
