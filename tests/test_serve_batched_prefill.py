@@ -236,3 +236,33 @@ def test_the_default_budget_is_one_chunk():
     engine = make_engine()
     scheduler = Scheduler(engine, max_batch=1, max_context=64)
     assert scheduler.max_prefill_tokens == CHUNK == engine.config.prefill.chunk_size
+
+
+def test_each_request_of_a_packed_chunk_finds_its_sparse_layers_read_ahead(monkeypatch):
+    """A chunk after the first reads each sparse layer's earlier tokens from the host tier, started ahead while
+    the layers before it compute (the GPU transfer engine's prefetch). Each request's first update at layer 0
+    drops the reads started before it; the packed prefill starts the earlier requests' reads again, so no
+    request's read waits. Simulated here with the GPU engine's bookkeeping (the CPU engine reads at once)."""
+    engine = make_engine()
+    transfer = engine.transfer
+    ahead: dict[tuple[int, int], int] = {}
+    found: list[bool] = []
+    read_rows = transfer.read_rows
+
+    def prefetch(arena, slot, stop, scales=None, dtype=None):
+        ahead[(arena.data_ptr(), slot)] = stop
+
+    def read(arena, slot, stop, start=0, scales=None, dtype=None):
+        found.append(start == 0 and ahead.pop((arena.data_ptr(), slot), None) == stop)
+        return read_rows(arena, slot, stop, start, scales, dtype)
+
+    monkeypatch.setattr(transfer, "prefetch_rows", prefetch)
+    monkeypatch.setattr(transfer, "discard_prefetches", ahead.clear)
+    monkeypatch.setattr(transfer, "read_rows", read)
+    batch = SlotBatch(engine, rows=2, capacity=96, new_tokens=8)
+    jobs = [PrefillJob(batch, row, ids, CHUNK) for row, ids in enumerate(prompts()[1:3])]
+    batch.prefill([(job, 16) for job in jobs])
+    assert found == []  # first chunks: nothing earlier to read
+    batch.prefill([(job, 16) for job in jobs])
+    sparse = len(engine.plan.sparse_layers)
+    assert sparse > 0 and found == [True] * (2 * sparse)

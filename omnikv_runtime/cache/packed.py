@@ -78,6 +78,9 @@ class PackedPrefill(Cache):
         for cache, (start, stop) in zip(self.caches, self.bounds, strict=True):
             keys, values = cache.update(key_states[:, :, start:stop], value_states[:, :, start:stop], layer_idx)
             spans.append(PackedSpan(cache, start, stop, keys, values))
+        if layer_idx == 0:  # each cache's first update dropped the reads the caches before it started ahead
+            for cache in self.caches[:-1]:
+                cache.tiers.prefetch_after(-1)
         self._spans, self.pending = spans, layer_idx
         leave_note(self, layer_idx, key_states, None)
         return key_states, value_states
