@@ -291,7 +291,13 @@ class Server:
         from omnikv_runtime.serve.app import create_app
         from omnikv_runtime.serve.scheduler import Scheduler
 
-        self.scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=64, max_context=context)
+        self.scheduler = Scheduler(
+            engine,
+            max_batch=args.max_batch,
+            max_queue=64,
+            max_context=context,
+            max_prefill_tokens=args.max_prefill_tokens,
+        )
         if args.inject:
             getattr(Inject, args.inject)(self.scheduler)
         app = create_app(self.scheduler, name)
@@ -335,6 +341,9 @@ class Server:
             "prompt_tokens_total": metrics["prompt_tokens_total"],
             "requests_total": metrics["requests_total"],
             "pcie_bytes_total": metrics["pcie_bytes_total"],
+            "prefill_tokens_total": metrics.get("prefill_tokens_total"),
+            "prefill_forwards_total": metrics.get("prefill_forwards_total"),
+            "turns_total": metrics.get("turns_total"),
             "graph_captures": self.scheduler.batch.captures,
         }
 
@@ -408,7 +417,9 @@ def follow(engine: Any, tokenizer: Any, args, context: int, words: list[str] | N
     """A rank other than 0: its scheduler follows rank 0's through the load, then the sequential pass."""
     from omnikv_runtime.serve.scheduler import Scheduler
 
-    Scheduler(engine, max_batch=args.max_batch, max_queue=64, max_context=context).follow()
+    Scheduler(
+        engine, max_batch=args.max_batch, max_queue=64, max_context=context, max_prefill_tokens=args.max_prefill_tokens
+    ).follow()
     gc.collect()
     if engine.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -449,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--offload", choices=["cpu", "none"], default="cpu", help="offload.device")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill.chunk_size (default: the config's)")
+    parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=None,
+        help="the server's prompt tokens per turn (default: prefill.chunk_size)",
+    )
     parser.add_argument("--budget", type=float, default=None, help="omnikv.token_budget (default: the config's)")
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16"], help="random model's dtype (default: bf16 on CUDA, else float32)"
@@ -505,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_context": context,
             "offload": args.offload,
             "prefill_chunk": engine.config.prefill.chunk_size,
+            "max_prefill_tokens": args.max_prefill_tokens or engine.config.prefill.chunk_size,
             "budget": engine.config.omnikv.token_budget,
             "warmup": args.warmup,
             "inject": args.inject,

@@ -381,8 +381,18 @@ def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
     monkeypatch.setenv("OMNIKV_API_KEY", "from-env")
     argv = ["serve", "--config", "configs/default.json", "--port", "8123", "--max-batch", "3", "--max-queue", "5"]
     limits = ["--max-connections", "40", "--header-timeout", "2.5", "--keep-alive-timeout", "3"]
-    assert cli.main([*argv, "--max-context", "300", *limits, "--prefix-cache-bytes", "4096"]) == 0
-    assert built == {"engine": engine, "max_batch": 3, "max_queue": 5, "max_context": 300, "prefix_cache_bytes": 4096}
+    assert (
+        cli.main([*argv, "--max-context", "300", *limits, "--prefix-cache-bytes", "4096", "--max-prefill-tokens", "96"])
+        == 0
+    )
+    assert built == {
+        "engine": engine,
+        "max_batch": 3,
+        "max_queue": 5,
+        "max_context": 300,
+        "prefix_cache_bytes": 4096,
+        "max_prefill_tokens": 96,
+    }
     config = ran["server"].config
     assert (config.host, config.port, config.limit_concurrency, config.timeout_keep_alive) == ("127.0.0.1", 8123, 40, 3)
     assert config.http.header_timeout == 2.5 and ran["server"].grace == 10
@@ -397,4 +407,5 @@ def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
     assert "serving on 0.0.0.0 without an API key" in caplog.text
     assert ran["server"].config.host == "0.0.0.0" and built["max_context"] is None
     assert built["prefix_cache_bytes"] == 0
+    assert built["max_prefill_tokens"] is None  # the scheduler's default: prefill.chunk_size
     assert ran["server"].config.limit_concurrency == 512

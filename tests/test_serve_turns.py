@@ -42,9 +42,10 @@ def prompt(length: int, seed: int) -> tuple[int, ...]:
     "plan",
     [
         TurnPlan(),
-        TurnPlan(drop=[1], admit=[(1, [5, 6, 7]), (0, list(range(3, 300)))], prefill=1),
-        TurnPlan(drop=[0, 3], prefill=None),
-        TurnPlan(admit=[(2, [9])], prefill=0),
+        TurnPlan(drop=[1], admit=[(1, [5, 6, 7]), (0, list(range(3, 300)))], prefill=[(1, 3), (0, 29)]),
+        TurnPlan(drop=[0, 3], prefill=[]),
+        TurnPlan(admit=[(2, [9])], prefill=[(0, 32)]),
+        TurnPlan(prefill=[(3, 1), (1, 16), (2, 7)]),
     ],
 )
 def test_a_plan_decodes_to_itself(plan):

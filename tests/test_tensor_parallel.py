@@ -110,6 +110,7 @@ def test_rank_0_schedules_and_rank_1_follows_its_plans(tmp_path):
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["alone"] == ranks[1]["alone"]
     assert ranks[0]["turns"] == ranks[1]["turns"] > 0
+    assert ranks[0]["prefill"] == ranks[1]["prefill"] and ranks[0]["packed_forwards"] == ranks[1]["packed_forwards"] > 0
     for rank in ranks:
         assert rank["free_slots"] == [0, 1] and rank["host_used"] == 0
     served, alone, finish = ranks[0]["tokens"], ranks[0]["alone"], ranks[0]["finish"]

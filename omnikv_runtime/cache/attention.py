@@ -4,7 +4,9 @@ It wraps a base implementation (sdpa, eager or flash-attention) and adds what Om
 
 - with no OmniKV cache involved (training, scoring, another cache) it is the base function;
 - during prefill it is the base function over the tiers' KV, and it tells the cache which columns
-  are real tokens (the padding mask) and, at a filter layer, the recent queries;
+  are real tokens (the padding mask) and, at a filter layer, the recent queries; a packed prefill
+  (several requests' chunks in one sequence, :mod:`~omnikv_runtime.cache.packed`) runs that per
+  request, each over its own KV with the mask its chunk alone would get;
 - during decode it reads what the cache's ``update`` described (a dense layer's buffer, or a
   sparse layer's selected rows and tail ring) with :func:`~omnikv_runtime.kernels.decode_attention`,
   without concatenating or repeating KV heads, and a filter layer then asks the cache to select
@@ -32,6 +34,7 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from omnikv_runtime.cache.adapter import take_note
+from omnikv_runtime.cache.packed import PackedPrefill
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.kernels import decode_attention
 from omnikv_runtime.layout import Role
@@ -167,9 +170,46 @@ def valid_columns(attention_mask: torch.Tensor | None, batch: int, length: int, 
     return valid[..., :length].expand(batch, length)
 
 
+def solo_chunk_mask(base: str, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """The mask a request's prefill chunk of ``q`` queries over its ``kv`` keys gets when it runs alone
+    (its padding-free causal mask, the diagonal at the bottom right): none for SDPA and flash-attention,
+    which are causal without one (:func:`causal_chunk_attention` for a chunk after earlier ones), a
+    boolean ``[1, 1, q, kv]`` for the eager path."""
+    count, length = query.shape[2], key.shape[2]
+    if base != "eager" or count == 1:
+        return None
+    return torch.ones(count, length, dtype=torch.bool, device=query.device).tril(length - count)[None, None]
+
+
 def make_attention_function(base: str) -> Callable:
     """The OmniKV attention function over base implementation ``base``."""
     base_function = _base_function(base)
+
+    def prefill(module, layer_idx, cache, query, key, value, attention_mask, kwargs):
+        """One request's prefill chunk (``cache``: its OmniKVCache) over all its KV so far."""
+        if layer_idx == 0:
+            cache.record_prompt_mask(valid_columns(attention_mask, key.shape[0], key.shape[2], key.device))
+        if base == "sdpa" and attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+            output = causal_chunk_attention(query, key, value, attention_scaling(module, query, kwargs))
+        else:
+            output = base_function(module, query, key, value, attention_mask, **kwargs)
+        if cache.plan.role(layer_idx) is Role.FILTER:
+            cache.remember_queries(layer_idx, query)
+        return output
+
+    def packed_prefill(module, layer_idx, cache: PackedPrefill, query, kwargs):
+        """Several requests' chunks packed in one sequence: each attends to its own KV, as it would alone."""
+        positions = kwargs.get("position_ids")
+        outputs = []
+        for span in cache.take_spans(layer_idx):
+            part_kwargs = dict(kwargs)
+            if positions is not None:
+                part_kwargs["position_ids"] = positions[:, span.start : span.stop]
+            part_query = query[:, :, span.start : span.stop]
+            mask = solo_chunk_mask(base, part_query, span.keys)
+            output, _ = prefill(module, layer_idx, span.cache, part_query, span.keys, span.values, mask, part_kwargs)
+            outputs.append(output)
+        return torch.cat(outputs, dim=1), None
 
     def omnikv_attention(module, query, key, value, attention_mask, **kwargs):
         note = take_note(getattr(module, "layer_idx", -1), key)
@@ -178,23 +218,16 @@ def make_attention_function(base: str) -> Callable:
                 return causal_chunk_attention(query, key, value, attention_scaling(module, query, kwargs))
             return base_function(module, query, key, value, attention_mask, **kwargs)
         cache = note.cache
-        is_filter = cache.plan.role(note.layer_idx) is Role.FILTER
+        if isinstance(cache, PackedPrefill):
+            return packed_prefill(module, note.layer_idx, cache, query, kwargs)
         if note.sources is not None:  # a static decode step
             scaling = attention_scaling(module, query, kwargs)
             batch, heads, _, dim = query.shape
             output = decode_attention(query[:, :, 0], note.sources, scaling)
-            if is_filter:
+            if cache.plan.role(note.layer_idx) is Role.FILTER:
                 cache.select(note.layer_idx, query, scaling)
             return output.view(batch, 1, heads, dim), None
-        if note.layer_idx == 0:
-            cache.record_prompt_mask(valid_columns(attention_mask, key.shape[0], key.shape[2], key.device))
-        if base == "sdpa" and attention_mask is None and 1 < query.shape[2] < key.shape[2]:
-            output = causal_chunk_attention(query, key, value, attention_scaling(module, query, kwargs))
-        else:
-            output = base_function(module, query, key, value, attention_mask, **kwargs)
-        if is_filter:
-            cache.remember_queries(note.layer_idx, query)
-        return output
+        return prefill(module, note.layer_idx, cache, query, key, value, attention_mask, kwargs)
 
     omnikv_attention.__name__ = f"omnikv_attention_{base}"
     return omnikv_attention

@@ -3,6 +3,7 @@
     omnikv serve --config C [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch N|auto] [--max-queue N]
                  [--max-context N] [--max-body-bytes N] [--max-connections N] [--header-timeout S]
                  [--keep-alive-timeout S] [--prefix-cache-bytes N]
+                 [--max-prefill-tokens N]
 
 Under tensor parallelism (``distributed.tp_size > 1``, every rank started by ``torchrun`` or ``deepspeed``
 with the same command) rank 0 serves HTTP and schedules; every other rank follows its schedule, serves
@@ -122,6 +123,12 @@ def register(commands: Any) -> None:
         f"least {MIN_CONTEXT}); every slot holds this many tokens, so it sizes the KV tiers",
     )
     serve.add_argument(
+        "--max-prefill-tokens",
+        type=positive_int,
+        help="prompt tokens prefilled per turn at most, over every prefilling request (default: the config's "
+        "prefill.chunk_size); a larger budget runs several requests' chunks in one forward",
+    )
+    serve.add_argument(
         "--max-body-bytes",
         type=positive_int,
         default=DEFAULT_MAX_BODY_BYTES,
@@ -206,6 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_context=args.max_context,
             prefix_cache_bytes=args.prefix_cache_bytes,
+            max_prefill_tokens=args.max_prefill_tokens,
         )
         if scheduler.follower:
             return follow(scheduler)

@@ -140,9 +140,11 @@ def cached_forward(
     positions: torch.Tensor,
     mask: torch.Tensor,
     cache_position: torch.Tensor,
+    logits_to_keep: int | torch.Tensor = 1,
 ) -> Any:
     """The model's forward over ``ids`` through ``cache``, keeping only the last position's logits
-    (``cache_position`` is passed to models whose forward takes it).
+    (``cache_position`` is passed to models whose forward takes it; ``logits_to_keep`` as a tensor: the
+    positions whose logits are kept).
 
     No autograd graph is built, whatever the caller's grad mode: a graph would keep every weight
     the step used alive until the logits go, and under ZeRO-Inference that is every layer's fetched
@@ -153,7 +155,12 @@ def cached_forward(
         kwargs["cache_position"] = cache_position
     with torch.no_grad():
         return model(
-            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
         )
 
 

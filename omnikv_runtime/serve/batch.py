@@ -2,7 +2,9 @@
 
 :class:`SlotBatch` owns a :class:`~omnikv_runtime.cache.slots.SlotCache` and the step's fixed
 inputs. A request enters through a :class:`PrefillJob` (its prompt in chunks, through a batch-1
-view of its slot), then decodes with the others, one token per :meth:`SlotBatch.step`. On CUDA
+view of its slot), then decodes with the others, one token per :meth:`SlotBatch.step`.
+:meth:`SlotBatch.prefill` runs the chunks of several requests in one forward, packed as one sequence
+(:class:`~omnikv_runtime.cache.packed.PackedPrefill`), where the model allows it. On CUDA
 the step runs through a :class:`~omnikv_runtime.decode.graph.GraphedStep` keyed by the batch's
 layout (each slot's context and budget): a layout seen before replays its kept recording, a new
 one is recorded after one eager step with it.
@@ -10,11 +12,14 @@ one is recorded after one eager step with it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
 
 from omnikv_runtime.cache.adapter import OmniKVCache
+from omnikv_runtime.cache.attention import base_implementation
+from omnikv_runtime.cache.packed import PackedPrefill
 from omnikv_runtime.cache.slots import SlotCache
 from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder, GraphedStep
 from omnikv_runtime.decode.loop import cached_forward
@@ -22,12 +27,34 @@ from omnikv_runtime.serve.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
+# families whose attention modules store KV through ``cache.update`` and then call the attention function,
+# with the rotary embedding read from per-token position ids: chunks of several requests may be packed
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def packing_blocker(model: torch.nn.Module) -> str | None:
+    """Why chunks of several requests cannot run packed in one forward of ``model``, or None."""
+    config = model.config
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if model_type not in PACKABLE_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(PACKABLE_MODEL_TYPES)}"
+    implementation = getattr(config, "_attn_implementation", None) or ""
+    if not implementation.startswith("omnikv") or base_implementation(implementation) is None:
+        return f"the model's attention implementation {implementation!r} is not the runtime's"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if rope_type in ("dynamic", "longrope"):  # their frequencies depend on the longest position of the forward
+        return f"its rotary embedding ({rope_type!r}) depends on the longest position in the forward"
+    return None
+
 
 class PrefillJob:
-    """One request's prompt, run chunk by chunk into its slot (:meth:`advance` runs one chunk).
+    """One request's prompt, run chunk by chunk into its slot from ``done_tokens`` on.
 
-    ``reused`` tokens at the prompt's start are already in the slot (copied from the server's prefix cache into
-    :attr:`cache`): the prefill runs from there."""
+    :meth:`advance` runs its next chunk alone; :meth:`SlotBatch.prefill` runs chunks of several jobs in one
+    forward. Either way a chunk starts at ``done_tokens`` (a job may start past 0, its earlier tokens
+    already in its slot: the ``reused`` tokens at the prompt's start, copied from the server's prefix cache into
+    :attr:`cache`)."""
 
     def __init__(
         self,
@@ -51,18 +78,35 @@ class PrefillJob:
     def prompt_tokens(self) -> int:
         return self.ids.shape[1]
 
-    def advance(self) -> torch.Tensor | None:
-        """Run the next chunk; after the last one, the logits ``[vocab]`` of the prompt's last token."""
-        start, total = self.done_tokens, self.prompt_tokens
-        end = min(start + self.chunk_size, total)
-        columns = torch.arange(start, end, device=self.ids.device)
-        mask = torch.ones(1, end, dtype=torch.long, device=self.ids.device)
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens not prefilled yet."""
+        return self.prompt_tokens - self.done_tokens
+
+    def next_chunk(self, budget: int) -> int:
+        """Tokens of the next chunk within ``budget``: at most ``chunk_size`` and what remains."""
+        return max(0, min(self.chunk_size, self.remaining, budget))
+
+    def chunk(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``tokens`` prompt ids and their positions, ``[tokens]`` each (refused past the prompt)."""
+        start = self.done_tokens
+        if not 0 < tokens <= self.remaining:
+            raise ValueError(f"slot {self.row}: a chunk of {tokens} tokens, with {self.remaining} prompt tokens left")
+        return self.ids[0, start : start + tokens], torch.arange(start, start + tokens, device=self.ids.device)
+
+    def ran(self, tokens: int) -> bool:
+        """``tokens`` more prompt tokens are in the slot; True once the whole prompt is."""
+        self.done_tokens += tokens
+        return self.done_tokens == self.prompt_tokens
+
+    def advance(self, tokens: int | None = None) -> torch.Tensor | None:
+        """Run the next chunk (``tokens``, default ``chunk_size`` or what remains) alone; after the last one,
+        the logits ``[vocab]`` of the prompt's last token."""
+        ids, columns = self.chunk(self.next_chunk(self.chunk_size) if tokens is None else tokens)
+        mask = torch.ones(1, int(columns[-1]) + 1, dtype=torch.long, device=self.ids.device)
         batch = self.batch
-        output = cached_forward(
-            batch.model, self.cache, batch.cache_keyword, self.ids[:, start:end], columns[None], mask, columns
-        )
-        self.done_tokens = end
-        return output.logits[0, -1].float() if end == total else None
+        output = cached_forward(batch.model, self.cache, batch.cache_keyword, ids[None], columns[None], mask, columns)
+        return output.logits[0, -1].float() if self.ran(ids.numel()) else None
 
 
 class SlotBatch:
@@ -103,6 +147,12 @@ class SlotBatch:
         self._generation = self.cache.tiers.generation
         self._view: SlotCache = self.cache  # eager steps: the slots up to the last busy one
         self._view_layout: tuple | None = None
+        self.packing_blocker = packing_blocker(self.model)
+        if self.packing_blocker is not None:
+            logger.info("prefill: chunks of several requests run one forward each (%s)", self.packing_blocker)
+        self._packed_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # transformers builds none
+        self.prefill_tokens = 0  # prompt tokens prefilled by prefill()
+        self.prefill_forwards = 0  # the forwards that ran them
 
     @property
     def rows(self) -> int:
@@ -121,6 +171,34 @@ class SlotBatch:
 
     def leave(self, row: int) -> None:
         self.cache.release(row)
+
+    def prefill(self, chunks: list[tuple[PrefillJob, int]]) -> dict[int, torch.Tensor]:
+        """Run the next ``tokens`` of each job's prompt (``(job, tokens)`` pairs, distinct slots): several
+        chunks in one packed forward where the model allows it, else one forward each. Returns, by slot, the
+        logits ``[vocab]`` of each prompt's last token, for the jobs whose prompt is now complete."""
+        self.prefill_tokens += sum(tokens for _, tokens in chunks)
+        if len(chunks) == 1 or self.packing_blocker is not None:
+            finished = {}
+            for job, tokens in chunks:
+                logits = job.advance(tokens)
+                self.prefill_forwards += 1
+                if logits is not None:
+                    finished[job.row] = logits
+            return finished
+        parts = [job.chunk(tokens) for job, tokens in chunks]
+        ids = torch.cat([part[0] for part in parts])[None]
+        positions = torch.cat([part[1] for part in parts])[None]
+        lasts = torch.tensor(list(itertools.accumulate(tokens for _, tokens in chunks)), device=self.device) - 1
+        packed = PackedPrefill(
+            [(job.cache, tokens) for job, tokens in chunks], self.cache.fused_layers, self.cache.listeners
+        )
+        output = cached_forward(
+            self.model, packed, self.cache_keyword, ids, positions, self._packed_mask, positions[0], lasts
+        )
+        packed.check_attended()
+        self.prefill_forwards += 1
+        logits = output.logits[0]
+        return {job.row: logits[index].float() for index, (job, tokens) in enumerate(chunks) if job.ran(tokens)}
 
     def step(self) -> torch.Tensor:
         """One decode step of the slots; returns the logits ``[rows, vocab]`` (idle slots: meaningless).

@@ -26,6 +26,17 @@ SCHEDULER_METRICS: dict[str, tuple[str, str, str]] = {
     "slots_free": ("omnikv_slots_free", "gauge", "Batch slots free."),
     "prompt_tokens_total": ("omnikv_prompt_tokens_total", "counter", "Prompt tokens of the admitted requests."),
     "generation_tokens_total": ("omnikv_generation_tokens_total", "counter", "Tokens generated."),
+    "prefill_tokens_total": (
+        "omnikv_prefill_tokens_total",
+        "counter",
+        "Prompt tokens prefilled (each turn runs at most the turn's budget of them).",
+    ),
+    "prefill_forwards_total": (
+        "omnikv_prefill_forwards_total",
+        "counter",
+        "Forwards that ran prefill chunks (chunks of several requests run packed in one).",
+    ),
+    "turns_total": ("omnikv_turns_total", "counter", "Turns of the scheduler (prefill chunks, then a decode step)."),
     "pcie_bytes_total": (
         "omnikv_pcie_bytes_total",
         "counter",

@@ -3,15 +3,19 @@
 One thread owns the engine. Each turn of its loop it
 
 1. moves queued requests into free slots (a slot is taken when its prefill starts);
-2. runs **one prefill chunk** of the oldest prefilling request (``prefill.chunk_size`` tokens),
-   so a long prompt never freezes the running batch for its whole prefill: decode steps and
-   prefill chunks alternate, as in chunked-prefill schedulers (vLLM, Sarathi, LightLLM's split
-   prefill). After its last chunk the request's first token is chosen and it joins the batch;
+2. runs **prefill chunks** within the turn's token budget (``max_prefill_tokens``, default
+   ``prefill.chunk_size``): the prefilling requests, oldest first, each get their next chunk (at most
+   ``prefill.chunk_size`` tokens and what remains of the prompt) while the budget lasts, all in one
+   forward where the model allows it. So a long prompt never freezes the running batch for its whole
+   prefill (decode steps and prefill chunks alternate, as in chunked-prefill schedulers: vLLM,
+   Sarathi-Serve, LightLLM's split prefill), and a short prompt admitted behind a long one is
+   prefilled beside it when the budget is larger than a chunk. After its last chunk a request's first
+   token is chosen and it joins the batch;
 3. runs **one decode step** of every busy slot, chooses each row's token with that request's own
    settings (and its own random stream when sampling), and hands each request its new text.
 
 Each turn is a :class:`~omnikv_runtime.serve.turns.TurnPlan` (the slots dropped, the requests admitted,
-the slot whose prefill chunk runs) that :class:`~omnikv_runtime.serve.turns.TurnRunner` runs on the batch;
+the prefill chunks that run) that :class:`~omnikv_runtime.serve.turns.TurnRunner` runs on the batch;
 the scheduler, as its chooser, picks each token and hands it out. Under tensor parallelism
 (``distributed.tp_size > 1``) every rank builds the same scheduler: rank 0 runs it (and the HTTP server), and
 the others call :meth:`Scheduler.follow`, which runs rank 0's plans on their own batch until it stops.
@@ -100,6 +104,8 @@ class Scheduler:
             ``prefix_block_tokens`` tokens so that a later prompt starting with them prefills only the rest
             (:mod:`~omnikv_runtime.serve.prefix_cache`); allocated with the slots and checked with them.
         prefix_block_tokens: tokens per block of the prefix cache.
+        max_prefill_tokens: prompt tokens prefilled per turn at most, over all prefilling requests (default:
+            ``prefill.chunk_size``; more lets several requests' chunks run in one forward).
 
     Under tensor parallelism every rank builds its scheduler with the same arguments (checked across the
     ranks); rank 0 starts it, the others call :meth:`follow`.
@@ -117,12 +123,21 @@ class Scheduler:
         recorder: CudaGraphRecorder | EagerRecorder | None = None,
         prefix_cache_bytes: int = 0,
         prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        max_prefill_tokens: int | None = None,
     ) -> None:
         if engine.tokenizer is None:
             raise ConfigError("model", "no tokenizer", "a model with a tokenizer (the server decodes text)")
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(name, value, f"an integer of at least {low}")
+        if max_prefill_tokens is not None and (
+            isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1
+        ):
+            raise ConfigError(
+                "max_prefill_tokens",
+                max_prefill_tokens,
+                "a whole number of prompt tokens per turn, at least 1 (default: prefill.chunk_size)",
+            )
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -149,6 +164,7 @@ class Scheduler:
             ", ".join(f"{tier} {size / 2**30:.2f} GiB" for tier, size in self.batch.cache.tier_bytes().items()),
         )
         self.chunk_size = engine.config.prefill.chunk_size or self.context_limit
+        self.max_prefill_tokens = max_prefill_tokens or self.chunk_size
         group = engine.tensor_parallel_group
         if group is not None:
             check_ranks_agree(
@@ -269,6 +285,9 @@ class Scheduler:
             "slots_free": self._free_slots(),
             "prompt_tokens_total": counts.get("prompt_tokens_total", 0),
             "generation_tokens_total": counts.get("generation_tokens_total", 0),
+            "prefill_tokens_total": self.batch.prefill_tokens,
+            "prefill_forwards_total": self.batch.prefill_forwards,
+            "turns_total": self.turns.turns_run,
             "pcie_bytes_total": pcie,
             "kv_bytes": {
                 "gpu_dense": tiers["gpu_dense"],
@@ -305,11 +324,14 @@ class Scheduler:
                     cancelled, self._cancelled = self._cancelled, set()
                     ended = self._drop(cancelled)
                     admitted = self._admit()
+                    order = [live.row for live in self._prefilling]
+                admit = [(live.row, list(live.request.prompt_ids)) for live in admitted]
+                reuse = self._reuse(admitted)
                 plan = TurnPlan(
                     drop=[live.row for live in ended if live.row is not None],
-                    admit=[(live.row, list(live.request.prompt_ids)) for live in admitted],
-                    prefill=self._prefilling[0].row if self._prefilling else None,
-                    reuse=self._reuse(admitted),
+                    admit=admit,
+                    prefill=self.turns.plan_prefill(order, admit, self.max_prefill_tokens, reuse),
+                    reuse=reuse,
                 )
                 try:
                     self.turns.run(plan, self)

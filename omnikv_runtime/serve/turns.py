@@ -1,8 +1,9 @@
 """The server's turns as plans that every rank runs in the same order.
 
 A turn of the scheduler is a :class:`TurnPlan`: the slots whose request ended (``drop``), the requests that
-take a slot and start their prefill (``admit``), and the slot whose next prefill chunk runs (``prefill``);
-after that chunk, one decode step of every slot that is decoding. :class:`TurnRunner` runs a plan on a
+take a slot and start their prefill (``admit``), and the prefill chunks that run (``prefill``: slots and
+their tokens this turn, within the turn's token budget, in one forward where the model allows it); after
+them, one decode step of every slot that is decoding. :class:`TurnRunner` runs a plan on a
 :class:`~omnikv_runtime.serve.batch.SlotBatch`. On one process that is all there is.
 
 Under tensor parallelism every rank holds its heads of every slot, and each forward runs collectives
@@ -45,18 +46,20 @@ class TurnPlan:
         drop: slots whose request ended early (cancelled): a prefill in progress is dropped, a decoding
             slot is freed. Runs first, so a slot dropped here may be admitted again in the same plan.
         admit: ``(slot, prompt ids)`` of the requests that take a slot; their prefill starts.
-        prefill: the slot whose next prefill chunk runs this turn, or None.
+        prefill: ``(slot, tokens)`` of the prefill chunks that run this turn (after the admissions), oldest
+            request first: each slot's next ``tokens`` prompt tokens.
         reuse: ``{slot: tokens}`` of admitted requests whose prompt starts with a prefix the prefix cache holds:
             its KV is copied into the slot and the prefill starts after it (a slot left out reuses nothing).
     """
 
     drop: list[int] = field(default_factory=list)
     admit: list[tuple[int, list[int]]] = field(default_factory=list)
-    prefill: int | None = None
+    prefill: list[tuple[int, int]] = field(default_factory=list)
     reuse: dict[int, int] = field(default_factory=dict)
 
     def encode(self) -> list[int]:
-        message = [_PLAN, -1 if self.prefill is None else self.prefill, len(self.drop), *self.drop, len(self.admit)]
+        message = [_PLAN, len(self.prefill), *(value for chunk in self.prefill for value in chunk)]
+        message += [len(self.drop), *self.drop, len(self.admit)]
         for row, ids in self.admit:
             message += [row, len(ids), *ids]
         message.append(len(self.reuse))
@@ -68,9 +71,12 @@ class TurnPlan:
     def decode(cls, message: list[int]) -> TurnPlan:
         if message[0] != _PLAN:
             raise RuntimeError(f"expected a turn plan from rank 0, got a message of kind {message[0]}")
-        prefill, dropped = message[1], message[2]
-        drop = message[3 : 3 + dropped]
-        at = 3 + dropped
+        chunks = message[1]
+        prefill = list(zip(message[2 : 2 + 2 * chunks : 2], message[3 : 2 + 2 * chunks : 2], strict=True))
+        at = 2 + 2 * chunks
+        dropped = message[at]
+        drop = message[at + 1 : at + 1 + dropped]
+        at += 1 + dropped
         admit = []
         for _ in range(message[at]):
             row, length = message[at + 1], message[at + 2]
@@ -78,7 +84,7 @@ class TurnPlan:
             at += 2 + length
         pairs = message[at + 2 : at + 2 + 2 * message[at + 1]]
         reuse = dict(zip(pairs[::2], pairs[1::2], strict=True))
-        return cls(drop, admit, None if prefill < 0 else prefill, reuse)
+        return cls(drop, admit, prefill, reuse)
 
 
 class Chooser(Protocol):
@@ -126,7 +132,7 @@ class TurnRunner:
 
     Args:
         batch: this rank's slot batch.
-        chunk_size: prompt tokens per prefill chunk.
+        chunk_size: prompt tokens of one request's prefill chunk at most.
         channel: with tensor parallelism, the channel to the other ranks; None on one process.
         prefixes: this rank's prefix cache (None: no prefix reuse): admissions copy the prefix the plan reuses
             from it, and each prompt's blocks are stored into it when its prefill ends.
@@ -157,16 +163,41 @@ class TurnRunner:
             self._end(row)
         for row, ids in plan.admit:
             self.jobs[row] = PrefillJob(self.batch, row, ids, self.chunk_size, self.prefixes, plan.reuse.get(row, 0))
-        if plan.prefill is not None:
-            job = self.jobs[plan.prefill]
-            logits = job.advance()
-            if logits is not None:  # its last chunk: the request's first token, then it decodes
-                del self.jobs[plan.prefill]
-                self._settle(chooser, lambda: logits[None], [plan.prefill], job)
+        if plan.prefill:
+            finished = self.batch.prefill([(self.jobs[row], tokens) for row, tokens in plan.prefill])
+            if finished:  # their last chunks: each request's first token, then it decodes
+                rows = list(finished)
+                joining = [self.jobs.pop(row) for row in rows]
+                self._settle(chooser, lambda: torch.stack([finished[row] for row in rows]), rows, joining)
         if self.decoding:
             rows = sorted(self.decoding)
             step = self.batch.step()
             self._settle(chooser, lambda: step[rows], rows)
+
+    def plan_prefill(
+        self,
+        order: list[int],
+        admit: list[tuple[int, list[int]]],
+        budget: int,
+        reuse: dict[int, int] | None = None,
+    ) -> list[tuple[int, int]]:
+        """Rank 0: the prefill chunks of a turn whose plan admits ``admit`` (``reuse``: the prompt tokens each
+        admitted slot takes from the prefix cache): the prefilling slots of ``order`` (oldest request first)
+        each get their next chunk (at most ``chunk_size`` and what remains of the prompt) while the turn's
+        ``budget`` of prompt tokens lasts."""
+        reuse = reuse or {}
+        # a slot admitted again after a drop starts anew, after the tokens it reuses
+        starting = {row: len(ids) - reuse.get(row, 0) for row, ids in admit}
+        chunks: list[tuple[int, int]] = []
+        for row in order:
+            if budget <= 0:
+                break
+            remaining = starting[row] if row in starting else self.jobs[row].remaining
+            tokens = min(self.chunk_size, remaining, budget)
+            if tokens > 0:
+                chunks.append((row, tokens))
+                budget -= tokens
+        return chunks
 
     def follow(self) -> int:
         """On a rank other than 0: run rank 0's turns until it stops; returns the turns run."""
@@ -191,10 +222,14 @@ class TurnRunner:
             self._end(row)
 
     def _settle(
-        self, chooser: Chooser | None, logits: Callable[[], torch.Tensor], rows: list[int], joining=None
+        self,
+        chooser: Chooser | None,
+        logits: Callable[[], torch.Tensor],
+        rows: list[int],
+        joining: list[PrefillJob] | None = None,
     ) -> None:
         """After a forward: rank 0 chooses the tokens of ``rows`` from their ``logits()`` and says which requests
-        finished; every rank then feeds the tokens to the next step (``joining``: the prefill whose slot starts
+        finished; every rank then feeds the tokens to the next step (``joining``: the prefills whose slots start
         decoding) and frees the finished slots."""
         if self.leader:
             tokens = chooser.choose(logits(), rows)
@@ -215,12 +250,13 @@ class TurnRunner:
         for row in finished:
             self._end(row)
 
-    def _feed(self, tokens: dict[int, int], joining: PrefillJob | None) -> None:
+    def _feed(self, tokens: dict[int, int], joining: list[PrefillJob] | None) -> None:
         if joining is not None:
-            self.batch.join(joining, tokens[joining.row])
-            self.decoding.add(joining.row)
-            if self.prefixes is not None:
-                self.prefixes.store(joining.cache, joining.prompt_ids)
+            for job in joining:
+                self.batch.join(job, tokens[job.row])
+                self.decoding.add(job.row)
+                if self.prefixes is not None:
+                    self.prefixes.store(job.cache, job.prompt_ids)
             return
         rows = torch.tensor(list(tokens), dtype=torch.long, device=self.batch.device)
         values = torch.tensor(list(tokens.values()), dtype=torch.long, device=self.batch.device)

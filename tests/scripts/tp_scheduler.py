@@ -8,9 +8,10 @@ ends at a stop string, one cancelled while it decodes and one cancelled as soon 
 an idle spell (empty plans), a seeded sampled one, and last one whose prompt starts with the first 48 tokens
 of the first request's (the prefix cache holds them: rank 0's plan says so, and every rank copies them). Every
 rank writes ``OUT.rank<R>.json``: each request's tokens and finish reason (rank 0), each request's greedy
-tokens from ``engine.generate`` alone on the same ranks, the turns each rank ran, its free slots at the end,
-its prefix cache's blocks (their digests, least recently used first) and tokens reused (rank 0), and (rank 0)
-the sampled request's tokens from a one-rank scheduler over the same weights.
+tokens from ``engine.generate`` alone on the same ranks, the turns each rank ran, its prefill forwards (packed
+ones: chunks of two requests in one forward, within a turn's budget of 40 prompt tokens) and prefilled tokens,
+its free slots at the end, its prefix cache's blocks (their digests, least recently used first) and tokens
+reused (rank 0), and (rank 0) the sampled request's tokens from a one-rank scheduler over the same weights.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' share
 from okv_testlib import make_model, make_prompt  # noqa: E402
 
 import omnikv_runtime as okv  # noqa: E402
+from omnikv_runtime.cache.packed import PackedPrefill  # noqa: E402
 from omnikv_runtime.serve.prefix_cache import block_bytes  # noqa: E402
 from omnikv_runtime.serve.requests import ServeRequest  # noqa: E402
 from omnikv_runtime.serve.scheduler import Scheduler  # noqa: E402
@@ -104,6 +106,7 @@ def request(name: str, stop: tuple[str, ...] = ()) -> ServeRequest:
 
 def scheduler_for(served) -> Scheduler:
     blocks = 20 * sum(block_bytes(served, 16))
+    # a turn prefills up to 40 prompt tokens: chunks of two requests (s and f) run packed in one forward
     return Scheduler(
         served,
         max_batch=2,
@@ -112,7 +115,19 @@ def scheduler_for(served) -> Scheduler:
         max_new_tokens=48,
         prefix_cache_bytes=blocks,
         prefix_block_tokens=16,
+        max_prefill_tokens=40,
     )
+
+
+def count_packed_forwards(model) -> list[int]:
+    """A one-item list counting the model's forwards through a packed prefill (several requests' chunks)."""
+    count = [0]
+
+    def hook(module, args, kwargs, output) -> None:
+        count[0] += isinstance(kwargs.get("cache", kwargs.get("past_key_values")), PackedPrefill)
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    return count
 
 
 def serve(scheduler: Scheduler, alone: dict[str, list[int]]) -> Requests:
@@ -159,6 +174,7 @@ def main() -> int:
         out_ids = served.generate(torch.tensor([ids]), max_new_tokens=REQUESTS[name][1], do_sample=False)
         alone[name] = out_ids[0, len(ids) :].tolist()
     scheduler = scheduler_for(served)
+    packed = count_packed_forwards(served.model)
     Scheduler.idle_plan_s = 0.05
     result = {"world": world, "alone": alone}
     if rank == 0:
@@ -167,6 +183,8 @@ def main() -> int:
     else:
         scheduler.follow()
     result["turns"] = scheduler.turns.turns_run
+    result["packed_forwards"] = packed[0]
+    result["prefill"] = [scheduler.batch.prefill_tokens, scheduler.batch.prefill_forwards]
     result["free_slots"] = scheduler.batch.cache.free_rows()
     result["host_used"] = scheduler.metrics()["kv_bytes"]["host_used"]
     result["prefix_blocks"] = [key.hex() for key in scheduler.prefixes._blocks]
