@@ -349,7 +349,8 @@ def check_offload(rows: list[dict[str, Any]]) -> None:
         (r["context"], r["batch"], r["budget"], r["path"]): r for r in rows if "pcie_bytes_per_step" in r
     }
     for row in rows:
-        twin = model_dtype_tier.get((row["context"], row["batch"], row["budget"], row["path"].replace("_fp8", "")))
+        key = (row["context"], row["batch"], row.get("budget"), row["path"].replace("_fp8", ""))  # failed: no budget
+        twin = model_dtype_tier.get(key)
         if "_fp8" in row["path"] and "pcie_bytes_per_step" in row and twin and twin["pcie_bytes_per_step"]:
             row["pcie_bytes_vs_model_dtype_tier"] = round(row["pcie_bytes_per_step"] / twin["pcie_bytes_per_step"], 3)
     for row in rows:

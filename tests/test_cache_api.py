@@ -155,3 +155,34 @@ def test_a_cache_filled_without_the_model_decodes_like_one_filled_by_prefill(bud
             got = model(token, position_ids=positions, **{keyword: filled}).logits
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
             token = expected[:, -1:].argmax(-1)
+
+
+def test_a_filled_cache_decodes_through_a_recorded_loop():
+    """The decode benchmark's path: a cache filled without the model, then a decode loop whose first step
+    already reserves every buffer a recording reads (no prefill forward ever marked the prompt's columns)."""
+    from omnikv_runtime.decode.graph import EagerRecorder
+    from omnikv_runtime.decode.loop import DecodeLoop, StopSettings
+    from omnikv_runtime.decode.sampling import SamplingSettings
+
+    model = make_model("llama")
+    ids, _ = make_prompt(1)
+    engine = okv.initialize(model, omni(budget=BUDGET))
+    keyword = cache_keyword(model)
+    dense, filled = engine.new_cache(prompt_tokens=PROMPT_LEN), engine.new_cache(prompt_tokens=PROMPT_LEN)
+    with torch.no_grad():
+        model(ids, **{keyword: dense})
+        reference = model(ids, use_cache=True).past_key_values
+        fill_prompt(
+            filled,
+            PROMPT_LEN,
+            7,
+            lambda i, s, n: (reference.layers[i].keys[:, :, s : s + n], reference.layers[i].values[:, :, s : s + n]),
+        )
+        loop = DecodeLoop(model, filled, keyword, SamplingSettings(), StopSettings(), 6, True, recorder=EagerRecorder())
+        loop.start_after_fill(1, torch.device("cpu"), next_token=5)
+        token = torch.tensor([[5]])
+        for step in range(4):
+            loop.run_step()
+            expected = model(token, position_ids=torch.tensor([[PROMPT_LEN + step]]), **{keyword: dense}).logits
+            token = expected[:, -1:].argmax(-1)
+            assert int(loop.ids[0, 0]) == int(token[0, 0]), step

@@ -77,15 +77,13 @@ def alone(engine, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> lis
 def prefilled(monkeypatch) -> list[tuple[PrefillJob, int, int]]:
     """``(prefill, prompt tokens, tokens run)`` of each prefill chunk that runs (see :func:`per_prefill`)."""
     chunks: list[tuple[PrefillJob, int, int]] = []
-    advance = PrefillJob.advance
+    ran = PrefillJob.ran  # every prefill path (a chunk alone, or packed with others) reports its tokens here
 
-    def counting(job: PrefillJob):
-        before = job.done_tokens
-        logits = advance(job)
-        chunks.append((job, job.prompt_tokens, job.done_tokens - before))
-        return logits
+    def counting(job: PrefillJob, tokens: int) -> bool:
+        chunks.append((job, job.prompt_tokens, tokens))
+        return ran(job, tokens)
 
-    monkeypatch.setattr(PrefillJob, "advance", counting)
+    monkeypatch.setattr(PrefillJob, "ran", counting)
     return chunks
 
 
@@ -247,8 +245,8 @@ def test_a_cancelled_request_leaves_the_blocks_it_shared_for_the_others(monkeypa
     handles, chunks_run = [], []
     advance = PrefillJob.advance
 
-    def cancel_after_one_chunk(job: PrefillJob):
-        logits = advance(job)
+    def cancel_after_one_chunk(job: PrefillJob, tokens: int | None = None):
+        logits = advance(job, tokens)
         if job.prompt_ids == cancelled:
             chunks_run.append((job.reused, job.done_tokens))
             handles[0].cancel()  # its prefill has copied the prefix and run one chunk of its 70 suffix tokens
@@ -289,7 +287,7 @@ def test_a_budget_below_one_block_and_a_bad_block_size_are_refused():
 
 
 def test_the_reused_tokens_travel_in_the_turn_plan():
-    plan = TurnPlan(drop=[1], admit=[(1, [5, 6, 7]), (0, list(range(3, 300)))], prefill=1, reuse={0: 256})
+    plan = TurnPlan(drop=[1], admit=[(1, [5, 6, 7]), (0, list(range(3, 300)))], prefill=[(1, 3), (0, 41)], reuse={0: 256})
     assert TurnPlan.decode(plan.encode()) == plan
     assert TurnPlan.decode(TurnPlan(admit=[(2, [9])]).encode()).reuse == {}
 

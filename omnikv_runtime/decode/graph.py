@@ -71,15 +71,19 @@ class CudaGraphRecorder:
         graph.replay()
 
     def recover(self) -> None:
-        """After a failed capture: the caller's stream is current again and the allocator stops filling
-        the recordings' pool (a capture that fails to end leaves both as they were while it recorded),
-        the default generator leaves its capture state, the streams join."""
+        """After a failed capture: the caller's stream is current again, the allocator stops filling the
+        recordings' pool (a capture that fails to end leaves both as they were while it recorded) and later
+        recordings go to a fresh pool, the default generator leaves its capture state, the streams join."""
         torch.cuda.set_stream(self._caller)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         try:  # a capture that fails to end leaves the allocator sending new blocks to the recordings' pool
             torch._C._cuda_endAllocateToPool(index, self.pool)
-        except RuntimeError:
-            pass  # the capture had ended it
+        except RuntimeError as exc:
+            logger.debug("after the failed capture the allocator was not recording to its pool: %s", exc)
+        # later recordings use a pool of their own: the allocator may still count the failed capture as
+        # recording to the old one (seen on an H100 with torch 2.11), and would refuse to record there again;
+        # the recordings kept so far keep their memory in the old pool
+        self.pool = torch.cuda.graph_pool_handle()
         generator = torch.cuda.default_generators[index]
         fresh = torch.Generator(device=self.device)
         fresh.manual_seed(generator.initial_seed())

@@ -277,6 +277,7 @@ class DecodeLoop:
         length = self.cache.get_seq_length()
         self._allocate(batch, device, torch.full((batch, 1), length, dtype=torch.long, device=device), length)
         self.ids.fill_(next_token)
+        self.cache.start_decoding(self.ids)  # no prefill forward marked the prompt's columns: every one is real
 
     def _allocate(self, batch: int, device: torch.device, next_positions: torch.Tensor, length: int) -> None:
         """The step's static inputs and outputs (allocated once; a renewed loop refills them in place)."""
