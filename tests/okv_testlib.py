@@ -165,7 +165,9 @@ class AttentionCall:
     layer: int
     keys: int  # key.shape[2] (what the cache's update returned)
     queries: int  # query.shape[2]
-    attended: int  # columns the call attends to: key.shape[2], or in a decode step the spans of its KV sources
+    # columns the call attends to: key.shape[2] (with a sparse layer's earlier tokens in the host tier during
+    # prefill), or in a decode step the spans of its KV sources
+    attended: int
 
 
 def current_note(layer: int, keys: torch.Tensor):
@@ -227,7 +229,7 @@ def spy_attention(name: str = "omnikv", hook=None, after=None):
         if note is not None and note.sources is not None:
             attended = sum(source_span(source) for source in note.sources)
         else:
-            attended = key.shape[2]
+            attended = key.shape[2] + (note.earlier.tokens if note is not None and note.earlier is not None else 0)
         calls.append(AttentionCall(module.layer_idx, key.shape[2], query.shape[2], attended))
         if hook is not None:
             hook(module, query, key, value, attention_mask)

@@ -3,8 +3,11 @@
 It wraps a base implementation (sdpa, eager or flash-attention) and adds what OmniKV needs:
 
 - with no OmniKV cache involved (training, scoring, another cache) it is the base function;
-- during prefill it is the base function over the tiers' KV, and it tells the cache which columns
-  are real tokens (the padding mask) and, at a filter layer, the recent queries;
+- during prefill it is the base function over a dense layer's KV, and it tells the cache which
+  columns are real tokens (the padding mask) and, at a filter layer, the recent queries; a sparse
+  layer's chunk after the first attends to its earlier tokens read back from the host tier a block
+  at a time, merged by log-sum-exp (:mod:`omnikv_runtime.cache.prefill_blocks`), so its memory does
+  not grow with the context;
 - during decode it reads what the cache's ``update`` described (a dense layer's buffer, or a
   sparse layer's selected rows and tail ring) with :func:`~omnikv_runtime.kernels.decode_attention`,
   without concatenating or repeating KV heads, and a filter layer then asks the cache to select
@@ -32,6 +35,7 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from omnikv_runtime.cache.adapter import take_note
+from omnikv_runtime.cache.prefill_blocks import attend_over_blocks, check_attention_options, merge
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.kernels import decode_attention
 from omnikv_runtime.layout import Role
@@ -85,18 +89,16 @@ def causal_chunk_attention(query, key, value, scaling: float) -> tuple[torch.Ten
 
 
 def _cudnn_chunk_attention(query, key, value, scaling: float) -> torch.Tensor:
-    batch, heads, count, dim = query.shape
-    past = key.shape[2] - count
+    past = key.shape[2] - query.shape[2]
     cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
-    own, own_lse = cudnn(query, key[:, :, past:], value[:, :, past:], None, True, 0.0, True, False, scale=scaling)[:2]
-    earlier, earlier_lse = cudnn(
-        query, key[:, :, :past], value[:, :, :past], None, True, 0.0, False, False, scale=scaling
-    )[:2]
-    own_lse, earlier_lse = own_lse.reshape(batch, heads, count, 1), earlier_lse.reshape(batch, heads, count, 1)
-    top = torch.maximum(own_lse, earlier_lse)
-    own_weight, earlier_weight = torch.exp(own_lse - top), torch.exp(earlier_lse - top)
-    merged = (own.float() * own_weight + earlier.float() * earlier_weight) / (own_weight + earlier_weight)
-    return merged.to(query.dtype)
+    parts = []
+    for keys, values, causal in (
+        (key[:, :, :past], value[:, :, :past], False),
+        (key[:, :, past:], value[:, :, past:], True),
+    ):
+        output, lse = cudnn(query, keys, values, None, True, 0.0, causal, False, scale=scaling)[:2]
+        parts.append((output.float(), lse.float().reshape(*query.shape[:3], 1)))
+    return merge(*parts)[0].to(query.dtype)
 
 
 def eager_attention(
@@ -188,6 +190,10 @@ def make_attention_function(base: str) -> Callable:
             return output.view(batch, 1, heads, dim), None
         if note.layer_idx == 0:
             cache.record_prompt_mask(valid_columns(attention_mask, key.shape[0], key.shape[2], key.device))
+        if note.earlier is not None:  # a sparse layer: its earlier tokens are in the host tier
+            check_attention_options(kwargs)
+            scaling = attention_scaling(module, query, kwargs)
+            return attend_over_blocks(query, key, value, note.earlier, attention_mask, scaling), None
         if base == "sdpa" and attention_mask is None and 1 < query.shape[2] < key.shape[2]:
             output = causal_chunk_attention(query, key, value, attention_scaling(module, query, kwargs))
         else:
