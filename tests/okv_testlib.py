@@ -200,15 +200,15 @@ def source_kv(source) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def reference_attention(query, keys, values, mask, scaling: float) -> torch.Tensor:
-    """Float64 softmax attention of ``query`` ``[batch, q_heads, 1, dim]`` over head-major ``keys``/``values``
-    (KV head ``h // group`` serves query head ``h``) where ``mask`` ``[batch, n]`` is True.
+    """Float64 softmax attention of ``query`` ``[batch, q_heads, q, dim]`` over head-major ``keys``/``values``
+    (KV head ``h // group`` serves query head ``h``) where ``mask`` ``[batch, n]`` (or ``[batch, 1, q, n]``) is True.
 
-    Returns ``[batch, 1, q_heads, dim]``, the layout attention functions return."""
+    Returns ``[batch, q, q_heads, dim]``, the layout attention functions return."""
     group = query.shape[1] // keys.shape[1]
     keys = keys.double().repeat_interleave(group, dim=1)
     values = values.double().repeat_interleave(group, dim=1)
     logits = (query.double() @ keys.transpose(2, 3)) * scaling
-    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    logits = logits.masked_fill(~(mask[:, None, None, :] if mask.dim() == 2 else mask), float("-inf"))
     return (torch.softmax(logits, dim=-1) @ values).transpose(1, 2)
 
 

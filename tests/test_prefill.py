@@ -65,7 +65,8 @@ def test_chunked_prefill_equals_unchunked(prompt_len, budget, attention_spy):
     assert chunked.context_len == whole.context_len == prompt_len
     # every layer, sparse ones included, attends to the whole prompt so far during prefill
     prefill_calls = calls[: len(sizes) * NUM_LAYERS]
-    assert [(c.layer, c.attended) for c in prefill_calls] == [(layer, end) for end in ends for layer in range(NUM_LAYERS)]
+    expected = [(layer, end) for end in ends for layer in range(NUM_LAYERS)]
+    assert [(c.layer, c.attended) for c in prefill_calls] == expected
 
     assert torch.equal(out_c, out_u)
     assert engine_c.stats()["decode_steps"] == engine_u.stats()["decode_steps"] == NEW - 1

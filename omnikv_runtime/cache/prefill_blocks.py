@@ -120,10 +120,10 @@ def block_attention(
     grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, count, dim)
     scores = torch.matmul(grouped, keys.float()[:, :, None].transpose(-1, -2)) * scaling  # [b, kv, g, c, n]
     if causal:
-        below = torch.ones(count, columns, dtype=torch.bool, device=query.device).tril(columns - count)
+        below = torch.ones(1, 1, count, columns, dtype=torch.bool, device=query.device).tril(columns - count)
         allowed = below if allowed is None else allowed & below
-    if allowed is not None:
-        scores.masked_fill_(~allowed.reshape(allowed.shape[0], 1, 1, *allowed.shape[-2:]), float("-inf"))
+    if allowed is not None:  # [batch | 1, 1, c | 1, n] -> the scores' [batch, kv_heads, group, c, n]
+        scores.masked_fill_(~allowed[:, :, None], float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a query with no column: weights all 0
     weights = torch.exp(scores - top)
