@@ -18,6 +18,7 @@ GQA (fewer KV heads than query heads) is handled by grouping the query heads, ne
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ from omnikv_runtime.transfer import HostArena
 # a block's softmax result: output [batch, heads, queries, head_dim] and log-sum-exp [batch, heads, queries, 1],
 # both float32; a query that may attend to none of the block's columns has output 0 and log-sum-exp -inf
 Partial = tuple[torch.Tensor, torch.Tensor]
+
+logger = logging.getLogger(__name__)
+_declined: list[RuntimeError] = []  # the first time the fused kernels declined a block (logged once)
 
 
 @dataclass
@@ -112,9 +116,16 @@ def block_attention(
     fused = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] % 8 == 0
     if fused and allowed is None and (not causal or keys.shape[2] == query.shape[2]):
         try:
-            return _fused_block(query, keys, values, scaling, causal)
-        except RuntimeError:  # neither fused kernel takes these shapes
-            pass
+            return _fused_block(query, keys.contiguous(), values.contiguous(), scaling, causal)
+        except RuntimeError as error:  # neither fused kernel takes these shapes
+            if not _declined:
+                _declined.append(error)
+                logger.warning(
+                    "prefill: no fused attention kernel took a block of %s keys (%s); blocks are computed with "
+                    "matmuls, which hold a [chunk, block] float32 score matrix per head",
+                    tuple(keys.shape),
+                    error,
+                )
     batch, heads, count, dim = query.shape
     kv_heads, columns = keys.shape[1], keys.shape[2]
     grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, count, dim)
