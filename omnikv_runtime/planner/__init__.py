@@ -196,8 +196,9 @@ def _activations(
     layer's chunk attends to its KV in place (fused kernels, grouped heads, no mask), unless the rows
     may be padded (a batch of several): then the ``[c, L]`` bool mask and its float copy, and K/V
     repeated to every query head. A sparse layer's chunk reads its earlier tokens back from the host
-    tier ``prefill.read_block_tokens`` at a time: the block being computed, the next one being read
-    and the next sparse layer's first block (``3 × block`` tokens, whatever ``L``), the float32
+    tier ``prefill.read_block_tokens`` at a time: the block being computed and its contiguous copy,
+    the next one being read and the next sparse layer's first block (``4 × block`` tokens, whatever
+    ``L``), the float32
     running output, the block's and their weighted sum, and for rows that may be padded the block's
     float32 scores and weights (a masked block is computed without a fused kernel). A single-chunk
     prefill has no past. Decode: a filter layer's logits over every context key (in the keys' dtype for
@@ -213,7 +214,9 @@ def _activations(
         attention += 2 * g.num_heads * context * g.head_dim * d
     if past and plan.sparse_layers:
         block = min(config.prefill.read_block_tokens, past)
-        blocks = 3 * block * g.kv_row_bytes(d) if config.offload.device == "cpu" else 0  # "none": views in place
+        # read back: the block computed, its contiguous copy for the fused kernel, the next block and the next
+        # sparse layer's first in flight; with the arena on the GPU ("none") blocks are views, copied once
+        blocks = (4 if config.offload.device == "cpu" else 1) * block * g.kv_row_bytes(d)
         merged = 3 * chunk * g.num_heads * g.head_dim * 4
         scores = 2 * g.num_heads * chunk * block * 4 if padded else 0
         attention = max(
