@@ -10,9 +10,10 @@ causal mask. The next block is read while one is computed (:meth:`HostArena.pref
 the transfer stream on CUDA; elsewhere reads are plain copies in order), so at most two blocks are
 on the device at a time, whatever the context.
 
-On CUDA in half precision a block without a mask runs through a fused kernel that returns its
-log-sum-exp (cuDNN, else FlashAttention-2), so no ``[chunk, block]`` score matrix is built;
-otherwise (CPU, float32, a padded batch's masked blocks) the block is computed with matmuls in float32.
+A block without a mask runs through a fused kernel that returns its log-sum-exp (on CUDA in half
+precision cuDNN, else FlashAttention-2; on CPU torch's flash kernel), so no ``[chunk, block]``
+score matrix is built; a padded batch's masked blocks (and what no kernel takes) are computed with
+matmuls in float32.
 GQA (fewer KV heads than query heads) is handled by grouping the query heads, never by repeating KV.
 """
 
@@ -126,6 +127,11 @@ def block_attention(
                     tuple(keys.shape),
                     error,
                 )
+    if not query.is_cuda and allowed is None and (not causal or keys.shape[2] == query.shape[2]):
+        try:
+            return _cpu_flash_block(query, keys, values, scaling, causal)
+        except RuntimeError:  # a dtype or shape the CPU kernel does not take: the matmuls below
+            pass
     batch, heads, count, dim = query.shape
     kv_heads, columns = keys.shape[1], keys.shape[2]
     grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, count, dim)
@@ -156,6 +162,24 @@ def _fused_block(
         flash = torch.ops.aten._scaled_dot_product_flash_attention
         output, lse = flash(query, keys, values, 0.0, is_causal=causal, return_debug_mask=False, scale=scaling)[:2]
     return output.float(), lse.float().reshape(batch, heads, count, 1)
+
+
+def _cpu_flash_block(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, causal: bool
+) -> Partial:
+    """torch's CPU flash attention with its log-sum-exp. Without a causal mask each KV head's group of
+    query heads runs as one longer sequence of queries (no KV copy); the causal (square) block repeats
+    its KV heads, a chunk's worth."""
+    batch, heads, count, dim = query.shape
+    kv_heads = keys.shape[1]
+    if causal:
+        groups = heads // kv_heads
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    else:
+        query = query.reshape(batch, kv_heads, heads // kv_heads * count, dim)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    output, lse = flash(query, keys.contiguous(), values.contiguous(), 0.0, causal, scale=scaling)
+    return output.float().reshape(batch, heads, count, dim), lse.float().reshape(batch, heads, count, 1)
 
 
 def merge(first: Partial | None, second: Partial) -> Partial:
