@@ -82,6 +82,8 @@ def attend_over_blocks(
         if index + 1 < len(blocks):  # read the next block while this one is computed
             earlier.arena.prefetch(earlier.slot, blocks[index + 1][1], blocks[index + 1][0])
         allowed = allowed_columns(attention_mask, start, stop, count)
+        if allowed is not None and bool(allowed.all()):  # past a row's padding: a fused kernel may take it
+            allowed = None
         merged = merge(merged, block_attention(query, block_keys, block_values, scaling, allowed))
     allowed = allowed_columns(attention_mask, past, past + count, count)
     output, _ = merge(merged, block_attention(query, keys, values, scaling, allowed, causal=True))
