@@ -165,7 +165,9 @@ class AttentionCall:
     layer: int
     keys: int  # key.shape[2] (what the cache's update returned)
     queries: int  # query.shape[2]
-    attended: int  # columns the call attends to: key.shape[2], or in a decode step the spans of its KV sources
+    # columns the call attends to: key.shape[2] (with a sparse layer's earlier tokens in the host tier during
+    # prefill), or in a decode step the spans of its KV sources
+    attended: int
 
 
 def current_note(layer: int, keys: torch.Tensor):
@@ -198,15 +200,15 @@ def source_kv(source) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def reference_attention(query, keys, values, mask, scaling: float) -> torch.Tensor:
-    """Float64 softmax attention of ``query`` ``[batch, q_heads, 1, dim]`` over head-major ``keys``/``values``
-    (KV head ``h // group`` serves query head ``h``) where ``mask`` ``[batch, n]`` is True.
+    """Float64 softmax attention of ``query`` ``[batch, q_heads, q, dim]`` over head-major ``keys``/``values``
+    (KV head ``h // group`` serves query head ``h``) where ``mask`` ``[batch, n]`` (or ``[batch, 1, q, n]``) is True.
 
-    Returns ``[batch, 1, q_heads, dim]``, the layout attention functions return."""
+    Returns ``[batch, q, q_heads, dim]``, the layout attention functions return."""
     group = query.shape[1] // keys.shape[1]
     keys = keys.double().repeat_interleave(group, dim=1)
     values = values.double().repeat_interleave(group, dim=1)
     logits = (query.double() @ keys.transpose(2, 3)) * scaling
-    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    logits = logits.masked_fill(~(mask[:, None, None, :] if mask.dim() == 2 else mask), float("-inf"))
     return (torch.softmax(logits, dim=-1) @ values).transpose(1, 2)
 
 
@@ -227,7 +229,7 @@ def spy_attention(name: str = "omnikv", hook=None, after=None):
         if note is not None and note.sources is not None:
             attended = sum(source_span(source) for source in note.sources)
         else:
-            attended = key.shape[2]
+            attended = key.shape[2] + (note.earlier.tokens if note is not None and note.earlier is not None else 0)
         calls.append(AttentionCall(module.layer_idx, key.shape[2], query.shape[2], attended))
         if hook is not None:
             hook(module, query, key, value, attention_mask)

@@ -77,8 +77,15 @@ def test_update_call_styles(tiny_llama, style):
         out_keys, out_values = update(keys, values, layer)
         assert torch.equal(out_keys, keys) and torch.equal(out_values, values)
     assert cache.get_seq_length() == 5
-    for layer, (keys, values) in enumerate(second):  # a second prefill chunk returns the whole history
+    for layer, (keys, values) in enumerate(second):  # a second prefill chunk: the whole history
         out_keys, out_values = update(keys, values, layer)
+        if layer in SPARSE_LAYERS:  # the chunk; the earlier tokens stay in the host tier, read back in blocks
+            assert out_keys is keys and out_values is values
+            earlier = cache.layers[layer].earlier
+            assert earlier.tokens == 5
+            earlier_keys, earlier_values = earlier.arena.read(earlier.slot, earlier.tokens)
+            assert torch.equal(earlier_keys, first[layer][0]) and torch.equal(earlier_values, first[layer][1])
+            continue
         assert torch.equal(out_keys, torch.cat([first[layer][0], keys], dim=2))
         assert torch.equal(out_values, torch.cat([first[layer][1], values], dim=2))
     assert [cache.get_seq_length(layer) for layer in range(8)] == [8] * 8

@@ -131,6 +131,11 @@ def test_prefill_read_started_ahead_equals_the_host_tier():
     engine.prefetch_rows(arena, 2, 800)
     other = engine.read_rows(arena, 2, 600)[0]  # another range: read afresh, not the prefetched one
     assert torch.equal(other.cpu(), arena[:, :600, 2, 0].transpose(1, 2))
+    engine.prefetch_rows(arena, 0, 900, 450)  # a block of a chunked prefill's read-back, started ahead
+    torch.cuda._sleep(50_000_000)
+    block_keys, block_values = engine.read_rows(arena, 0, 900, 450)
+    assert torch.equal(block_values.cpu(), arena[:, 450:900, 0, 1].transpose(1, 2))
+    assert torch.equal(block_keys.cpu(), arena[:, 450:900, 0, 0].transpose(1, 2)) and engine._ahead == {}
 
 
 # the captured step ----------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Bit-for-bit equality is not attainable between chunked and unchunked prefill: HF's own dense cache
 differs between them (attention over a chunk reduces in another order; ~1e-7 at layer 1, growing to
 ~1.2e-5 in the KV of these models' deeper layers and decode steps), so:
-- OmniKV with chunks of 7 is compared with HF dense generate with chunks of 7: tokens and the prompt's KV
-  bit-for-bit, the generated tokens' KV to rtol = atol = 1e-4 (decode steps attend with the runtime's
-  own kernel, which rounds differently from sdpa);
+- OmniKV with chunks of 7 is compared with HF dense generate with chunks of 7: tokens bit-for-bit, the
+  prompt's KV bit-for-bit up to the first sparse layer (its chunks attend to the host tier block by
+  block, in float32) and to 1e-5 after it, the generated tokens' KV to rtol = atol = 1e-4 (decode steps
+  attend with the runtime's own kernel, which rounds differently from sdpa);
 - OmniKV chunked vs unchunked must agree on every generated token, the selections, the bookkeeping,
   and the stored KV to rtol = atol = 1e-4.
 """
@@ -64,7 +65,8 @@ def test_chunked_prefill_equals_unchunked(prompt_len, budget, attention_spy):
     assert chunked.context_len == whole.context_len == prompt_len
     # every layer, sparse ones included, attends to the whole prompt so far during prefill
     prefill_calls = calls[: len(sizes) * NUM_LAYERS]
-    assert [(c.layer, c.keys) for c in prefill_calls] == [(layer, end) for end in ends for layer in range(NUM_LAYERS)]
+    expected = [(layer, end) for end in ends for layer in range(NUM_LAYERS)]
+    assert [(c.layer, c.attended) for c in prefill_calls] == expected
 
     assert torch.equal(out_c, out_u)
     assert engine_c.stats()["decode_steps"] == engine_u.stats()["decode_steps"] == NEW - 1
@@ -82,7 +84,7 @@ def test_chunked_prefill_equals_unchunked(prompt_len, budget, attention_spy):
 
 
 @pytest.mark.parametrize("prompt_len", [40, 43])
-def test_chunked_prefill_kv_equals_dense_chunked_prefill_exactly(prompt_len):
+def test_chunked_prefill_kv_equals_dense_chunked_prefill(prompt_len):
     ids, mask = make_prompt(2, length=prompt_len)
     engine, cache, out, _ = _run("qwen2", ids, mask, CHUNK, 1.0)
     sequences, dense = dense_cache("qwen2", ids, mask, NEW, prefill_chunk_size=CHUNK)
@@ -91,9 +93,13 @@ def test_chunked_prefill_kv_equals_dense_chunked_prefill_exactly(prompt_len):
         keys, values = _stored_kv(engine, cache, layer)
         for got, expected in ((keys, dense.layers[layer].keys), (values, dense.layers[layer].values)):
             assert got.shape == expected.shape, layer
-            # the chunked prefill's KV bit for bit; decode steps attend with the runtime's own kernel
-            # (decode_attention), not the base sdpa call, so the generated tokens' KV differs by rounding
-            assert torch.equal(got[:, :, :prompt_len], expected[:, :, :prompt_len]), layer
+            # the chunked prefill's KV bit for bit up to the first sparse layer; a sparse layer's chunk attends
+            # to its host-tier tokens block by block (float32, merged by log-sum-exp), which rounds differently
+            # from sdpa, so the layers after it hold their KV to float32 rounding. Decode steps attend with the
+            # runtime's own kernel (decode_attention), so the generated tokens' KV differs by rounding too
+            if layer <= SPARSE_LAYERS[0]:
+                assert torch.equal(got[:, :, :prompt_len], expected[:, :, :prompt_len]), layer
+            torch.testing.assert_close(got[:, :, :prompt_len], expected[:, :, :prompt_len], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got[:, :, prompt_len:], expected[:, :, prompt_len:], rtol=1e-4, atol=1e-4)
     # every sparse layer's arena also holds the padded row's prompt exactly as dense does
     assert all(cache.tiers.arenas[engine.plan.segment_of[layer]] is not None for layer in SPARSE_LAYERS)

@@ -245,15 +245,15 @@ def test_each_request_of_a_packed_chunk_finds_its_sparse_layers_read_ahead(monke
     request's read waits. Simulated here with the GPU engine's bookkeeping (the CPU engine reads at once)."""
     engine = make_engine()
     transfer = engine.transfer
-    ahead: dict[tuple[int, int], int] = {}
+    ahead: dict[tuple[int, int], tuple[int, int]] = {}
     found: list[bool] = []
     read_rows = transfer.read_rows
 
-    def prefetch(arena, slot, stop, scales=None, dtype=None):
-        ahead[(arena.data_ptr(), slot)] = stop
+    def prefetch(arena, slot, stop, start=0, scales=None, dtype=None):
+        ahead[(arena.data_ptr(), slot)] = (start, stop)
 
-    def read(arena, slot, stop, start=0, scales=None, dtype=None):
-        found.append(start == 0 and ahead.pop((arena.data_ptr(), slot), None) == stop)
+    def read(arena, slot, stop, start=0, scales=None, dtype=None):  # each layer's earlier tokens: one block here
+        found.append(start == 0 and ahead.pop((arena.data_ptr(), slot), None) == (start, stop))
         return read_rows(arena, slot, stop, start, scales, dtype)
 
     monkeypatch.setattr(transfer, "prefetch_rows", prefetch)

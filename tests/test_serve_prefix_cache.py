@@ -287,7 +287,9 @@ def test_a_budget_below_one_block_and_a_bad_block_size_are_refused():
 
 
 def test_the_reused_tokens_travel_in_the_turn_plan():
-    plan = TurnPlan(drop=[1], admit=[(1, [5, 6, 7]), (0, list(range(3, 300)))], prefill=[(1, 3), (0, 41)], reuse={0: 256})
+    plan = TurnPlan(
+        drop=[1], admit=[(1, [5, 6, 7]), (0, list(range(3, 300)))], prefill=[(1, 3), (0, 41)], reuse={0: 256}
+    )
     assert TurnPlan.decode(plan.encode()) == plan
     assert TurnPlan.decode(TurnPlan(admit=[(2, [9])]).encode()).reuse == {}
 

@@ -130,10 +130,11 @@ class TransferEngine(ABC):
         arena: torch.Tensor,
         slot: int,
         stop: int,
+        start: int = 0,
         scales: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        """Start reading tokens ``0..stop`` of layer ``slot``, so that a later :meth:`read_rows` of
+        """Start reading tokens ``start..stop`` of layer ``slot``, so that a later :meth:`read_rows` of
         exactly those tokens finds them on the compute device. Engines that read synchronously
         ignore it."""
         return None

@@ -136,9 +136,10 @@ class HostArena:
         """Tokens ``start..stop`` of layer ``slot`` on the compute device (in the model's dtype)."""
         return self.engine.read_rows(self.data, slot, stop, start, self.scales, self.dtype)
 
-    def prefetch(self, slot: int, stop: int) -> None:
-        """Start reading tokens ``0..stop`` of layer ``slot`` ahead of :meth:`read` (if reads are asynchronous)."""
-        self.engine.prefetch_rows(self.data, slot, stop, self.scales, self.dtype)
+    def prefetch(self, slot: int, stop: int, start: int = 0) -> None:
+        """Start reading tokens ``start..stop`` of layer ``slot`` ahead of a :meth:`read` of exactly those
+        tokens (if reads are asynchronous)."""
+        self.engine.prefetch_rows(self.data, slot, stop, start, self.scales, self.dtype)
 
     def gather(self, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None) -> None:
         """Fetch tokens ``indices`` ``[batch, k]`` of every layer into the packed ``staging`` rows (through ``hot``)."""

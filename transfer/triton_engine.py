@@ -10,9 +10,9 @@ calls captured in a CUDA graph become fork/join edges of the graph.
 Writes into a pinned host tier (prefill chunks and each decode step's new token) also run on the
 transfer stream, by a small Triton kernel that stores straight into host memory, so a prefill
 chunk's offload overlaps the next chunk's compute; the transfer stream orders them before any
-later gather. A chunked prefill reads each sparse layer's earlier tokens back from the host tier:
-the cache asks for the next sparse layer's read (:meth:`prefetch_rows`) while the current one
-computes, so the read overlaps compute instead of stalling it.
+later gather. A chunked prefill reads each sparse layer's earlier tokens back from the host tier
+a block at a time: the next block's read (:meth:`prefetch_rows`; the next sparse layer's first
+block while the current layer computes) overlaps compute instead of stalling it.
 
 An FP8 host tier goes through the same kernels: the writes quantize on the GPU before the bytes
 cross PCIe, the gather and the prefill reads dequantize on the GPU after, so only FP8 codes and
@@ -48,8 +48,8 @@ class TritonTransferEngine(TorchTransferEngine):
         self.num_programs = num_programs
         self.stream = torch.cuda.Stream(device=self.compute_device)
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}
-        # (arena, slot) -> (stop, rows, event): a prefill's read of the next layer, started early
-        self._ahead: dict[tuple[int, int], tuple[int, torch.Tensor, torch.cuda.Event]] = {}
+        # (arena, slot) -> ((start, stop), rows, event): a prefill's read of a block, started early
+        self._ahead: dict[tuple[int, int], tuple[tuple[int, int], torch.Tensor, torch.cuda.Event]] = {}
 
     def write_rows(
         self,
@@ -88,7 +88,7 @@ class TritonTransferEngine(TorchTransferEngine):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         compute = torch.cuda.current_stream(self.compute_device)
         ahead = self._ahead.pop((arena.data_ptr(), slot), None)
-        if ahead is not None and ahead[0] == stop and start == 0:
+        if ahead is not None and ahead[0] == (start, stop):
             compute.wait_event(ahead[2])  # only this layer's read, not the writes queued after it
             rows = ahead[1]
         else:
@@ -103,19 +103,20 @@ class TritonTransferEngine(TorchTransferEngine):
         arena: torch.Tensor,
         slot: int,
         stop: int,
+        start: int = 0,
         scales: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        """Read the layer's tokens on the transfer stream, after the writes queued there, while
-        the compute stream runs the layers before it (a chunked prefill's next sparse layer)."""
-        if not arena.is_pinned() or stop <= 0:
+        """Read a block of the layer's tokens on the transfer stream, after the writes queued there,
+        while the compute stream works (a chunked prefill's next block, or the next sparse layer's first)."""
+        if not arena.is_pinned() or stop <= start:
             return
         with torch.cuda.stream(self.stream):  # the buffer and indices belong to the transfer stream
-            rows = self._read(arena, slot, 0, stop, scales, dtype)
+            rows = self._read(arena, slot, start, stop, scales, dtype)
             event = torch.cuda.Event()
             event.record(self.stream)
         rows.record_stream(torch.cuda.current_stream(self.compute_device))  # read there: no reuse before that
-        self._ahead[(arena.data_ptr(), slot)] = (stop, rows, event)
+        self._ahead[(arena.data_ptr(), slot)] = ((start, stop), rows, event)
 
     def discard_prefetches(self) -> None:
         self._ahead.clear()

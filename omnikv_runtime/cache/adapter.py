@@ -5,7 +5,9 @@ The model's attention modules call ``cache.update(k, v, layer_idx)`` and then th
 and leaves a note (:class:`AttentionNote`) that the attention function picks up on the same thread.
 
 **Prefill** (more than one query, or a cache still short of ``prompt_tokens``) appends to growing
-tiers and attends through the model's own attention implementation and mask.
+tiers. A dense layer attends through the model's own attention implementation and mask; a sparse
+layer's chunk after the first attends to its earlier tokens read back from the host tier in
+blocks (the note's ``earlier``; see :mod:`omnikv_runtime.cache.prefill_blocks`).
 
 **Decode** is static: every buffer a step touches exists before the step, the step's position
 lives in device counters (:class:`~omnikv_runtime.cache.counters.DecodeCounters`), and ``update``
@@ -28,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from omnikv_runtime.cache.counters import DecodeCounters
+from omnikv_runtime.cache.prefill_blocks import EarlierKV
 from omnikv_runtime.cache.selector import Selector
 from omnikv_runtime.cache.tiers import Tiers
 from omnikv_runtime.kernels import KVSource
@@ -45,11 +48,14 @@ class AttentionNote:
     layer_idx: int
     keys: torch.Tensor  # the tensor update returned (identity proves the note is current)
     sources: list[KVSource] | None  # decode: what this layer attends to; None during prefill
+    earlier: EarlierKV | None = None  # prefill: a sparse layer's earlier tokens, not in ``keys``
 
 
-def leave_note(cache: Any, layer_idx: int, keys: torch.Tensor, sources: list[KVSource] | None) -> None:
+def leave_note(
+    cache: Any, layer_idx: int, keys: torch.Tensor, sources: list[KVSource] | None, earlier: EarlierKV | None = None
+) -> None:
     """Tell the attention function that runs next on this thread what ``update`` stored."""
-    _NOTES.note = AttentionNote(cache, layer_idx, keys, sources)
+    _NOTES.note = AttentionNote(cache, layer_idx, keys, sources, earlier)
 
 
 def take_note(layer_idx: int, keys: torch.Tensor) -> AttentionNote | None:
@@ -122,13 +128,14 @@ class OmniKVCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
             self.begin_forward(key_states)
-        sources = None
+        sources = earlier = None
         if self.decoding:
             sources = self.tiers.decode_sources(layer_idx, key_states, value_states, self.counters)
             keys, values = head_major(sources)
         else:
             keys, values = self.tiers.store(layer_idx, key_states, value_states)
-        leave_note(self, layer_idx, keys, sources)
+            earlier = self.tiers.layers[layer_idx].earlier
+        leave_note(self, layer_idx, keys, sources, earlier)
         return keys, values
 
     def begin_forward(self, like: torch.Tensor) -> None:

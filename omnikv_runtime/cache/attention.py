@@ -3,10 +3,13 @@
 It wraps a base implementation (sdpa, eager or flash-attention) and adds what OmniKV needs:
 
 - with no OmniKV cache involved (training, scoring, another cache) it is the base function;
-- during prefill it is the base function over the tiers' KV, and it tells the cache which columns
-  are real tokens (the padding mask) and, at a filter layer, the recent queries; a packed prefill
-  (several requests' chunks in one sequence, :mod:`~omnikv_runtime.cache.packed`) runs that per
-  request, each over its own KV with the mask its chunk alone would get;
+- during prefill it is the base function over a dense layer's KV, and it tells the cache which
+  columns are real tokens (the padding mask) and, at a filter layer, the recent queries; a sparse
+  layer's chunk after the first attends to its earlier tokens read back from the host tier a block
+  at a time, merged by log-sum-exp (:mod:`omnikv_runtime.cache.prefill_blocks`), so its memory does
+  not grow with the context; a packed prefill (several requests' chunks in one sequence,
+  :mod:`~omnikv_runtime.cache.packed`) runs that per request, each over its own KV with the mask its
+  chunk alone would get;
 - during decode it reads what the cache's ``update`` described (a dense layer's buffer, or a
   sparse layer's selected rows and tail ring) with :func:`~omnikv_runtime.kernels.decode_attention`,
   without concatenating or repeating KV heads, and a filter layer then asks the cache to select
@@ -35,6 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from omnikv_runtime.cache.adapter import take_note
 from omnikv_runtime.cache.packed import PackedPrefill
+from omnikv_runtime.cache.prefill_blocks import attend_over_blocks, check_attention_options, merge
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.kernels import decode_attention
 from omnikv_runtime.layout import Role
@@ -88,18 +92,16 @@ def causal_chunk_attention(query, key, value, scaling: float) -> tuple[torch.Ten
 
 
 def _cudnn_chunk_attention(query, key, value, scaling: float) -> torch.Tensor:
-    batch, heads, count, dim = query.shape
-    past = key.shape[2] - count
+    past = key.shape[2] - query.shape[2]
     cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
-    own, own_lse = cudnn(query, key[:, :, past:], value[:, :, past:], None, True, 0.0, True, False, scale=scaling)[:2]
-    earlier, earlier_lse = cudnn(
-        query, key[:, :, :past], value[:, :, :past], None, True, 0.0, False, False, scale=scaling
-    )[:2]
-    own_lse, earlier_lse = own_lse.reshape(batch, heads, count, 1), earlier_lse.reshape(batch, heads, count, 1)
-    top = torch.maximum(own_lse, earlier_lse)
-    own_weight, earlier_weight = torch.exp(own_lse - top), torch.exp(earlier_lse - top)
-    merged = (own.float() * own_weight + earlier.float() * earlier_weight) / (own_weight + earlier_weight)
-    return merged.to(query.dtype)
+    parts = []
+    for keys, values, causal in (
+        (key[:, :, :past], value[:, :, :past], False),
+        (key[:, :, past:], value[:, :, past:], True),
+    ):
+        output, lse = cudnn(query, keys, values, None, True, 0.0, causal, False, scale=scaling)[:2]
+        parts.append((output.float(), lse.float().reshape(*query.shape[:3], 1)))
+    return merge(*parts)[0].to(query.dtype)
 
 
 def eager_attention(
@@ -170,12 +172,12 @@ def valid_columns(attention_mask: torch.Tensor | None, batch: int, length: int, 
     return valid[..., :length].expand(batch, length)
 
 
-def solo_chunk_mask(base: str, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
-    """The mask a request's prefill chunk of ``q`` queries over its ``kv`` keys gets when it runs alone
-    (its padding-free causal mask, the diagonal at the bottom right): none for SDPA and flash-attention,
+def solo_chunk_mask(base: str, query: torch.Tensor, length: int) -> torch.Tensor | None:
+    """The mask a request's prefill chunk of ``q`` queries over its ``length`` keys so far gets when it runs
+    alone (its padding-free causal mask, the diagonal at the bottom right): none for SDPA and flash-attention,
     which are causal without one (:func:`causal_chunk_attention` for a chunk after earlier ones), a
-    boolean ``[1, 1, q, kv]`` for the eager path."""
-    count, length = query.shape[2], key.shape[2]
+    boolean ``[1, 1, q, length]`` for the eager path."""
+    count = query.shape[2]
     if base != "eager" or count == 1:
         return None
     return torch.ones(count, length, dtype=torch.bool, device=query.device).tril(length - count)[None, None]
@@ -185,10 +187,15 @@ def make_attention_function(base: str) -> Callable:
     """The OmniKV attention function over base implementation ``base``."""
     base_function = _base_function(base)
 
-    def prefill(module, layer_idx, cache, query, key, value, attention_mask, kwargs):
-        """One request's prefill chunk (``cache``: its OmniKVCache) over all its KV so far."""
+    def prefill(module, layer_idx, cache, query, key, value, attention_mask, kwargs, earlier=None):
+        """One request's prefill chunk (``cache``: its OmniKVCache) over all its KV so far: ``key`` and
+        ``value`` hold it, or, for a sparse layer, the chunk alone and ``earlier`` says where the rest is."""
         if layer_idx == 0:
             cache.record_prompt_mask(valid_columns(attention_mask, key.shape[0], key.shape[2], key.device))
+        if earlier is not None:  # a sparse layer: its earlier tokens are in the host tier
+            check_attention_options(kwargs)
+            scaling = attention_scaling(module, query, kwargs)
+            return attend_over_blocks(query, key, value, earlier, attention_mask, scaling), None
         if base == "sdpa" and attention_mask is None and 1 < query.shape[2] < key.shape[2]:
             output = causal_chunk_attention(query, key, value, attention_scaling(module, query, kwargs))
         else:
@@ -206,8 +213,11 @@ def make_attention_function(base: str) -> Callable:
             if positions is not None:
                 part_kwargs["position_ids"] = positions[:, span.start : span.stop]
             part_query = query[:, :, span.start : span.stop]
-            mask = solo_chunk_mask(base, part_query, span.keys)
-            output, _ = prefill(module, layer_idx, span.cache, part_query, span.keys, span.values, mask, part_kwargs)
+            earlier = span.earlier.tokens if span.earlier is not None else 0  # a sparse layer's, in the host tier
+            mask = solo_chunk_mask(base, part_query, earlier + span.keys.shape[2])
+            output, _ = prefill(
+                module, layer_idx, span.cache, part_query, span.keys, span.values, mask, part_kwargs, span.earlier
+            )
             outputs.append(output)
         return torch.cat(outputs, dim=1), None
 
@@ -227,7 +237,7 @@ def make_attention_function(base: str) -> Callable:
             if cache.plan.role(note.layer_idx) is Role.FILTER:
                 cache.select(note.layer_idx, query, scaling)
             return output.view(batch, 1, heads, dim), None
-        return prefill(module, note.layer_idx, cache, query, key, value, attention_mask, kwargs)
+        return prefill(module, note.layer_idx, cache, query, key, value, attention_mask, kwargs, note.earlier)
 
     omnikv_attention.__name__ = f"omnikv_attention_{base}"
     return omnikv_attention

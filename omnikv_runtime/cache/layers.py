@@ -5,7 +5,8 @@ Both are transformers ``CacheLayerMixin`` subclasses, so the rest of transformer
 capacity (the reserve: prompt + new tokens), grown by doubling only when a request outgrows it;
 prefill appends at the host-side length, a decode step writes at a device-side position, so a
 captured step replays at every position. A sparse layer's KV lives in its segment's host arena
-(see :mod:`omnikv_runtime.cache.segment`).
+(see :mod:`omnikv_runtime.cache.segment`); its prefill ``update`` returns the chunk alone and
+describes the earlier tokens (:attr:`earlier`) for the attention function to read in blocks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from omnikv_runtime.cache.counters import DecodeCounters, write_columns
+from omnikv_runtime.cache.prefill_blocks import EarlierKV
 from omnikv_runtime.cache.segment import SegmentState
 from omnikv_runtime.kernels import KVSource
 from omnikv_runtime.transfer import HostArena
@@ -29,6 +31,9 @@ class _KVLayerBase(CacheLayerMixin):
     def __init__(self) -> None:
         super().__init__()
         self.length = 0  # tokens stored for this layer, all tiers together (host-side count)
+        # a prefill chunk's earlier tokens that its attention reads from another tier (a sparse layer's
+        # host arena); None: ``update`` returned every token the chunk attends to
+        self.earlier: EarlierKV | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -44,6 +49,7 @@ class _KVLayerBase(CacheLayerMixin):
     def forget(self) -> None:
         """Hold no token (the buffers stay, for the next request)."""
         self.length = 0
+        self.earlier = None
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -152,25 +158,27 @@ class SparseLayerKV(_KVLayerBase):
     """A sparse layer: its full KV in its segment's host arena (row slot ``slot``). During decode
     the segment serves its selected rows and its tail ring (:class:`omnikv_runtime.cache.segment.SegmentState`)."""
 
-    def __init__(self, segment: SegmentState, slot: int) -> None:
+    def __init__(self, segment: SegmentState, slot: int, read_block_tokens: int) -> None:
         super().__init__()
         self.state = segment  # the segment this layer belongs to (its arena, ring and selection)
         self.segment = segment.index
         self.slot = slot  # this layer's position inside its segment's arena rows
+        self.read_block_tokens = read_block_tokens  # earlier tokens a prefill chunk reads back at a time
 
     @property
     def arena(self) -> HostArena | None:
         return self.state.arena
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Prefill: store in the arena and return the full KV: the earlier tokens read back from the
-        arena, then the chunk itself (which need not wait for its own write to land)."""
+        """Prefill: store the chunk in the arena and return the chunk alone. Its earlier tokens stay in
+        the arena: :attr:`earlier` says where, and the attention function reads them back a block at a
+        time (:func:`~omnikv_runtime.cache.prefill_blocks.attend_over_blocks`), so nothing here grows
+        with the context. The chunk's attention uses its own KV as computed (it need not wait for its
+        write to land)."""
         past = self.length
         self.store(key_states, value_states)
-        if past == 0:
-            return key_states, value_states
-        earlier_keys, earlier_values = self.arena.read(self.slot, past)
-        return torch.cat((earlier_keys, key_states), dim=2), torch.cat((earlier_values, value_states), dim=2)
+        self.earlier = EarlierKV(self.arena, self.slot, past, self.read_block_tokens) if past else None
+        return key_states, value_states
 
     def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Append tokens to the arena without returning anything (prefill, or a cache filled directly)."""

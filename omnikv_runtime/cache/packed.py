@@ -26,6 +26,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from omnikv_runtime.cache.adapter import OmniKVCache, leave_note
+from omnikv_runtime.cache.prefill_blocks import EarlierKV
 from omnikv_runtime.listeners import Listeners
 
 
@@ -36,8 +37,9 @@ class PackedSpan:
     cache: OmniKVCache  # the request's batch-1 cache
     start: int  # its first token in the packed sequence
     stop: int  # one past its last token
-    keys: torch.Tensor | None = None  # what its cache's update returned: all of the request's KV so far
-    values: torch.Tensor | None = None
+    keys: torch.Tensor | None = None  # what its cache's update returned: the request's KV so far, or for a
+    values: torch.Tensor | None = None  # sparse layer its chunk alone, the rest described by ``earlier``
+    earlier: EarlierKV | None = None
 
 
 class PackedPrefill(Cache):
@@ -77,7 +79,7 @@ class PackedPrefill(Cache):
         spans = []
         for cache, (start, stop) in zip(self.caches, self.bounds, strict=True):
             keys, values = cache.update(key_states[:, :, start:stop], value_states[:, :, start:stop], layer_idx)
-            spans.append(PackedSpan(cache, start, stop, keys, values))
+            spans.append(PackedSpan(cache, start, stop, keys, values, cache.tiers.layers[layer_idx].earlier))
         if layer_idx == 0:  # each cache's first update dropped the reads the caches before it started ahead
             for cache in self.caches[:-1]:
                 cache.tiers.prefetch_after(-1)

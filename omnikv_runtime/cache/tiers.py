@@ -36,6 +36,8 @@ class Tiers:
         reserve_tokens: token capacity to allocate up front (prompt + new tokens).
         hot_cache_tokens: rows of each segment's GPU hot cache (0: none).
         eviction: which hot-cache rows make room for new ones (default LRU).
+        read_block_tokens: a sparse layer's earlier tokens a prefill chunk reads back from the host
+            tier at a time (the config's ``prefill.read_block_tokens``).
     """
 
     def __init__(
@@ -46,8 +48,12 @@ class Tiers:
         reserve_tokens: int = 0,
         hot_cache_tokens: int = 0,
         eviction: EvictionPolicy | None = None,
+        read_block_tokens: int = 4096,
     ) -> None:
+        if read_block_tokens < 1:
+            raise ValueError(f"read_block_tokens must be at least 1, got {read_block_tokens}")
         self.plan = plan
+        self.read_block_tokens = read_block_tokens
         self.transfer = transfer
         self.reserve_tokens = reserve_tokens
         self.hot_cache_tokens = hot_cache_tokens
@@ -55,7 +61,7 @@ class Tiers:
         self.segments = [SegmentState(s, window_size, transfer.fetches_rows) for s in plan.segments]
         sparse = {layer: (state, slot) for state in self.segments for slot, layer in enumerate(state.sparse_layers)}
         self.layers: list[DenseLayerKV | SparseLayerKV] = [
-            SparseLayerKV(*sparse[layer]) if role is Role.SPARSE else DenseLayerKV(reserve_tokens)
+            SparseLayerKV(*sparse[layer], read_block_tokens) if role is Role.SPARSE else DenseLayerKV(reserve_tokens)
             for layer, role in enumerate(plan.roles)
         ]
         self.valid: torch.Tensor | None = None  # [rows, capacity] bool: real tokens (False at padding)
@@ -200,8 +206,9 @@ class Tiers:
 
     # storing ---------------------------------------------------------------------------------------
     def store(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill: append a chunk's KV ``[rows, kv_heads, n, head_dim]`` to layer ``layer_idx`` and
-        return every token of the layer (what full attention over the prompt so far reads)."""
+        """Prefill: append a chunk's KV ``[rows, kv_heads, n, head_dim]`` to layer ``layer_idx``. A dense
+        layer returns every token it holds; a sparse layer returns the chunk and describes its earlier
+        tokens in its ``earlier`` (the attention function reads them from the host tier in blocks)."""
         layer = self.layers[layer_idx]
         if isinstance(layer, SparseLayerKV):
             self.ensure_arena(layer, keys)
@@ -218,12 +225,13 @@ class Tiers:
             layer.update(keys, values)
 
     def prefetch_after(self, layer_idx: int) -> None:
-        """Start reading the next sparse layer's earlier tokens from the host tier (a chunk after the first)."""
+        """Start reading the next sparse layer's first block of earlier tokens from the host tier (a
+        chunk after the first), so that its attention finds it on the device."""
         following = next((index for index in self.plan.sparse_layers if index > layer_idx), None)
         if following is not None:
             layer = self.layers[following]
             if layer.arena is not None and layer.length > 0:
-                layer.arena.prefetch(layer.slot, layer.length)
+                layer.arena.prefetch(layer.slot, min(layer.length, layer.read_block_tokens))
 
     # one decode step -----------------------------------------------------------------------------
     def update_selectable(self, counters: DecodeCounters) -> None:

@@ -4,7 +4,9 @@
 
 Prints the bytes of the weights, each KV tier and activations, whether the run
 fits dense and with OmniKV, and the longest context that fits each way (for OmniKV with offload to
-the host, once per host-tier dtype: the model's and FP8). The model's geometry comes
+the host, once per host-tier dtype: the model's and FP8), and which host tier would make a decode
+step faster (the bytes a step moves over PCIe with each, the host-to-device bandwidth: measured on
+CUDA, else the planner's default figure, and each tier's floor). The model's geometry comes
 from ``--model-config`` (a config.json, an HF folder or a known name) or the config's model; no
 weights are read. A run longer than the model's position limit (``max_position_embeddings``, or
 ``--max-position`` for a model whose RoPE reaches further) does not fit, whatever the memory: the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from dataclasses import replace
 from typing import Any
 
@@ -85,6 +88,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     from omnikv_runtime.errors import ConfigError
     from omnikv_runtime.planner import parse_bytes, plan_memory, resolve_geometry
     from omnikv_runtime.planner.fit import DEFAULT_HEADROOM, dense_twin, fits, longest_context
+    from omnikv_runtime.planner.host_tier import compare_host_tiers, host_to_device_bandwidth
 
     if args.headroom is None:
         args.headroom = DEFAULT_HEADROOM
@@ -183,6 +187,10 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                 geometry, variant, args.context, args.batch, new_tokens, args.dtype
             ).host_bytes_per_token
             report["omnikv"]["longest_context_by_host_dtype"][host_dtype] = figures
+        bandwidth, source = host_to_device_bandwidth("cuda" if torch.cuda.is_available() else None)
+        report["omnikv"]["host_tier_speed"] = compare_host_tiers(
+            geometry, config, args.batch, args.context, bandwidth, source, args.dtype
+        )
     report["runs"] = "omnikv" if config.omnikv.enabled else "dense"  # the run the config asks for
     report["fits"] = report[report["runs"]]["fits"]["all"]
     return report
@@ -253,6 +261,11 @@ def print_report(report: dict[str, Any]) -> None:
             f"tokens (limited by {longest['limited_by']}); decode only {decode['context']:,} "
             f"(limited by {decode['limited_by']})"
         )
+    speed = report.get("omnikv", {}).get("host_tier_speed")
+    if speed:
+        from omnikv_runtime.planner.host_tier import describe_host_tiers
+
+        print("\n".join(textwrap.wrap(describe_host_tiers(speed), 110, initial_indent="Host tier speed: ")))
     limit = report["fits_model"]
     source = limit.get("max_positions_source", "max_position_embeddings")
     hint = f" ({LONG_CONTEXT_MODEL}: Llama-3-8B's geometry with {LONG_CONTEXT_POSITIONS:,} positions)"

@@ -299,10 +299,24 @@ class OffloadSection(_Section):
 
 
 class PrefillSection(_Section):
-    """Chunked prefill keeps activation memory flat; null runs the prompt in one forward."""
+    """Chunked prefill keeps activation memory flat; null runs the prompt in one forward.
+
+    A chunk after the first attends to the sparse layers' earlier tokens by reading them back from
+    the host tier ``read_block_tokens`` at a time (the next block is read while one is computed), so
+    the GPU memory a chunk needs does not grow with the context.
+    """
 
     chunk_size: StrictInt | None = Field(
         default=4096, gt=0, le=MAX_TOKENS, description="prompt tokens per prefill forward; `null` for one forward"
+    )
+    read_block_tokens: StrictInt = Field(
+        default=4096,
+        gt=0,
+        le=MAX_TOKENS,
+        description=(
+            "earlier tokens of a sparse layer read back from the host tier at a time while a prefill chunk attends "
+            "to them (two blocks are on the GPU at once: the one computed and the next one read)"
+        ),
     )
 
 

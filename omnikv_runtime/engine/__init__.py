@@ -127,6 +127,7 @@ class Engine:
             reserve_tokens=reserve_tokens,
             hot_cache_tokens=self.hot_cache_tokens,
             eviction=self.eviction,
+            read_block_tokens=self.config.prefill.read_block_tokens,
         )
 
     def new_slot_cache(self, rows: int, capacity: int, new_tokens: int) -> SlotCache:

@@ -192,22 +192,36 @@ def _activations(
     """Peak transient bytes of one prefill chunk and of one decode step (transformers' sdpa path, CUDA).
 
     Prefill, last chunk of ``c`` tokens over ``L`` cached ones: hidden states and q/k/v/RoPE copies,
-    then the larger of the MLP (gate, up, product: ``3 c × intermediate``) and attention: with a
-    past, the ``[c, L]`` bool mask and its float copy, K/V repeated to every query head, and for a
-    sparse layer its full KV read back from the host tier (its earlier tokens, those joined with
-    the chunk's, and the next sparse layer's read started ahead). A single-chunk prefill has no mask and
-    keeps grouped heads. Decode: a filter layer's logits over every context key (in the keys' dtype for
+    then the larger of the MLP (gate, up, product: ``3 c × intermediate``) and attention. A dense
+    layer's chunk attends to its KV in place (fused kernels, grouped heads, no mask), unless the rows
+    may be padded (a batch of several): then the ``[c, L]`` bool mask and its float copy, and K/V
+    repeated to every query head. A sparse layer's chunk reads its earlier tokens back from the host
+    tier ``prefill.read_block_tokens`` at a time: the block being computed and its contiguous copy,
+    the next one being read and the next sparse layer's first block (``4 × block`` tokens, whatever
+    ``L``), the float32
+    running output, the block's and their weighted sum, and for rows that may be padded the block's
+    float32 scores and weights (a masked block is computed without a fused kernel). A single-chunk
+    prefill has no past. Decode: a filter layer's logits over every context key (in the keys' dtype for
     half precision, then float32 copies), plus the LM head's logits.
     """
     g, b, d = geometry, batch, dtype_bytes
     chunk = min(config.prefill.chunk_size or context, context)
     past = context - chunk
     attention = chunk * (g.num_heads + 2 * g.kv_heads) * g.head_dim * d * 2
-    if past:
+    padded = b > 1  # one row is never padded; the rows of a batch may be
+    if past and padded:
         attention += chunk * context * (1 + d)
         attention += 2 * g.num_heads * context * g.head_dim * d
-        if plan.sparse_layers and config.offload.device == "cpu":  # this layer's earlier KV read back,
-            attention += 3 * context * g.kv_row_bytes(d)  # joined with the chunk's, and the next layer's read
+    if past and plan.sparse_layers:
+        block = min(config.prefill.read_block_tokens, past)
+        # read back: the block computed, its contiguous copy for the fused kernel, the next block and the next
+        # sparse layer's first in flight; with the arena on the GPU ("none") blocks are views, copied once
+        blocks = (4 if config.offload.device == "cpu" else 1) * block * g.kv_row_bytes(d)
+        merged = 3 * chunk * g.num_heads * g.head_dim * 4
+        scores = 2 * g.num_heads * chunk * block * 4 if padded else 0
+        attention = max(
+            attention, chunk * (g.num_heads + 2 * g.kv_heads) * g.head_dim * d * 2 + blocks + merged + scores
+        )
     prefill = b * (chunk * g.hidden * d * 4 + max(3 * chunk * g.intermediate * d, attention))
     decode_core = b * (g.hidden * d * 4 + 3 * g.intermediate * d + g.vocab * (d + 8))
     selection = 0

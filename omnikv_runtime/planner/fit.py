@@ -98,7 +98,10 @@ def suggestions(plan: MemoryPlan, config: OmniKVConfig, gpu_short: bool, host_sh
             if offload.hot_cache_tokens:
                 tips.append(f"lower offload.hot_cache_tokens (now {offload.hot_cache_tokens})")
         if plan.activations["prefill"] >= plan.activations["decode"]:
-            tips.append(f"lower prefill.chunk_size (now {config.prefill.chunk_size})")
+            tips.append(
+                f"lower prefill.chunk_size (now {config.prefill.chunk_size}) or prefill.read_block_tokens "
+                f"(now {config.prefill.read_block_tokens})"
+            )
         if not plan.weights_offloaded:
             tips.append(
                 f"split the model over more GPUs (distributed.tp_size, now {plan.tp_size}), or keep the weights in "

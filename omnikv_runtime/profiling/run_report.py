@@ -8,13 +8,19 @@ does), but its KV still lives in the host tier and is fetched again at each step
 so, next to the bytes that moved. Below that, it says which share of the context the sparse layers
 attended to, and that the output can then differ from dense attention's. It counts the decode steps
 that ran after the answer had ended (the loop looks for the end every ``generation.check_every``
-tokens and drops what came after it), so the steps and the new tokens add up.
+tokens and drops what came after it), so the steps and the new tokens add up. With the sparse
+layers' KV in host memory it says which host tier (the model's dtype or FP8) would make the run's
+decode steps faster, with the bytes each moves over PCIe, the bandwidth and where it comes from.
 """
 
 from __future__ import annotations
 
 import textwrap
 from typing import Any
+
+from omnikv_runtime.geometry import ModelGeometry
+from omnikv_runtime.planner import DTYPE_BYTES
+from omnikv_runtime.planner.host_tier import compare_host_tiers, describe_host_tiers, host_to_device_bandwidth
 
 # cache tier key -> what the tier is
 TIER_LABELS = {
@@ -100,7 +106,19 @@ def summarize_run(engine: Any, prompt_tokens: int, answer: str) -> dict[str, Any
         "bytes": {**tiers, **stats["transfer"]},
         "prefill_seconds": round(stats.get("prefill_seconds", 0.0), 3),
         "decode_seconds": round(stats.get("decode_seconds", 0.0), 3),
+        "host_tier_speed": host_tier_speed(engine, stats.get("batch", 1), context) if enabled else None,
     }
+
+
+def host_tier_speed(engine: Any, batch: int, context: int) -> dict[str, Any] | None:
+    """Which host tier (the model's dtype or FP8) would make this run's decode steps faster, by the bytes
+    each moves over PCIe (:func:`~omnikv_runtime.planner.host_tier.compare_host_tiers`; a report only)."""
+    dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+    bandwidth, source = host_to_device_bandwidth(engine.device)
+    geometry = ModelGeometry.from_model(engine.model)
+    return compare_host_tiers(
+        geometry, engine.config, batch, context, bandwidth, source, dtype if dtype in DTYPE_BYTES else None
+    )
 
 
 def _mib(value: int) -> str:
@@ -151,4 +169,7 @@ def run_lines(name: str, run: dict[str, Any]) -> list[str]:
             f"{_mib(tiers['bytes_written'])}"
         )
     lines.append(f"  prefill / decode     {run['prefill_seconds']:.2f} s / {run['decode_seconds']:.2f} s")
+    if run.get("host_tier_speed"):
+        wrapped = textwrap.wrap(describe_host_tiers(run["host_tier_speed"]), 96)
+        lines += [f"  host tier speed      {wrapped[0]}", *(f"{'':23}{line}" for line in wrapped[1:])]
     return lines
