@@ -54,7 +54,7 @@ def test_fp8_host_tier_holds_more_requests_when_the_host_limits():
     config = okv.load_config("llama3_8b")
     fp8 = config.model_copy(deep=True)
     fp8.offload.host_dtype = "float8_e4m3fn"
-    gpu_free, host_free = parse_bytes("60GB"), parse_bytes("24GB")
+    gpu_free, host_free = parse_bytes("60GB"), parse_bytes("12GB")
     model_dtype = most_slots(LLAMA3_8B, config, CONTEXT, NEW, gpu_free, host_free)
     quantized = most_slots(LLAMA3_8B, fp8, CONTEXT, NEW, gpu_free, host_free)
     assert model_dtype["limited_by"] == "host" and model_dtype["slots"] >= 1
