@@ -192,7 +192,7 @@ def test_a_prompt_too_long_by_its_characters_is_refused_without_tokenizing():
         response = client.post("/v1/completions", json={"prompt": "a" * (63 * 3 + 1), "max_tokens": 1})
         error = refusal(response)
         assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
-        assert "more than 63 tokens (190 characters, and no token is longer than 3)" in error["message"]
+        assert "more than 63 tokens (190 characters besides whitespace, and no token is longer than 3)" in error["message"]
         fits = client.post("/v1/completions", json={"prompt": "a" * 63, "max_tokens": 1})
         assert fits.status_code == 200
         assert tokenizer.texts == ["a" * 63]
@@ -223,3 +223,28 @@ def test_a_max_context_that_cannot_serve_is_refused_at_start(capsys):
         cli.build_parser().parse_args(["serve", "--max-context", "14"])
     assert "--max-context: must be at least 15, got 14" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["serve", "--max-context", "15"]).max_context == 15
+
+
+def test_the_character_bound_holds_for_tokenizers_that_drop_whitespace_or_take_whole_words():
+    """A whitespace-splitting word-level tokenizer gives ``"w1 w2"`` 2 tokens for 5 characters, and an unknown
+    word of any length 1 token: the character bound would refuse prompts that fit, so it counts no whitespace
+    and is skipped for whole-word vocabularies. A BPE vocabulary keeps it (whitespace not counted)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from omnikv_runtime.serve.prompts import PromptEncoder, longest_token_chars
+
+    words = Tokenizer(models.WordLevel({"w1": 1, "w2": 2, "[UNK]": 0}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_level = PreTrainedTokenizerFast(tokenizer_object=words)
+    assert longest_token_chars(word_level) is None
+    prompt = " ".join(["w1", "w2", "averyveryverylongunknownword"] * 10)  # 30 tokens, 250 characters
+    assert PromptEncoder(word_level, 40).encode(prompt, False, 1, "prompt") == (1, 2, 0) * 10
+    pieces = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    pieces.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe = PreTrainedTokenizerFast(tokenizer_object=pieces)
+    assert longest_token_chars(bpe) == 2
+    spaced = "  ".join(["ab"] * 30)  # 30 tokens: 60 characters besides whitespace, 118 with it
+    assert len(PromptEncoder(bpe, 40).encode(spaced, False, 1, "prompt")) == 30
+    with pytest.raises(Exception, match="more than 29 tokens .62 characters besides whitespace"):
+        PromptEncoder(bpe, 30).encode(spaced + " ab", False, 1, "prompt")

@@ -191,7 +191,7 @@ class Api:
             message = "This model's tokenizer has no chat template: use /v1/completions"
             raise ApiError(400, message, "messages", "unsupported_value")
         messages = [message.as_template_message() for message in body.messages]
-        self.encoder.check_chars(sum(len(m["content"]) for m in messages), max_tokens, "messages")
+        self.encoder.check_chars([m["content"] for m in messages], max_tokens, "messages")
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template refuses these messages (jinja2's TemplateError, ...)

@@ -4,8 +4,11 @@ The checks run cheapest first:
 
 1. **By characters.** No token covers more characters than the longest entry of the tokenizer's
    vocabulary (byte-level BPE entries hold one character per byte, SentencePiece entries one per
-   character), so a text longer than ``room × longest`` characters has more than ``room`` tokens:
-   it is refused without tokenizing. (A chat request with more messages than the context has
+   character), so a text with more than ``room × longest`` characters besides whitespace has more
+   than ``room`` tokens: it is refused without tokenizing. Whitespace is not counted, as tokenizers
+   may drop or merge it (a word-level pre-tokenizer, SentencePiece's collapsed spaces). Word-level
+   and WordPiece vocabularies map an unknown word of any length to one token, so for them this
+   check is skipped. (A chat request with more messages than the context has
    tokens is refused before that, as its body is parsed: each message renders to at least one token.)
 2. **By prefix.** A long text is counted on growing prefixes, each cut before a space. Tokens do not
    span such a cut in the vocabularies served here, so a prefix has about as many tokens as the
@@ -32,10 +35,15 @@ PREFIX_SLACK = 16  # tokens a prefix may have beyond the room before it alone re
 _T = TypeVar("_T")
 
 
+WHOLE_WORD_MODELS = ("WordLevel", "WordPiece")  # an unknown word of any length is one token of theirs
+
+
 def longest_token_chars(tokenizer: Any) -> int | None:
-    """Characters of the tokenizer's longest vocabulary entry (None when it has no ``get_vocab``)."""
+    """Characters of the tokenizer's longest vocabulary entry (None when it has no ``get_vocab``, or when its
+    model turns an unknown word of any length into one token)."""
     get_vocab = getattr(tokenizer, "get_vocab", None)
-    if get_vocab is None:
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if get_vocab is None or type(model).__name__ in WHOLE_WORD_MODELS:
         return None
     return max((len(entry) for entry in get_vocab()), default=None)
 
@@ -73,16 +81,19 @@ class PromptEncoder:
         """Prompt tokens that fit beside ``max_tokens`` new ones (None: at least one)."""
         return self.context_limit - (1 if max_tokens is None else max_tokens)
 
-    def check_chars(self, chars: int, max_tokens: int | None, param: str) -> None:
-        """Refuse ``chars`` characters that hold more tokens than the room, whatever they are."""
+    def check_chars(self, texts: list[str], max_tokens: int | None, param: str) -> None:
+        """Refuse ``texts`` whose characters besides whitespace hold more tokens than the room, whatever they are."""
         room = self.room(max_tokens)
-        if self.longest_token is not None and chars > max(room, 0) * self.longest_token:
-            why = f"{chars} characters, and no token is longer than {self.longest_token}"
+        if self.longest_token is None:
+            return
+        chars = sum(len(text) - sum(map(text.count, " \n\t\r")) for text in texts)  # counted in C, not per char
+        if chars > max(room, 0) * self.longest_token:
+            why = f"{chars} characters besides whitespace, and no token is longer than {self.longest_token}"
             raise too_long(room, why, self.context_limit, max_tokens, param)
 
     def encode(self, text: str, add_special_tokens: bool, max_tokens: int | None, param: str) -> tuple[int, ...]:
         """The ids of ``text``; raises ApiError 400 when they cannot fit (possibly before counting them all)."""
-        self.check_chars(len(text), max_tokens, param)
+        self.check_chars([text], max_tokens, param)
         room = self.room(max_tokens)
         cut = max(room, 1) * FIRST_PREFIX_CHARS_PER_TOKEN
         while cut < len(text):
