@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' shared helpers
 from okv_testlib import make_model  # noqa: E402
@@ -148,6 +149,9 @@ def main() -> int:
         }
     with open(f"{out}.rank{rank}.json", "w", encoding="utf-8") as handle:
         json.dump(result, handle)
+    if world > 1 and dist.is_initialized():  # leave together: a rank exiting while another runs aborts gloo's teardown
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

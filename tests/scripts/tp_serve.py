@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' shared helpers
 from okv_testlib import make_model, make_prompt  # noqa: E402
@@ -81,6 +82,9 @@ def main() -> int:
     result = {"world": world, "tiers": {str(hot): run(world, hot) for hot in (0, 12)}}
     with open(f"{out}.rank{rank}.json", "w", encoding="utf-8") as handle:
         json.dump(result, handle)
+    if world > 1 and dist.is_initialized():  # leave together: a rank exiting while another runs aborts gloo's teardown
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
