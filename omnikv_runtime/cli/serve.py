@@ -249,12 +249,11 @@ def batch_that_fits(engine: Any, max_context: int | None, prefix_cache_bytes: in
     """--max-batch auto: the most slots of the server's context that fit beside the prefix cache (the memory
     planner's count, the fewest of every rank's under tensor parallelism), at most MAX_AUTO_BATCH; ConfigError
     when not even one fits."""
-    from omnikv_runtime.serve.prefix_cache import DEFAULT_BLOCK_TOKENS, block_bytes, planned_blocks
+    from omnikv_runtime.serve.prefix_cache import DEFAULT_BLOCK_TOKENS, planned_pools
     from omnikv_runtime.serve.slot_checks import auto_batch, fewest_across_ranks, slot_capacity, slot_sizes
 
     context, new_tokens = slot_sizes(engine, max_context, None)
-    blocks = planned_blocks(engine, prefix_cache_bytes, DEFAULT_BLOCK_TOKENS)
-    prefix_bytes = tuple(blocks * size for size in block_bytes(engine, DEFAULT_BLOCK_TOKENS))
+    _, prefix_bytes = planned_pools(engine, prefix_cache_bytes, DEFAULT_BLOCK_TOKENS)
     capacity = slot_capacity(engine, context, new_tokens, prefix_bytes)
     fewest = fewest_across_ranks(engine.tensor_parallel_group, engine.device, capacity.slots)  # before any raise
     rows = auto_batch(replace(capacity, slots=fewest))

@@ -9,6 +9,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
+
+
+def batch_metrics(batch: Any, transfer_stats: Any, offloaded: bool) -> dict[str, Any]:
+    """The slot batch's part of the scheduler's metrics: prompt tokens prefilled and the forwards that ran them,
+    bytes over PCIe (with the sparse layers' KV offloaded), and the KV tiers' bytes."""
+    moved = transfer_stats.bytes_fetched + transfer_stats.bytes_prefill_read + transfer_stats.bytes_written
+    tiers = batch.cache.tier_bytes()
+    return {
+        "prefill_tokens_total": batch.prefill_tokens,
+        "prefill_forwards_total": batch.prefill_forwards,
+        "pcie_bytes_total": moved if offloaded else 0,
+        "kv_bytes": {
+            "gpu_dense": tiers["gpu_dense"],
+            "gpu_selected": tiers["gpu_selected"],
+            "gpu_tail": tiers["gpu_tail"],
+            "host_used": tiers["host"],
+            "host_allocated": tiers["host_allocated"],
+        },
+    }
+
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

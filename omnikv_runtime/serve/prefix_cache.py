@@ -92,6 +92,12 @@ def planned_blocks(engine, budget_bytes: int, block_tokens: int) -> int:
     return blocks
 
 
+def planned_pools(engine, budget_bytes: int, block_tokens: int) -> tuple[int, tuple[int, int]]:
+    """Blocks a store of ``budget_bytes`` holds, and its pools' bytes ``(GPU, host)`` (see :func:`block_bytes`)."""
+    blocks = planned_blocks(engine, budget_bytes, block_tokens)
+    return blocks, tuple(blocks * size for size in block_bytes(engine, block_tokens))
+
+
 @dataclass
 class _Block:
     index: int  # its place in the pools

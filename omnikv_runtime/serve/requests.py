@@ -68,3 +68,28 @@ class AdmissionError(Exception):
         self.status = status
         self.message = message
         self.code = code  # OpenAI-style error code: "context_length_exceeded", "queue_full", ...
+
+
+def admission_problem(
+    prompt_tokens: int | None, max_tokens: int, max_new_tokens: int, context_limit: int
+) -> tuple[str, str] | None:
+    """``(message, code)`` of why a request can never be served by a server of ``context_limit`` tokens and
+    ``max_new_tokens`` new tokens per request (an empty prompt, ``max_tokens`` below 1 or over the cap, or
+    prompt and ``max_tokens`` over the context), or None. ``prompt_tokens`` None checks ``max_tokens`` alone."""
+    if prompt_tokens == 0:
+        return "the prompt is empty: give at least one token", "empty_prompt"
+    if max_tokens < 1:
+        return f"max_tokens must be at least 1, got {max_tokens}", "invalid_max_tokens"
+    if max_tokens > max_new_tokens:
+        return (
+            f"max_tokens {max_tokens} is over this server's {max_new_tokens} new tokens per request",
+            "max_tokens_exceeded",
+        )
+    if prompt_tokens is not None and prompt_tokens + max_tokens > context_limit:
+        return (
+            f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}, "
+            f"{prompt_tokens + max_tokens} in all, over this server's context of {context_limit} "
+            "tokens: shorten the prompt or lower max_tokens",
+            "context_length_exceeded",
+        )
+    return None

@@ -47,16 +47,16 @@ from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
 from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.serve.batch import SlotBatch
-from omnikv_runtime.serve.prefix_cache import (
-    DEFAULT_BLOCK_TOKENS,
-    PREFIX_METRICS,
-    PrefixCache,
-    block_bytes,
-    planned_blocks,
+from omnikv_runtime.serve.metrics import batch_metrics
+from omnikv_runtime.serve.prefix_cache import DEFAULT_BLOCK_TOKENS, PREFIX_METRICS, PrefixCache, planned_pools
+from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest, admission_problem
+from omnikv_runtime.serve.slot_checks import (
+    check_ranks_agree,
+    check_scheduler_arguments,
+    check_slots_fit,
+    slot_sizes,
 )
-from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest
-from omnikv_runtime.serve.slot_checks import check_ranks_agree, check_slots_fit, slot_sizes
-from omnikv_runtime.serve.text import TextStream
+from omnikv_runtime.serve.text import TextStream, eos_token_ids
 from omnikv_runtime.serve.turns import PlanChannel, TurnPlan, TurnRunner
 
 logger = logging.getLogger(__name__)
@@ -127,23 +127,12 @@ class Scheduler:
     ) -> None:
         if engine.tokenizer is None:
             raise ConfigError("model", "no tokenizer", "a model with a tokenizer (the server decodes text)")
-        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(name, value, f"an integer of at least {low}")
-        if max_prefill_tokens is not None and (
-            isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1
-        ):
-            raise ConfigError(
-                "max_prefill_tokens",
-                max_prefill_tokens,
-                "a whole number of prompt tokens per turn, at least 1 (default: prefill.chunk_size)",
-            )
+        check_scheduler_arguments(max_batch, max_queue, max_prefill_tokens)
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context_limit, self.max_new_tokens = slot_sizes(engine, max_context, max_new_tokens)
-        blocks = planned_blocks(engine, prefix_cache_bytes, prefix_block_tokens)
-        prefix_bytes = tuple(blocks * size for size in block_bytes(engine, prefix_block_tokens))
+        blocks, prefix_bytes = planned_pools(engine, prefix_cache_bytes, prefix_block_tokens)
         check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens, prefix_bytes)
         self.batch = SlotBatch(engine, max_batch, self.context_limit + 1, self.max_new_tokens, recorder=recorder)
         self.prefixes = None
@@ -179,7 +168,7 @@ class Scheduler:
         channel = PlanChannel(group, self.batch.device) if group is not None else None
         self.turns = TurnRunner(self.batch, self.chunk_size, channel, self.prefixes)
         self.follower = not self.turns.leader  # a rank other than 0: it follows rank 0's turns
-        self.eos_ids = set(_eos_ids(engine))
+        self.eos_ids = set(eos_token_ids(engine))
         self._lock = threading.Condition()
         self._queue: collections.deque[_Live] = collections.deque()
         self._prefilling: collections.deque[_Live] = collections.deque()
@@ -220,23 +209,7 @@ class Scheduler:
         """Raise AdmissionError (400, counted as rejected) for a request that can never be served here: an
         empty prompt, ``max_tokens`` below 1 or over the cap per request, or prompt and ``max_tokens`` over
         the context. ``prompt_tokens`` None checks ``max_tokens`` alone (before the prompt is tokenized)."""
-        problem = None
-        if prompt_tokens == 0:
-            problem = ("the prompt is empty: give at least one token", "empty_prompt")
-        elif max_tokens < 1:
-            problem = (f"max_tokens must be at least 1, got {max_tokens}", "invalid_max_tokens")
-        elif max_tokens > self.max_new_tokens:
-            problem = (
-                f"max_tokens {max_tokens} is over this server's {self.max_new_tokens} new tokens per request",
-                "max_tokens_exceeded",
-            )
-        elif prompt_tokens is not None and prompt_tokens + max_tokens > self.context_limit:
-            problem = (
-                f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}, "
-                f"{prompt_tokens + max_tokens} in all, over this server's context of {self.context_limit} "
-                "tokens: shorten the prompt or lower max_tokens",
-                "context_length_exceeded",
-            )
+        problem = admission_problem(prompt_tokens, max_tokens, self.max_new_tokens, self.context_limit)
         if problem is not None:
             self._count("requests_rejected_total")
             raise AdmissionError(400, *problem)
@@ -269,14 +242,10 @@ class Scheduler:
             counts = dict(self._counts)
             running = len(self._running) + len(self._prefilling)
             queued = len(self._queue)
-        cache = self.batch.cache
-        tiers = cache.tier_bytes()
-        transfer = self.engine.transfer.stats
-        offloaded = self.engine.config.offload.device == "cpu"
-        pcie = transfer.bytes_fetched + transfer.bytes_prefill_read + transfer.bytes_written if offloaded else 0
         prefixes = self.prefixes.metrics() if self.prefixes is not None else dict.fromkeys(PREFIX_METRICS, 0)
         return {
             **prefixes,
+            **batch_metrics(self.batch, self.engine.transfer.stats, self.engine.config.offload.device == "cpu"),
             "requests_total": counts.get("requests_total", 0),
             "requests_rejected_total": counts.get("requests_rejected_total", 0),
             "requests_running": running,
@@ -285,17 +254,7 @@ class Scheduler:
             "slots_free": self._free_slots(),
             "prompt_tokens_total": counts.get("prompt_tokens_total", 0),
             "generation_tokens_total": counts.get("generation_tokens_total", 0),
-            "prefill_tokens_total": self.batch.prefill_tokens,
-            "prefill_forwards_total": self.batch.prefill_forwards,
             "turns_total": self.turns.turns_run,
-            "pcie_bytes_total": pcie,
-            "kv_bytes": {
-                "gpu_dense": tiers["gpu_dense"],
-                "gpu_selected": tiers["gpu_selected"],
-                "gpu_tail": tiers["gpu_tail"],
-                "host_used": tiers["host"],
-                "host_allocated": tiers["host_allocated"],
-            },
         }
 
     def _cancel(self, request_id: str) -> None:
@@ -472,11 +431,3 @@ class Scheduler:
 
 def _top_p(value: float) -> float | None:
     return None if value >= 1.0 else value
-
-
-def _eos_ids(engine: Any) -> list[int]:
-    config = engine.model.generation_config
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        eos = engine.tokenizer.eos_token_id
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])] if eos is not None else []

@@ -30,6 +30,21 @@ logger = logging.getLogger(__name__)
 CPU_SHARE = 0.9  # on the CPU, the slots may take this share of the memory available
 
 
+def check_scheduler_arguments(max_batch: object, max_queue: object, max_prefill_tokens: object) -> None:
+    """Raise ConfigError, naming the argument, for slots, a queue or a turn's prefill budget out of range."""
+    for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(name, value, f"an integer of at least {low}")
+    if max_prefill_tokens is not None and (
+        isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1
+    ):
+        raise ConfigError(
+            "max_prefill_tokens",
+            max_prefill_tokens,
+            "a whole number of prompt tokens per turn, at least 1 (default: prefill.chunk_size)",
+        )
+
+
 def slot_sizes(engine: Any, max_context: int | None, max_new_tokens: int | None) -> tuple[int, int]:
     """(context of a slot, new tokens of a request at most): ``max_context`` within the model's and the config's
     limits, and ``max_new_tokens`` (default 1024, or the whole context with ``omnikv.tail_tokens`` set) within it."""

@@ -59,3 +59,12 @@ class TextStream:
         out = text[self.sent :]
         self.sent = max(self.sent, len(text))
         return out
+
+
+def eos_token_ids(engine: Any) -> list[int]:
+    """The token ids that end a request: the model's generation config's, else the tokenizer's."""
+    config = engine.model.generation_config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = engine.tokenizer.eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])] if eos is not None else []
