@@ -376,14 +376,24 @@ class Engine:
             self.release_graphs()
             self.check_memory(batch, prompt_tokens, new_tokens)
 
-    def check_memory(self, batch: int, prompt_tokens: int, new_tokens: int, reserved: tuple[int, int] = (0, 0)) -> None:
+    def check_memory(
+        self,
+        batch: int,
+        prompt_tokens: int,
+        new_tokens: int,
+        reserved: tuple[int, int] = (0, 0),
+        prefill_rows: int | None = None,
+    ) -> None:
         """On CUDA, raise PromptError (naming what to change) when the memory planner says the run cannot fit
-        (with ``reserved`` ``(GPU, host)`` bytes more, e.g. a server's prefix cache)."""
+        (with ``reserved`` ``(GPU, host)`` bytes more, e.g. a server's prefix cache; ``prefill_rows``: rows
+        prefilled together, default all of them)."""
         if self.device.type != "cuda":
             return
         from omnikv_runtime.planner.fit import check_run
 
-        check_run(self.geometry, self.planner_config(), self.device, batch, prompt_tokens, new_tokens, reserved)
+        check_run(
+            self.geometry, self.planner_config(), self.device, batch, prompt_tokens, new_tokens, reserved, prefill_rows
+        )
 
     def planner_config(self) -> OmniKVConfig:
         """The config as the memory planner must see it: a copy, with the dtype the weights are loaded in."""

@@ -86,6 +86,7 @@ def plan_memory(
     new_tokens: int | None = None,
     dtype: str | None = None,
     prefill: bool = True,
+    prefill_rows: int | None = None,
 ) -> MemoryPlan:
     """The bytes a ``generate`` of ``context`` prompt tokens + ``new_tokens`` would need, per tier.
 
@@ -100,6 +101,8 @@ def plan_memory(
     "float8_e4m3fn"`` the host tiers hold one byte per value plus a float32 scale per ``head_dim``
     values; the GPU tiers stay in the model's dtype.
     ``prefill=False`` plans a cache filled directly (no prefill activations), as the capacity benchmark does.
+    ``prefill_rows`` is how many rows are prefilled together (default: the batch; a server prefills each
+    request alone, its chunks at most one chunk's tokens a turn, however many slots decode together).
 
     With ``distributed.tp_size = N`` every GPU figure is one rank's: its ``kv_heads / N`` KV heads in
     every tier, its share of the weights (:meth:`ModelGeometry.rank_param_count`) and its activations;
@@ -162,7 +165,7 @@ def plan_memory(
         budget=budget,
         weights=(full.zero_inference_gpu_params() if offloaded else full.rank_param_count(tp_size)) * dtype_bytes,
         tiers=tiers,
-        activations=_activations(geometry, config, context, batch, dtype_bytes, plan, budget),
+        activations=_activations(geometry, config, context, batch, prefill_rows or batch, dtype_bytes, plan, budget),
     )
     if not prefill:
         result.activations["prefill"] = 0
@@ -185,6 +188,7 @@ def _activations(
     config: OmniKVConfig,
     context: int,
     batch: int,
+    prefill_rows: int,
     dtype_bytes: int,
     plan: LayerPlan,
     budget: int,
@@ -204,7 +208,7 @@ def _activations(
     prefill has no past. Decode: a filter layer's logits over every context key (in the keys' dtype for
     half precision, then float32 copies), plus the LM head's logits.
     """
-    g, b, d = geometry, batch, dtype_bytes
+    g, b, d = geometry, prefill_rows, dtype_bytes
     chunk = min(config.prefill.chunk_size or context, context)
     past = context - chunk
     attention = chunk * (g.num_heads + 2 * g.kv_heads) * g.head_dim * d * 2
@@ -223,6 +227,7 @@ def _activations(
             attention, chunk * (g.num_heads + 2 * g.kv_heads) * g.head_dim * d * 2 + blocks + merged + scores
         )
     prefill = b * (chunk * g.hidden * d * 4 + max(3 * chunk * g.intermediate * d, attention))
+    b = batch  # every row decodes together
     decode_core = b * (g.hidden * d * 4 + 3 * g.intermediate * d + g.vocab * (d + 8))
     selection = 0
     if plan.sparse_layers:

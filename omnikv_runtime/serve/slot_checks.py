@@ -184,7 +184,7 @@ def check_slots_fit(
     advice += f": {fit}"
     if engine.device.type == "cuda":
         try:
-            engine.check_memory(rows, context - new_tokens, new_tokens, reserved=prefix_bytes)
+            engine.check_memory(rows, context - new_tokens, new_tokens, reserved=prefix_bytes, prefill_rows=1)
         except PromptError as exc:
             raise ConfigError("serve", what, f"{exc} ({advice})") from None
         return
