@@ -22,12 +22,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' shared helpers
 from okv_testlib import make_model  # noqa: E402
 
 import omnikv_runtime as okv  # noqa: E402
+from omnikv_runtime.distributed import leave_process_group  # noqa: E402
 from omnikv_runtime.layout import reserve_tokens  # noqa: E402
 
 NEW_TOKENS = 16
@@ -149,9 +149,7 @@ def main() -> int:
         }
     with open(f"{out}.rank{rank}.json", "w", encoding="utf-8") as handle:
         json.dump(result, handle)
-    if world > 1 and dist.is_initialized():  # leave together: a rank exiting while another runs aborts gloo's teardown
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()  # a rank exiting while another still runs aborts gloo's teardown
     return 0
 
 

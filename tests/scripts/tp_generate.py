@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' shared helpers
 from okv_testlib import make_model  # noqa: E402
 
 import omnikv_runtime as okv
+from omnikv_runtime.distributed import leave_process_group
 from omnikv_runtime.layout import reserve_tokens
 from omnikv_runtime.listeners import SelectionRecorder
 
@@ -75,9 +75,7 @@ def main() -> int:
     result = {"world": world, "budgets": {str(budget): run(budget, world) for budget in (1.0, 8)}}
     with open(f"{out}.rank{rank}.json", "w", encoding="utf-8") as handle:
         json.dump(result, handle)
-    if world > 1 and dist.is_initialized():  # leave together: a rank exiting while another runs aborts gloo's teardown
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()  # a rank exiting while another still runs aborts gloo's teardown
     return 0
 
 

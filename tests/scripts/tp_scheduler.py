@@ -23,13 +23,13 @@ import threading
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' shared helpers
 from okv_testlib import make_model, make_prompt  # noqa: E402
 
 import omnikv_runtime as okv  # noqa: E402
 from omnikv_runtime.cache.packed import PackedPrefill  # noqa: E402
+from omnikv_runtime.distributed import leave_process_group  # noqa: E402
 from omnikv_runtime.serve.prefix_cache import block_bytes  # noqa: E402
 from omnikv_runtime.serve.requests import ServeRequest  # noqa: E402
 from omnikv_runtime.serve.scheduler import Scheduler  # noqa: E402
@@ -201,9 +201,7 @@ def main() -> int:
         result["sampled_one_rank"] = seen.tokens["s"]
     with open(f"{out}.rank{rank}.json", "w", encoding="utf-8") as handle:
         json.dump(result, handle)
-    if world > 1:  # leave together (a rank that exits while another still runs aborts in gloo's teardown)
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()  # a rank exiting while another still runs aborts gloo's teardown
     return 0
 
 

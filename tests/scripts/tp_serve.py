@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' shared helpers
 from okv_testlib import make_model, make_prompt  # noqa: E402
 
 import omnikv_runtime as okv  # noqa: E402
+from omnikv_runtime.distributed import leave_process_group  # noqa: E402
 from omnikv_runtime.serve.batch import PrefillJob, SlotBatch  # noqa: E402
 
 # (arrives before decode step, prompt length, new tokens)
@@ -82,9 +82,7 @@ def main() -> int:
     result = {"world": world, "tiers": {str(hot): run(world, hot) for hot in (0, 12)}}
     with open(f"{out}.rank{rank}.json", "w", encoding="utf-8") as handle:
         json.dump(result, handle)
-    if world > 1 and dist.is_initialized():  # leave together: a rank exiting while another runs aborts gloo's teardown
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()  # a rank exiting while another still runs aborts gloo's teardown
     return 0
 
 
