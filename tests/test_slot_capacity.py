@@ -232,3 +232,44 @@ def test_the_server_plans_each_prefill_alone_and_holds_more_long_requests_than_a
     alone = plan_memory(LLAMA3_8B, config, 131072 - NEW, served["slots"], NEW, prefill_rows=1)
     assert alone.activations["prefill"] < batched.activations["prefill"]
     assert alone.activations["decode"] == batched.activations["decode"] and alone.tiers == batched.tiers
+
+
+def test_a_packed_turn_budget_is_planned_as_one_forward_of_the_whole_budget():
+    """A turn packs several requests' chunks into one forward of up to ``max_prefill_tokens``: its hidden states
+    and MLP activations grow with the budget, so the plan does too (one chunk's budget plans as before; a budget
+    under one chunk cuts the chunk), and on a card near its limit a larger budget leaves fewer slots."""
+    config = okv.load_config("llama3_8b")
+    chunk = config.prefill.chunk_size
+    context = CONTEXT - NEW
+
+    def prefill_bytes(tokens):
+        return plan_memory(LLAMA3_8B, config, context, 4, NEW, prefill_rows=1, prefill_tokens=tokens).activations
+
+    default = plan_memory(LLAMA3_8B, config, context, 4, NEW, prefill_rows=1).activations
+    assert prefill_bytes(chunk) == default
+    packed = prefill_bytes(4 * chunk)
+    mlp = 3 * 4 * chunk * LLAMA3_8B.intermediate * 2  # gate, up and their product for every packed token, bf16
+    assert packed["prefill"] >= mlp > default["prefill"] and packed["decode"] == default["decode"]
+    assert prefill_bytes(chunk // 4)["prefill"] < default["prefill"]
+    host = parse_bytes("512GB")
+    weights = plan_memory(LLAMA3_8B, config, context, 1, NEW).weights
+    tight = weights + plan_memory(LLAMA3_8B, config, context, 6, NEW, prefill_rows=1).gpu - weights
+    tight = int(tight / (1 - DEFAULT_HEADROOM)) - weights
+    one_chunk = most_slots(LLAMA3_8B, config, CONTEXT, NEW, tight, host)
+    eight_chunks = most_slots(LLAMA3_8B, config, CONTEXT, NEW, tight, host, prefill_tokens=8 * chunk)
+    assert one_chunk["slots"] >= 6 > eight_chunks["slots"] >= 1
+
+
+def test_the_scheduler_checks_its_slots_with_its_turn_budget(monkeypatch, engine):
+    """The start check plans the turn budget the scheduler will run (not one chunk): with a budget too large for
+    the (stand-in) card, the scheduler refuses to start, saying what to lower; one chunk's budget fits."""
+    from omnikv_runtime.serve.scheduler import Scheduler
+
+    context, new = slot_checks.slot_sizes(engine, None, None)
+    config = engine.planner_config()
+    plan = plan_memory(engine.geometry, config, context - new, 2, new, prefill_rows=1)
+    gpu_free = int((plan.gpu - plan.weights) / (1 - DEFAULT_HEADROOM)) + 1
+    as_if_on_cuda(monkeypatch, engine, gpu_free, 10**12)
+    with pytest.raises(ConfigError, match="lower --max-batch or --max-context"):
+        Scheduler(engine, max_batch=2, max_prefill_tokens=64 * context)
+    slot_checks.check_slots_fit(engine, 2, context, new)  # one chunk a forward: the same slots fit

@@ -206,7 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         max_batch = args.max_batch
         if max_batch == AUTO:
-            max_batch = batch_that_fits(engine, args.max_context, args.prefix_cache_bytes)
+            max_batch = batch_that_fits(engine, args.max_context, args.prefix_cache_bytes, args.max_prefill_tokens)
         scheduler = Scheduler(
             engine,
             max_batch=max_batch,
@@ -245,8 +245,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def batch_that_fits(engine: Any, max_context: int | None, prefix_cache_bytes: int = 0) -> int:
-    """--max-batch auto: the most slots of the server's context that fit beside the prefix cache (the memory
+def batch_that_fits(
+    engine: Any, max_context: int | None, prefix_cache_bytes: int = 0, max_prefill_tokens: int | None = None
+) -> int:
+    """--max-batch auto: the most slots of the server's context that fit beside the prefix cache, with turns of
+    ``max_prefill_tokens`` prompt tokens (the memory
     planner's count, the fewest of every rank's under tensor parallelism), at most MAX_AUTO_BATCH; ConfigError
     when not even one fits."""
     from omnikv_runtime.serve.prefix_cache import DEFAULT_BLOCK_TOKENS, planned_pools
@@ -254,7 +257,7 @@ def batch_that_fits(engine: Any, max_context: int | None, prefix_cache_bytes: in
 
     context, new_tokens = slot_sizes(engine, max_context, None)
     _, prefix_bytes = planned_pools(engine, prefix_cache_bytes, DEFAULT_BLOCK_TOKENS)
-    capacity = slot_capacity(engine, context, new_tokens, prefix_bytes)
+    capacity = slot_capacity(engine, context, new_tokens, prefix_bytes, max_prefill_tokens)
     fewest = fewest_across_ranks(engine.tensor_parallel_group, engine.device, capacity.slots)  # before any raise
     rows = auto_batch(replace(capacity, slots=fewest))
     logger.info(

@@ -383,16 +383,26 @@ class Engine:
         new_tokens: int,
         reserved: tuple[int, int] = (0, 0),
         prefill_rows: int | None = None,
+        prefill_tokens: int | None = None,
     ) -> None:
         """On CUDA, raise PromptError (naming what to change) when the memory planner says the run cannot fit
         (with ``reserved`` ``(GPU, host)`` bytes more, e.g. a server's prefix cache; ``prefill_rows``: rows
-        prefilled together, default all of them)."""
+        prefilled together, default all of them; ``prefill_tokens``: prompt tokens in one forward, default one
+        chunk)."""
         if self.device.type != "cuda":
             return
         from omnikv_runtime.planner.fit import check_run
 
         check_run(
-            self.geometry, self.planner_config(), self.device, batch, prompt_tokens, new_tokens, reserved, prefill_rows
+            self.geometry,
+            self.planner_config(),
+            self.device,
+            batch,
+            prompt_tokens,
+            new_tokens,
+            reserved,
+            prefill_rows,
+            prefill_tokens,
         )
 
     def planner_config(self) -> OmniKVConfig:

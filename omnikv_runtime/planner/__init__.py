@@ -87,6 +87,7 @@ def plan_memory(
     dtype: str | None = None,
     prefill: bool = True,
     prefill_rows: int | None = None,
+    prefill_tokens: int | None = None,
 ) -> MemoryPlan:
     """The bytes a ``generate`` of ``context`` prompt tokens + ``new_tokens`` would need, per tier.
 
@@ -103,6 +104,9 @@ def plan_memory(
     ``prefill=False`` plans a cache filled directly (no prefill activations), as the capacity benchmark does.
     ``prefill_rows`` is how many rows are prefilled together (default: the batch; a server prefills each
     request alone, its chunks at most one chunk's tokens a turn, however many slots decode together).
+    ``prefill_tokens`` is how many prompt tokens one prefill forward carries (default: one chunk,
+    ``prefill.chunk_size``); a server packing several requests' chunks into one forward carries up to its
+    turn budget, each request's part still at most one chunk.
 
     With ``distributed.tp_size = N`` every GPU figure is one rank's: its ``kv_heads / N`` KV heads in
     every tier, its share of the weights (:meth:`ModelGeometry.rank_param_count`) and its activations;
@@ -165,7 +169,9 @@ def plan_memory(
         budget=budget,
         weights=(full.zero_inference_gpu_params() if offloaded else full.rank_param_count(tp_size)) * dtype_bytes,
         tiers=tiers,
-        activations=_activations(geometry, config, context, batch, prefill_rows or batch, dtype_bytes, plan, budget),
+        activations=_activations(
+            geometry, config, context, batch, prefill_rows or batch, prefill_tokens, dtype_bytes, plan, budget
+        ),
     )
     if not prefill:
         result.activations["prefill"] = 0
@@ -189,14 +195,16 @@ def _activations(
     context: int,
     batch: int,
     prefill_rows: int,
+    prefill_tokens: int | None,
     dtype_bytes: int,
     plan: LayerPlan,
     budget: int,
 ) -> dict[str, int]:
     """Peak transient bytes of one prefill chunk and of one decode step (transformers' sdpa path, CUDA).
 
-    Prefill, last chunk of ``c`` tokens over ``L`` cached ones: hidden states and q/k/v/RoPE copies,
-    then the larger of the MLP (gate, up, product: ``3 c × intermediate``) and attention. A dense
+    Prefill, last chunk of ``c`` tokens over ``L`` cached ones, in a forward of ``t`` tokens (``c``, or a packed
+    turn's ``prefill_tokens``: several requests' chunks, each at most ``c``): hidden states and q/k/v/RoPE copies
+    of ``t`` tokens, then the larger of the MLP (gate, up, product: ``3 t × intermediate``) and attention. A dense
     layer's chunk attends to its KV in place (fused kernels, grouped heads, no mask), unless the rows
     may be padded (a batch of several): then the ``[c, L]`` bool mask and its float copy, and K/V
     repeated to every query head. A sparse layer's chunk reads its earlier tokens back from the host
@@ -209,9 +217,11 @@ def _activations(
     half precision, then float32 copies), plus the LM head's logits.
     """
     g, b, d = geometry, prefill_rows, dtype_bytes
-    chunk = min(config.prefill.chunk_size or context, context)
+    chunk = min(config.prefill.chunk_size or context, context, prefill_tokens or context)
+    tokens = prefill_tokens or chunk  # one forward's: a packed turn's may exceed one request's context
     past = context - chunk
-    attention = chunk * (g.num_heads + 2 * g.kv_heads) * g.head_dim * d * 2
+    projections = tokens * (g.num_heads + 2 * g.kv_heads) * g.head_dim * d * 2
+    attention = projections
     padded = b > 1  # one row is never padded; the rows of a batch may be
     if past and padded:
         attention += chunk * context * (1 + d)
@@ -223,10 +233,8 @@ def _activations(
         blocks = (4 if config.offload.device == "cpu" else 1) * block * g.kv_row_bytes(d)
         merged = 3 * chunk * g.num_heads * g.head_dim * 4
         scores = 2 * g.num_heads * chunk * block * 4 if padded else 0
-        attention = max(
-            attention, chunk * (g.num_heads + 2 * g.kv_heads) * g.head_dim * d * 2 + blocks + merged + scores
-        )
-    prefill = b * (chunk * g.hidden * d * 4 + max(3 * chunk * g.intermediate * d, attention))
+        attention = max(attention, projections + blocks + merged + scores)
+    prefill = b * (tokens * g.hidden * d * 4 + max(3 * tokens * g.intermediate * d, attention))
     b = batch  # every row decodes together
     decode_core = b * (g.hidden * d * 4 + 3 * g.intermediate * d + g.vocab * (d + 8))
     selection = 0

@@ -176,10 +176,14 @@ def check_run(
     new_tokens: int,
     reserved: tuple[int, int] = (0, 0),
     prefill_rows: int | None = None,
+    prefill_tokens: int | None = None,
 ) -> MemoryPlan:
-    """Raise PromptError when a CUDA run of this size (``prefill_rows`` of its rows prefilled together; default
-    all), and ``reserved`` ``(GPU, host)`` bytes beside it, cannot fit the memory free now (weights resident)."""
-    plan = plan_memory(geometry, config, context, batch, new_tokens, prefill_rows=prefill_rows)
+    """Raise PromptError when a CUDA run of this size (``prefill_rows`` of its rows prefilled together, default
+    all; ``prefill_tokens`` in one forward, default one chunk), and ``reserved`` ``(GPU, host)`` bytes beside it,
+    cannot fit the memory free now (weights resident)."""
+    plan = plan_memory(
+        geometry, config, context, batch, new_tokens, prefill_rows=prefill_rows, prefill_tokens=prefill_tokens
+    )
     if device.type != "cuda":
         return plan
     gpu_free, host_free = available_memory(device)
@@ -218,16 +222,20 @@ def most_slots(
     gpu_free: int,
     host_free: int,
     limit: int = MAX_SEARCH_SLOTS,
+    prefill_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The most requests of ``context`` tokens (prompt and ``new_tokens`` together) that fit side by side
     beside the resident weights in ``gpu_free`` GPU and ``host_free`` host bytes (the server's slots, each
-    planned as one row of a batch, prefilled one request at a time), at most ``limit``; and which memory stops
+    planned as one row of a batch, prefilled one request at a time, ``prefill_tokens`` a forward: default one
+    chunk), at most ``limit``; and which memory stops
     one more (``"gpu"`` or ``"host"``, ``"search limit"`` at the limit). 0 when not even one fits."""
     if context <= new_tokens:
         raise ValueError(f"a context of {context} tokens leaves no room for a prompt beside {new_tokens} new tokens")
 
     def plan(rows: int) -> MemoryPlan:
-        return plan_memory(geometry, config, context - new_tokens, rows, new_tokens, prefill_rows=1)
+        return plan_memory(
+            geometry, config, context - new_tokens, rows, new_tokens, prefill_rows=1, prefill_tokens=prefill_tokens
+        )
 
     def ok(rows: int) -> bool:
         return shortfall_beside_weights(plan(rows), config, gpu_free, host_free) is None

@@ -133,7 +133,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context_limit, self.max_new_tokens = slot_sizes(engine, max_context, max_new_tokens)
         blocks, prefix_bytes = planned_pools(engine, prefix_cache_bytes, prefix_block_tokens)
-        check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens, prefix_bytes)
+        check_slots_fit(engine, max_batch, self.context_limit, self.max_new_tokens, prefix_bytes, max_prefill_tokens)
         self.batch = SlotBatch(engine, max_batch, self.context_limit + 1, self.max_new_tokens, recorder=recorder)
         self.prefixes = None
         if blocks:

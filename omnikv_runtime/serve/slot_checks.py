@@ -94,9 +94,16 @@ def _tier_words(config: Any) -> str:
     return f"OmniKV, host tier in {stored}"
 
 
-def slot_capacity(engine: Any, context: int, new_tokens: int, prefix_bytes: tuple[int, int] = (0, 0)) -> SlotCapacity:
+def slot_capacity(
+    engine: Any,
+    context: int,
+    new_tokens: int,
+    prefix_bytes: tuple[int, int] = (0, 0),
+    prefill_tokens: int | None = None,
+) -> SlotCapacity:
     """How many slots of ``context`` tokens fit on this machine now beside a prefix cache of ``prefix_bytes``
-    ``(GPU, host)``, and how many a dense server would hold."""
+    ``(GPU, host)``, with turns prefilling ``prefill_tokens`` in one forward (default one chunk), and how many a
+    dense server would hold."""
     if engine.device.type != "cuda":
         per_slot = _cpu_slot_bytes(engine, context, new_tokens)
         available = max(psutil.virtual_memory().available - sum(prefix_bytes), 0)
@@ -112,11 +119,13 @@ def slot_capacity(engine: Any, context: int, new_tokens: int, prefix_bytes: tupl
     config = engine.planner_config()
     gpu_free, host_free = available_memory(engine.device)
     gpu_free, host_free = max(gpu_free - prefix_bytes[0], 0), max(host_free - prefix_bytes[1], 0)
-    mine = most_slots(engine.geometry, config, context, new_tokens, gpu_free, host_free)
-    dense = most_slots(engine.geometry, dense_twin(config), context, new_tokens, gpu_free, host_free)
+    mine = most_slots(engine.geometry, config, context, new_tokens, gpu_free, host_free, prefill_tokens=prefill_tokens)
+    dense = most_slots(
+        engine.geometry, dense_twin(config), context, new_tokens, gpu_free, host_free, prefill_tokens=prefill_tokens
+    )
     shortfall = None
     if not mine["slots"]:
-        plan = plan_memory(engine.geometry, config, context - new_tokens, 1, new_tokens)
+        plan = plan_memory(engine.geometry, config, context - new_tokens, 1, new_tokens, prefill_tokens=prefill_tokens)
         shortfall = shortfall_beside_weights(plan, config, gpu_free, host_free)
     return SlotCapacity(
         context, new_tokens, mine["slots"], mine["limited_by"], "cuda", _tier_words(config), dense["slots"], shortfall
@@ -167,14 +176,19 @@ def fewest_across_ranks(group: Any, device: torch.device, value: int) -> int:
 
 
 def check_slots_fit(
-    engine: Any, rows: int, context: int, new_tokens: int, prefix_bytes: tuple[int, int] = (0, 0)
+    engine: Any,
+    rows: int,
+    context: int,
+    new_tokens: int,
+    prefix_bytes: tuple[int, int] = (0, 0),
+    prefill_tokens: int | None = None,
 ) -> None:
     """Log how many slots of ``context`` tokens this machine holds beside the prefix cache's ``prefix_bytes``
-    ``(GPU, host)`` (:func:`describe_capacity`); raise ConfigError, saying what to lower, when ``rows`` slots and
-    the prefix cache cannot fit: on CUDA as the memory planner sees it, on the CPU against the memory available
-    now."""
+    ``(GPU, host)``, turns prefilling ``prefill_tokens`` in one forward (:func:`describe_capacity`); raise
+    ConfigError, saying what to lower, when ``rows`` slots and the prefix cache cannot fit: on CUDA as the memory
+    planner sees it, on the CPU against the memory available now."""
     what = f"{rows} slots of {context} tokens"
-    capacity = slot_capacity(engine, context, new_tokens, prefix_bytes)
+    capacity = slot_capacity(engine, context, new_tokens, prefix_bytes, prefill_tokens)
     logger.info("capacity: %s", describe_capacity(capacity, rows))
     fit = f"{capacity.slots} fit, which --max-batch auto takes" if capacity.slots else "not even one fits"
     advice = "lower --max-batch or --max-context"
@@ -184,7 +198,14 @@ def check_slots_fit(
     advice += f": {fit}"
     if engine.device.type == "cuda":
         try:
-            engine.check_memory(rows, context - new_tokens, new_tokens, reserved=prefix_bytes, prefill_rows=1)
+            engine.check_memory(
+                rows,
+                context - new_tokens,
+                new_tokens,
+                reserved=prefix_bytes,
+                prefill_rows=1,
+                prefill_tokens=prefill_tokens,
+            )
         except PromptError as exc:
             raise ConfigError("serve", what, f"{exc} ({advice})") from None
         return
