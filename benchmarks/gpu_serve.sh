@@ -4,7 +4,9 @@
 # (benchmarks/serve_step.py at 32K, batches 1/4/8, GPU and offload tiers), agree (bf16 at 4K: the server
 # under load against itself alone and against Engine.generate, with 4 slots and with 1), peer (benchmarks/serve_peer.py:
 # omnikv serve against transformers serve, 16 requests of 8K-32K tokens at 0.5 a second; PEER_ARGS adds flags, e.g.
-# PEER_ARGS="--servers omnikv" and then "--servers transformers" in two calls on the same warm machine).
+# PEER_ARGS="--servers omnikv" and then "--servers transformers" in two calls on the same warm machine), concurrent
+# (benchmarks/serve_concurrent.py: as many 128K-token requests at once as the planner fits, against transformers'
+# continuous batching's paged cache; CONCURRENT_ARGS adds flags, e.g. "--host-dtype float8_e4m3fn").
 # Usage: OUT=... bash benchmarks/gpu_serve.sh tests step
 set -u
 source benchmarks/device_setup.sh
@@ -28,6 +30,10 @@ for part in "$@"; do
         --prompt-tokens 8192..32768 --new-tokens 128..256 --shared-fraction 0.5 --max-batch 16 \
         --model-folder /tmp/serve_peer_model ${PEER_ARGS:-} --out "$OUT/serve_peer.json" > /dev/null \
         2> "$OUT/serve_peer.err"; tail -12 "$OUT/serve_peer.err" ;;
+    concurrent)
+      timeout 590 python3 benchmarks/serve_concurrent.py --context 131072 --new-tokens 16 --offload cpu \
+        ${CONCURRENT_ARGS:-} --out "$OUT/serve_concurrent.json" > /dev/null 2> "$OUT/serve_concurrent.err"
+      tail -8 "$OUT/serve_concurrent.err" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - started )) s"

@@ -43,8 +43,11 @@ from decode import FILTER_LAYERS, random_model, run_header  # noqa: E402
 from serve_load import WordTokenizer  # noqa: E402
 
 
-def build_engine(args: argparse.Namespace) -> okv.Engine:
-    _, model, _, _ = random_model(args.device, args.model == "tiny")
+def build_engine(args: argparse.Namespace, model: Any = None) -> okv.Engine:
+    """The runtime over ``model`` (default: the benchmarks' random model of ``args.model``), configured from
+    ``args`` (budget, offload tier, host dtype, prefill chunk)."""
+    if model is None:
+        _, model, _, _ = random_model(args.device, args.model == "tiny")
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
     budget = int(args.budget) if args.budget >= 1 and args.budget == int(args.budget) else args.budget
