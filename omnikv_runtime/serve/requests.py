@@ -9,7 +9,16 @@ The scheduler runs on its own thread. The HTTP layer turns a request body into a
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from omnikv_runtime.decode.sampling import SamplingSettings
+from omnikv_runtime.serve.text import TextStream
 
 
 @dataclass(frozen=True)
@@ -93,3 +102,44 @@ def admission_problem(
             "context_length_exceeded",
         )
     return None
+
+
+class RequestHandle:
+    """A submitted request: :meth:`cancel` ends it (thread-safe; it then ends with ``"cancelled"``)."""
+
+    def __init__(self, cancel: Callable[[str], None], request_id: str) -> None:
+        self._cancel, self.request_id = cancel, request_id
+
+    def cancel(self) -> None:
+        self._cancel(self.request_id)
+
+
+@dataclass
+class LiveRequest:
+    """A request inside the scheduler: what it asked for, where its events go, its text so far, its sampling
+    settings and random stream, its slot (``row``) and tokens."""
+
+    request: ServeRequest
+    on_event: Callable[[RequestEvent], None]
+    text: TextStream
+    settings: SamplingSettings
+    generator: torch.Generator | None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    row: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    reused: int = 0  # prompt tokens whose KV came from the prefix cache
+
+    @classmethod
+    def open(
+        cls, request: ServeRequest, on_event: Callable[[RequestEvent], None], tokenizer: Any, device: torch.device
+    ) -> LiveRequest:
+        """The request as it enters the queue: greedy at temperature 0, else sampled with its own generator on
+        ``device``, seeded with its seed (or a drawn one)."""
+        top_p = None if request.top_p >= 1.0 else request.top_p
+        settings = SamplingSettings(request.temperature > 0, request.temperature or 1.0, None, top_p)
+        generator = None
+        if settings.do_sample:
+            generator = torch.Generator(device)
+            generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
+        return cls(request, on_event, TextStream(tokenizer, request.stop), settings, generator)

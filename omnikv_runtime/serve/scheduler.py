@@ -34,58 +34,37 @@ from __future__ import annotations
 
 import collections
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from omnikv_runtime.decode.graph import CudaGraphRecorder, EagerRecorder
-from omnikv_runtime.decode.sampling import SamplingSettings, choose_tokens
+from omnikv_runtime.decode.sampling import choose_tokens
 from omnikv_runtime.errors import ConfigError
 from omnikv_runtime.serve.batch import SlotBatch
 from omnikv_runtime.serve.metrics import batch_metrics
 from omnikv_runtime.serve.prefix_cache import DEFAULT_BLOCK_TOKENS, PREFIX_METRICS, PrefixCache, planned_pools
-from omnikv_runtime.serve.requests import AdmissionError, RequestEvent, ServeRequest, admission_problem
+from omnikv_runtime.serve.requests import (
+    AdmissionError,
+    LiveRequest,
+    RequestEvent,
+    RequestHandle,
+    ServeRequest,
+    admission_problem,
+)
 from omnikv_runtime.serve.slot_checks import (
     check_ranks_agree,
     check_scheduler_arguments,
     check_slots_fit,
     slot_sizes,
 )
-from omnikv_runtime.serve.text import TextStream, eos_token_ids
+from omnikv_runtime.serve.text import eos_token_ids
 from omnikv_runtime.serve.turns import PlanChannel, TurnPlan, TurnRunner
 
 logger = logging.getLogger(__name__)
-
-
-class RequestHandle:
-    """A submitted request: :meth:`cancel` ends it (thread-safe; it then ends with ``"cancelled"``)."""
-
-    def __init__(self, scheduler: Scheduler, request_id: str) -> None:
-        self._scheduler, self.request_id = scheduler, request_id
-
-    def cancel(self) -> None:
-        self._scheduler._cancel(self.request_id)
-
-
-@dataclass
-class _Live:
-    """A request inside the scheduler."""
-
-    request: ServeRequest
-    on_event: Callable[[RequestEvent], None]
-    text: TextStream
-    settings: SamplingSettings
-    generator: torch.Generator | None
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    row: int | None = None
-    tokens: list[int] = field(default_factory=list)
-    reused: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class Scheduler:
@@ -170,9 +149,9 @@ class Scheduler:
         self.follower = not self.turns.leader  # a rank other than 0: it follows rank 0's turns
         self.eos_ids = set(eos_token_ids(engine))
         self._lock = threading.Condition()
-        self._queue: collections.deque[_Live] = collections.deque()
-        self._prefilling: collections.deque[_Live] = collections.deque()
-        self._running: dict[int, _Live] = {}  # row -> request
+        self._queue: collections.deque[LiveRequest] = collections.deque()
+        self._prefilling: collections.deque[LiveRequest] = collections.deque()
+        self._running: dict[int, LiveRequest] = {}  # row -> request
         self._cancelled: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -218,12 +197,7 @@ class Scheduler:
         """Queue ``request`` (:meth:`check`-ed first); its events go to ``on_event`` (on the scheduler's thread)."""
         prompt = len(request.prompt_ids)
         self.check(prompt, request.max_tokens)
-        settings = SamplingSettings(request.temperature > 0, request.temperature or 1.0, None, _top_p(request.top_p))
-        generator = None
-        if settings.do_sample:
-            generator = torch.Generator(self.batch.device)
-            generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
-        live = _Live(request, on_event, TextStream(self.tokenizer, request.stop), settings, generator)
+        live = LiveRequest.open(request, on_event, self.tokenizer, self.batch.device)
         with self._lock:
             if self._stopping:
                 raise AdmissionError(503, "the scheduler has stopped", "server_shutting_down")
@@ -234,7 +208,7 @@ class Scheduler:
             self._counts["requests_total"] += 1
             self._counts["prompt_tokens_total"] += prompt
             self._lock.notify_all()
-        return RequestHandle(self, request.request_id)
+        return RequestHandle(self._cancel, request.request_id)
 
     def metrics(self) -> dict[str, Any]:
         """Counters and gauges for ``/metrics`` (see the HTTP layer for their exposition)."""
@@ -308,7 +282,7 @@ class Scheduler:
         self.turns.stop()
         self._fail_all(None)
 
-    def _admit(self) -> list[_Live]:
+    def _admit(self) -> list[LiveRequest]:
         """Queued requests take free slots (lock held); their prefill starts in this turn's plan."""
         free = [row for row in self.batch.cache.free_rows() if row not in {x.row for x in self._prefilling}]
         admitted = []
@@ -319,7 +293,7 @@ class Scheduler:
             admitted.append(live)
         return admitted
 
-    def _reuse(self, admitted: list[_Live]) -> dict[int, int]:
+    def _reuse(self, admitted: list[LiveRequest]) -> dict[int, int]:
         """The prompt tokens each admitted request takes from the prefix cache (slot -> tokens, none left out)."""
         if self.prefixes is None:
             return {}
@@ -356,13 +330,13 @@ class Scheduler:
                 finished.append(row)
         return finished
 
-    def _in_slot(self, row: int) -> _Live:
+    def _in_slot(self, row: int) -> LiveRequest:
         """The request in slot ``row``: decoding, or at the end of its prefill."""
         if row in self._running:
             return self._running[row]
         return next(live for live in self._prefilling if live.row == row)
 
-    def _deliver(self, live: _Live, token: int) -> bool:
+    def _deliver(self, live: LiveRequest, token: int) -> bool:
         """Hand ``token``'s text to the request; True when the request has finished."""
         live.tokens.append(token)
         self._count("generation_tokens_total")
@@ -378,7 +352,9 @@ class Scheduler:
         self._emit(live, text, [token], finish)
         return finish is not None
 
-    def _emit(self, live: _Live, text: str, tokens: list[int], finish: str | None, error: str | None = None) -> None:
+    def _emit(
+        self, live: LiveRequest, text: str, tokens: list[int], finish: str | None, error: str | None = None
+    ) -> None:
         event = RequestEvent(text, tokens, finish, len(live.request.prompt_ids), len(live.tokens), error)
         try:
             live.on_event(event)
@@ -387,7 +363,7 @@ class Scheduler:
         if finish is not None:
             self._log_finished(live, finish)
 
-    def _log_finished(self, live: _Live, finish: str) -> None:
+    def _log_finished(self, live: LiveRequest, finish: str) -> None:
         now = time.perf_counter()
         first = live.first_token_at
         ttft = f"{(first - live.submitted) * 1e3:.0f} ms" if first is not None else "-"
@@ -403,7 +379,7 @@ class Scheduler:
             finish,
         )
 
-    def _drop(self, cancelled: set[str]) -> list[_Live]:
+    def _drop(self, cancelled: set[str]) -> list[LiveRequest]:
         """Take cancelled requests out wherever they are (lock held); their slots are freed by the turn's plan."""
         if not cancelled:
             return []
@@ -427,7 +403,3 @@ class Scheduler:
         self.turns.reset()
         for live in ended:
             self._emit(live, "", [], "error" if error else "cancelled", error)
-
-
-def _top_p(value: float) -> float | None:
-    return None if value >= 1.0 else value
