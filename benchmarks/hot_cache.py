@@ -12,6 +12,13 @@ furthest in the future). On CUDA it also times the real gathers (Triton, pinned 
 
     python benchmarks/hot_cache.py record --out docs/selection_trace.safetensors
     python benchmarks/hot_cache.py replay --trace docs/selection_trace.safetensors > hot_cache.json
+    python benchmarks/hot_cache.py sources   # what a fetch started before a filter layer picks could use
+
+``sources`` measures, per filter layer after the first, the share of each step's selection that was known
+before that layer picked it: the same layer's selection at the previous step (what the hot cache keeps), the
+earlier filter layer's selection at the same step (what a fetch started one segment early could move), and
+either; and how many rows, as a share of the budget, fetching the earlier layer's selection ahead would move
+in vain (neither selected nor already resident from the previous step).
 
 Prints JSON on stdout and a table on stderr.
 """
@@ -236,6 +243,29 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def sources(args: argparse.Namespace) -> dict[str, Any]:
+    tensors = load_file(args.trace)
+    rows = []
+    for prompt in sorted({key.split("/")[0] for key in tensors}):
+        layers = sorted(int(key.split("layer")[1]) for key in tensors if key.startswith(prompt + "/"))
+        for earlier, layer in zip(layers, layers[1:]):
+            picks, ahead = tensors[f"{prompt}/layer{layer}"], tensors[f"{prompt}/layer{earlier}"]
+            shares = {"previous_step": 0.0, "earlier_layer": 0.0, "either": 0.0, "moved_in_vain": 0.0}
+            for step in range(1, picks.shape[0]):
+                chosen, before = set(picks[step].tolist()), set(picks[step - 1].tolist())
+                guess = set(ahead[step].tolist())
+                shares["previous_step"] += len(chosen & before) / len(chosen)
+                shares["earlier_layer"] += len(chosen & guess) / len(chosen)
+                shares["either"] += len(chosen & (before | guess)) / len(chosen)
+                shares["moved_in_vain"] += len(guess - chosen - before) / len(chosen)
+            steps = picks.shape[0] - 1
+            rows.append(
+                {"prompt": prompt, "layer": layer, "earlier": earlier, "steps": steps}
+                | {name: round(total / steps, 3) for name, total in shares.items()}
+            )
+    return {"date": time.strftime("%Y-%m-%d"), "trace": str(args.trace), "rows": rows}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     columns = ["prompt", "k", "steps", "hot", "bytes_per_step", "reduction", "hit_rate", "gather_ms_per_step"]
     return format_table(rows, [(column, column, "") for column in columns], markdown=True)
@@ -254,10 +284,18 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--multiples", default="1,2,4")
     rep.add_argument("--evictions", default="lru,lfu,none")
     rep.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    src = commands.add_parser("sources", help="what of each selection was known before its filter layer picked")
+    src.add_argument("--trace", default=str(REPO / "docs" / "selection_trace.safetensors"))
     args = parser.parse_args(argv)
     if args.command == "record":
         result = record(args)
         print(json.dumps(result, indent=1))
+        return 0
+    if args.command == "sources":
+        result = sources(args)
+        print(json.dumps(result, indent=1))
+        columns = ["prompt", "layer", "earlier", "steps", "previous_step", "earlier_layer", "either", "moved_in_vain"]
+        print(format_table(result["rows"], [(c, c, "") for c in columns], markdown=True), file=sys.stderr)
         return 0
     args.multiples = [int(x) for x in args.multiples.split(",")]
     args.evictions = args.evictions.split(",")
