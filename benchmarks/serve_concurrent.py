@@ -10,8 +10,8 @@ Two measurements on the same card and random model, in one process:
   cache is kept in the JSON.
 - **omnikv.** The server's :class:`~omnikv_runtime.serve.scheduler.Scheduler` (no HTTP) with as many slots of
   ``--context`` tokens as the memory planner fits beside the weights (``--max-batch auto``'s count); that many
-  requests of distinct random prompts are submitted at once. Reported: the rows that decoded together at most
-  (polled from the scheduler's gauges), wall time, GPU peak; then ``--solo`` of the requests again through
+  requests of distinct random prompts are submitted at once. Reported: the most requests that decoded together
+  (from their events: first token to last), wall time, GPU peak; then ``--solo`` of the requests again through
   ``Engine.generate`` alone, and whether each response's greedy tokens equal it.
 
     python benchmarks/serve_concurrent.py --context 131072 --new-tokens 16 --offload cpu --out concurrent.json
@@ -65,8 +65,8 @@ def peer_capacity(model: Any, context: int) -> dict[str, Any]:
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
-    per_request = context * ModelGeometry.from_hf_config(model.config).kv_row_bytes(model.dtype.itemsize)
-    per_request *= model.config.num_hidden_layers
+    geometry = ModelGeometry.from_hf_config(model.config)
+    per_request = context * geometry.num_layers * geometry.kv_row_bytes(model.dtype.itemsize)
     lines = _Lines()
     library_logger = logging.getLogger("transformers")
     saved_level = library_logger.level
@@ -109,30 +109,35 @@ def prompts(count: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(1, vocab, (count, tokens), generator=generator).tolist()
 
 
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most ``(first token, last event)`` spans open at one time: requests decoding together (the events of
+    one turn come in order, so a request that ended in a turn and one that began in the next do not count as
+    together)."""
+    marks = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = open_now = 0
+    for _, change in marks:
+        open_now += change
+        most = max(most, open_now)
+    return most
+
+
 def serve_at_once(engine: okv.Engine, slots: int, context: int, new_tokens: int, ids: list[list[int]]) -> dict:
     """Every prompt submitted at once to a scheduler of ``slots`` slots; each one's tokens and first-token time,
-    the most rows that decoded together, the wall time and the GPU peak."""
+    the most requests that decoded together, the wall time and the GPU peak."""
     scheduler = Scheduler(engine, max_batch=slots, max_context=context, max_new_tokens=new_tokens)
     cuda = engine.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    results: list[dict[str, Any]] = [{"tokens": [], "first": None, "error": None} for _ in ids]
+    results: list[dict[str, Any]] = [{"tokens": [], "first": None, "last": None, "error": None} for _ in ids]
     finished = threading.Semaphore(0)
-    most = {"rows": 0, "running": 0}
-    polling = threading.Event()
-
-    def poll() -> None:
-        while not polling.wait(0.02):
-            metrics = scheduler.metrics()
-            most["rows"] = max(most["rows"], metrics["batch_size"])
-            most["running"] = max(most["running"], metrics["requests_running"])
 
     def listener(index: int):
         def on_event(event) -> None:
             result = results[index]
+            result["last"] = time.perf_counter()
             if result["first"] is None:
-                result["first"] = time.perf_counter()
+                result["first"] = result["last"]
             result["tokens"].extend(event.token_ids)
             if event.error:
                 result["error"] = event.error
@@ -142,8 +147,6 @@ def serve_at_once(engine: okv.Engine, slots: int, context: int, new_tokens: int,
         return on_event
 
     scheduler.start()
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
     started = time.perf_counter()
     try:
         for index, prompt in enumerate(ids):
@@ -153,19 +156,13 @@ def serve_at_once(engine: okv.Engine, slots: int, context: int, new_tokens: int,
                 raise TimeoutError("a request did not finish within an hour")
         wall = time.perf_counter() - started
     finally:
-        polling.set()
-        poller.join()
         scheduler.shutdown()
     peak = torch.cuda.max_memory_allocated() if cuda else None
+    together = most_at_once([(r["first"], r["last"]) for r in results if r["first"] is not None])
     for result in results:
         result["ttft_s"] = result.pop("first") - started if result["first"] is not None else None
-    return {
-        "requests": results,
-        "wall_s": wall,
-        "most_rows_decoding": most["rows"],
-        "most_running": most["running"],
-        "gpu_peak_bytes": peak,
-    }
+        del result["last"]
+    return {"requests": results, "wall_s": wall, "most_decoding_together": together, "gpu_peak_bytes": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "planner_slots": capacity.slots,
         "planner_dense_slots": capacity.dense_slots,
         "peer": peer,
-        "served_at_once": served["most_rows_decoding"],
+        "served_at_once": served["most_decoding_together"],
         "wall_s": served["wall_s"],
         "gpu_peak_bytes": served["gpu_peak_bytes"],
         "ttft_s": [r["ttft_s"] for r in served["requests"]],
@@ -227,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "solo_equal": solo,
         "vs_peer": slots / peer_requests if peer_requests else None,
     }
-    ok = not failed and served["most_rows_decoding"] == slots and all(solo)
+    ok = not failed and served["most_decoding_together"] == slots and all(solo)
     result["ok"] = ok
     print(json.dumps(result, indent=1))
     if args.out:
@@ -237,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "server": "omnikv serve",
             "requests": slots,
-            "at_once": served["most_rows_decoding"],
+            "at_once": served["most_decoding_together"],
             "peak_gb": (served["gpu_peak_bytes"] or 0) / 1e9,
             "equal_solo": f"{sum(solo)}/{len(solo)}",
         },
