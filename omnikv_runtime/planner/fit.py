@@ -167,6 +167,12 @@ def available_memory(device: torch.device) -> tuple[int, int]:
     return free + reserved - torch.cuda.memory_allocated(device), host
 
 
+def _usable(gpu_free: int, host_free: int) -> tuple[int, int]:
+    """What a run may take of the free GPU and host memory: both less the headroom. Pinned host memory is never
+    paged out, so a host tier pinning all that is available would leave the host nothing."""
+    return int(gpu_free * (1 - DEFAULT_HEADROOM)), int(host_free * (1 - DEFAULT_HEADROOM))
+
+
 def check_run(
     geometry: ModelGeometry,
     config: OmniKVConfig,
@@ -190,7 +196,7 @@ def check_run(
     needed = _resident_excluded(plan)
     needed.gpu += reserved[0]
     needed.host += reserved[1]
-    message = describe_shortfall(needed, config, int(gpu_free * (1 - DEFAULT_HEADROOM)), host_free)
+    message = describe_shortfall(needed, config, *_usable(gpu_free, host_free))
     if message:
         raise PromptError(message)
     logger.info("memory plan: GPU %s beyond the weights, host %s", _gb(needed.gpu), _gb(needed.host))
@@ -210,8 +216,8 @@ MAX_SEARCH_SLOTS = 1 << 16
 
 def shortfall_beside_weights(plan: MemoryPlan, config: OmniKVConfig, gpu_free: int, host_free: int) -> str | None:
     """:func:`describe_shortfall` of a plan whose weights are resident already, in the memory free now: the test
-    of :func:`check_run` (GPU free memory less the headroom, host memory as it is). None when it fits."""
-    return describe_shortfall(_resident_excluded(plan), config, int(gpu_free * (1 - DEFAULT_HEADROOM)), host_free)
+    of :func:`check_run` (GPU and host free memory, each less the headroom). None when it fits."""
+    return describe_shortfall(_resident_excluded(plan), config, *_usable(gpu_free, host_free))
 
 
 def most_slots(
