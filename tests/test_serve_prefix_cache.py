@@ -41,7 +41,10 @@ def budget(engine, blocks: int) -> int:
 
 def poison(scheduler: Scheduler) -> None:
     """Overwrite every slot's dense buffers and host-tier rows with noise (finite: attention masks what is not a
-    token), so that a request finds nothing of the last one's KV in its slot."""
+    token), so that a request finds nothing of the last one's KV in its slot (and the prefix cache, told, copies
+    every block it reuses from its pools)."""
+    if scheduler.prefixes is not None:
+        scheduler.prefixes.forget()
     generator = torch.Generator().manual_seed(0)
     tiers = scheduler.batch.cache.tiers
     for layer in tiers.dense_layers:
@@ -219,18 +222,18 @@ def test_a_block_an_admission_copies_from_is_not_evicted_in_that_turn():
         return job
 
     with torch.inference_mode():
-        prefixes.store(prefill(0, doc + [5]).cache, doc + [5])  # the store is full: the document's 6 blocks
+        prefixes.store(prefill(0, doc + [5]).cache, doc + [5], 0)  # the store is full: the document's 6 blocks
         held = prefixes.dense.clone(), [rows.clone() for rows in prefixes.rows]
         prefixes.begin_turn()
         question = doc + [7, 8]
         job = PrefillJob(batch, 1, question, scheduler.chunk_size, prefixes, prefixes.match(question))
         assert job.done_tokens == 96
         done = prefill(0, other)  # the same turn: its prompt's blocks find no room
-        assert prefixes.store(done.cache, other) == 0
+        assert prefixes.store(done.cache, other, 0) == 0
         assert torch.equal(prefixes.dense, held[0]) and all(map(same_bits, prefixes.rows, held[1]))
         assert prefixes.match(question) == 96
         prefixes.begin_turn()  # the next turn: the document's blocks may go
-        assert prefixes.store(done.cache, other) == 6
+        assert prefixes.store(done.cache, other, 0) == 6
         assert prefixes.match(question) == 0 and prefixes.match(other + [1]) == 96
         assert prefixes.counts["evictions"] == 6
 
@@ -364,3 +367,83 @@ def test_the_budget_is_counted_where_the_slots_are_checked(monkeypatch):
     monkeypatch.setattr(fit, "available_memory", lambda device: (2**40, plan.host + 2**20))
     with pytest.raises(okv.PromptError, match="host needs"):
         fit.check_run(geometry, engine.config, torch.device("cuda"), 2, 48, 16, reserved=(0, 2**21))
+
+
+def copies_into_slots(monkeypatch) -> list[int]:
+    """Blocks each admission's load copies from the pools into its slot (0: everything it reused was in place)."""
+    copied: list[int] = []
+    copy = PrefixCache._copy
+
+    def counting(self, cache, pairs, into_slot):
+        if into_slot:
+            copied.append(len(pairs))
+        return copy(self, cache, pairs, into_slot)
+
+    monkeypatch.setattr(PrefixCache, "_copy", counting)
+    return copied
+
+
+@pytest.mark.parametrize(("offload", "host_dtype"), [("cpu", None), ("none", None), ("cpu", "float8_e4m3fn")])
+def test_questions_one_after_another_reuse_the_document_where_their_slot_holds_it(monkeypatch, offload, host_dtype):
+    """Nothing overwrites a slot between requests: the next question about the document reuses its KV in place,
+    with no copy from the pools, and every answer equals ``generate``'s."""
+    engine = make_engine(offload, host_dtype=host_dtype)
+    doc = document(160, seed=4)  # 10 blocks
+    questions = [doc + document(n, seed=40 + n) for n in (9, 17, 2, 30)]
+    copied = copies_into_slots(monkeypatch)
+    scheduler = Scheduler(
+        engine,
+        max_batch=2,
+        max_context=256,
+        max_new_tokens=16,
+        prefix_cache_bytes=budget(engine, 40),
+        prefix_block_tokens=BLOCK,
+    )
+    scheduler.start()
+    try:
+        answers = []
+        for i, ids in enumerate(questions):
+            collected = Collector(1)
+            scheduler.submit(ServeRequest(f"q{i}", tuple(ids), NEW_TOKENS, temperature=0.0), collected.sink(0))
+            collected.wait()
+            answers.append(collected.tokens[0])
+        metrics = scheduler.metrics()
+    finally:
+        scheduler.shutdown()
+    assert answers == alone(engine, questions)
+    assert metrics["prefix_cache_hit_tokens_total"] == metrics["prefix_cache_in_place_tokens_total"] == 3 * 160
+    assert copied == [0, 0, 0]  # the three reusing admissions copied no block
+
+
+def test_a_slot_keeps_its_prefix_after_the_pools_evict_it_until_another_prompt_overwrites_it(monkeypatch):
+    """Pools of 6 blocks, two slots: document A's question goes to slot 0, B's to the empty slot 1 (A's prefix
+    stays in slot 0), and B's blocks evict A's from the pools; A's next question still reuses A in place. With
+    one slot, B overwrites A: A's next question reuses nothing. Every answer equals ``generate``'s."""
+    engine = make_engine()
+    doc_a, doc_b = document(96, seed=90), document(96, seed=91)
+    asked = [doc_a + [3, 4, 5], doc_b + [6, 7], doc_a + [8, 9, 10, 11]]
+    copied = copies_into_slots(monkeypatch)
+    for slots, reused in ((2, [0, 0, 96]), (1, [0, 0, 0])):
+        scheduler = Scheduler(
+            engine,
+            max_batch=slots,
+            max_context=256,
+            max_new_tokens=16,
+            prefix_cache_bytes=budget(engine, 6),
+            prefix_block_tokens=BLOCK,
+        )
+        scheduler.start()
+        try:
+            answers, seen = [], []
+            for i, ids in enumerate(asked):
+                before = scheduler.metrics()["prefix_cache_in_place_tokens_total"]
+                collected = Collector(1)
+                scheduler.submit(ServeRequest(f"q{i}", tuple(ids), NEW_TOKENS, temperature=0.0), collected.sink(0))
+                collected.wait()
+                answers.append(collected.tokens[0])
+                seen.append(scheduler.metrics()["prefix_cache_in_place_tokens_total"] - before)
+            evictions = scheduler.metrics()["prefix_cache_evictions_total"]
+        finally:
+            scheduler.shutdown()
+        assert answers == alone(engine, asked) and seen == reused and evictions >= 6
+    assert not any(copied)  # A's blocks were gone from the pools: nothing could be copied

@@ -53,8 +53,8 @@ class PrefillJob:
 
     :meth:`advance` runs its next chunk alone; :meth:`SlotBatch.prefill` runs chunks of several jobs in one
     forward. Either way a chunk starts at ``done_tokens`` (a job may start past 0, its earlier tokens
-    already in its slot: the ``reused`` tokens at the prompt's start, copied from the server's prefix cache into
-    :attr:`cache`)."""
+    already in its slot: the ``reused`` tokens at the prompt's start, which the server's prefix cache holds in the
+    slot or copies into :attr:`cache`)."""
 
     def __init__(
         self,
@@ -70,8 +70,8 @@ class PrefillJob:
         self.ids = torch.tensor([prompt_ids], dtype=torch.long, device=batch.device)
         self.chunk_size = chunk_size
         self.cache: OmniKVCache = batch.cache.row_cache(row, len(prompt_ids))
-        if reused:
-            prefixes.load(self.cache, prompt_ids, reused)
+        if prefixes is not None:
+            prefixes.load(self.cache, prompt_ids, reused, row)
         self.done_tokens = self.reused = reused
 
     @property

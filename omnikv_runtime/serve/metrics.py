@@ -78,6 +78,11 @@ SCHEDULER_METRICS: dict[str, tuple[str, str, str]] = {
         "counter",
         "Prefix-cache blocks evicted to make room.",
     ),
+    "prefix_cache_in_place_tokens_total": (
+        "omnikv_prefix_cache_in_place_tokens_total",
+        "counter",
+        "Prompt tokens reused from the KV their slot still held (no copy; counted in the hit tokens too).",
+    ),
     "prefix_cache_blocks": ("omnikv_prefix_cache_blocks", "gauge", "Prefix-cache blocks held."),
     "prefix_cache_gpu_bytes": (
         "omnikv_prefix_cache_gpu_bytes",

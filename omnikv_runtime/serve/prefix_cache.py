@@ -16,6 +16,11 @@ their KV into its slot and prefills only the rest (its suffix).
   per-request state is empty after any prefill (policies write it while decoding), so nothing of it is kept.
 - **Numerics.** Reusing ``n`` tokens is a prefill with a chunk boundary at column ``n``: the suffix reads the
   prefix's sparse-layer KV back from the host tier, as any later chunk does (FP8-rounded with an FP8 tier).
+- **In place.** A slot keeps the KV of the last prompt prefilled into it until the next request overwrites it. A
+  request whose prompt begins with blocks its slot still holds reuses them where they are, with no copy (the
+  scheduler gives a request the free slot holding most of its prefix), and copies from the pools only the blocks
+  after them. So questions sent one after another about one document copy nothing at all; the slot's blocks
+  count even after the pools evicted them.
 - **Budget.** The pools are allocated once, at ``budget_bytes`` in all (every memory counted; see
   :func:`block_bytes` for a block's GPU and host parts, which the server's memory check adds to its slots').
   When they are full, storing evicts the least recently used block that no admission of the current turn
@@ -47,6 +52,7 @@ PREFIX_METRICS = (
     "prefix_cache_lookup_tokens_total",
     "prefix_cache_hit_tokens_total",
     "prefix_cache_evictions_total",
+    "prefix_cache_in_place_tokens_total",
     "prefix_cache_blocks",
     "prefix_cache_gpu_bytes",
     "prefix_cache_host_bytes",
@@ -141,7 +147,8 @@ class PrefixCache:
         self._blocks: collections.OrderedDict[bytes, _Block] = collections.OrderedDict()  # least recent first
         self._free = list(range(blocks))
         self._busy: set[bytes] = set()  # blocks an admission of this turn copied from: never evicted this turn
-        self.counts = collections.Counter()  # lookup_tokens, hit_tokens, stored_blocks, evictions
+        self._resident: dict[int, list[bytes]] = {}  # per slot: digests of the leading blocks its rows hold
+        self.counts = collections.Counter()  # lookup_tokens, hit_tokens, in_place_tokens, stored_blocks, evictions
 
     # naming blocks ----------------------------------------------------------------------------------
     def keys(self, ids: list[int], tokens: int | None = None) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
@@ -160,19 +167,38 @@ class PrefixCache:
         return block if block is not None and block.parent == parent and block.tokens == tokens else None
 
     # the scheduler's question (rank 0) ------------------------------------------------------------------
-    def match(self, ids: list[int]) -> int:
-        """Tokens of ``ids`` whose KV can be copied in (whole blocks, leaving ``keep_tokens`` to prefill). Changes
-        nothing: :meth:`load` copies them and marks the blocks used."""
+    def in_place(self, ids: list[int], row: int) -> int:
+        """Leading blocks of ``ids`` (leaving ``keep_tokens`` to prefill) whose KV slot ``row`` still holds."""
+        return self._in_place(self.keys(ids, len(ids) - self.keep_tokens), row)
+
+    def _in_place(self, named: list[tuple[bytes, bytes, tuple[int, ...]]], row: int) -> int:
+        count = 0
+        for (key, _, _), held in zip(named, self._resident.get(row, [])):
+            if key != held:
+                break
+            count += 1
+        return count
+
+    def best_row(self, ids: list[int], rows: list[int]) -> int:
+        """Of the free slots ``rows``, the one holding most of ``ids``' prefix; on a tie one holding no blocks
+        (another prompt's prefix stays for its next question), then the first."""
+        named = self.keys(ids, len(ids) - self.keep_tokens)
+        return max(rows, key=lambda row: (self._in_place(named, row), not self._resident.get(row), -rows.index(row)))
+
+    def match(self, ids: list[int], row: int | None = None) -> int:
+        """Tokens of ``ids`` whose KV slot ``row`` holds or the pools can copy in (whole blocks, leaving
+        ``keep_tokens`` to prefill). Changes nothing: :meth:`load` copies them and marks the blocks used."""
+        in_place = 0 if row is None else self.in_place(ids, row)
         reusable = 0
-        for key, parent, tokens in self.keys(ids, len(ids) - self.keep_tokens):
-            if self._held(key, parent, tokens) is None:
+        for number, (key, parent, tokens) in enumerate(self.keys(ids, len(ids) - self.keep_tokens)):
+            if number >= in_place and self._held(key, parent, tokens) is None:
                 break
             reusable += self.block_tokens
         return reusable
 
-    def lookup(self, ids: list[int]) -> int:
-        """:meth:`match` for an admitted request, counted in the metrics."""
-        reusable = self.match(ids)
+    def lookup(self, ids: list[int], row: int | None = None) -> int:
+        """:meth:`match` for a request admitted into slot ``row``, counted in the metrics."""
+        reusable = self.match(ids, row)
         self.counts["lookup_tokens"] += len(ids)
         self.counts["hit_tokens"] += reusable
         return reusable
@@ -182,25 +208,41 @@ class PrefixCache:
         """A new turn: the blocks copied from in the last one may be evicted again."""
         self._busy.clear()
 
-    def load(self, cache: OmniKVCache, ids: list[int], tokens: int) -> None:
-        """Copy the KV of ``ids[:tokens]`` (whole blocks, all held) into the fresh batch-1 ``cache`` of a slot, which
-        then holds ``tokens`` tokens; the blocks become the most recently used and stay until the next turn."""
+    def load(self, cache: OmniKVCache, ids: list[int], tokens: int, row: int) -> None:
+        """Slot ``row``, whose fresh batch-1 ``cache`` a new request's prefill will run through, holds the KV of
+        ``ids[:tokens]`` (whole blocks; 0: none): the blocks the slot still holds stay where they are, the rest
+        are copied in from the pools (all held). Called at every admission, so the slot forgets what the prefill
+        will overwrite. The copied blocks become the most recently used and stay until the next turn."""
         named = self.keys(ids, tokens)
-        blocks = [self._held(*name) for name in named]
+        in_place = self._in_place(named, row)
+        copied = named[in_place:]
+        blocks = [self._held(*name) for name in copied]
         if len(named) * self.block_tokens != tokens or any(block is None for block in blocks):
             raise RuntimeError(f"the prefix cache does not hold the first {tokens} tokens the turn plan reuses")
         if cache.tiers.length():
             raise RuntimeError("a prefix is loaded into an empty slot only")
-        self._copy(cache, [(number, block.index) for number, block in enumerate(blocks)], into_slot=True)
+        self._resident[row] = [key for key, _, _ in named[:in_place]]  # the prefill overwrites what follows
+        if not tokens:
+            return
+        pairs = [(in_place + number, block.index) for number, block in enumerate(blocks)]
+        self._copy(cache, pairs, into_slot=True)
+        self._resident[row] = [key for key, _, _ in named]
         cache.tiers.advance(tokens)  # every layer and arena counts the tokens now in place
-        for key, _, _ in reversed(named):  # the head of the chain is the most recent: evicted last
+        self.counts["in_place_tokens"] += in_place * self.block_tokens
+        for key, _, _ in reversed(copied):  # the head of the chain is the most recent: evicted last
             self._blocks.move_to_end(key)
             self._busy.add(key)
 
-    def store(self, cache: OmniKVCache, ids: list[int]) -> int:
-        """Copy in the full blocks of the prompt ``ids`` just prefilled through ``cache`` that are not held yet
-        (evicting the least recently used blocks as needed); returns the blocks copied in."""
+    def forget(self) -> None:
+        """Let no slot reuse what its rows hold (after they were overwritten outside the server's turns)."""
+        self._resident.clear()
+
+    def store(self, cache: OmniKVCache, ids: list[int], row: int) -> int:
+        """Copy in the full blocks of the prompt ``ids`` just prefilled through ``cache`` (slot ``row``) that are
+        not held yet (evicting the least recently used blocks as needed); returns the blocks copied in. The slot
+        holds them all until its next request."""
         named = self.keys(ids)
+        self._resident[row] = [key for key, _, _ in named]
         if not named or not self.capacity:
             return 0
         chain = {key for key, _, _ in named}
@@ -264,10 +306,11 @@ class PrefixCache:
 
     # reporting --------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, int]:
-        """Tokens looked up and found (admissions), blocks evicted, and blocks held with their bytes."""
+        """Tokens looked up and found (admissions), blocks evicted, tokens reused in place (no copy), and blocks held
+        with their bytes."""
         held = len(self._blocks)
         counts = self.counts
-        values = (counts["lookup_tokens"], counts["hit_tokens"], counts["evictions"], held)
+        values = (counts["lookup_tokens"], counts["hit_tokens"], counts["evictions"], counts["in_place_tokens"], held)
         values += (held * self.gpu_block_bytes, held * self.host_block_bytes)
         return dict(zip(PREFIX_METRICS, values, strict=True))
 

@@ -288,7 +288,9 @@ class Scheduler:
         admitted = []
         while self._queue and free:
             live = self._queue.popleft()
-            live.row = free.pop(0)
+            ids = list(live.request.prompt_ids)
+            live.row = free[0] if self.prefixes is None else self.prefixes.best_row(ids, free)
+            free.remove(live.row)
             self._prefilling.append(live)
             admitted.append(live)
         return admitted
@@ -298,7 +300,7 @@ class Scheduler:
         if self.prefixes is None:
             return {}
         for live in admitted:
-            live.reused = self.prefixes.lookup(list(live.request.prompt_ids))
+            live.reused = self.prefixes.lookup(list(live.request.prompt_ids), live.row)
         return {live.row: live.reused for live in admitted if live.reused}
 
     # the chooser of each turn (TurnRunner calls these on the scheduler's thread) ---------------------

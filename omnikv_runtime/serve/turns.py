@@ -256,7 +256,7 @@ class TurnRunner:
                 self.batch.join(job, tokens[job.row])
                 self.decoding.add(job.row)
                 if self.prefixes is not None:
-                    self.prefixes.store(job.cache, job.prompt_ids)
+                    self.prefixes.store(job.cache, job.prompt_ids, job.row)
             return
         rows = torch.tensor(list(tokens), dtype=torch.long, device=self.batch.device)
         values = torch.tensor(list(tokens.values()), dtype=torch.long, device=self.batch.device)
