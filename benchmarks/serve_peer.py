@@ -15,8 +15,8 @@ word-level tokenizer (``"w17 w9"`` <-> ids 17, 9: a prompt of N words is N token
 hub access). Each server runs in a process of its own on a free loopback port, from that folder:
 
 - ``omnikv serve`` with a config of the folder, OmniKV's filter layers, ``--offload`` and ``--host-dtype``,
-  ``--max-batch`` (default ``auto``: as many slots as the memory planner fits) and a context of the
-  longest request;
+  ``--max-batch`` (default ``auto``: as many slots as the memory planner fits), a context of the
+  longest request, ``--prefix-cache-bytes`` (on CUDA 8e9 by default) and ``--max-prefill-tokens``;
 - ``transformers serve FOLDER --continuous-batching --attn-implementation A`` (A: ``flash_attention_2``
   where ``flash_attn`` imports, else ``sdpa``; on the CPU with ``--cb-num-blocks`` sized to the trace, since
   its default takes a share of all host memory), plus each ``--peer-arg``.
@@ -305,6 +305,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host-dtype", choices=["auto", "float8_e4m3fn"], default="auto", help="omnikv's host tier")
     parser.add_argument("--budget", type=int, default=2048, help="omnikv: omnikv.token_budget")
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="omnikv: prefill.chunk_size")
+    parser.add_argument(
+        "--prefix-cache-bytes",
+        type=int,
+        help="omnikv serve --prefix-cache-bytes (default on CUDA 8e9: a 32K-token document's blocks at "
+        "Llama-3-8B's geometry, with room, as transformers serve shares prefix blocks by default; on the CPU 0)",
+    )
+    parser.add_argument("--max-prefill-tokens", type=int, help="omnikv serve --max-prefill-tokens (default: its own)")
     parser.add_argument("--attn", default=None, help="the peer's --attn-implementation (default: the best here)")
     parser.add_argument("--peer-arg", action="append", default=[], help="one more argument for transformers serve")
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to answer")
@@ -323,6 +330,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not args.servers:
         parser.error(f"--servers: {unknown or 'none'} not among {sorted(SERVERS)}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.prefix_cache_bytes is None:
+        args.prefix_cache_bytes = 8 * 10**9 if args.device.startswith("cuda") else 0
     args.document_tokens = args.document_tokens or args.prompt_tokens[1]
     return args
 

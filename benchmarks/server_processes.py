@@ -126,7 +126,9 @@ def omnikv_server(model_folder: str, args: Any, context: int, dtype: str, trace:
     port = free_port()
     command = [sys.executable, "-m", "omnikv_runtime.cli", "serve", "--config", config_path, "--port", str(port)]
     command += ["--max-batch", str(args.max_batch), "--max-context", str(context)]
-    command += ["--max-queue", str(max(64, len(trace)))]
+    command += ["--max-queue", str(max(64, len(trace))), "--prefix-cache-bytes", str(args.prefix_cache_bytes)]
+    if args.max_prefill_tokens:
+        command += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     return ServerProcess(command, os.path.join(args.logs or folder, "omnikv.log"), port, model_folder)
 
 

@@ -101,6 +101,17 @@ def test_peer_command_on_cpu_sizes_its_cache_to_the_trace(tmp_path):
     assert command[command.index("--cb-num-blocks") + 1] == str(blocks) and command[-1] == "--log-level=warning"
 
 
+def test_omnikv_command_carries_the_prefix_cache_and_the_turn_budget(tmp_path):
+    trace = serve_peer.make_trace(0, 3, vocab=1000, **TRACE)
+    args = serve_peer.parse(SMALLEST)
+    command = server_processes.omnikv_server("/m", args, 136, "float32", trace, str(tmp_path)).command
+    assert command[command.index("--prefix-cache-bytes") + 1] == "0" and "--max-prefill-tokens" not in command
+    args = serve_peer.parse([*SMALLEST[:3], "cuda", *SMALLEST[4:], "--max-prefill-tokens", "8192"])
+    command = server_processes.omnikv_server("/m", args, 136, "bfloat16", trace, str(tmp_path)).command
+    assert command[command.index("--prefix-cache-bytes") + 1] == str(8 * 10**9)
+    assert command[command.index("--max-prefill-tokens") + 1] == "8192"
+
+
 def test_smallest_run_on_cpu(tmp_path, capsys):
     """Both servers, one after the other, the same trace; ``transformers serve`` only where it can run here."""
     missing = [name for name in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(name) is None]
