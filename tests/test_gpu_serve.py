@@ -4,7 +4,9 @@
   positions) equals its torch reference, with the columns past each row's length poisoned;
 - requests that join a running batch (recorded again in a CUDA graph whenever a request joins or
   leaves) get exactly the greedy tokens ``Engine.generate`` gives each alone, in GPU mode and
-  offload mode.
+  offload mode;
+- with a prefix cache, questions about one document reuse its KV in place and, with the slots overwritten,
+  from the pools, and answer as ``Engine.generate`` does.
 """
 
 from __future__ import annotations
@@ -91,3 +93,55 @@ def test_joining_requests_get_their_solo_tokens_with_a_recorded_step(host_tier):
     assert scheduler.batch.use_graph and scheduler.batch.captures >= 2
     mismatched = [i for i in range(len(prompts)) if got[i] != alone[i]]
     assert not mismatched, [(i, got[i], alone[i]) for i in mismatched]
+
+
+@pytest.mark.parametrize("host_tier", ["cpu", "none"])
+def test_questions_about_one_document_reuse_its_kv_in_place_and_from_the_pools(host_tier):
+    """A prefix cache on the card: questions one after another about one document reuse its blocks where their
+    slot holds them (no copy), then, with the slots overwritten between requests, copied from the pools; every
+    answer equals ``Engine.generate``'s."""
+    model = cuda_llama(initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = {
+        "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 0.1, "min_token_budget": 8},
+        "offload": {"device": host_tier},
+        "prefill": {"chunk_size": 256},
+    }
+    engine = okv.initialize(model, config, tokenizer=WordTokenizer())
+    generator = torch.Generator().manual_seed(5)
+    document = torch.randint(3, 512, (1024,), generator=generator).tolist()
+    questions = [document + torch.randint(3, 512, (n,), generator=generator).tolist() for n in (7, 30, 3)]
+    alone = []
+    for ids in questions:
+        out = engine.generate(torch.tensor([ids], device="cuda"), max_new_tokens=24, do_sample=False)
+        alone.append(out[0, len(ids) :].tolist())
+    scheduler = Scheduler(engine, max_batch=2, max_context=1536, max_new_tokens=32, prefix_cache_bytes=2 * 10**8)
+    answers = []
+    scheduler.start()
+    try:
+        for overwrite in (False, True):
+            for i, ids in enumerate(questions):
+                if overwrite:  # the slots' rows are noise now: whatever is reused comes from the pools
+                    scheduler.prefixes.forget()
+                    tiers = scheduler.batch.cache.tiers
+                    for layer in tiers.dense_layers:
+                        layer.key_buffer.normal_()
+                        layer.value_buffer.normal_()
+                    for arena in tiers.arenas:
+                        if arena is not None:
+                            arena.data.normal_()
+                got, done = [], threading.Event()
+
+                def on_event(event, got=got, done=done):
+                    got.extend(event.token_ids)
+                    if event.finish_reason is not None:
+                        done.set()
+
+                scheduler.submit(ServeRequest(f"q{i}{overwrite}", tuple(ids), 24, temperature=0.0), on_event)
+                assert done.wait(120)
+                answers.append(got)
+        metrics = scheduler.metrics()
+    finally:
+        scheduler.shutdown()
+    assert answers == alone + alone
+    assert metrics["prefix_cache_in_place_tokens_total"] == 2 * 1024  # the first run's questions 2 and 3
+    assert metrics["prefix_cache_hit_tokens_total"] == 5 * 1024  # and the second run's three, from the pools
