@@ -447,3 +447,57 @@ def test_a_slot_keeps_its_prefix_after_the_pools_evict_it_until_another_prompt_o
             scheduler.shutdown()
         assert answers == alone(engine, asked) and seen == reused and evictions >= 6
     assert not any(copied)  # A's blocks were gone from the pools: nothing could be copied
+
+
+def test_waves_of_questions_about_several_documents_answer_as_generate_does(monkeypatch):
+    """Three slots, pools smaller than the documents together, three waves of requests about four documents (each
+    wave submitted at once, one request of the second wave cancelled after one prefill chunk): slots are reused in
+    place, copied into from the pools and overwritten in every order, and each completed answer equals
+    ``generate``'s."""
+    engine = make_engine()
+    docs = [document(64 + 16 * i, seed=100 + i) for i in range(4)]
+    waves = []
+    for wave, picks in enumerate(([0, 1, 0, 2], [1, 1, 3, 0], [2, 0, 1, 3])):
+        waves.append([docs[d] + document(3 + 5 * wave + d, seed=200 + 10 * wave + d) for d in picks])
+    expected = [alone(engine, wave) for wave in waves]
+    scheduler = Scheduler(
+        engine,
+        max_batch=3,
+        max_context=256,
+        max_new_tokens=16,
+        prefix_cache_bytes=budget(engine, 10),
+        prefix_block_tokens=BLOCK,
+    )
+    advance, handles, victim = PrefillJob.advance, [], waves[1][2]
+
+    def cancel_one(job: PrefillJob, tokens: int | None = None):
+        logits = advance(job, tokens)
+        if job.prompt_ids == victim and handles:
+            handles.pop().cancel()
+        return logits
+
+    monkeypatch.setattr(PrefillJob, "advance", cancel_one)
+    scheduler.start()
+    try:
+        results = []
+        for number, wave in enumerate(waves):
+            collected = Collector(len(wave))
+            for i, ids in enumerate(wave):
+                handle = scheduler.submit(
+                    ServeRequest(f"w{number}q{i}", tuple(ids), NEW_TOKENS, temperature=0.0), collected.sink(i)
+                )
+                if number == 1 and i == 2:
+                    handles.append(handle)
+            collected.wait()
+            results.append(collected)
+        metrics = scheduler.metrics()
+    finally:
+        scheduler.shutdown()
+    for number, (collected, answers) in enumerate(zip(results, expected, strict=True)):
+        for i, answer in enumerate(answers):
+            if number == 1 and i == 2:
+                assert collected.finish[i] == "cancelled"
+            else:
+                assert collected.finish[i] == "length" and collected.tokens[i] == answer, (number, i)
+    assert metrics["prefix_cache_in_place_tokens_total"] > 0 and metrics["prefix_cache_evictions_total"] > 0
+    assert metrics["prefix_cache_hit_tokens_total"] > metrics["prefix_cache_in_place_tokens_total"]

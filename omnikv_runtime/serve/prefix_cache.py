@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import logging
 from array import array
 from dataclasses import dataclass
@@ -148,6 +149,8 @@ class PrefixCache:
         self._free = list(range(blocks))
         self._busy: set[bytes] = set()  # blocks an admission of this turn copied from: never evicted this turn
         self._resident: dict[int, list[bytes]] = {}  # per slot: digests of the leading blocks its rows hold
+        self._written: dict[int, int] = {}  # per slot: when (a count of loads and stores) its blocks were written
+        self._clock = itertools.count(1)
         self.counts = collections.Counter()  # lookup_tokens, hit_tokens, in_place_tokens, stored_blocks, evictions
 
     # naming blocks ----------------------------------------------------------------------------------
@@ -180,10 +183,20 @@ class PrefixCache:
         return count
 
     def best_row(self, ids: list[int], rows: list[int]) -> int:
-        """Of the free slots ``rows``, the one holding most of ``ids``' prefix; on a tie one holding no blocks
-        (another prompt's prefix stays for its next question), then the first."""
+        """Of the free slots ``rows``, the one holding most of ``ids``' prefix; on a tie one holding no blocks, else
+        the one whose blocks were written longest ago (another prompt's prefix stays for its next question, as
+        the pools keep the most recently used blocks), then the first."""
         named = self.keys(ids, len(ids) - self.keep_tokens)
-        return max(rows, key=lambda row: (self._in_place(named, row), not self._resident.get(row), -rows.index(row)))
+
+        def preference(row: int) -> tuple:
+            return (
+                self._in_place(named, row),
+                not self._resident.get(row),
+                -self._written.get(row, 0),
+                -rows.index(row),
+            )
+
+        return max(rows, key=preference)
 
     def match(self, ids: list[int], row: int | None = None) -> int:
         """Tokens of ``ids`` whose KV slot ``row`` holds or the pools can copy in (whole blocks, leaving
@@ -222,6 +235,7 @@ class PrefixCache:
         if cache.tiers.length():
             raise RuntimeError("a prefix is loaded into an empty slot only")
         self._resident[row] = [key for key, _, _ in named[:in_place]]  # the prefill overwrites what follows
+        self._written[row] = next(self._clock)
         if not tokens:
             return
         pairs = [(in_place + number, block.index) for number, block in enumerate(blocks)]
@@ -243,6 +257,7 @@ class PrefixCache:
         holds them all until its next request."""
         named = self.keys(ids)
         self._resident[row] = [key for key, _, _ in named]
+        self._written[row] = next(self._clock)
         if not named or not self.capacity:
             return 0
         chain = {key for key, _, _ in named}
