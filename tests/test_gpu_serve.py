@@ -33,6 +33,17 @@ class WordTokenizer:
         return " ".join(f"w{i}" for i in ids)
 
 
+def small_engine(host_tier: str) -> okv.Engine:
+    """A small random Llama on the card with filter layers 1 and 4, a 10% budget and prefill chunks of 256."""
+    model = cuda_llama(initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = {
+        "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 0.1, "min_token_budget": 8},
+        "offload": {"device": host_tier},
+        "prefill": {"chunk_size": 256},
+    }
+    return okv.initialize(model, config, tokenizer=WordTokenizer())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_attention_with_a_length_per_row_equals_the_reference(dtype):
     torch.manual_seed(0)
@@ -54,13 +65,7 @@ def test_decode_attention_with_a_length_per_row_equals_the_reference(dtype):
 
 @pytest.mark.parametrize("host_tier", ["none", "cpu"])
 def test_joining_requests_get_their_solo_tokens_with_a_recorded_step(host_tier):
-    model = cuda_llama(initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    config = {
-        "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 0.1, "min_token_budget": 8},
-        "offload": {"device": host_tier},
-        "prefill": {"chunk_size": 256},
-    }
-    engine = okv.initialize(model, config, tokenizer=WordTokenizer())
+    engine = small_engine(host_tier)
     generator = torch.Generator().manual_seed(3)
     lengths, new_tokens = [1500, 700, 1100, 300, 900, 1300], [40, 64, 25, 50, 33, 45]
     prompts = [torch.randint(3, 512, (n,), generator=generator).tolist() for n in lengths]
@@ -100,13 +105,7 @@ def test_questions_about_one_document_reuse_its_kv_in_place_and_from_the_pools(h
     """A prefix cache on the card: questions one after another about one document reuse its blocks where their
     slot holds them (no copy), then, with the slots overwritten between requests, copied from the pools; every
     answer equals ``Engine.generate``'s."""
-    model = cuda_llama(initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    config = {
-        "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 0.1, "min_token_budget": 8},
-        "offload": {"device": host_tier},
-        "prefill": {"chunk_size": 256},
-    }
-    engine = okv.initialize(model, config, tokenizer=WordTokenizer())
+    engine = small_engine(host_tier)
     generator = torch.Generator().manual_seed(5)
     document = torch.randint(3, 512, (1024,), generator=generator).tolist()
     questions = [document + torch.randint(3, 512, (n,), generator=generator).tolist() for n in (7, 30, 3)]

@@ -58,11 +58,27 @@ def poison(scheduler: Scheduler) -> None:
             arena.data.copy_(torch.randn(arena.data.shape, generator=generator) * 3)
 
 
-def serve(scheduler: Scheduler, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    """Each prompt's greedy tokens, the requests sent one after another (the slots poisoned before each)."""
+def prefix_scheduler(engine, slots: int, blocks: int) -> Scheduler:
+    """A scheduler of ``slots`` slots of 256 tokens with a prefix cache of ``blocks`` blocks of ``BLOCK`` tokens."""
+    return Scheduler(
+        engine,
+        max_batch=slots,
+        max_context=256,
+        max_new_tokens=16,
+        prefix_cache_bytes=budget(engine, blocks),
+        prefix_block_tokens=BLOCK,
+    )
+
+
+def serve(
+    scheduler: Scheduler, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, poisoned: bool = True
+) -> list[list[int]]:
+    """Each prompt's greedy tokens, the requests sent one after another (the slots poisoned before each, unless
+    ``poisoned`` is False: then a slot still holds the last request's KV)."""
     answers = []
     for i, ids in enumerate(prompts):
-        poison(scheduler)
+        if poisoned:
+            poison(scheduler)
         collected = Collector(1)
         scheduler.submit(ServeRequest(f"q{i}", tuple(ids), new_tokens, temperature=0.0), collected.sink(0))
         collected.wait()
@@ -127,14 +143,7 @@ def test_questions_about_one_document_prefill_only_their_suffix(prefilled, caplo
     assert per_prefill(prefilled) == [(len(q), len(q)) for q in questions]  # no reuse: every prompt in full
     prefilled.clear()
 
-    scheduler = Scheduler(
-        engine,
-        max_batch=2,
-        max_context=256,
-        max_new_tokens=16,
-        prefix_cache_bytes=budget(engine, 40),
-        prefix_block_tokens=BLOCK,
-    )
+    scheduler = prefix_scheduler(engine, 2, 40)
     scheduler.start()
     try:
         with caplog.at_level(logging.INFO, logger="omnikv_runtime.serve.scheduler"):
@@ -204,14 +213,7 @@ def test_blocks_are_evicted_least_recently_used_first_under_the_budget():
 
 def test_a_block_an_admission_copies_from_is_not_evicted_in_that_turn():
     engine = make_engine()
-    scheduler = Scheduler(
-        engine,
-        max_batch=2,
-        max_context=256,
-        max_new_tokens=16,
-        prefix_cache_bytes=budget(engine, 6),
-        prefix_block_tokens=BLOCK,
-    )
+    scheduler = prefix_scheduler(engine, 2, 6)
     batch, prefixes = scheduler.batch, scheduler.prefixes
     doc, other = document(96, seed=70), document(100, seed=71)
 
@@ -242,14 +244,7 @@ def test_a_cancelled_request_leaves_the_blocks_it_shared_for_the_others(monkeypa
     engine = make_engine()
     doc = document(96, seed=80)
     first, cancelled, later = doc + document(9, seed=81), doc + document(70, seed=82), doc + document(12, seed=83)
-    scheduler = Scheduler(
-        engine,
-        max_batch=2,
-        max_context=256,
-        max_new_tokens=16,
-        prefix_cache_bytes=budget(engine, 40),
-        prefix_block_tokens=BLOCK,
-    )
+    scheduler = prefix_scheduler(engine, 2, 40)
     prefixes = scheduler.prefixes
     handles, chunks_run = [], []
     advance = PrefillJob.advance
@@ -391,22 +386,10 @@ def test_questions_one_after_another_reuse_the_document_where_their_slot_holds_i
     doc = document(160, seed=4)  # 10 blocks
     questions = [doc + document(n, seed=40 + n) for n in (9, 17, 2, 30)]
     copied = copies_into_slots(monkeypatch)
-    scheduler = Scheduler(
-        engine,
-        max_batch=2,
-        max_context=256,
-        max_new_tokens=16,
-        prefix_cache_bytes=budget(engine, 40),
-        prefix_block_tokens=BLOCK,
-    )
+    scheduler = prefix_scheduler(engine, 2, 40)
     scheduler.start()
     try:
-        answers = []
-        for i, ids in enumerate(questions):
-            collected = Collector(1)
-            scheduler.submit(ServeRequest(f"q{i}", tuple(ids), NEW_TOKENS, temperature=0.0), collected.sink(0))
-            collected.wait()
-            answers.append(collected.tokens[0])
+        answers = serve(scheduler, questions, poisoned=False)
         metrics = scheduler.metrics()
     finally:
         scheduler.shutdown()
@@ -424,23 +407,13 @@ def test_a_slot_keeps_its_prefix_after_the_pools_evict_it_until_another_prompt_o
     asked = [doc_a + [3, 4, 5], doc_b + [6, 7], doc_a + [8, 9, 10, 11]]
     copied = copies_into_slots(monkeypatch)
     for slots, reused in ((2, [0, 0, 96]), (1, [0, 0, 0])):
-        scheduler = Scheduler(
-            engine,
-            max_batch=slots,
-            max_context=256,
-            max_new_tokens=16,
-            prefix_cache_bytes=budget(engine, 6),
-            prefix_block_tokens=BLOCK,
-        )
+        scheduler = prefix_scheduler(engine, slots, 6)
         scheduler.start()
         try:
             answers, seen = [], []
-            for i, ids in enumerate(asked):
+            for ids in asked:
                 before = scheduler.metrics()["prefix_cache_in_place_tokens_total"]
-                collected = Collector(1)
-                scheduler.submit(ServeRequest(f"q{i}", tuple(ids), NEW_TOKENS, temperature=0.0), collected.sink(0))
-                collected.wait()
-                answers.append(collected.tokens[0])
+                answers += serve(scheduler, [ids], poisoned=False)
                 seen.append(scheduler.metrics()["prefix_cache_in_place_tokens_total"] - before)
             evictions = scheduler.metrics()["prefix_cache_evictions_total"]
         finally:
@@ -460,14 +433,7 @@ def test_waves_of_questions_about_several_documents_answer_as_generate_does(monk
     for wave, picks in enumerate(([0, 1, 0, 2], [1, 1, 3, 0], [2, 0, 1, 3])):
         waves.append([docs[d] + document(3 + 5 * wave + d, seed=200 + 10 * wave + d) for d in picks])
     expected = [alone(engine, wave) for wave in waves]
-    scheduler = Scheduler(
-        engine,
-        max_batch=3,
-        max_context=256,
-        max_new_tokens=16,
-        prefix_cache_bytes=budget(engine, 10),
-        prefix_block_tokens=BLOCK,
-    )
+    scheduler = prefix_scheduler(engine, 3, 10)
     advance, handles, victim = PrefillJob.advance, [], waves[1][2]
 
     def cancel_one(job: PrefillJob, tokens: int | None = None):
