@@ -31,7 +31,7 @@ for part in "$@"; do
         --model-folder /tmp/serve_peer_model ${PEER_ARGS:-} --out "$OUT/serve_peer.json" > /dev/null \
         2> "$OUT/serve_peer.err"; tail -12 "$OUT/serve_peer.err" ;;
     concurrent)
-      timeout 590 python3 benchmarks/serve_concurrent.py --context 131072 --new-tokens 16 --offload cpu \
+      timeout 590 python3 benchmarks/serve_concurrent.py --context 131072 --new-tokens 512 --offload cpu \
         ${CONCURRENT_ARGS:-} --out "$OUT/serve_concurrent.json" > /dev/null 2> "$OUT/serve_concurrent.err"
       tail -8 "$OUT/serve_concurrent.err" ;;
     *) echo "unknown part $part" ;;

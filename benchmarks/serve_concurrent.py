@@ -14,7 +14,7 @@ Two measurements on the same card and random model, in one process:
   (from their events: first token to last), wall time, GPU peak; then ``--solo`` of the requests again through
   ``Engine.generate`` alone, and whether each response's greedy tokens equal it.
 
-    python benchmarks/serve_concurrent.py --context 131072 --new-tokens 16 --offload cpu --out concurrent.json
+    python benchmarks/serve_concurrent.py --context 131072 --new-tokens 512 --offload cpu --out concurrent.json
     python benchmarks/serve_concurrent.py --model tiny --context 512 --slots 3   # the script's check, CPU
 
 Prints one JSON object on stdout (and writes it with ``--out``) and a table on stderr; exits 1 when a request
@@ -121,6 +121,14 @@ def most_at_once(spans: list[tuple[float, float]]) -> int:
     return most
 
 
+def first_difference(alone: list[int], together: list[int]) -> int | None:
+    """The index of the first new token where two responses differ (None when equal)."""
+    for index, (a, b) in enumerate(zip(alone, together)):
+        if a != b:
+            return index
+    return None if len(alone) == len(together) else min(len(alone), len(together))
+
+
 def serve_at_once(engine: okv.Engine, slots: int, context: int, new_tokens: int, ids: list[list[int]]) -> dict:
     """Every prompt submitted at once to a scheduler of ``slots`` slots; each one's tokens and first-token time,
     the most requests that decoded together, the wall time and the GPU peak."""
@@ -169,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("random-llama3-8b", "tiny"), default="random-llama3-8b")
     parser.add_argument("--context", type=int, default=131072, help="tokens a request holds, prompt and new")
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=512,
+        help="tokens generated per request (default 512: prefills run one chunk a turn, so the first request must "
+        "still be decoding when the last one's prefill ends for all to decode together)",
+    )
     parser.add_argument("--slots", type=int, help="default: the planner's count (--max-batch auto)")
     parser.add_argument("--solo", type=int, default=2, help="responses checked against a solo Engine.generate")
     parser.add_argument("--offload", choices=("cpu", "none"), default="cpu")
@@ -199,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()  # the scheduler's slots, before the solo runs allocate their own
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        solo = []
+        solo, first_differences = [], []
         for index in range(min(args.solo, slots)):
             out = engine.generate(torch.tensor([ids[index]]), max_new_tokens=args.new_tokens, do_sample=False)
-            solo.append(out[0, len(ids[index]) :].tolist() == served["requests"][index]["tokens"])
+            alone, together = out[0, len(ids[index]) :].tolist(), served["requests"][index]["tokens"]
+            solo.append(alone == together)
+            first_differences.append(first_difference(alone, together))
     failed = [r["error"] for r in served["requests"] if r["error"] or len(r["tokens"]) != args.new_tokens]
     peer_requests = None if peer is None else peer.get("requests")
     result = {
@@ -222,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_s": [r["ttft_s"] for r in served["requests"]],
         "failed": failed,
         "solo_equal": solo,
+        "solo_first_difference": first_differences,
         "vs_peer": slots / peer_requests if peer_requests else None,
     }
     ok = not failed and served["most_decoding_together"] == slots and all(solo)
@@ -237,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             "at_once": served["most_decoding_together"],
             "peak_gb": (served["gpu_peak_bytes"] or 0) / 1e9,
             "equal_solo": f"{sum(solo)}/{len(solo)}",
+            "first_difference": ", ".join("-" if d is None else str(d) for d in first_differences),
         },
         {
             "server": "transformers continuous batching",
@@ -244,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             "at_once": None,
             "peak_gb": (peer or {}).get("peak_growth_bytes", 0) / 1e9,
             "equal_solo": None,
+            "first_difference": None,
         },
         {
             "server": "dense (planner)",
@@ -251,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             "at_once": None,
             "peak_gb": None,
             "equal_solo": None,
+            "first_difference": None,
         },
     ]
     columns = [
@@ -259,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         ("decoded together", "at_once", ""),
         ("GPU GB", "peak_gb", ".1f"),
         ("equal solo", "equal_solo", ""),
+        ("first different token", "first_difference", ""),
     ]
     print(format_table(rows, columns), file=sys.stderr)
     return 0 if ok else 1

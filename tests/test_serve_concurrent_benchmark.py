@@ -19,6 +19,7 @@ def test_the_benchmark_runs_every_slot_together_and_notices_a_different_response
     assert serve_concurrent.main([*BENCHMARK, "--out", str(tmp_path / "concurrent.json")]) == 0
     report = json.loads((tmp_path / "concurrent.json").read_text())
     assert report["slots"] == report["served_at_once"] == 3 and report["solo_equal"] == [True, True]
+    assert report["solo_first_difference"] == [None, None]
     assert report["failed"] == [] and report["peer"] is None and report["planner_slots"] >= 3
     assert "omnikv serve" in capsys.readouterr().err
     generate = okv.Engine.generate
@@ -30,4 +31,6 @@ def test_the_benchmark_runs_every_slot_together_and_notices_a_different_response
 
     monkeypatch.setattr(okv.Engine, "generate", shifted)
     assert serve_concurrent.main(BENCHMARK) == 1
-    assert json.loads(capsys.readouterr().out)["solo_equal"] == [False, False]
+    shifted_report = json.loads(capsys.readouterr().out)
+    assert shifted_report["solo_equal"] == [False, False]
+    assert shifted_report["solo_first_difference"] == [2, 2]  # the last of the 3 new tokens
