@@ -1,59 +1,140 @@
-"""Is one row's decode attention the same whatever else is in the batch? (bf16, Llama-3-8B heads)
+"""Is one row's decode attention the same whatever else is in the batch, and what does that cost? (CUDA, bf16,
+Llama-3-8B heads: 32 query heads, 8 KV heads, head dim 128)
 
-The split-K decode attention kernel picks its number of splits from the columns and the number of
-(batch row, KV head) pairs. A row's result is then identical for batch 1 and batch 4 only where
-both get the same split plan; elsewhere the float32 partial sums combine in another order and the
-bf16 output moves by rounding. The linear layers are checked the same way. Prints one line per case.
+The split-K decode attention kernel cuts each row into ranges of columns. Its plan sizes the ranges from the
+row's columns, the KV heads and the card, never from the batch, so row 0 of a batch has the bits it has alone.
+The baseline, timed in the same process, is the plan the kernel had before: as many ranges as fill the card for
+the whole batch, so a row's ranges (and the order its float32 partial sums combine in) changed with the batch.
+For each context and batch: whether row 0 equals the batch-1 result under each plan, whether a buffer 400
+columns wider changes it, and the kernel's time under each plan (median of CUDA-event timings). The linear
+layers are checked the same way (row 0 of a product with 1, 4, 8 and 14 rows).
 
-    python benchmarks/attention_batch_invariance.py
+    python benchmarks/attention_batch_invariance.py --contexts 4100,32800,131072 --batches 1,4,14
+
+Prints one JSON object on stdout (and writes it with ``--out``) and a table on stderr.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
 import torch
+import triton
 
 from omnikv_runtime.kernels import KVSource, decode_attention
+from omnikv_runtime.kernels import decode_attention_triton as kernel
+from omnikv_runtime.tables import format_table
+
+HEADS, KV_HEADS, DIM = 32, 8, 128
 
 
-def attend(q, k, v, length, cols):
-    kk, vv = k[:, :, :cols], v[:, :, :cols]
-    lengths = torch.full((q.shape[0],), length, device="cuda")
-    return decode_attention(q, [KVSource(kk.transpose(1, 2), vv.transpose(1, 2), length=lengths)], 0.088)
+def batch_split_plan(batch: int):
+    """The previous plan: ranges enough to fill the card for ``batch`` rows (so their size follows the batch)."""
+
+    def plan(columns: int, kv_heads: int, multiprocessors: int, block: int) -> tuple[int, int]:
+        if columns == 0:
+            return 1, block
+        wanted = max(1, math.ceil(kernel.TUNING["programs_per_sm"] * multiprocessors / (batch * kv_heads)))
+        splits = max(1, min(wanted, math.ceil(columns / kernel.MIN_SPLIT_COLUMNS)))
+        chunk = math.ceil(math.ceil(columns / splits) / block) * block
+        return math.ceil(columns / chunk), chunk
+
+    return plan
 
 
-def main() -> None:
+def attend(query, keys, values, rows: int, columns: int, length: int) -> torch.Tensor:
+    lengths = torch.full((rows,), length, device="cuda")
+    source = KVSource(keys[:rows, :, :columns].transpose(1, 2), values[:rows, :, :columns].transpose(1, 2), lengths)
+    return decode_attention(query[:rows], [source], 0.088)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", default="4100,32800,131072")
+    parser.add_argument("--batches", default="1,4,14")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
     torch.manual_seed(0)
-    dt = torch.bfloat16
-    q = torch.randn(1, 32, 128, device="cuda", dtype=dt)
-    k = torch.randn(1, 8, 40000, 128, device="cuda", dtype=dt)
-    v = torch.randn_like(k)
-    for length, cols in [(4100, 4128), (32800, 32832), (32800, 32865)]:
-        one = attend(q, k, v, length, cols)
-        four = attend(
-            q.expand(4, -1, -1).contiguous(),
-            k.expand(4, -1, -1, -1).contiguous(),
-            v.expand(4, -1, -1, -1).contiguous(),
-            length,
-            cols,
-        )
-        wider = attend(q, k, v, length, cols + 700)
-        diff = (four[0].float() - one[0].float()).abs().max()
-        print(
-            f"attention length {length} columns {cols}: batch 4 row 0 == batch 1: {torch.equal(four[0], one[0])} "
-            f"(max diff {diff:.3g}); capacity +700 == : {torch.equal(wider, one)}"
-        )
-    w = torch.randn(14336, 4096, device="cuda", dtype=dt)
-    x = torch.randn(1, 4096, device="cuda", dtype=dt)
-    y1 = torch.nn.functional.linear(x, w)
-    y4 = torch.nn.functional.linear(torch.cat([x, torch.randn(3, 4096, device="cuda", dtype=dt)]), w)
-    y8 = torch.nn.functional.linear(torch.cat([x, torch.randn(7, 4096, device="cuda", dtype=dt)]), w)
-    diff = (y8[0].float() - y1[0].float()).abs().max()
-    print(
-        "linear 4096->14336: row 0 of 4 rows == 1 row:",
-        torch.equal(y4[0], y1[0]),
-        "of 8 rows:",
-        torch.equal(y8[0], y1[0]),
-        f"max diff {diff:.3g}",
-    )
+    rows = []
+    current = kernel._split_plan
+    for context in contexts:
+        columns = context + 32
+        keys = torch.randn(max(batches), KV_HEADS, columns + 400, DIM, device="cuda", dtype=torch.bfloat16)
+        values = torch.randn_like(keys)
+        query = torch.randn(max(batches), HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+        for plan_name in ("batch-independent", "by batch (before)"):
+            alone = None
+            for batch in batches:
+                kernel._split_plan = current if plan_name == "batch-independent" else batch_split_plan(batch)
+                try:
+                    out = attend(query, keys, values, batch, columns, context)
+                    if alone is None:
+                        alone = attend(query, keys, values, 1, columns, context)
+                    wider = attend(query, keys, values, batch, columns + 400, context)
+                    ms = triton.testing.do_bench(
+                        lambda: attend(query, keys, values, batch, columns, context),  # noqa: B023
+                        warmup=25,
+                        rep=100,
+                        return_mode="median",
+                    )
+                finally:
+                    kernel._split_plan = current
+                kv_bytes = 2 * batch * KV_HEADS * context * DIM * 2
+                rows.append(
+                    {
+                        "context": context,
+                        "batch": batch,
+                        "plan": plan_name,
+                        "row0_equals_batch1": torch.equal(out[0], alone[0]),
+                        "max_diff": (out[0].float() - alone[0].float()).abs().max().item(),
+                        "wider_buffer_equal": torch.equal(wider, out),
+                        "ms": round(ms, 4),
+                        "gbps": round(kv_bytes / ms / 1e6, 1),
+                    }
+                )
+    for row in rows:
+        if row["plan"] == "batch-independent":
+            before = next(
+                r
+                for r in rows
+                if r["plan"] != row["plan"] and (r["context"], r["batch"]) == (row["context"], row["batch"])
+            )
+            row["time_vs_before"] = round(row["ms"] / before["ms"], 3)
+    weight = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(14, 4096, device="cuda", dtype=torch.bfloat16)
+    one = torch.nn.functional.linear(x[:1], weight)
+    linear = {f"{n} rows": torch.equal(torch.nn.functional.linear(x[:n], weight)[0], one[0]) for n in (4, 8, 14)}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": "python benchmarks/attention_batch_invariance.py " + " ".join(argv or sys.argv[1:]),
+        "attention": rows,
+        "linear_4096_to_14336_row0_equals_1_row": linear,
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=1)
+    columns = [
+        ("context", "context", ""),
+        ("batch", "batch", ""),
+        ("split plan", "plan", ""),
+        ("row 0 == alone", "row0_equals_batch1", ""),
+        ("max diff", "max_diff", ".2g"),
+        ("+400 columns ==", "wider_buffer_equal", ""),
+        ("ms", "ms", ".4f"),
+        ("GB/s", "gbps", ".0f"),
+        ("time vs before", "time_vs_before", ".3f"),
+    ]
+    print(format_table(rows, columns), file=sys.stderr)
+    print(f"linear layers, row 0 equal to 1 row: {linear}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """GPU checks of the static decode step (``pytest -m gpu`` on a CUDA machine).
 
 - the decode kernels (split-K attention, fused scoring, layer-slice gathers, write-back rows) equal
-  their torch references on random data, with poisoned outputs and unread regions;
+  their torch references on random data, with poisoned outputs and unread regions; a row's attention
+  has the same bits whatever the batch and the buffer's capacity;
 - 256 decode steps replayed from a CUDA graph give the same greedy tokens as the same step run
   eagerly and as transformers' own ``generate`` through the cache, at batch 1 and 4, in GPU mode
   and offload mode (with and without a hot cache), with the tail ring wrapping;
@@ -73,6 +74,26 @@ def test_decode_attention_kernel_equals_the_reference(dtype):
         assert not torch.isnan(out).any()
         error = (out.float() - reference.float()).norm() / reference.float().norm()
         assert error < tolerance, (len(sources), error)
+
+
+def test_a_rows_decode_attention_has_the_same_bits_in_any_batch_and_buffer():
+    """bf16 at Llama-3-8B heads: row 0 alone, in a batch of 4 (other rows different) and in a buffer 700
+    columns wider gives identical bits, at lengths where the kernel splits a row into many ranges."""
+    torch.manual_seed(0)
+    query = torch.randn(4, 32, 128, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(4, 8, 34000, 128, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+
+    def attend(rows: int, columns: int, length: int) -> torch.Tensor:
+        lengths = torch.full((rows,), length, device="cuda")
+        source = KVSource(keys[:rows, :, :columns].transpose(1, 2), values[:rows, :, :columns].transpose(1, 2), lengths)
+        out = torch.full((rows, 32, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+        return decode_attention(query[:rows], [source], 0.088, out=out)
+
+    for length, columns in [(4100, 4128), (32800, 32832), (33000, 33532)]:
+        alone = attend(1, columns, length)
+        assert torch.equal(attend(4, columns, length)[0], alone[0]), ("batch 4", length)
+        assert torch.equal(attend(1, columns + 400, length), alone), ("a wider buffer", length)
 
 
 def test_scores_kernel_equals_the_reference():

@@ -10,8 +10,9 @@ a device-side length, a column mask and an index, each optional) and read where 
 On CUDA a Triton split-K kernel ("flash-decoding": each program attends one KV head's query group
 to one range of columns with an online softmax, a second kernel merges the ranges by their
 log-sum-exp) reads each KV row once for all query heads of its group: no ``repeat_kv`` copy. The
-number of ranges follows the batch, the heads and the number of multiprocessors, so that a batch-1
-step still fills the GPU. Lengths are read on the device, so a step's shapes never change. On any
+ranges' size follows the columns, the KV heads and the number of multiprocessors, so that one
+request still fills the GPU; it never follows the batch, so a request's result has the same bits
+alone and in any batch (a larger batch runs more ranges of the same size). Lengths are read on the device, so a step's shapes never change. On any
 other device :func:`decode_attention_torch` computes the same function with plain torch.
 """
 

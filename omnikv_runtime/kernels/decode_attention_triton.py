@@ -4,9 +4,10 @@ Grid ``(batch * kv_heads, splits)``. A program loads the query rows of one KV he
 to 16 rows for the matrix instruction), walks one range of columns of source A (or, for the last
 ``splits_b`` programs, of source B) in blocks, and keeps an online softmax in base 2. It writes its
 range's normalised output and log-sum-exp; the reduce kernel weights the ranges by their
-log-sum-exp. Lengths, masks and indices are read on the device; columns past a length cost nothing
-but the program's launch. Masked keys and values are loaded as zeros, so unwritten rows (even NaN)
-never reach the output.
+log-sum-exp. The ranges do not depend on the batch (see :func:`_split_plan`), so neither do a row's
+bits. Lengths, masks and indices are read on the device; columns past a length cost nothing but the
+program's launch. Masked keys and values are loaded as zeros, so unwritten rows (even NaN) never
+reach the output.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TUNING = {
     "num_stages": 2,
 }
 MIN_SPLIT_COLUMNS = 256  # fewer columns per program than this costs more in merging than it gains
+REDUCE_BLOCK = 64  # ranges the merge kernel reads at a time
 LOG2E = 1.4426950408889634
 
 
@@ -230,19 +232,29 @@ def _decode_reduce_kernel(
     h = row % q_heads
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < splits
     d_ok = offs_d < head_dim
-    lse = tl.load(part_lse + row * splits + offs_s, mask=s_ok, other=float("-inf"))
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    weights = tl.exp2(lse - top)
-    total = tl.sum(weights, 0)
-    parts = tl.load(
-        part_out + (row * splits + offs_s)[:, None] * head_dim + offs_d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    merged = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    top = tl.full([1], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    merged = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # ranges merge BLOCK_S at a time with a running maximum: a range past the row's length (log-sum-exp -inf)
+    # adds exact zeros, so trailing empty ranges never change the bits of the result
+    for start in range(0, splits, BLOCK_S):
+        s_idx = start + offs_s
+        s_ok = s_idx < splits
+        lse = tl.load(part_lse + row * splits + s_idx, mask=s_ok, other=float("-inf"))
+        new_top = tl.maximum(top, tl.max(lse, 0))
+        safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)
+        alpha = tl.exp2(top - safe_top)
+        weights = tl.exp2(lse - safe_top)
+        parts = tl.load(
+            part_out + (row * splits + s_idx)[:, None] * head_dim + offs_d[None, :],
+            mask=s_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        total = total * alpha + tl.sum(weights, 0)
+        merged = merged * alpha + tl.sum(parts * weights[:, None], 0)
+        top = new_top
+    merged = merged / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, merged.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -251,13 +263,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _split_plan(columns: int, rows: int, multiprocessors: int, block: int) -> tuple[int, int]:
-    """(splits, columns per split) for one source: enough programs to fill the GPU, none too small."""
+def _split_plan(columns: int, kv_heads: int, multiprocessors: int, block: int) -> tuple[int, int]:
+    """(splits, columns per split) for one source.
+
+    The columns per split depend on the source's columns, the KV heads and the card, never on the batch:
+    the power of two (at least ``MIN_SPLIT_COLUMNS`` and the block) nearest to the columns over the splits that
+    give one request's KV heads ``programs_per_sm`` programs per multiprocessor (so one request gets 0.7 to 1.4
+    times that many). A row is therefore summed in the same ranges, in the same order, whatever else is in the
+    batch, and (through the power of two) mostly whatever the buffer's capacity: a request served in a batch
+    gets the bits it gets alone. A larger batch runs more programs of the same size.
+    """
     if columns == 0:
         return 1, block
-    wanted = max(1, math.ceil(TUNING["programs_per_sm"] * multiprocessors / rows))
-    splits = max(1, min(wanted, math.ceil(columns / MIN_SPLIT_COLUMNS)))
-    chunk = math.ceil(math.ceil(columns / splits) / block) * block
+    wanted = max(1, TUNING["programs_per_sm"] * multiprocessors // kv_heads)  # splits for one request
+    exponent = max(0, round(math.log2(columns / wanted))) if columns > wanted else 0
+    chunk = max(block, MIN_SPLIT_COLUMNS, 1 << exponent)
     return math.ceil(columns / chunk), chunk
 
 
@@ -298,9 +318,11 @@ def decode_attention_triton(query, sources, scale: float, multiprocessors: int, 
     group = q_heads // kv_heads
     rows = batch * kv_heads
     block = TUNING["block"] if query.element_size() <= 2 else TUNING["block"] // 2
-    splits_a, chunk_a = _split_plan(first.columns, rows, multiprocessors, block)
+    splits_a, chunk_a = _split_plan(first.columns, kv_heads, multiprocessors, block)
     second = sources[1] if len(sources) > 1 else None
-    splits_b, chunk_b = _split_plan(second.columns, rows, multiprocessors, block) if second is not None else (0, block)
+    splits_b, chunk_b = (
+        _split_plan(second.columns, kv_heads, multiprocessors, block) if second is not None else (0, block)
+    )
     splits = splits_a + splits_b
     part_out = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=query.device)
@@ -348,7 +370,7 @@ def decode_attention_triton(query, sources, scale: float, multiprocessors: int, 
         q_heads,
         head_dim,
         splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        BLOCK_S=REDUCE_BLOCK,
         BLOCK_D=triton.next_power_of_2(head_dim),
     )
     return out
