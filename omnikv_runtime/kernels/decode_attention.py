@@ -12,8 +12,9 @@ to one range of columns with an online softmax, a second kernel merges the range
 log-sum-exp) reads each KV row once for all query heads of its group: no ``repeat_kv`` copy. The
 ranges' size follows the columns, the KV heads and the number of multiprocessors, so that one
 request still fills the GPU; it never follows the batch, so a request's result has the same bits
-alone and in any batch (a larger batch runs more ranges of the same size). Lengths are read on the device, so a step's shapes never change. On any
-other device :func:`decode_attention_torch` computes the same function with plain torch.
+alone and in any batch (a larger batch runs more ranges of the same size). Lengths are read on the
+device, so a step's shapes never change. On any other device :func:`decode_attention_torch`
+computes the same function with plain torch.
 """
 
 from __future__ import annotations
