@@ -7,6 +7,9 @@ weights, so a dense reference can be computed on a fresh instance that the runti
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -271,3 +274,15 @@ def record_selections(engine) -> list:
 
 def is_sparse(engine, layer: int) -> bool:
     return engine.plan.role(layer) is Role.SPARSE
+
+
+def run_in_triton_interpreter(check: str) -> None:
+    """Run the Python source ``check`` in a child process under ``TRITON_INTERPRET=1`` (Triton kernels on CPU
+    tensors; the interpreter must be chosen before triton is imported); it must print ``ok`` last."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # import the installed package, not the cwd
+    done = subprocess.run(
+        [sys.executable, *isolated, "-c", check], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

@@ -8,9 +8,7 @@ runs in float32: the interpreter does not compute bfloat16 products the way the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from okv_testlib import run_in_triton_interpreter
 
 CHECK = r"""
 import torch
@@ -51,10 +49,4 @@ print("ok")
 
 
 def test_a_rows_attention_has_the_same_bits_whatever_the_batch_and_capacity():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # import the installed package, not the cwd
-    done = subprocess.run(
-        [sys.executable, *isolated, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok")
+    run_in_triton_interpreter(CHECK)

@@ -11,13 +11,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from okv_testlib import PAD, cache_keyword, greedy_generate, make_model, make_prompt, omni
+from okv_testlib import PAD, cache_keyword, greedy_generate, make_model, make_prompt, omni, run_in_triton_interpreter
 
 import omnikv_runtime as okv
 from omnikv_runtime.engine.fused_layers import install_fused_layers, why_not_fusable
@@ -120,14 +116,4 @@ print("ok")
 
 
 def test_layer_kernels_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # import the installed package, not the cwd
-    done = subprocess.run(
-        [sys.executable, *isolated, "-c", KERNELS_IN_THE_INTERPRETER],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok")
+    run_in_triton_interpreter(KERNELS_IN_THE_INTERPRETER)

@@ -7,11 +7,10 @@ ties and subnormals. The interpreter must be chosen before triton is imported: a
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
+from okv_testlib import run_in_triton_interpreter
 
 CHECK = r"""
 import torch
@@ -139,13 +138,7 @@ print("ok")
 
 
 def test_fp8_kernels_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # import the installed package, not the cwd
-    done = subprocess.run(
-        [sys.executable, *isolated, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok")
+    run_in_triton_interpreter(CHECK)
 
 
 def test_fp8_kernels_compile_for_the_h200_without_spilling(tmp_path, monkeypatch):

@@ -5,9 +5,7 @@ The interpreter must be chosen before triton is imported, so the checks run in a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from okv_testlib import run_in_triton_interpreter
 
 CHECK = r"""
 import torch
@@ -108,9 +106,4 @@ print("ok")
 
 
 def test_triton_gather_kernel_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # import the installed package, not the cwd
-    command = [sys.executable, *isolated, "-c", CHECK]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok")
+    run_in_triton_interpreter(CHECK)
