@@ -19,10 +19,11 @@ import triton
 import triton.language as tl
 
 # launch shape (benchmarks/decode_kernels.py --sweep measures alternatives on the card at hand;
-# on an H200 at 128K tokens this one was the fastest at batch 4 and within 4% of it at batch 1)
+# on an H200 at 128K tokens this one was the fastest at batch 4 and within 4% of it at batch 1, when
+# the split plan still followed the batch)
 TUNING = {
     "block": 128,  # columns per inner step (half of it for float32: shared memory)
-    "programs_per_sm": 8,  # split programs per multiprocessor the grid aims at
+    "programs_per_sm": 8,  # split programs per multiprocessor one request's grid aims at
     "num_warps": 4,
     "num_stages": 2,
 }
