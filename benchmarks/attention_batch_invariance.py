@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
@@ -27,6 +28,9 @@ import triton
 from omnikv_runtime.kernels import KVSource, decode_attention
 from omnikv_runtime.kernels import decode_attention_triton as kernel
 from omnikv_runtime.tables import format_table
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode.py, also under python -P
+from decode import run_header  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 
@@ -110,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     one = torch.nn.functional.linear(x[:1], weight)
     linear = {f"{n} rows": torch.equal(torch.nn.functional.linear(x[:n], weight)[0], one[0]) for n in (4, 8, 14)}
     result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "command": "python benchmarks/attention_batch_invariance.py " + " ".join(argv or sys.argv[1:]),
+        **run_header(torch.device("cuda"), "attention_batch_invariance.py", argv),
         "attention": rows,
         "linear_4096_to_14336_row0_equals_1_row": linear,
     }
