@@ -8,6 +8,7 @@ land in its own slot and its attention see only its own tokens, so every request
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from omnikv_runtime.serve import batch as batch_module
 from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
 from omnikv_runtime.serve.requests import ServeRequest
 from omnikv_runtime.serve.scheduler import Scheduler
+from omnikv_runtime.serve.turns import TurnRunner
 
 CHUNK = 32  # make_engine's prefill.chunk_size
 
@@ -77,6 +79,51 @@ def test_requests_prefilled_together_get_the_tokens_they_get_alone(offload, sele
     assert sum(packed for _, packed in forwards.seen) >= 3  # several requests' chunks ran packed
     assert all(tokens <= 80 for tokens, _ in forwards.seen)
     assert metrics["slots_free"] == 4 and metrics["kv_bytes"]["host_used"] == 0
+
+
+def test_every_chunk_is_cut_where_generate_cuts_the_prompt_alone(monkeypatch):
+    """Five requests queued together under a budget of two and a half chunks: every chunk the server runs starts at
+    a multiple of the chunk size from its prompt's start and ends at the next one or at the prompt's end, so a
+    request's prefill forwards are those of its prompt alone (in bf16 a chunk cut elsewhere rounds otherwise)."""
+    engine = make_engine()
+    turns: list[list[tuple[int, int, int]]] = []
+    prefill = SlotBatch.prefill
+
+    def recording(self, chunks):
+        turns.append([(job.done_tokens, tokens, job.prompt_tokens) for job, tokens in chunks])
+        return prefill(self, chunks)
+
+    monkeypatch.setattr(SlotBatch, "prefill", recording)
+    new_tokens = [5, 7, 4, 6, 3]
+    expected = [alone(engine, ids, count) for ids, count in zip(prompts(), new_tokens, strict=True)]
+    scheduler = Scheduler(engine, max_batch=4, max_context=256, max_new_tokens=16, max_prefill_tokens=80)
+    collected = Collector(len(expected))
+    try:
+        for i, (ids, count) in enumerate(zip(prompts(), new_tokens, strict=True)):
+            scheduler.submit(ServeRequest(f"r{i}", tuple(ids), count, temperature=0.0), collected.sink(i))
+        scheduler.start()
+        collected.wait()
+    finally:
+        scheduler.shutdown()
+    assert [collected.tokens[i] for i in range(len(expected))] == expected
+    chunks = [chunk for turn in turns for chunk in turn]
+    assert sum(tokens for _, tokens, _ in chunks) == sum(len(ids) for ids in prompts())
+    assert all(done % CHUNK == 0 and (tokens == CHUNK or done + tokens == length) for done, tokens, length in chunks)
+    assert all(sum(tokens for _, tokens, _ in turn) <= 80 for turn in turns)
+    assert any(len(turn) > 1 for turn in turns)  # still several requests a forward
+
+
+def test_a_plan_takes_whole_chunks_and_cuts_only_the_first_to_a_small_budget():
+    runner = TurnRunner(None, chunk_size=32)
+    runner.jobs = {0: SimpleNamespace(done_tokens=40, remaining=100), 1: SimpleNamespace(done_tokens=0, remaining=10)}
+    admit = [(2, list(range(70)))]  # 16 of its tokens reused: its first chunk is 16 more, to the chunk's end
+    # slot 0 runs to the end of its chunk (24), slot 1 its whole prompt (10); slot 2's 16 do not fit the 6 left
+    assert runner.plan_prefill([0, 1, 2], admit, 40, {2: 16}) == [(0, 24), (1, 10)]
+    assert runner.plan_prefill([1, 0, 2], admit, 42, {2: 16}) == [(1, 10), (0, 24)]
+    assert runner.plan_prefill([2, 1, 0], admit, 64, {2: 16}) == [(2, 16), (1, 10), (0, 24)]
+    # a budget under a chunk: the first chunk is cut to it, and nothing else runs
+    assert runner.plan_prefill([0, 1], [], 8) == [(0, 8)]
+    assert runner.plan_prefill([2, 1], admit, 8) == [(2, 8)]  # admitted without reuse: from token 0
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,16 @@ def packing_blocker(model: torch.nn.Module) -> str | None:
     return None
 
 
+def whole_chunk(done: int, remaining: int, chunk_size: int) -> int:
+    """Prompt tokens from ``done`` to the end of its chunk, where chunks start at multiples of ``chunk_size`` from
+    the prompt's first token (as ``Engine.generate`` cuts a prompt) and the last one ends with the prompt.
+
+    Cut this way, a request's chunks do not depend on what else the server runs, and neither do its tokens: its
+    prefill's forwards see the same queries and keys as a prefill alone (a chunk cut elsewhere can round
+    otherwise in bf16)."""
+    return min(chunk_size - done % chunk_size, remaining)
+
+
 class PrefillJob:
     """One request's prompt, run chunk by chunk into its slot from ``done_tokens`` on.
 
@@ -84,8 +94,8 @@ class PrefillJob:
         return self.prompt_tokens - self.done_tokens
 
     def next_chunk(self, budget: int) -> int:
-        """Tokens of the next chunk within ``budget``: at most ``chunk_size`` and what remains."""
-        return max(0, min(self.chunk_size, self.remaining, budget))
+        """Tokens of the next chunk within ``budget``: up to the end of its chunk (:func:`whole_chunk`)."""
+        return max(0, min(whole_chunk(self.done_tokens, self.remaining, self.chunk_size), budget))
 
     def chunk(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``tokens`` prompt ids and their positions, ``[tokens]`` each (refused past the prompt)."""
@@ -100,7 +110,7 @@ class PrefillJob:
         return self.done_tokens == self.prompt_tokens
 
     def advance(self, tokens: int | None = None) -> torch.Tensor | None:
-        """Run the next chunk (``tokens``, default ``chunk_size`` or what remains) alone; after the last one,
+        """Run the next chunk (``tokens``, default to the end of its chunk) alone; after the last one,
         the logits ``[vocab]`` of the prompt's last token."""
         ids, columns = self.chunk(self.next_chunk(self.chunk_size) if tokens is None else tokens)
         mask = torch.ones(1, int(columns[-1]) + 1, dtype=torch.long, device=self.ids.device)

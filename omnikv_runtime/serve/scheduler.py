@@ -4,9 +4,10 @@ One thread owns the engine. Each turn of its loop it
 
 1. moves queued requests into free slots (a slot is taken when its prefill starts);
 2. runs **prefill chunks** within the turn's token budget (``max_prefill_tokens``, default
-   ``prefill.chunk_size``): the prefilling requests, oldest first, each get their next chunk (at most
-   ``prefill.chunk_size`` tokens and what remains of the prompt) while the budget lasts, all in one
-   forward where the model allows it. So a long prompt never freezes the running batch for its whole
+   ``prefill.chunk_size``): the prefilling requests, oldest first, each get their next chunk where it fits
+   what is left of the budget, all in one forward where the model allows it. A prompt is cut into chunks
+   as ``Engine.generate`` cuts it (at multiples of ``prefill.chunk_size``), so a request's tokens do not
+   depend on what else runs. So a long prompt never freezes the running batch for its whole
    prefill (decode steps and prefill chunks alternate, as in chunked-prefill schedulers: vLLM,
    Sarathi-Serve, LightLLM's split prefill), and a short prompt admitted behind a long one is
    prefilled beside it when the budget is larger than a chunk. After its last chunk a request's first

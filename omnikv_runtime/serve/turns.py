@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
+from omnikv_runtime.serve.batch import PrefillJob, SlotBatch, whole_chunk
 from omnikv_runtime.serve.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -182,18 +182,27 @@ class TurnRunner:
         reuse: dict[int, int] | None = None,
     ) -> list[tuple[int, int]]:
         """Rank 0: the prefill chunks of a turn whose plan admits ``admit`` (``reuse``: the prompt tokens each
-        admitted slot takes from the prefix cache): the prefilling slots of ``order`` (oldest request first)
-        each get their next chunk (at most ``chunk_size`` and what remains of the prompt) while the turn's
-        ``budget`` of prompt tokens lasts."""
+        admitted slot takes from the prefix cache), at most ``budget`` prompt tokens in all.
+
+        The prefilling slots of ``order`` (oldest request first) each get their next chunk whole (to the end of
+        its chunk, :func:`~omnikv_runtime.serve.batch.whole_chunk`) where it fits what is left of the budget; a
+        chunk that does not fit waits for a later turn, and younger requests' chunks that fit go ahead of it.
+        Only the turn's first chunk is ever cut to the budget (a budget under ``chunk_size``), so with the
+        default budget every request is prefilled in the chunks ``Engine.generate`` would run it in."""
         reuse = reuse or {}
         # a slot admitted again after a drop starts anew, after the tokens it reuses
-        starting = {row: len(ids) - reuse.get(row, 0) for row, ids in admit}
+        starting = {row: (reuse.get(row, 0), len(ids) - reuse.get(row, 0)) for row, ids in admit}
         chunks: list[tuple[int, int]] = []
         for row in order:
             if budget <= 0:
                 break
-            remaining = starting[row] if row in starting else self.jobs[row].remaining
-            tokens = min(self.chunk_size, remaining, budget)
+            job = self.jobs.get(row)
+            done, remaining = starting[row] if row in starting else (job.done_tokens, job.remaining)
+            tokens = whole_chunk(done, remaining, self.chunk_size)
+            if tokens > budget:
+                if chunks:
+                    continue
+                tokens = budget
             if tokens > 0:
                 chunks.append((row, tokens))
                 budget -= tokens
