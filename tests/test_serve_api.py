@@ -409,3 +409,31 @@ def test_omnikv_serve_wires_config_scheduler_and_server(monkeypatch, caplog):
     assert built["prefix_cache_bytes"] == 0
     assert built["max_prefill_tokens"] is None  # the scheduler's default: prefill.chunk_size
     assert ran["server"].config.limit_concurrency == 512
+
+
+def test_an_interrupt_after_the_graceful_shutdown_ends_omnikv_serve_quietly(monkeypatch, caplog):
+    """uvicorn stops gracefully on Ctrl-C and then raises the interrupt again: the command ends with 0, the
+    scheduler stopped, and one line in the log instead of a traceback."""
+    import omnikv_runtime.cli.threads
+    import omnikv_runtime.engine
+    import omnikv_runtime.serve.scheduler
+    from omnikv_runtime import cli
+    from omnikv_runtime.serve.server import DrainingServer
+
+    schedulers = []
+
+    def interrupted(server):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(omnikv_runtime.cli.threads, "apply_cpu_threads", lambda *a: None)
+    monkeypatch.setattr(omnikv_runtime.engine, "initialize", lambda config: object())
+    monkeypatch.setattr(
+        omnikv_runtime.serve.scheduler,
+        "Scheduler",
+        lambda engine, **kwargs: schedulers.append(FakeScheduler()) or schedulers[-1],
+    )
+    monkeypatch.setattr(DrainingServer, "run", interrupted)
+    with caplog.at_level(logging.INFO, logger="omnikv_runtime.cli.serve"):
+        assert cli.main(["serve", "--config", "configs/default.json", "--max-batch", "1"]) == 0
+    assert schedulers[0].stopped
+    assert "stopped by an interrupt" in caplog.text

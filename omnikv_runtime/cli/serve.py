@@ -237,6 +237,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         try:
             server.run()
+        except KeyboardInterrupt:  # uvicorn raises the interrupt again after its graceful shutdown
+            logger.info("stopped by an interrupt")
         finally:
             scheduler.shutdown()  # done already by the app's lifespan, unless uvicorn was forced out (a second Ctrl-C)
             leave_process_group()  # with several ranks: the others stopped following at the shutdown
