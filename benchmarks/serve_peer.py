@@ -44,6 +44,7 @@ when ``omnikv serve`` left a request unserved or did not start.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -271,8 +272,14 @@ def run_server(name: str, server: ServerProcess, trace: list[dict], args, device
 
 def agreement(rows: list[dict[str, Any]]) -> dict[str, int]:
     """Requests every server completed, and of those how many got the same text from each (the same greedy model:
-    they differ only where the servers' arithmetic rounds differently). Takes the rows' texts out."""
+    they differ only where the servers' arithmetic rounds differently). Takes the rows' texts out, leaving in each
+    row a digest of each completed request's words (``text_digests``: request index -> the first 16 hex digits
+    of SHA-256), so that servers run in separate calls can be compared from their JSON."""
     texts = [row.pop("texts") for row in rows]
+    for row, each in zip(rows, texts, strict=True):
+        row["text_digests"] = {
+            index: hashlib.sha256(" ".join(words).encode()).hexdigest()[:16] for index, words in each.items()
+        }
     common = set.intersection(*(set(each) for each in texts)) if texts else set()
     return {"compared": len(common), "equal": sum(1 for i in common if len({each[i] for each in texts}) == 1)}
 

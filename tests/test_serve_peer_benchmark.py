@@ -88,6 +88,10 @@ def test_unserved_requests_are_counted_with_their_reason():
 def test_same_text_is_compared_on_what_every_server_completed():
     rows = [{"texts": {0: ("w1",), 1: ("w2",), 2: ("w3",)}}, {"texts": {0: ("w1",), 1: ("w9",)}}]
     assert serve_peer.agreement(rows) == {"compared": 2, "equal": 1} and "texts" not in rows[0]
+    # the digests compare halves run in separate calls: equal words, equal digests; other words, other digests
+    first, second = rows[0]["text_digests"], rows[1]["text_digests"]
+    assert set(first) == {0, 1, 2} and set(second) == {0, 1}
+    assert first[0] == second[0] and first[1] != second[1] and len(first[2]) == 16
 
 
 def test_peer_command_on_cpu_sizes_its_cache_to_the_trace(tmp_path):
