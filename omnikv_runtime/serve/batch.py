@@ -52,9 +52,9 @@ def whole_chunk(done: int, remaining: int, chunk_size: int) -> int:
     """Prompt tokens from ``done`` to the end of its chunk, where chunks start at multiples of ``chunk_size`` from
     the prompt's first token (as ``Engine.generate`` cuts a prompt) and the last one ends with the prompt.
 
-    Cut this way, a request's chunks do not depend on what else the server runs, and neither do its tokens: its
-    prefill's forwards see the same queries and keys as a prefill alone (a chunk cut elsewhere can round
-    otherwise in bf16)."""
+    Cut this way, a request's chunks do not depend on what else the server runs, nor does its prefill: its
+    forwards see the same queries and keys as a prefill alone (a chunk cut elsewhere can round otherwise in
+    bf16)."""
     return min(chunk_size - done % chunk_size, remaining)
 
 

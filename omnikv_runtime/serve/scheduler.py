@@ -6,8 +6,8 @@ One thread owns the engine. Each turn of its loop it
 2. runs **prefill chunks** within the turn's token budget (``max_prefill_tokens``, default
    ``prefill.chunk_size``): the prefilling requests, oldest first, each get their next chunk where it fits
    what is left of the budget, all in one forward where the model allows it. A prompt is cut into chunks
-   as ``Engine.generate`` cuts it (at multiples of ``prefill.chunk_size``), so a request's tokens do not
-   depend on what else runs. So a long prompt never freezes the running batch for its whole
+   as ``Engine.generate`` cuts it (at multiples of ``prefill.chunk_size``), so a request's prefill does
+   not depend on what else runs. So a long prompt never freezes the running batch for its whole
    prefill (decode steps and prefill chunks alternate, as in chunked-prefill schedulers: vLLM,
    Sarathi-Serve, LightLLM's split prefill), and a short prompt admitted behind a long one is
    prefilled beside it when the budget is larger than a chunk. After its last chunk a request's first
