@@ -7,8 +7,10 @@ The baseline, timed in the same process, is the plan the kernel had before: as m
 the whole batch, so a row's ranges (and the order its float32 partial sums combine in) changed with the batch.
 For each context and batch: whether row 0 equals the batch-1 result under each plan, whether a buffer 400
 columns wider changes it, and the kernel's time under each plan (median of CUDA-event timings). The linear
-layers are checked the same way: for each of Llama-3-8B's projection shapes, the row counts from 2 to
-``--max-linear-rows`` at which row 0 of the product differs from the row's product alone.
+layers are checked the same way, for each of Llama-3-8B's projection shapes, under cuBLAS and under the
+batch-invariant kernel (``generation.batch_invariant``): the row counts from 2 to ``--max-linear-rows`` at which
+row 0 of the product differs from the row's product alone, and each product's time at ``--linear-timed-rows``
+(``--linear-only``: this part alone).
 
     python benchmarks/attention_batch_invariance.py --contexts 4100,32800,131072 --batches 1,4,14
 
@@ -28,6 +30,7 @@ import triton
 
 from omnikv_runtime.kernels import KVSource, decode_attention
 from omnikv_runtime.kernels import decode_attention_triton as kernel
+from omnikv_runtime.kernels.invariant_linear import invariant_linear
 from omnikv_runtime.tables import format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode.py, also under python -P
@@ -44,19 +47,36 @@ PROJECTIONS = {
 }
 
 
-def linear_rows_that_differ(max_rows: int) -> dict[str, list[int]]:
-    """For each projection: the row counts 2..``max_rows`` at which row 0 of the product (cuBLAS, bf16) is not
-    bit-identical to the same row's product alone. cuBLAS picks its kernel (tiles, split-K) by the shape, so a
-    decode step's projections are batch-invariant only at the row counts this leaves out."""
+def linear_check(max_rows: int, timed_rows: list[int]) -> list[dict]:
+    """For each projection, cuBLAS (``torch.nn.functional.linear``) and the batch-invariant kernel
+    (``generation.batch_invariant``), bf16: the row counts 2..``max_rows`` at which row 0 of the product is not
+    bit-identical to the row's product alone, and the product's time at ``timed_rows`` rows (median of
+    CUDA-event timings) with the weight's bytes over it."""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    differ = {}
+    results = []
     for name, (inputs, outputs) in PROJECTIONS.items():
         weight = torch.randn(outputs, inputs, device="cuda", dtype=torch.bfloat16, generator=generator) * 0.02
-        x = torch.randn(max_rows, inputs, device="cuda", dtype=torch.bfloat16, generator=generator)
-        alone = torch.nn.functional.linear(x[:1], weight)[0]
-        rows = range(2, max_rows + 1)
-        differ[name] = [n for n in rows if not torch.equal(torch.nn.functional.linear(x[:n], weight)[0], alone)]
-    return differ
+        x = torch.randn(max(max_rows, *timed_rows), inputs, device="cuda", dtype=torch.bfloat16, generator=generator)
+        for product_name, product in (("cuBLAS", torch.nn.functional.linear), ("invariant", invariant_linear)):
+            alone = product(x[:1], weight)[0]
+            row = {"projection": name, "product": product_name, "differs_at_rows": []}
+            row["differs_at_rows"] = [
+                n for n in range(2, max_rows + 1) if not torch.equal(product(x[:n], weight)[0], alone)
+            ]
+            for rows in timed_rows:
+                inputs_now = x[:rows]
+                ms = triton.testing.do_bench(
+                    lambda p=product, i=inputs_now, w=weight: p(i, w), warmup=25, rep=100, return_mode="median"
+                )
+                row[f"ms_{rows}_rows"] = round(ms, 4)
+                row[f"gbps_{rows}_rows"] = round(weight.numel() * 2 / ms / 1e6, 1)
+            results.append(row)
+    for row in results:
+        if row["product"] == "invariant":
+            cublas = next(r for r in results if r["projection"] == row["projection"] and r["product"] == "cuBLAS")
+            for rows in timed_rows:
+                row[f"time_vs_cublas_{rows}_rows"] = round(row[f"ms_{rows}_rows"] / cublas[f"ms_{rows}_rows"], 3)
+    return results
 
 
 def batch_split_plan(batch: int):
@@ -84,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="4100,32800,131072")
     parser.add_argument("--batches", default="1,4,14")
     parser.add_argument("--max-linear-rows", type=int, default=16, help="the projections' check: 2..N rows")
+    parser.add_argument("--linear-timed-rows", default="1,4,14", help="the projections' timings: at these rows")
+    parser.add_argument("--linear-only", action="store_true", help="skip the attention part")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     contexts = [int(x) for x in args.contexts.split(",")]
@@ -91,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rows = []
     current = kernel._split_plan
-    for context in contexts:
+    for context in [] if args.linear_only else contexts:
         columns = context + 32
         keys = torch.randn(max(batches), KV_HEADS, columns + 400, DIM, device="cuda", dtype=torch.bfloat16)
         values = torch.randn_like(keys)
@@ -134,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                 if r["plan"] != row["plan"] and (r["context"], r["batch"]) == (row["context"], row["batch"])
             )
             row["time_vs_before"] = round(row["ms"] / before["ms"], 3)
-    linear = linear_rows_that_differ(args.max_linear_rows)
+    linear = linear_check(args.max_linear_rows, [int(x) for x in args.linear_timed_rows.split(",")])
     result = {
         **run_header(torch.device("cuda"), "attention_batch_invariance.py", argv),
         "attention": rows,
-        "linear_rows_where_row0_differs_from_1_row": linear,
+        "linear": linear,
     }
     print(json.dumps(result, indent=1))
     if args.out:
@@ -155,8 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         ("GB/s", "gbps", ".0f"),
         ("time vs before", "time_vs_before", ".3f"),
     ]
-    print(format_table(rows, columns), file=sys.stderr)
-    print(f"linear layers, row counts where row 0 differs from the 1-row product: {linear}", file=sys.stderr)
+    if rows:
+        print(format_table(rows, columns), file=sys.stderr)
+    timed = [int(x) for x in args.linear_timed_rows.split(",")]
+    linear_columns = [
+        ("projection", "projection", ""),
+        ("product", "product", ""),
+        ("row 0 differs at", "differs_at_rows", ""),
+    ]
+    linear_columns += [(f"ms, {n} rows", f"ms_{n}_rows", ".4f") for n in timed]
+    linear_columns += [(f"vs cuBLAS, {n}", f"time_vs_cublas_{n}_rows", ".3f") for n in timed]
+    print(format_table(linear, linear_columns), file=sys.stderr)
     return 0
 
 

@@ -340,6 +340,14 @@ class GenerationSection(_Section):
             "runtime's cache drives them; `\"auto\"`: on CUDA; `false`: transformers' kernels, bit for bit"
         ),
     )
+    batch_invariant: StrictBool = Field(
+        default=False,
+        description=(
+            "with fused layers, the projections of decode-sized inputs (at most 64 rows) and the LM head run "
+            "through a kernel whose rows have the same bits whatever the batch, so a request's greedy tokens "
+            "do not depend on what else the server decodes beside it"
+        ),
+    )
     check_every: StrictInt = Field(
         default=16,
         gt=0,

@@ -8,7 +8,9 @@ the GPU for 1-2 µs: over 32 layers that is ~1.8 ms per token, a third of the st
 at Llama-3-8B geometry. The fused forward computes the same layer with one kernel per RMSNorm, one
 for the rotary embedding of queries and keys together, and one for the SiLU-gated product
 (:mod:`omnikv_runtime.kernels.layer_ops`); the projections, the residual adds and the attention
-function are transformers' own.
+function are transformers' own. With ``generation.batch_invariant`` the projections of decode-sized inputs
+(and the LM head's) run through :func:`~omnikv_runtime.kernels.invariant_linear.invariant_linear`, whose rows
+have the same bits whatever the number of rows, so a request's tokens do not depend on its batch.
 
 Like DeepSpeed's kernel injection, this replaces each supported layer's ``forward`` in place; no
 weight is copied or moved. The replacement is inert unless the runtime's own cache asks for it
@@ -29,6 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from omnikv_runtime.kernels.invariant_linear import invariant_linear
 from omnikv_runtime.kernels.layer_ops import rms_norm, rotary_embedding, silu_mul
 
 logger = logging.getLogger(__name__)
@@ -66,12 +69,15 @@ def why_not_fusable(layer: nn.Module) -> str | None:
     return None
 
 
-def install_fused_layers(model: PreTrainedModel) -> int:
-    """Give every fusable decoder layer the fused forward (once); returns how many layers have it."""
+def install_fused_layers(model: PreTrainedModel, batch_invariant: bool = False) -> int:
+    """Give every fusable decoder layer the fused forward (once; ``batch_invariant``: its projections, and the
+    LM head, through the batch-invariant linear); returns how many layers have it."""
     fused = 0
     reasons = set()
+    set_invariant_head(model, batch_invariant)
     for layer in decoder_layers(model):
         if hasattr(layer, "_omnikv_unfused_forward"):
+            layer._omnikv_batch_invariant = batch_invariant
             fused += 1
             continue
         reason = why_not_fusable(layer)
@@ -79,6 +85,7 @@ def install_fused_layers(model: PreTrainedModel) -> int:
             reasons.add(reason)
             continue
         layer._omnikv_unfused_forward = layer.forward
+        layer._omnikv_batch_invariant = batch_invariant
         layer.forward = types.MethodType(_fused_forward, layer)
         fused += 1
     if reasons:
@@ -90,7 +97,9 @@ def remove_fused_layers(model: PreTrainedModel) -> int:
     """Give every fused decoder layer its own forward back (undoes :func:`install_fused_layers`);
     returns how many layers it restored."""
     restored = 0
+    set_invariant_head(model, False)
     for layer in decoder_layers(model):
+        layer.__dict__.pop("_omnikv_batch_invariant", None)
         original = layer.__dict__.pop("_omnikv_unfused_forward", None)
         if original is None:
             continue
@@ -100,6 +109,30 @@ def remove_fused_layers(model: PreTrainedModel) -> int:
             layer.forward = original  # a forward set on the instance before fusing
         restored += 1
     return restored
+
+
+def set_invariant_head(model: PreTrainedModel, batch_invariant: bool) -> None:
+    """Run the model's LM head (a plain ``nn.Linear``) through the batch-invariant linear, or give it its own
+    forward back."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return
+    if batch_invariant and "forward" not in head.__dict__:
+        head.forward = types.MethodType(_invariant_forward, head)
+    elif not batch_invariant and getattr(head.__dict__.get("forward"), "__func__", None) is _invariant_forward:
+        del head.forward
+
+
+def _invariant_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    return invariant_linear(hidden, self.weight, self.bias)
+
+
+def _project(layer: nn.Module, projection: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``projection(hidden)``; through the batch-invariant linear where the layer asks for it and the projection is
+    a plain ``nn.Linear`` (DeepSpeed's sharded layers keep their own forward: they all-reduce)."""
+    if layer._omnikv_batch_invariant and type(projection) is nn.Linear:
+        return invariant_linear(hidden, projection.weight, projection.bias)
+    return projection(hidden)
 
 
 def _attention_function(attention: nn.Module):
@@ -116,9 +149,9 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **k
     norm = self.input_layernorm
     normed = rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
     by_head = (*hidden_states.shape[:-1], -1, attention.head_dim)
-    query = attention.q_proj(normed).view(by_head)
-    key = attention.k_proj(normed).view(by_head)
-    value = attention.v_proj(normed).view(by_head).transpose(1, 2)
+    query = _project(self, attention.q_proj, normed).view(by_head)
+    key = _project(self, attention.k_proj, normed).view(by_head)
+    value = _project(self, attention.v_proj, normed).view(by_head).transpose(1, 2)
     cos, sin = kwargs["position_embeddings"]
     query, key = rotary_embedding(query, key, cos, sin)
     key, value = cache.update(key, value, attention.layer_idx)
@@ -133,8 +166,9 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **k
         scaling=attention.scaling,
         **extra,
     )
-    attended = attention.o_proj(attended.reshape(*hidden_states.shape[:-1], -1).contiguous())
+    attended = _project(self, attention.o_proj, attended.reshape(*hidden_states.shape[:-1], -1).contiguous())
     hidden_states = hidden_states + attended
     norm = self.post_attention_layernorm
     normed = rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
-    return hidden_states + mlp.down_proj(silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed)))
+    gated = silu_mul(_project(self, mlp.gate_proj, normed), _project(self, mlp.up_proj, normed))
+    return hidden_states + _project(self, mlp.down_proj, gated)

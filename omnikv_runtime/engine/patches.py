@@ -48,8 +48,29 @@ def base_attention(model: PreTrainedModel, config: OmniKVConfig) -> str:
     return current
 
 
-def _fuse_layers(model: PreTrainedModel, device: torch.device, wanted: bool | str, weights_offloaded: bool) -> bool:
-    """Install the fused decoder-layer forward where ``generation.fused_layers`` asks for it."""
+def _fuse_layers(
+    model: PreTrainedModel,
+    device: torch.device,
+    wanted: bool | str,
+    weights_offloaded: bool,
+    batch_invariant: bool = False,
+) -> bool:
+    """Install the fused decoder-layer forward where ``generation.fused_layers`` asks for it (``batch_invariant``:
+    with the batch-invariant projections, which run only inside fused layers)."""
+    fused = _install_fused_layers(model, device, wanted, weights_offloaded, batch_invariant)
+    if batch_invariant and not fused:
+        raise ConfigError(
+            "generation.batch_invariant",
+            True,
+            'false, unless the decoder layers are fused (generation.fused_layers true or "auto" on CUDA, a Llama '
+            "architecture; the batch-invariant projections run inside the fused layers)",
+        )
+    return fused
+
+
+def _install_fused_layers(
+    model: PreTrainedModel, device: torch.device, wanted: bool | str, weights_offloaded: bool, batch_invariant: bool
+) -> bool:
     if weights_offloaded:  # the fused forward reads norm weights itself; ZeRO-3 fetches them only in the norm's call
         if wanted is True:
             raise ConfigError(
@@ -61,7 +82,7 @@ def _fuse_layers(model: PreTrainedModel, device: torch.device, wanted: bool | st
         return False
     if wanted is False or (wanted == "auto" and not (device.type == "cuda" and TRITON_AVAILABLE)):
         return False
-    fused = install_fused_layers(model)
+    fused = install_fused_layers(model, batch_invariant)
     if fused == 0:
         logger.log(
             logging.WARNING if wanted is True else logging.INFO,
@@ -79,7 +100,14 @@ def attach_model(
     restores) and whether layers were fused."""
     base = base_attention(model, config)
     model.set_attn_implementation(register_attention(base))
-    fused = _fuse_layers(model, device, config.generation.fused_layers, config.distributed.offload_weights)
+    generation = config.generation
+    try:
+        fused = _fuse_layers(
+            model, device, generation.fused_layers, config.distributed.offload_weights, generation.batch_invariant
+        )
+    except ConfigError:
+        detach_model(model, base)  # the model as it came
+        raise
     mark_prefill_forwards(model)  # model.generate with a cache from new_cache() tells prefill from decode
     _announce_forwards(model, listeners)
     return base, fused
