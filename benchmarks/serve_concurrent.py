@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-dtype", choices=("auto", "float8_e4m3fn"), default="auto")
     parser.add_argument("--budget", type=float, default=2048, help="omnikv.token_budget")
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="prefill.chunk_size")
+    parser.add_argument(
+        "--batch-invariant", action="store_true", help="generation.batch_invariant: rows' bits whatever the batch"
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip transformers' continuous batching")
     parser.add_argument("--device", help="default: cuda when there is one (random-llama3-8b), else cpu")
     parser.add_argument("--seed", type=int, default=1)
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": args.new_tokens,
         "offload": args.offload,
         "host_dtype": args.host_dtype,
+        "batch_invariant": args.batch_invariant,
         "slots": slots,
         "planner_slots": capacity.slots,
         "planner_dense_slots": capacity.dense_slots,

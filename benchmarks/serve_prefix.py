@@ -46,7 +46,7 @@ from serve_load import WordTokenizer  # noqa: E402
 
 def build_engine(args: argparse.Namespace, model: Any = None) -> okv.Engine:
     """The runtime over ``model`` (default: the benchmarks' random model of ``args.model``), configured from
-    ``args`` (budget, offload tier, host dtype, prefill chunk)."""
+    ``args`` (budget, offload tier, host dtype, prefill chunk; ``batch_invariant`` where ``args`` has it)."""
     if model is None:
         _, model, _, _ = random_model(args.device, args.model == "tiny")
     model.generation_config.eos_token_id = None  # random weights: never stop early
@@ -57,6 +57,8 @@ def build_engine(args: argparse.Namespace, model: Any = None) -> okv.Engine:
         "offload": {"device": args.offload, "host_dtype": args.host_dtype},
         "prefill": {"chunk_size": args.prefill_chunk},
     }
+    if getattr(args, "batch_invariant", False):
+        config["generation"] = {"batch_invariant": True}
     return okv.initialize(model, config, tokenizer=WordTokenizer(model.config.vocab_size))
 
 
