@@ -6,7 +6,9 @@
 # omnikv serve against transformers serve, 16 requests of 8K-32K tokens at 0.5 a second; PEER_ARGS adds flags, e.g.
 # PEER_ARGS="--servers omnikv" and then "--servers transformers" in two calls on the same warm machine), concurrent
 # (benchmarks/serve_concurrent.py: as many 128K-token requests at once as the planner fits, against transformers'
-# continuous batching's paged cache; CONCURRENT_ARGS adds flags, e.g. "--host-dtype float8_e4m3fn").
+# continuous batching's paged cache; CONCURRENT_ARGS adds flags, e.g. "--host-dtype float8_e4m3fn"), invariant
+# (generation.batch_invariant: its linear against cuBLAS, its GPU tests, then 14 requests of 128K tokens against
+# solo generate with it on; about 10 minutes, two calls where a call is shorter: its three commands one by one).
 # Usage: OUT=... bash benchmarks/gpu_serve.sh tests step
 set -u
 source benchmarks/device_setup.sh
@@ -34,6 +36,14 @@ for part in "$@"; do
       timeout 590 python3 benchmarks/serve_concurrent.py --context 131072 --new-tokens 512 --offload cpu \
         ${CONCURRENT_ARGS:-} --out "$OUT/serve_concurrent.json" > /dev/null 2> "$OUT/serve_concurrent.err"
       tail -8 "$OUT/serve_concurrent.err" ;;
+    invariant)
+      timeout 120 python3 benchmarks/attention_batch_invariance.py --linear-only --out "$OUT/linear.json" \
+        > /dev/null 2> "$OUT/linear.err"; tail -12 "$OUT/linear.err"
+      timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_invariant_linear.py \
+        > "$OUT/invariant_tests.log" 2>&1; tail -3 "$OUT/invariant_tests.log"
+      timeout 450 python3 benchmarks/serve_concurrent.py --context 131072 --new-tokens 512 --solo 2 --no-peer \
+        --offload cpu --host-dtype float8_e4m3fn --batch-invariant --out "$OUT/serve_concurrent_invariant.json" \
+        > /dev/null 2> "$OUT/serve_concurrent_invariant.err"; tail -5 "$OUT/serve_concurrent_invariant.err" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - started )) s"
