@@ -114,7 +114,8 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     where that can be had: on CUDA with Triton, for at most :data:`MAX_ROWS` rows. Elsewhere, and for longer
     inputs, torch's linear."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if not (x.is_cuda and TRITON_AVAILABLE) or not 0 < rows <= MAX_ROWS or weight.stride(-1) != 1:
+    kernel_can = x.is_cuda and TRITON_AVAILABLE and x.dtype == weight.dtype and weight.stride(-1) == 1
+    if not kernel_can or not 0 < rows <= MAX_ROWS:  # torch's linear (it also says what is wrong, if anything)
         return torch.nn.functional.linear(x, weight, bias)
     return invariant_linear_triton(x, weight, bias, multiprocessor_count(x.device))
 
