@@ -242,7 +242,9 @@ class Bench:
                 base = {
                     "context": context,
                     "batch": batch,
-                    "path": f"omnikv_{mode}" + (f"_wait{wait}" if wait != 1 else ""),
+                    "path": f"omnikv_{mode}"
+                    + (f"_wait{wait}" if wait != 1 else "")
+                    + ("_invariant" if self.args.batch_invariant else ""),
                 }
                 budgets = self.args.budgets if mode != "dense" else ["all"]
                 if not fits(gpu_needed, self.device):
@@ -258,6 +260,8 @@ class Bench:
                 }
                 if mode == "dense":
                     config["omnikv"]["enabled"] = False
+                if self.args.batch_invariant:
+                    config["generation"] = {"batch_invariant": True}
                 engine = okv.initialize(self.model, config)
                 variants = (
                     [(False, True)] + [(True, True)] * bool(self.args.eager) + [(False, False)] * self.args.unfused
@@ -416,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-layers", default="1", help="wait layers after each filter layer (a list: one row each)")
     parser.add_argument("--hot-multiples", default="2", help="hot cache sizes as multiples of the budget")
     parser.add_argument("--transfer", default="auto")
+    parser.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="our paths with generation.batch_invariant (decode projections through the batch-invariant linear)",
+    )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile-steps", type=int, default=3)
