@@ -47,11 +47,27 @@ PROJECTIONS = {
 }
 
 
+def graph_ms(call, repeats: int = 50) -> float:
+    """GPU milliseconds of one ``call``, as a decode step's CUDA graph runs it: ``repeats`` calls recorded in one
+    graph, the graph's replay timed (median of CUDA-event timings) and divided by ``repeats``. Timing the calls
+    one by one would time their launches (Triton's Python launch costs more than these kernels on the GPU)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # compile and warm up outside the recording
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            call()
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=50, return_mode="median") / repeats
+
+
 def linear_check(max_rows: int, timed_rows: list[int]) -> list[dict]:
     """For each projection, cuBLAS (``torch.nn.functional.linear``) and the batch-invariant kernel
     (``generation.batch_invariant``), bf16: the row counts 2..``max_rows`` at which row 0 of the product is not
-    bit-identical to the row's product alone, and the product's time at ``timed_rows`` rows (median of
-    CUDA-event timings) with the weight's bytes over it."""
+    bit-identical to the row's product alone, and the product's GPU time at ``timed_rows`` rows (in a CUDA
+    graph, :func:`graph_ms`) with the weight's bytes over it."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     results = []
     for name, (inputs, outputs) in PROJECTIONS.items():
@@ -64,10 +80,7 @@ def linear_check(max_rows: int, timed_rows: list[int]) -> list[dict]:
                 n for n in range(2, max_rows + 1) if not torch.equal(product(x[:n], weight)[0], alone)
             ]
             for rows in timed_rows:
-                inputs_now = x[:rows]
-                ms = triton.testing.do_bench(
-                    lambda p=product, i=inputs_now, w=weight: p(i, w), warmup=25, rep=100, return_mode="median"
-                )
+                ms = graph_ms(lambda p=product, i=x[:rows], w=weight: p(i, w))
                 row[f"ms_{rows}_rows"] = round(ms, 4)
                 row[f"gbps_{rows}_rows"] = round(weight.numel() * 2 / ms / 1e6, 1)
             results.append(row)
