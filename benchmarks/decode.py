@@ -343,7 +343,11 @@ class Bench:
 
 def check_offload(rows: list[dict[str, Any]]) -> None:
     """Offload step within 1.15x of max(PCIe floor, the GPU-mode step) of the same cell; ratios to HF."""
-    gpu = {(r["context"], r["batch"], r["budget"]): r for r in rows if r["path"] == "omnikv_gpu" and "wall_ms" in r}
+    gpu = {  # the GPU-mode step of each cell, with and without generation.batch_invariant
+        (r["context"], r["batch"], r["budget"], r["path"].endswith("_invariant")): r
+        for r in rows
+        if r["path"] in ("omnikv_gpu", "omnikv_gpu_invariant") and "wall_ms" in r
+    }
     hf = {(r["context"], r["batch"]): r for r in rows if r["path"] == "hf_dynamic" and "wall_ms" in r}
     for row in rows:
         reference = hf.get((row["context"], row["batch"]))
@@ -359,7 +363,7 @@ def check_offload(rows: list[dict[str, Any]]) -> None:
             row["pcie_bytes_vs_model_dtype_tier"] = round(row["pcie_bytes_per_step"] / twin["pcie_bytes_per_step"], 3)
     for row in rows:
         if row["path"].startswith("omnikv_offload") and "wall_ms" in row:
-            reference = gpu.get((row["context"], row["batch"], row["budget"]))
+            reference = gpu.get((row["context"], row["batch"], row["budget"], row["path"].endswith("_invariant")))
             bound = max(row.get("pcie_floor_ms", 0.0), reference["wall_ms"] if reference else 0.0)
             if bound:
                 row["vs_bound"] = round(row["wall_ms"] / bound, 3)
