@@ -2,7 +2,7 @@
 
 cuBLAS picks its kernel (tile shape, split-K) from the whole product's shape, so the first row of a
 product with 14 rows can differ in its last bit from the same row's product alone: on an H100 that
-happens for Llama-3-8B's 4,096 -> 1,024 key and value projections at 14 rows. A server decoding 14
+happens for Llama-3-8B's 4,096 -> 1,024 key and value projections at 9 to 15 rows. A server decoding 14
 requests in one step then gives a request other tokens than ``generate`` gives it alone, as soon as
 a greedy choice is nearly tied.
 
