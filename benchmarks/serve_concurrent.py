@@ -11,11 +11,14 @@ Two measurements on the same card and random model, in one process:
 - **omnikv.** The server's :class:`~omnikv_runtime.serve.scheduler.Scheduler` (no HTTP) with as many slots of
   ``--context`` tokens as the memory planner fits beside the weights (``--max-batch auto``'s count); that many
   requests of distinct random prompts are submitted at once. Reported: the most requests that decoded together
-  (from their events: first token to last), wall time, GPU peak; then ``--solo`` of the requests again through
-  ``Engine.generate`` alone, and whether each response's greedy tokens equal it.
+  (from their events: first token to last), wall time, GPU peak; then ``--solo`` of the requests (from
+  ``--solo-from``) again through ``Engine.generate`` alone, and whether each response's greedy tokens equal it.
+  The JSON keeps every response's tokens, so ``--responses`` checks more of them in a later process without
+  serving again (a card's call may be too short for the serving and all the solo runs).
 
     python benchmarks/serve_concurrent.py --context 131072 --new-tokens 512 --offload cpu --out concurrent.json
     python benchmarks/serve_concurrent.py --model tiny --context 512 --slots 3   # the script's check, CPU
+    python benchmarks/serve_concurrent.py ... --solo 7 --out a.json; ... --solo 7 --solo-from 7 --responses a.json
 
 Prints one JSON object on stdout (and writes it with ``--out``) and a table on stderr; exits 1 when a request
 failed, the rows never all decoded together, or a response differs from its solo ``generate``.
@@ -129,6 +132,36 @@ def first_difference(alone: list[int], together: list[int]) -> int | None:
     return None if len(alone) == len(together) else min(len(alone), len(together))
 
 
+SAME_SETTINGS = ("model", "context", "new_tokens", "offload", "host_dtype", "batch_invariant", "seed")
+
+
+def earlier_run(args: argparse.Namespace) -> dict[str, Any]:
+    """``--responses``: an earlier run's slots and what it served (read as JSON), after checking that its settings
+    are this run's (the prompts follow from them)."""
+    with open(args.responses, encoding="utf-8") as handle:
+        earlier = json.load(handle)
+    if "responses" not in earlier:
+        raise SystemExit(f"--responses {args.responses}: no responses in it (a run from before they were kept)")
+    for name in SAME_SETTINGS:
+        if earlier.get(name) != getattr(args, name):
+            theirs, ours = earlier.get(name), getattr(args, name)
+            raise SystemExit(
+                f"--responses {args.responses}: its {name} is {theirs!r}, this run's {ours!r}; "
+                "pass the settings it ran with"
+            )
+    requests = [
+        {"tokens": tokens, "ttft_s": ttft, "error": None}
+        for tokens, ttft in zip(earlier["responses"], earlier["ttft_s"], strict=True)
+    ]
+    served = {
+        "requests": requests,
+        "wall_s": earlier["wall_s"],
+        "most_decoding_together": earlier["served_at_once"],
+        "gpu_peak_bytes": earlier["gpu_peak_bytes"],
+    }
+    return {"slots": earlier["slots"], "served": served}
+
+
 def serve_at_once(engine: okv.Engine, slots: int, context: int, new_tokens: int, ids: list[list[int]]) -> dict:
     """Every prompt submitted at once to a scheduler of ``slots`` slots; each one's tokens and first-token time,
     the most requests that decoded together, the wall time and the GPU peak."""
@@ -186,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--slots", type=int, help="default: the planner's count (--max-batch auto)")
     parser.add_argument("--solo", type=int, default=2, help="responses checked against a solo Engine.generate")
+    parser.add_argument("--solo-from", type=int, default=0, help="the first request checked (requests are numbered)")
+    parser.add_argument(
+        "--responses",
+        help="an earlier run's JSON: check its responses against solo runs instead of serving again (same settings)",
+    )
     parser.add_argument("--offload", choices=("cpu", "none"), default="cpu")
     parser.add_argument("--host-dtype", choices=("auto", "float8_e4m3fn"), default="auto")
     parser.add_argument("--budget", type=float, default=2048, help="omnikv.token_budget")
@@ -202,22 +240,24 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() and args.model != "tiny" else "cpu"
     if args.new_tokens >= args.context:
         parser.error(f"--new-tokens {args.new_tokens} leaves no prompt in --context {args.context}")
+    earlier = earlier_run(args) if args.responses else None
     _, model, _, _ = random_model(args.device, args.model == "tiny")
     peer = None
-    if not args.no_peer and args.device.startswith("cuda"):
+    if not args.no_peer and earlier is None and args.device.startswith("cuda"):
         with torch.inference_mode():
             peer = peer_capacity(model, args.context)
     engine = build_engine(args, model)
     capacity = slot_capacity(engine, args.context, args.new_tokens)
-    slots = args.slots or auto_batch(capacity)
+    slots = earlier["slots"] if earlier else args.slots or auto_batch(capacity)
     ids = prompts(slots, args.context - args.new_tokens, model.config.vocab_size, args.seed)
     with torch.inference_mode():
-        served = serve_at_once(engine, slots, args.context, args.new_tokens, ids)
+        served = earlier["served"] if earlier else serve_at_once(engine, slots, args.context, args.new_tokens, ids)
         gc.collect()  # the scheduler's slots, before the solo runs allocate their own
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         solo, first_differences = [], []
-        for index in range(min(args.solo, slots)):
+        checked = list(range(args.solo_from, min(args.solo_from + args.solo, slots)))
+        for index in checked:
             out = engine.generate(torch.tensor([ids[index]]), max_new_tokens=args.new_tokens, do_sample=False)
             alone, together = out[0, len(ids[index]) :].tolist(), served["requests"][index]["tokens"]
             solo.append(alone == together)
@@ -227,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         **run_header(torch.device(args.device), "serve_concurrent.py", argv),
         "model": args.model,
+        "seed": args.seed,
         "context": args.context,
         "new_tokens": args.new_tokens,
         "offload": args.offload,
@@ -241,9 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_peak_bytes": served["gpu_peak_bytes"],
         "ttft_s": [r["ttft_s"] for r in served["requests"]],
         "failed": failed,
+        "solo_checked": checked,
         "solo_equal": solo,
         "solo_first_difference": first_differences,
         "vs_peer": slots / peer_requests if peer_requests else None,
+        "responses_from": args.responses,
+        "responses": [r["tokens"] for r in served["requests"]],
     }
     ok = not failed and served["most_decoding_together"] == slots and all(solo)
     result["ok"] = ok
