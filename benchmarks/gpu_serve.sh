@@ -9,6 +9,8 @@
 # continuous batching's paged cache; CONCURRENT_ARGS adds flags, e.g. "--host-dtype float8_e4m3fn"), invariant
 # (generation.batch_invariant: its linear against cuBLAS, its GPU tests, then 14 requests of 128K tokens against
 # solo generate with it on; about 10 minutes, two calls where a call is shorter: its three commands one by one).
+# lone (benchmarks/serve_step.py at 32K, offload: the step of a request alone in 8 slots against generate's
+# batch-1 step; run it on two trees in one call to compare them).
 # Usage: OUT=... bash benchmarks/gpu_serve.sh tests step
 set -u
 source benchmarks/device_setup.sh
@@ -21,6 +23,9 @@ for part in "$@"; do
     step)
       timeout 300 python3 benchmarks/serve_step.py --context 32768 --batches 1,8 --tiers none,cpu --steps 10 \
         > "$OUT/serve_step.json" 2> "$OUT/serve_step.err"; tail -8 "$OUT/serve_step.err" ;;
+    lone)
+      timeout 300 python3 benchmarks/serve_step.py --context 32768 --batches 1,8 --tiers cpu --steps 10 \
+        > "$OUT/serve_step_lone.json" 2> "$OUT/serve_step_lone.err"; tail -4 "$OUT/serve_step_lone.err" ;;
     agree)
       for slots in 4 1; do
         timeout 150 python3 benchmarks/serve_load.py --model random-llama3-8b --clients 4 --max-batch $slots \

@@ -12,7 +12,10 @@ context of random KV, filled directly (no prefill). Per host tier and batch:
   the last request leaves), while ``first_eager_ms`` is the very first slot step (Triton compiling
   its kernels included);
 - ``rejoin_ms`` and ``recordings_on_rejoin``: a request of the same length takes the freed slot, so
-  the layout is one the batch has run before: its kept recording replays at once (0 recordings).
+  the layout is one the batch has run before: its kept recording replays at once (0 recordings);
+- ``lone_ms``: the server's step with one request left in the batch's slots (the others idle), replayed,
+  and ``lone_over_engine_1`` its ratio to the engine's batch-1 step (when batch 1 is measured too): what a
+  request alone on a server of that many slots gets per token.
 
     python benchmarks/serve_step.py --context 32768 --batches 1,4,8 --tiers none,cpu
 
@@ -85,6 +88,10 @@ def measure(args, engine, model, config, device, dtype, batch: int) -> dict:
     occupy(slots, batch - 1, config, device, dtype, args.context)  # another request of that length joins
     row["rejoin_ms"] = decode_steps(slots.step, 1, device)[0]  # the full layout again: its kept recording
     row["recordings_on_rejoin"] = slots.captures - recordings
+    for leaving in range(1, batch):  # one request left, in slot 0
+        slots.leave(leaving)
+    decode_steps(slots.step, 2, device)  # the lone layout's eager step, then its recording
+    row["lone_ms"] = statistics.median(decode_steps(slots.step, args.steps, device))
     row["slots_over_engine"] = row["slots_ms"] / row["engine_ms"]
     row["graph"] = slots.use_graph
     del slots
@@ -110,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
             "offload": {"device": tier},
         }
         engine = okv.initialize(model, settings)
+        tier_rows = []
         for batch in (int(b) for b in args.batches.split(",")):
-            rows.append(measure(args, engine, model, config, device, dtype, batch))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+            tier_rows.append(measure(args, engine, model, config, device, dtype, batch))
+            print(json.dumps(tier_rows[-1]), file=sys.stderr)
+        alone = next((r["engine_ms"] for r in tier_rows if r["batch"] == 1), None)
+        for row in tier_rows:
+            row["lone_over_engine_1"] = row["lone_ms"] / alone if alone else None
+        rows += tier_rows
         engine.detach()
     print(json.dumps({**run_header(device, "serve_step.py", argv), "rows": rows}, indent=1))
     columns = [("tier", "tier", ""), ("batch", "batch", ""), ("context", "context", "")]
     timed = ("engine_ms", "slots_ms", "slots_over_engine", "eager_ms", "record_ms", "rejoin_ms", "first_eager_ms")
+    timed += ("lone_ms", "lone_over_engine_1")
     columns += [(name, name, ".2f") for name in timed] + [("recordings_on_rejoin", "recordings_on_rejoin", "")]
     print(format_table(rows, columns, markdown=True), file=sys.stderr)
     return 0
