@@ -12,8 +12,11 @@ done), p50/p99 time to first token and time between streamed chunks, and lost or
 responses. Every response must end with a ``finish_reason`` and its text must equal what the same
 prompt gets from sequential greedy ``Engine.generate``. That reference runs after the server stops,
 one prompt at a time through the engine's own decode loop, and its tokens/s is the baseline:
-the server's throughput is reported as a ratio to it. Before the server stops, ``--solo`` of the
-window's prompts are sent again one at a time: the text must not depend on the batch's company.
+the server's throughput is reported as a ratio to it, beside the most any server could gain over it on this
+mix (``prefill_bound``: generate's time a request over its prefill time, the ratio a server would reach if
+its decode steps cost nothing, since every request's prompt must still be prefilled). Before the server
+stops, ``--solo`` of the window's prompts are sent again one at a time: the text must not depend on the
+batch's company.
 
 Models: ``--model bundled`` is SmolLM2-135M-Instruct on the CPU (prompts of single-token words, so a
 prompt of N words is N tokens). ``--model random-llama3-8b`` is the Llama-3-8B geometry with random
@@ -661,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         "prefill_s_mean": round(sum(prefills) / len(prefills), 3) if prefills else None,
         "step_ms_mean": round(sum(steps) / len(steps), 3) if steps else None,
     }
+    if baseline["request_s_mean"] and baseline["prefill_s_mean"]:
+        baseline["prefill_bound"] = round(baseline["request_s_mean"] / baseline["prefill_s_mean"], 3)
     served["vs_generate"] = round(served["tokens_per_s"] / baseline["tokens_per_s"], 3) if base_seconds else None
     result.update(
         baseline=baseline,
@@ -698,6 +703,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if served["unchecked"]:
         print(f"{served['unchecked']} complete responses not checked (--baseline-cap)", file=sys.stderr)
+    if baseline.get("prefill_bound"):
+        print(
+            f"prefill-bound: generate spends {baseline['prefill_s_mean']:.3f} s of {baseline['request_s_mean']:.3f} s "
+            f"a request in prefill, so no server reaches more than {baseline['prefill_bound']:.2f}x it on this mix",
+            file=sys.stderr,
+        )
     leave_process_group()  # with several ranks: every rank's pass has ended
     if not result["ok"]:
         print(

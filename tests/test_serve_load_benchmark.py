@@ -38,7 +38,10 @@ def test_load_is_checked_against_generate(tmp_path, capsys, threads):
     assert server["prompt_tokens_mean"] == 24 and server["ttft_p50_ms"] > 0 and server["tbt_p50_ms"] > 0
     assert report["solo"]["requests"] == 1 and report["solo"]["mismatched"] == 0
     assert server["vs_generate"] == pytest.approx(server["tokens_per_s"] / baseline["tokens_per_s"], rel=1e-2)
-    assert "x generate" in capsys.readouterr().err
+    assert 0 < baseline["prefill_s_mean"] < baseline["request_s_mean"]
+    assert baseline["prefill_bound"] == pytest.approx(baseline["request_s_mean"] / baseline["prefill_s_mean"], 1e-2)
+    err = capsys.readouterr().err
+    assert "x generate" in err and f"no server reaches more than {baseline['prefill_bound']:.2f}x" in err
 
 
 def test_corrupted_text_fails_the_run(tmp_path, capsys, threads):
