@@ -5,6 +5,8 @@
 - requests that join a running batch (recorded again in a CUDA graph whenever a request joins or
   leaves) get exactly the greedy tokens ``Engine.generate`` gives each alone, in GPU mode and
   offload mode;
+- a lone request in a recorded step of four slots fetches only its own rows from the host tier (an idle
+  slot's padded selection reads nothing), bf16 and FP8, and gets its solo tokens;
 - with a prefix cache, questions about one document reuse its KV in place and, with the slots overwritten,
   from the pools, and answer as ``Engine.generate`` does.
 """
@@ -19,6 +21,7 @@ from okv_testlib import cuda_llama
 
 import omnikv_runtime as okv
 from omnikv_runtime.kernels import KVSource, decode_attention, decode_attention_torch
+from omnikv_runtime.serve.batch import PrefillJob, SlotBatch
 from omnikv_runtime.serve.requests import ServeRequest
 from omnikv_runtime.serve.scheduler import Scheduler
 
@@ -33,12 +36,12 @@ class WordTokenizer:
         return " ".join(f"w{i}" for i in ids)
 
 
-def small_engine(host_tier: str) -> okv.Engine:
+def small_engine(host_tier: str, host_dtype: str = "auto") -> okv.Engine:
     """A small random Llama on the card with filter layers 1 and 4, a 10% budget and prefill chunks of 256."""
     model = cuda_llama(initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     config = {
         "omnikv": {"filter_layers": [1, 4], "wait_layers": 1, "token_budget": 0.1, "min_token_budget": 8},
-        "offload": {"device": host_tier},
+        "offload": {"device": host_tier, "host_dtype": host_dtype},
         "prefill": {"chunk_size": 256},
     }
     return okv.initialize(model, config, tokenizer=WordTokenizer())
@@ -98,6 +101,31 @@ def test_joining_requests_get_their_solo_tokens_with_a_recorded_step(host_tier):
     assert scheduler.batch.use_graph and scheduler.batch.captures >= 2
     mismatched = [i for i in range(len(prompts)) if got[i] != alone[i]]
     assert not mismatched, [(i, got[i], alone[i]) for i in mismatched]
+
+
+@pytest.mark.parametrize("host_dtype", ["auto", "float8_e4m3fn"])
+def test_a_lone_request_in_a_recorded_step_fetches_only_its_own_rows(host_dtype):
+    engine = small_engine("cpu", host_dtype)
+    prompt = torch.randint(3, 512, (1200,), generator=torch.Generator().manual_seed(5)).tolist()
+    batch = SlotBatch(engine, rows=4, capacity=1300, new_tokens=40)
+    assert batch.use_graph
+    job = PrefillJob(batch, 1, prompt, 256)
+    logits = None
+    while logits is None:
+        logits = job.advance()
+    batch.join(job, int(logits.argmax()))
+    tokens = [int(logits.argmax())]
+    request = batch.cache.requests[1]
+    row_bytes = sum(arena.fetch_row_bytes for arena in batch.cache.tiers.arenas if arena is not None)
+    for _ in range(30):  # a warm-up, a recording, then replays
+        before = engine.transfer.stats.bytes_fetched
+        chosen = batch.step().argmax(dim=-1)
+        assert engine.transfer.stats.bytes_fetched - before == request.token_budget * row_bytes
+        batch.ids[:, 0].copy_(chosen)
+        tokens.append(int(chosen[1]))
+    assert batch.captures == 1
+    alone = engine.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=len(tokens), do_sample=False)
+    assert tokens == alone[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("host_tier", ["cpu", "none"])

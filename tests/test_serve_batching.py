@@ -321,3 +321,28 @@ def test_the_smallest_context_serves_and_one_less_is_refused_at_start():
     assert collected.finish == {0: "length", 1: "length"}
     alone = engine.generate(torch.tensor([prompt]), max_new_tokens=MIN_CONTEXT - len(prompt))[0, len(prompt) :]
     assert collected.tokens[1] == alone.tolist() and collected.tokens[0] == alone[:2].tolist()
+
+
+@pytest.mark.parametrize("host_dtype", [None, "float8_e4m3fn"])
+def test_a_lone_request_in_a_recorded_step_fetches_only_its_own_rows(host_dtype):
+    """A recorded step computes every slot, and an idle slot's selection is padding: it must not cross
+    to the GPU. One request in four slots moves per step the rows it selects, as it would alone."""
+    engine = make_engine(host_dtype=host_dtype)
+    prompt = prompts()[0]
+    batch = SlotBatch(engine, rows=4, capacity=257, new_tokens=32, recorder=EagerRecorder())
+    job = PrefillJob(batch, 2, prompt, 32)  # a slot in the middle: idle slots on both sides
+    logits = None
+    while logits is None:
+        logits = job.advance()
+    batch.join(job, int(logits.argmax()))
+    tokens = [int(logits.argmax())]
+    request = batch.cache.requests[2]
+    row_bytes = sum(arena.fetch_row_bytes for arena in batch.cache.tiers.arenas if arena is not None)
+    for _ in range(5):
+        before = engine.transfer.stats.bytes_fetched
+        chosen = batch.step().argmax(dim=-1)
+        assert engine.transfer.stats.bytes_fetched - before == request.token_budget * row_bytes
+        batch.ids[:, 0].copy_(chosen)
+        tokens.append(int(chosen[2]))
+    alone = engine.generate(torch.tensor([prompt]), max_new_tokens=len(tokens), do_sample=False)[0, len(prompt) :]
+    assert tokens == alone.tolist()

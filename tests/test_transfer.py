@@ -61,6 +61,27 @@ def test_gather_fetches_exactly_the_source_rows(dtype):
     assert engine.stats.bytes_fetched == BATCH * k * LAYERS * 2 * HEADS * DIM * arena.data.element_size()
 
 
+@pytest.mark.parametrize("host_dtype", [None, torch.float8_e4m3fn])
+def test_padding_lanes_fetch_nothing_and_count_no_bytes(host_dtype):
+    """-1 lanes (an idle slot's row, the end of a shorter selection) leave their staging rows as they were,
+    and the byte counter counts the real lanes only."""
+    engine = TorchTransferEngine(CPU, CPU, pin_memory=False, fetches_rows=True, host_dtype=host_dtype)
+    arena = HostArena(engine, BATCH, LAYERS, HEADS, DIM, torch.float32, capacity=20)
+    for slot in range(LAYERS):
+        arena.append(slot, *random_kv(20, seed=3 + slot))
+    full = torch.full((BATCH, 4, LAYERS, 2, HEADS, DIM), float("nan"))
+    arena.gather(torch.tensor([[2, 9, 17, 0], [5, 6, 7, 8]]), full)
+    lanes = torch.tensor([[2, -1, 17, -1], [-1, -1, -1, -1]])
+    engine.stats.bytes_fetched = 0
+    staging = torch.full_like(full, float("nan"))
+    arena.gather(lanes, staging, real_rows=2)
+    assert torch.equal(staging[0, [0, 2]], full[0, [0, 2]])
+    assert torch.isnan(staging[0, [1, 3]]).all() and torch.isnan(staging[1]).all()
+    per_row_values = LAYERS * 2 * HEADS * DIM
+    per_row_bytes = per_row_values * 4 if host_dtype is None else per_row_values + per_row_values // DIM * 4
+    assert engine.stats.bytes_fetched == 2 * per_row_bytes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_row_copies_one_ring_slot_to_one_arena_column(dtype):
     """Decode write-back: ``arena[:, position] = ring[:, slot]`` (packed rows), indices as int64 [1] tensors."""

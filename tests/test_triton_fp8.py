@@ -108,6 +108,18 @@ for shape in [(1, 50, 3, 2, 8, 128), (2, 20, 2, 2, 3, 24)]:
     assert torch.equal(out, expected), shape
 codes, scales = fp8.quantize(source)
 
+# without a hot cache a -1 lane (padding) reads nothing and writes nothing
+lanes = torch.tensor([[3, -1, 29, -1], [-1, -1, -1, 11]])
+out = torch.full((2, 4, 3, 2, 2, 16), float("nan"), dtype=torch.bfloat16)
+gather_rows(codes, lanes, out, num_programs=2, scales=scales)
+values = fp8.dequantize(codes, scales, torch.bfloat16)
+for b in range(2):
+    for j in range(4):
+        if lanes[b, j] >= 0:
+            assert torch.equal(out[b, j], values[b, lanes[b, j]]), (b, j)
+        else:
+            assert torch.isnan(out[b, j].float()).all(), (b, j)
+
 # through a hot cache (model dtype): -1 reads the slot; a host read is dequantized into its slot too
 hot = torch.randn(2, 5, 3, 2, 2, 16).to(torch.bfloat16)
 host_rows = torch.tensor([[4, -1, 17, 29, -1], [-1, -1, 0, 8, 3]])

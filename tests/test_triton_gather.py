@@ -20,6 +20,17 @@ for shape, k, programs in [((2, 50, 3, 2, 2, 8), 7, 4), ((1, 20, 5000), 3, 2), (
     gather_rows(source, indices, out, num_programs=programs)
     expected = source[torch.arange(shape[0])[:, None], indices]
     assert torch.equal(out, expected), shape
+# without a hot cache a -1 lane (padding) reads nothing and writes nothing: its poisoned row stays poisoned
+source = torch.randn(3, 40, 3, 2, 2, 8).to(torch.bfloat16)
+lanes = torch.tensor([[5, 39, -1, 0], [-1, -1, -1, -1], [7, -1, 12, 30]])
+out = torch.full((3, 4, 3, 2, 2, 8), float("nan"), dtype=torch.bfloat16)
+gather_rows(source, lanes, out, num_programs=2)
+for b in range(3):
+    for j in range(4):
+        if lanes[b, j] >= 0:
+            assert torch.equal(out[b, j], source[b, lanes[b, j]]), (b, j)
+        else:
+            assert torch.isnan(out[b, j].float()).all(), (b, j)
 # delta fetch through a hot cache: -1 reads the slot, a host read also fills its slot (scratch = last)
 source = torch.randn(2, 30, 3, 2, 2, 8).to(torch.bfloat16)
 hot = torch.randn(2, 5, 3, 2, 2, 8).to(torch.bfloat16)

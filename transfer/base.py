@@ -151,13 +151,18 @@ class TransferEngine(ABC):
         staging: torch.Tensor,
         hot: HotCache | None = None,
         scales: torch.Tensor | None = None,
+        real_rows: int | None = None,
     ) -> None:
         """Fetch the tokens ``indices`` ``[batch, k]`` of every layer slot into ``staging``.
 
         ``staging`` is ``[batch, k, layers, 2, kv_heads, head_dim]`` on the compute device, packed
         like the arena's rows; sparse layers read their slice of it in place. With a ``hot``
-        cache, rows it holds are read from it and only the others come from ``arena``. An engine
-        that fetches asynchronously makes :meth:`wait` order each layer after its rows.
+        cache, rows it holds are read from it and only the others come from ``arena``. Without one,
+        a lane of ``indices`` holding -1 fetches nothing and leaves its ``staging`` row as it was (the
+        padding of a batch whose rows select fewer tokens, or none: attention masks those lanes);
+        ``real_rows``, when given, is how many lanes are not -1 (the byte counter's count; the
+        indices stay on the device). An engine that fetches asynchronously makes :meth:`wait` order
+        each layer after its rows.
         """
 
     @abstractmethod

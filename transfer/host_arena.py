@@ -141,9 +141,16 @@ class HostArena:
         tokens (if reads are asynchronous)."""
         self.engine.prefetch_rows(self.data, slot, stop, start, self.scales, self.dtype)
 
-    def gather(self, indices: torch.Tensor, staging: torch.Tensor, hot: HotCache | None = None) -> None:
-        """Fetch tokens ``indices`` ``[batch, k]`` of every layer into the packed ``staging`` rows (through ``hot``)."""
-        self.engine.gather_rows(self.data, indices, staging, hot, self.scales)
+    def gather(
+        self,
+        indices: torch.Tensor,
+        staging: torch.Tensor,
+        hot: HotCache | None = None,
+        real_rows: int | None = None,
+    ) -> None:
+        """Fetch tokens ``indices`` ``[batch, k]`` of every layer into the packed ``staging`` rows (through ``hot``;
+        without it, -1 lanes fetch nothing and ``real_rows`` counts the others: see the engine's ``gather_rows``)."""
+        self.engine.gather_rows(self.data, indices, staging, hot, self.scales, real_rows)
 
     def write_row(self, position: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor) -> None:
         """Decode write-back: ``self[b, position[b]] = ring[b, slot[b]]`` (packed rows, device-side indices)."""

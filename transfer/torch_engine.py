@@ -98,13 +98,20 @@ class TorchTransferEngine(TransferEngine):
         staging: torch.Tensor,
         hot: HotCache | None = None,
         scales: torch.Tensor | None = None,
+        real_rows: int | None = None,
     ) -> None:
         batch_index = torch.arange(arena.shape[0], device=arena.device)[:, None]
         if hot is None:
             host_indices = indices.to(arena.device)
-            rows = self._fetch(arena, scales, batch_index, host_indices, staging.dtype)
-            staging.copy_(rows, non_blocking=True)
-            self.stats.bytes_fetched += tier_bytes(rows.numel(), arena.element_size(), rows.shape[-1], scales)
+            if real_rows is None:
+                rows = self._fetch(arena, scales, batch_index, host_indices, staging.dtype)
+                staging.copy_(rows, non_blocking=True)
+            else:  # -1 lanes keep their staging rows
+                wanted = (host_indices >= 0).to(staging.device)
+                rows = self._fetch(arena, scales, batch_index, host_indices.clamp(min=0), staging.dtype)
+                staging.copy_(torch.where(wanted.view(*wanted.shape, *[1] * (staging.dim() - 2)), rows, staging))
+            fetched = staging.numel() // max(indices.numel(), 1) * (indices.numel() if real_rows is None else real_rows)
+            self.stats.bytes_fetched += tier_bytes(fetched, arena.element_size(), rows.shape[-1], scales)
         else:
             staging.copy_(self._gather_through(hot, arena, scales, indices, batch_index))
         self.stats.gathers += 1

@@ -148,9 +148,10 @@ class TritonTransferEngine(TorchTransferEngine):
         staging: torch.Tensor,
         hot: HotCache | None = None,
         scales: torch.Tensor | None = None,
+        real_rows: int | None = None,
     ) -> None:
         if arena.device.type == "cpu" and not arena.is_pinned():  # pageable (a pin failed): the GPU cannot read it
-            super().gather_rows(arena, indices, staging, hot, scales)
+            super().gather_rows(arena, indices, staging, hot, scales, real_rows)
             return
         compute = torch.cuda.current_stream(self.compute_device)
         host_rows, hot_slots = indices, None
@@ -170,7 +171,8 @@ class TritonTransferEngine(TorchTransferEngine):
                 )
                 self._events.setdefault((arena.data_ptr(), slot), torch.cuda.Event()).record(self.stream)
         if hot is None:
-            self.stats.bytes_fetched += tier_bytes(staging.numel(), arena.element_size(), staging.shape[-1], scales)
+            fetched = staging.numel() // max(indices.numel(), 1) * (indices.numel() if real_rows is None else real_rows)
+            self.stats.bytes_fetched += tier_bytes(fetched, arena.element_size(), staging.shape[-1], scales)
         self.stats.gathers += 1
 
     def write_row(

@@ -45,7 +45,7 @@ QUANTIZED_GATHER_WARPS = 8  # 8K values per step: with 4 warps the decoding spil
 def _gather_rows_kernel(
     source,  # [batch, tokens, row], host (pinned) or device; rows contiguous, other strides free (QUANTIZED: uint8)
     scales,  # QUANTIZED: [batch, tokens, groups] float32, rows contiguous
-    indices,  # [batch, k] int64, device: token to read from source (-1: read the hot slot instead)
+    indices,  # [batch, k] int64, device: token to read from source (-1: the hot slot instead; no hot: nothing)
     target,  # [batch, k, row], device; rows contiguous
     hot,  # [batch, slots + 1, row], device (HOT only)
     hot_slots,  # [batch, k] int64, device (HOT only): slot a hit reads or a miss fills
@@ -94,6 +94,9 @@ def _gather_rows_kernel(
             slots = tl.load(hot_slots + jobs, mask=live, other=0).to(tl.int64)
             hot_rows = hot + batch_row * hot_batch_stride + slots * hot_row_stride
             from_hot = live & (tokens < 0)
+            written = live
+        else:
+            written = from_source  # a -1 lane without a hot cache reads nothing and writes nothing
         if QUANTIZED:
             for start in range(0, groups, GROUPS):
                 group = start + group_offsets
@@ -108,7 +111,7 @@ def _gather_rows_kernel(
                     cached = tl.load(hot_rows[:, None, None] + cells, mask=from_hot[:, None, None] & inside)
                     values = tl.where(from_hot[:, None, None], cached, values)
                     tl.store(hot_rows[:, None, None] + cells, values, mask=read)  # a miss lands in its slot too
-                tl.store(target_rows[:, None, None] + cells, values, mask=live[:, None, None] & inside)
+                tl.store(target_rows[:, None, None] + cells, values, mask=written[:, None, None] & inside)
         else:
             for start in range(0, row_elems, BLOCK):
                 offsets = start + columns
@@ -119,7 +122,7 @@ def _gather_rows_kernel(
                     values = tl.where(from_hot[:, None], cached, values)
                     # a miss lands in its slot too (uncached misses and hits write nowhere useful: the scratch row)
                     tl.store(hot_rows[:, None] + offsets[None, :], values, mask=from_source[:, None] & inside)
-                tl.store(target_rows[:, None] + offsets[None, :], values, mask=live[:, None] & inside)
+                tl.store(target_rows[:, None] + offsets[None, :], values, mask=written[:, None] & inside)
 
 
 def _rows_contiguous(tensor: torch.Tensor) -> bool:
@@ -167,7 +170,8 @@ def gather_rows(
     Args:
         source: ``[batch, tokens, *row]`` (a host arena, or one layer's slice of its packed rows):
             each row contiguous, batch and token strides free.
-        indices: ``[batch, k]`` integer token indices (on the GPU; never copied to the host).
+        indices: ``[batch, k]`` integer token indices (on the GPU; never copied to the host). Without a hot
+            cache, a lane of -1 reads nothing and leaves its ``out`` row as it was (a padding lane).
         out: ``[batch, k, *row]`` output, same dtype as ``source``, rows contiguous (a layer's
             slice of a packed staging buffer is fine).
         num_programs: CTAs of the persistent launch; few enough to leave SMs to compute.

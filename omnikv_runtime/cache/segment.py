@@ -56,7 +56,8 @@ class SegmentState:
         self.selection: torch.Tensor | None = None  # [rows, k] int64
         self.selection_valid: torch.Tensor | None = None  # [rows, k] bool
         self.staging: torch.Tensor | None = None  # [rows, k, layers, 2, kv_heads, head_dim] (offload)
-        self._flat: dict[str, torch.Tensor] = {}  # what the three above are views of
+        self.host_rows: torch.Tensor | None = None  # [rows, k] int64: the tokens read (-1: none) (offload)
+        self._flat: dict[str, torch.Tensor] = {}  # what the four above are views of
         self.window = QueryWindow(window_size)
         self.policy_state: dict[str, Any] = {}
 
@@ -80,8 +81,9 @@ class SegmentState:
         shapes = {"selection": ((rows, width), torch.long), "selection_valid": ((rows, width), torch.bool)}
         if self.fetches_rows and self.arena is not None:
             shapes["staging"] = ((rows, width, *self.arena.row_shape), self.arena.dtype)
-            if self.hot is not None:  # where the hot cache's plan says each row comes from
-                shapes["host_rows"] = shapes["hot_slots"] = ((rows, width), torch.long)
+            shapes["host_rows"] = ((rows, width), torch.long)  # the rows to read (-1: none; the hot cache's plan)
+            if self.hot is not None:
+                shapes["hot_slots"] = ((rows, width), torch.long)
         replaced = False
         views: dict[str, torch.Tensor] = {}
         for name, (shape, dtype) in shapes.items():
@@ -93,8 +95,8 @@ class SegmentState:
                 replaced = True
             views[name] = flat[:needed].view(shape)
         self.selection, self.selection_valid = views["selection"], views["selection_valid"]
-        self.staging = views.get("staging")
-        if self.hot is not None and "host_rows" in views:
+        self.staging, self.host_rows = views.get("staging"), views.get("host_rows")
+        if self.hot is not None and "hot_slots" in views:
             self.hot.use_outputs(views["host_rows"], views["hot_slots"])
         return replaced
 
@@ -108,21 +110,34 @@ class SegmentState:
         """Copy the step's packed row (every sparse layer) from the ring to the arena at its column."""
         self.arena.write_row(counters.position, self.ring, counters.tail_slot)
 
-    def set_selection(self, indices: torch.Tensor, selectable: torch.Tensor, keep: torch.Tensor | None = None) -> bool:
+    def set_selection(
+        self,
+        indices: torch.Tensor,
+        selectable: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        kept: int | None = None,
+    ) -> bool:
         """Store the filter layer's choice ``[rows, k]`` and start fetching its rows (offload).
 
-        ``keep`` ``[rows, k]`` bool marks the real entries of a padded selection (the rest are masked
-        in attention and fetch nothing through the hot cache). Returns whether a buffer was replaced.
+        ``keep`` ``[rows, k]`` bool marks the real entries of a padded selection (the rest are masked in
+        attention and fetch nothing: an idle slot's row, or the end of a shorter selection); ``kept`` is
+        how many entries it marks (known where the padding was made). Returns whether a buffer was replaced.
         """
         replaced = self.reserve_selection(*indices.shape, indices.device)
         self.selection.copy_(indices)
         torch.gather(selectable, 1, self.selection, out=self.selection_valid)
         if keep is not None:
             self.selection_valid.logical_and_(keep)
-        if self.staging is not None:
-            if self.hot is not None:
-                self.hot.set_lanes(keep)
+        if self.staging is None:
+            return replaced
+        if self.hot is not None:
+            self.hot.set_lanes(keep)
             self.arena.gather(self.selection, self.staging, self.hot)
+        elif keep is None:
+            self.arena.gather(self.selection, self.staging)
+        else:
+            self.host_rows.copy_(self.selection).masked_fill_(keep.logical_not(), -1)
+            self.arena.gather(self.host_rows, self.staging, real_rows=kept)
         return replaced
 
     def sources(self, slot: int, counters: DecodeCounters) -> list[KVSource]:
@@ -155,7 +170,7 @@ class SegmentState:
         view.arena = None if self.arena is None else self.arena.rows_view(start, stop)
         view.ring = None if self.ring is None else self.ring[start:stop]
         view.hot = None if self.hot is None else self.hot.rows_view(start, stop)
-        view.selection = view.selection_valid = view.staging = None
+        view.selection = view.selection_valid = view.staging = view.host_rows = None
         view._flat = {}
         view.window = QueryWindow(self.window.size)
         view.policy_state = {}

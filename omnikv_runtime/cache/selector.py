@@ -98,15 +98,17 @@ class Selector:
         indices: torch.Tensor,
         selectable: torch.Tensor,
         keep: torch.Tensor | None = None,
+        kept: int | None = None,
     ) -> bool:
-        """Store ``segment``'s selection ``[rows, k]`` and start fetching its rows (see
-        :meth:`SegmentState.set_selection`); returns whether a buffer was replaced."""
+        """Store ``segment``'s selection ``[rows, k]`` and start fetching its rows (``keep``, ``kept``: the
+        real entries of a padded selection; see :meth:`SegmentState.set_selection`); returns whether a
+        buffer was replaced."""
         replaced = False
 
         def run() -> int:
             nonlocal replaced
             before = self.transfer.stats.bytes_fetched
-            replaced = segment.set_selection(indices, selectable, keep)
+            replaced = segment.set_selection(indices, selectable, keep, kept)
             return self.transfer.stats.bytes_fetched - before
 
         self.listeners.timed_fetch(cache, segment.filter_layer, indices.shape[1], run)

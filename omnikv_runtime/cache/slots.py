@@ -234,7 +234,8 @@ class SlotCache(Cache):
         for row, picked in chosen:
             padded[row, : picked.shape[1]].copy_(picked[0])
             keep[row, : picked.shape[1]].fill_(True)
-        self.tiers.generation += self.selector.fetch(self, segment, padded, selectable, keep)
+        kept = sum(picked.shape[1] for _, picked in chosen)
+        self.tiers.generation += self.selector.fetch(self, segment, padded, selectable, keep, kept)
         return padded
 
     def _pick_views(self, segment: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -215,7 +215,7 @@ class SlotBatch:
 
         Eagerly (no recorder) the step computes the slots up to the last busy one only (requests take
         the lowest free slots). A recorded step computes every slot: that is the path measured on the
-        GPU, where an idle slot costs little (it attends to one column and selects nothing).
+        GPU, where an idle slot costs little (it attends to one column, and its padded selection fetches nothing).
         """
         layout = self.cache.layout()
         if not self.steps.enabled:
