@@ -1,6 +1,6 @@
 """GPU checks of the batch-invariant linear (``pytest -m gpu`` on a CUDA machine).
 
-- For each of Llama-3-8B's projection shapes in bf16, row 0 of a product of 2 to 16 rows, and of 64, has the
+- For each of Llama-3-8B's projection shapes in bf16, row 0 of a product of 2 to 16 rows, of 64 and of 100, has the
   bits of the row's product alone, and every element is within bf16 rounding of a float32 reference.
 - An engine with ``generation.batch_invariant`` runs it inside its recorded decode step and gives the greedy
   tokens of the same engine without it (float32: the kernel keeps float32 products in float32).
@@ -25,9 +25,9 @@ LLAMA3_8B_PROJECTIONS = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336
 def test_a_row_has_the_same_bits_at_every_batch_in_bf16(columns, reduction):
     generator = torch.Generator(device="cuda").manual_seed(columns)
     weight = torch.randn(columns, reduction, device="cuda", dtype=torch.bfloat16, generator=generator) * 0.02
-    x = torch.randn(64, reduction, device="cuda", dtype=torch.bfloat16, generator=generator)
+    x = torch.randn(100, reduction, device="cuda", dtype=torch.bfloat16, generator=generator)
     alone = invariant_linear(x[:1], weight)
-    for rows in (*range(2, 17), 64):
+    for rows in (*range(2, 17), 64, 100):
         together = invariant_linear(x[:rows], weight)
         assert torch.equal(together[0], alone[0]), rows
     reference = x.float() @ weight.float().T

@@ -1,10 +1,11 @@
 """The batch-invariant linear (``generation.batch_invariant``) on CPU.
 
-- Under Triton's interpreter (float32), a row's product has the same bits in a product of 1 to 20 rows and
-  of 64, with the reduction in one range and in several, and equals torch's linear within rounding.
+- Under Triton's interpreter (float32), a row's product has the same bits in a product of 1 to 20 rows, of 64
+  and of 100, with the reduction in one range and in several, and equals torch's linear within rounding.
 - How many ranges the reduction is cut into follows the weight's shape and the card, never the rows.
 - The engine wires it: with ``generation.batch_invariant`` every projection of the fused layers and the LM
-  head go through it (on CPU it falls back to torch's linear, so the tokens are those without it), and
+  head go through it in decode steps (one token a row), prefill chunks through torch's linear (on CPU the
+  kernel falls back to torch's linear, so the tokens are those without it), and
   without fused layers the setting is refused, naming the field, with the model given back as it came.
 The GPU test (bf16 on the card, Llama-3-8B's shapes) is in ``test_gpu_invariant_linear.py``.
 """
@@ -30,11 +31,11 @@ for columns, reduction, multiprocessors, splits in ((200, 300, 8, 1), (70, 1000,
     assert reduction_splits(columns, reduction, multiprocessors) == splits
     weight = torch.randn(columns, reduction) * 0.05
     bias = torch.randn(columns)
-    x = torch.randn(64, reduction)
-    x[20:] = torch.randn(44, reduction) * 100  # other rows of other sizes: they must not move row 0
+    x = torch.randn(100, reduction)
+    x[20:] = torch.randn(80, reduction) * 100  # other rows of other sizes: they must not move row 0
     for with_bias in (None, bias):
         alone = invariant_linear_triton(x[:1], weight, with_bias, multiprocessors)
-        for rows in (*range(2, 21), 64):
+        for rows in (*range(2, 21), 64, 100):
             together = invariant_linear_triton(x[:rows], weight, with_bias, multiprocessors)
             assert torch.equal(together[0], alone[0]), (columns, rows)
         reference = torch.nn.functional.linear(x[:20], weight, with_bias)
@@ -70,7 +71,10 @@ def test_the_engine_sends_every_projection_and_the_head_through_it(monkeypatch):
 
     def recording(hidden, weight, bias=None):
         calls.append(tuple(weight.shape))
+        tokens_a_row.add(hidden.shape[1])
         return real(hidden, weight, bias)
+
+    tokens_a_row: set[int] = set()
 
     monkeypatch.setattr(fused_layers, "invariant_linear", recording)
     ids, mask = make_prompt(1)
@@ -83,7 +87,9 @@ def test_the_engine_sends_every_projection_and_the_head_through_it(monkeypatch):
     assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
     layers, head = model.config.num_hidden_layers, tuple(model.lm_head.weight.shape)
     assert calls.count(head) >= 6  # the LM head of each step
-    assert len(calls) - calls.count(head) >= 6 * 7 * layers  # q, k, v, o, gate, up, down of every layer and step
+    # q, k, v, o, gate, up, down of every layer in each of the 5 decode steps (the first token came from prefill)
+    assert len(calls) - calls.count(head) == 5 * 7 * layers
+    assert tokens_a_row == {1}  # decode steps (and the head at the prompt's last position); chunks: torch's linear
     engine.detach()
     calls.clear()
     model(ids)  # the model as transformers runs it: nothing goes through the kernel

@@ -231,13 +231,21 @@ def test_a_request_cancelled_mid_prefill_leaves_the_others_tokens_unchanged():
     assert scheduler.batch.cache.free_rows() == [0, 1, 2] and scheduler.turns.jobs == {}
 
 
-def test_without_packing_each_chunk_runs_its_own_forward_in_the_same_turn(monkeypatch, caplog):
-    monkeypatch.setattr(batch_module, "packing_blocker", lambda model: "a family packing was not checked for")
-    engine = make_engine()
+@pytest.mark.parametrize("why", ["unchecked family", "batch invariance"])
+def test_without_packing_each_chunk_runs_its_own_forward_in_the_same_turn(why, monkeypatch, caplog):
+    if why == "unchecked family":
+        reason = "a family packing was not checked"
+        monkeypatch.setattr(batch_module, "packing_blocker", lambda model, invariant: reason)
+        engine = make_engine()
+    else:  # a chunk packed with another request's would run its projections at another shape than alone
+        config = omni(0.2, offload={"device": "cpu"}, prefill={"chunk_size": CHUNK})
+        config["generation"] = {"fused_layers": True, "batch_invariant": True}
+        engine = okv.initialize(make_model("llama"), config, tokenizer=PieceTokenizer())
+        reason = "generation.batch_invariant: each request's chunk runs alone, as generate runs it"
     with caplog.at_level(logging.INFO, logger="omnikv_runtime.serve.batch"):
         scheduler = Scheduler(engine, max_batch=2, max_context=256, max_new_tokens=16, max_prefill_tokens=2 * CHUNK)
     assert [r.message for r in caplog.records if "one forward each" in r.message] == [
-        "prefill: chunks of several requests run one forward each (a family packing was not checked for)"
+        f"prefill: chunks of several requests run one forward each ({reason})"
     ]
     long, short = prompts()[0], prompts()[1][:20]
     forwards = PrefillForwards(engine.model)

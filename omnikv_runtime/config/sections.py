@@ -343,9 +343,9 @@ class GenerationSection(_Section):
     batch_invariant: StrictBool = Field(
         default=False,
         description=(
-            "with fused layers, the projections of decode-sized inputs (at most 64 rows) and the LM head run "
-            "through a kernel whose rows have the same bits whatever the batch, so a request's greedy tokens "
-            "do not depend on what else the server decodes beside it"
+            "with fused layers, a decode step's projections and LM head run through a kernel whose rows have the "
+            "same bits whatever the batch, and the server prefills each request's chunks in forwards of their own, "
+            "so a request's greedy tokens do not depend on what else the server runs beside it"
         ),
     )
     check_every: StrictInt = Field(

@@ -8,9 +8,10 @@ the GPU for 1-2 µs: over 32 layers that is ~1.8 ms per token, a third of the st
 at Llama-3-8B geometry. The fused forward computes the same layer with one kernel per RMSNorm, one
 for the rotary embedding of queries and keys together, and one for the SiLU-gated product
 (:mod:`omnikv_runtime.kernels.layer_ops`); the projections, the residual adds and the attention
-function are transformers' own. With ``generation.batch_invariant`` the projections of decode-sized inputs
-(and the LM head's) run through :func:`~omnikv_runtime.kernels.invariant_linear.invariant_linear`, whose rows
-have the same bits whatever the number of rows, so a request's tokens do not depend on its batch.
+function are transformers' own. With ``generation.batch_invariant`` the projections of a decode step's
+inputs (one token a row, any number of rows; and the LM head's) run through
+:func:`~omnikv_runtime.kernels.invariant_linear.invariant_linear`, whose rows have the same bits whatever the
+number of rows, so a request's tokens do not depend on its batch.
 
 Like DeepSpeed's kernel injection, this replaces each supported layer's ``forward`` in place; no
 weight is copied or moved. The replacement is inert unless the runtime's own cache asks for it
@@ -123,14 +124,23 @@ def set_invariant_head(model: PreTrainedModel, batch_invariant: bool) -> None:
         del head.forward
 
 
+def _one_token_a_row(hidden: torch.Tensor) -> bool:
+    """Whether ``hidden`` ``[batch, tokens, features]`` is a decode step's (or a last position's): one token a row,
+    the input whose row count is the batch's. A prefill chunk's shape is the chunk's, alone or in a server."""
+    return hidden.dim() == 3 and hidden.shape[1] == 1
+
+
 def _invariant_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    return invariant_linear(hidden, self.weight, self.bias)
+    if _one_token_a_row(hidden):
+        return invariant_linear(hidden, self.weight, self.bias)
+    return nn.functional.linear(hidden, self.weight, self.bias)
 
 
 def _project(layer: nn.Module, projection: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``projection(hidden)``; through the batch-invariant linear where the layer asks for it and the projection is
-    a plain ``nn.Linear`` (DeepSpeed's sharded layers keep their own forward: they all-reduce)."""
-    if layer._omnikv_batch_invariant and type(projection) is nn.Linear:
+    """``projection(hidden)``; through the batch-invariant linear where the layer asks for it, the input is one
+    token a row and the projection is a plain ``nn.Linear`` (DeepSpeed's sharded layers keep their own forward:
+    they all-reduce)."""
+    if layer._omnikv_batch_invariant and type(projection) is nn.Linear and _one_token_a_row(hidden):
         return invariant_linear(hidden, projection.weight, projection.bias)
     return projection(hidden)
 

@@ -14,8 +14,8 @@ a second kernel adds the ranges' partial sums in range order and rounds once to 
 A row's arithmetic is then the same in a product of 1 row or of 64 (the idea of the batch-invariant
 kernels in "Defeating Nondeterminism in LLM Inference", Thinking Machines Lab, 2025).
 
-It is meant for decode steps (a few rows, bound by reading the weight); longer inputs (prefill) go
-to ``torch.nn.functional.linear``.
+It is meant for decode steps (one token a row, bound by reading the weight); the fused layers send
+prefill chunks, whose shape is the same whatever else the server runs, to ``torch.nn.functional.linear``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE, multiprocessor_count
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 128
-MAX_ROWS = 64  # inputs with more rows (prefill chunks) take torch's linear
 PROGRAMS_PER_SM = 4  # the programs a product of one row tile aims for, per streaming multiprocessor
 
 if TRITON_AVAILABLE:
@@ -111,11 +110,10 @@ def reduction_splits(columns: int, reduction: int, multiprocessors: int) -> int:
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.nn.functional.linear(x, weight, bias)``, each row computed the same way whatever the number of rows
-    where that can be had: on CUDA with Triton, for at most :data:`MAX_ROWS` rows. Elsewhere, and for longer
-    inputs, torch's linear."""
+    where that can be had: on CUDA with Triton, ``x`` in the weight's dtype. Elsewhere, torch's linear."""
     rows = x.numel() // max(x.shape[-1], 1)
     kernel_can = x.is_cuda and TRITON_AVAILABLE and x.dtype == weight.dtype and weight.stride(-1) == 1
-    if not kernel_can or not 0 < rows <= MAX_ROWS:  # torch's linear (it also says what is wrong, if anything)
+    if not kernel_can or rows == 0:  # torch's linear (it also says what is wrong, if anything)
         return torch.nn.functional.linear(x, weight, bias)
     return invariant_linear_triton(x, weight, bias, multiprocessor_count(x.device))
 

@@ -32,8 +32,11 @@ logger = logging.getLogger(__name__)
 PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def packing_blocker(model: torch.nn.Module) -> str | None:
-    """Why chunks of several requests cannot run packed in one forward of ``model``, or None."""
+def packing_blocker(model: torch.nn.Module, batch_invariant: bool = False) -> str | None:
+    """Why chunks of several requests cannot run packed in one forward of ``model``, or None (``batch_invariant``:
+    ``generation.batch_invariant``, under which a chunk's projections must have the shape they have alone)."""
+    if batch_invariant:
+        return "generation.batch_invariant: each request's chunk runs alone, as generate runs it"
     config = model.config
     model_type = getattr(config, "model_type", type(model).__name__)
     if model_type not in PACKABLE_MODEL_TYPES:
@@ -157,7 +160,7 @@ class SlotBatch:
         self._generation = self.cache.tiers.generation
         self._view: SlotCache = self.cache  # eager steps: the slots up to the last busy one
         self._view_layout: tuple | None = None
-        self.packing_blocker = packing_blocker(self.model)
+        self.packing_blocker = packing_blocker(self.model, engine.config.generation.batch_invariant)
         if self.packing_blocker is not None:
             logger.info("prefill: chunks of several requests run one forward each (%s)", self.packing_blocker)
         self._packed_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # transformers builds none
