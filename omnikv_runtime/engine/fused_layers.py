@@ -32,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from omnikv_runtime.kernels.decode_linear import BLOCK_M, gated_linear, grouped_linear
 from omnikv_runtime.kernels.invariant_linear import invariant_linear
 from omnikv_runtime.kernels.layer_ops import rms_norm, rotary_embedding, silu_mul
 
@@ -145,6 +146,20 @@ def _project(layer: nn.Module, projection: nn.Module, hidden: torch.Tensor) -> t
     return projection(hidden)
 
 
+def _grouped_decode(layer: nn.Module, normed: torch.Tensor) -> bool:
+    """Whether this forward's query/key/value and gate/up projections run as two grouped launches: a decode
+    step's input (one token a row) on CUDA, plain bias-free linear layers in the input's dtype, and either at
+    most one row tile or ``batch_invariant`` (the grouped kernel's rows do not depend on the row count, but
+    past one tile it reads each weight once per tile, where cuBLAS reads it once)."""
+    if not (normed.is_cuda and _one_token_a_row(normed)):
+        return False
+    if not (layer._omnikv_batch_invariant or normed.shape[0] <= BLOCK_M):
+        return False
+    attention, mlp = layer.self_attn, layer.mlp
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)
+    return all(type(p) is nn.Linear and p.bias is None and p.weight.dtype == normed.dtype for p in projections)
+
+
 def _attention_function(attention: nn.Module):
     eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
     return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
@@ -159,9 +174,15 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **k
     norm = self.input_layernorm
     normed = rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
     by_head = (*hidden_states.shape[:-1], -1, attention.head_dim)
-    query = _project(self, attention.q_proj, normed).view(by_head)
-    key = _project(self, attention.k_proj, normed).view(by_head)
-    value = _project(self, attention.v_proj, normed).view(by_head).transpose(1, 2)
+    grouped = _grouped_decode(self, normed)
+    if grouped:
+        weights = (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight)
+        query, key, value = (out.view(by_head) for out in grouped_linear(normed, weights))
+    else:
+        query = _project(self, attention.q_proj, normed).view(by_head)
+        key = _project(self, attention.k_proj, normed).view(by_head)
+        value = _project(self, attention.v_proj, normed).view(by_head)
+    value = value.transpose(1, 2)
     cos, sin = kwargs["position_embeddings"]
     query, key = rotary_embedding(query, key, cos, sin)
     key, value = cache.update(key, value, attention.layer_idx)
@@ -180,5 +201,8 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **k
     hidden_states = hidden_states + attended
     norm = self.post_attention_layernorm
     normed = rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
-    gated = silu_mul(_project(self, mlp.gate_proj, normed), _project(self, mlp.up_proj, normed))
+    if grouped:
+        gated = gated_linear(normed, mlp.gate_proj.weight, mlp.up_proj.weight)
+    else:
+        gated = silu_mul(_project(self, mlp.gate_proj, normed), _project(self, mlp.up_proj, normed))
     return hidden_states + _project(self, mlp.down_proj, gated)
