@@ -147,7 +147,8 @@ def _project(layer: nn.Module, projection: nn.Module, hidden: torch.Tensor) -> t
 
 
 def _grouped_decode(layer: nn.Module, normed: torch.Tensor) -> bool:
-    """Whether this forward's query/key/value and gate/up projections run as two grouped launches: a decode
+    """Whether this forward's projections run through the grouped kernel (query/key/value in one launch, output,
+    gate/up with the SiLU product, down): a decode
     step's input (one token a row) on CUDA, plain bias-free linear layers in the input's dtype, and either at
     most one row tile or ``batch_invariant`` (the grouped kernel's rows do not depend on the row count, but
     past one tile it reads each weight once per tile, where cuBLAS reads it once)."""
@@ -156,7 +157,8 @@ def _grouped_decode(layer: nn.Module, normed: torch.Tensor) -> bool:
     if not (layer._omnikv_batch_invariant or normed.shape[0] <= BLOCK_M):
         return False
     attention, mlp = layer.self_attn, layer.mlp
-    projections = (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
+    projections += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     return all(type(p) is nn.Linear and p.bias is None and p.weight.dtype == normed.dtype for p in projections)
 
 
@@ -197,12 +199,16 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **k
         scaling=attention.scaling,
         **extra,
     )
-    attended = _project(self, attention.o_proj, attended.reshape(*hidden_states.shape[:-1], -1).contiguous())
+    attended = attended.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    if grouped:
+        (attended,) = grouped_linear(attended, [attention.o_proj.weight])
+    else:
+        attended = _project(self, attention.o_proj, attended)
     hidden_states = hidden_states + attended
     norm = self.post_attention_layernorm
     normed = rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
     if grouped:
         gated = gated_linear(normed, mlp.gate_proj.weight, mlp.up_proj.weight)
-    else:
-        gated = silu_mul(_project(self, mlp.gate_proj, normed), _project(self, mlp.up_proj, normed))
+        return hidden_states + grouped_linear(gated, [mlp.down_proj.weight])[0]
+    gated = silu_mul(_project(self, mlp.gate_proj, normed), _project(self, mlp.up_proj, normed))
     return hidden_states + _project(self, mlp.down_proj, gated)

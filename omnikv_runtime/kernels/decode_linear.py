@@ -24,7 +24,10 @@ from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_M = 16
-DEFAULT_SHAPE = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+# launch shapes, the fastest of a sweep in CUDA graphs on an H100 at 1 and 4 rows (benchmarks/decode_linear.py):
+# the gated launch reads two weights a step, so it keeps one stage fewer in flight
+DEFAULT_SHAPE = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+GATED_SHAPE = {**DEFAULT_SHAPE, "num_stages": 3}
 
 if TRITON_AVAILABLE:
     import triton
@@ -91,7 +94,7 @@ if TRITON_AVAILABLE:
 
 
 def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], gated: bool, shape: dict | None) -> list[torch.Tensor]:
-    shape = {**DEFAULT_SHAPE, **(shape or {})}
+    shape = {**(GATED_SHAPE if gated else DEFAULT_SHAPE), **(shape or {})}
     *lead, reduction = x.shape
     for weight in weights:
         if weight.dim() != 2 or weight.shape[1] != reduction or weight.stride() != (reduction, 1):
