@@ -3,9 +3,11 @@
 - Under Triton's interpreter (float32), a row's product has the same bits in a product of 1 to 20 rows, of 64
   and of 100, with the reduction in one range and in several, and equals torch's linear within rounding.
 - How many ranges the reduction is cut into follows the weight's shape and the card, never the rows.
-- The engine wires it: with ``generation.batch_invariant`` every projection of the fused layers and the LM
-  head go through it in decode steps (one token a row), prefill chunks through torch's linear (on CPU the
-  kernel falls back to torch's linear, so the tokens are those without it), and
+- The engine wires it: with ``generation.batch_invariant`` the LM head goes through it in decode steps (one
+  token a row), and so does every projection of the fused layers where the grouped decode kernel does not run
+  (off CUDA, as here; on CUDA the layers' projections take the grouped kernel, whose rows are invariant too),
+  prefill chunks through torch's linear (on CPU the kernel falls back to torch's linear, so the tokens are
+  those without it), and
   without fused layers the setting is refused, naming the field, with the model given back as it came.
 The GPU test (bf16 on the card, Llama-3-8B's shapes) is in ``test_gpu_invariant_linear.py``.
 """

@@ -1,16 +1,20 @@
 """Decode-step projections: several weights that read the same input in one kernel, each row's sum in one order.
 
 A decode step multiplies a few rows (one token a request) by every weight of the model once, so its time is
-the time to read the weights. cuBLAS reads Llama-3-8B's big weights at 83-91% of the card's copy bandwidth,
-but its small products lose more: the 4,096 -> 1,024 key and value projections read at about 40% of it,
-and it cuts most reductions into ranges whose partial sums a second kernel adds (5 extra kernels a layer).
+the time to read the weights. On an H100 (device copy 2,990 GB/s), in CUDA graphs at Llama-3-8B's shapes,
+cuBLAS reads the gate and up weights at 2.74 TB/s and the down weight at 2.65, but its three query, key
+and value launches at 1.64 and the output projection at 2.05; it cuts most of these reductions into ranges
+whose partial sums a second kernel adds (five extra kernels a layer).
 
 Here one launch computes the query, key and value projections (three weights, one input), and another the
 gate and up projections with the SiLU-gated product as its output, so the MLP's intermediate never goes to
 memory in two halves. Each program multiplies ``BLOCK_M`` rows (padded with zeros) by ``BLOCK_N`` output
 features of one weight and walks the whole reduction in steps of ``BLOCK_K``: no partial sums, no second
 kernel, and a row's arithmetic does not depend on how many rows there are (the batch-invariance of
-``generation.batch_invariant``).
+``generation.batch_invariant``). Same card and graphs: 2.51 TB/s for query/key/value, 2.38 for the output,
+2.91 for gate/up with the product, 2.81 for down, at 1, 4 and 16 rows. At 64 rows it reads each weight
+four times (once per ``BLOCK_M`` rows) and is 1.3-3.4x slower than cuBLAS, so the fused layers use it for
+more than 16 rows only where ``batch_invariant`` asks for row-count-independent bits.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ a second kernel adds the ranges' partial sums in range order and rounds once to 
 A row's arithmetic is then the same in a product of 1 row or of 64 (the idea of the batch-invariant
 kernels in "Defeating Nondeterminism in LLM Inference", Thinking Machines Lab, 2025).
 
-It is meant for decode steps (one token a row, bound by reading the weight); the fused layers send
-prefill chunks, whose shape is the same whatever else the server runs, to ``torch.nn.functional.linear``.
+It is meant for decode steps (one token a row, bound by reading the weight). With ``batch_invariant`` the
+runtime runs the LM head through it; the decoder layers' own projections go through the grouped kernel of
+:mod:`omnikv_runtime.kernels.decode_linear` (row-invariant too, and without partial sums), and prefill
+chunks, whose shape is the same whatever else the server runs, through ``torch.nn.functional.linear``.
 """
 
 from __future__ import annotations
