@@ -153,10 +153,10 @@ def _project(layer: nn.Module, projection: nn.Module, hidden: torch.Tensor) -> t
 
 def _grouped_decode(layer: nn.Module, normed: torch.Tensor) -> bool:
     """Whether this forward's projections run through the grouped kernel (query/key/value in one launch, output,
-    gate/up with the SiLU product, down): a decode
-    step's input (one token a row) on CUDA, plain bias-free linear layers in the input's dtype, and either at
-    most one row tile or ``batch_invariant`` (the grouped kernel's rows do not depend on the row count, but
-    past one tile it reads each weight once per tile, where cuBLAS reads it once)."""
+    gate/up with the SiLU product, down): a decode step's input (one token a row) on CUDA, plain bias-free
+    linear layers in the input's dtype, and either at most one row tile or ``batch_invariant`` (the grouped
+    kernel's rows do not depend on the row count, but past one tile it reads each weight once per tile, where
+    cuBLAS reads it once)."""
     if not (normed.is_cuda and _one_token_a_row(normed)):
         return False
     if not (layer._omnikv_batch_invariant or normed.shape[0] <= BLOCK_M):
