@@ -11,7 +11,7 @@ for the rotary embedding of queries and keys together, and one for the SiLU-gate
 transformers' own. A decode step's projections (one token a row, up to 16 rows on CUDA) run through
 :mod:`omnikv_runtime.kernels.decode_linear`: query, key and value in one launch, the output projection,
 gate and up in one launch that writes the SiLU-gated product, the down projection: four launches a layer
-where cuBLAS and the SiLU kernel took eight plus five of cuBLAS's split-K sums (9% off the step at 128K
+where cuBLAS and the SiLU kernel took eight plus five of cuBLAS's split-K sums (8.5% off the step at 128K
 tokens, H100). Wider decode inputs and prefill chunks go to torch's linear. Those kernels' rows have the
 same bits whatever the number of rows; with ``generation.batch_invariant`` they take a decode step's rows
 at any count (past 16 rows each weight is read once per 16), and the LM head runs through
