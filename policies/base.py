@@ -48,6 +48,12 @@ class SelectionContext:
             was rotated at its own position; with these a policy can turn it to another position
             (:func:`queries_at_current_position`), as the original OmniKV's window selectors score
             every query of their window at the current step's position.
+        head_max_logits: ``[batch, context_len]`` float32 or None: for the current query, ``scaling`` times the
+            largest ``q·k`` of this rank's query heads for each column, ``-inf`` where the decode attention did
+            not count the column (padding, past the query's position). Written by the filter layer's decode
+            attention while it read the keys, for a policy that says it reads them
+            (``reads_head_max_logits``) on CUDA; None elsewhere (prefill, the CPU), where the policy computes
+            what it needs from ``keys``.
     """
 
     queries: torch.Tensor
@@ -60,6 +66,7 @@ class SelectionContext:
     state: dict[str, Any] = field(default_factory=dict)
     head_group: Any = None
     rope_inv_freq: torch.Tensor | None = None
+    head_max_logits: torch.Tensor | None = None
 
     @property
     def context_len(self) -> int:
@@ -96,12 +103,17 @@ class SelectionPolicy(ABC):
     no value back to the host, allocates nothing it keeps across steps, and keeps no state outside
     tensors it updates in place. Policies that are not (and user policies, unless they say so)
     decode step by step without a graph.
+
+    ``reads_head_max_logits`` says that the policy scores by the current query's largest logit over heads
+    and reads :attr:`SelectionContext.head_max_logits` where it is given: the filter layer's decode
+    attention then writes those scores as it reads the keys, saving the policy a second pass over them.
     """
 
     name: ClassVar[str] = "base"
     lossless: ClassVar[bool] = True
     graph_safe: ClassVar[bool] = False
     tensor_parallel: ClassVar[bool] = False
+    reads_head_max_logits: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -25,8 +25,11 @@ class LastQueryPolicy(ScoredPolicy):
     name = "last"
     graph_safe = True
     tensor_parallel = True
+    reads_head_max_logits = True
 
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        if ctx.head_max_logits is not None:  # the decode attention scored the keys as it read them
+            return ctx.max_over_ranks(ctx.head_max_logits.masked_fill(~ctx.valid, float("-inf")))
         # fused on CUDA: the reduction over heads never materialises [batch, heads, tokens], and
         # hidden columns (padding, the future) come out at -inf
         limit = ctx.query_positions[-1:].to(ctx.keys.device) + 1  # causality: columns up to the query's own

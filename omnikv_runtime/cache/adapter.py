@@ -221,13 +221,24 @@ class OmniKVCache(Cache):
         positions = torch.arange(end - queries.shape[2], end, device=queries.device)
         self.tiers.segments[self.plan.segment_of[layer_idx]].window.extend(queries, positions)
 
-    def select(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Decode: choose the filter layer's segment's tokens and start fetching their rows."""
+    def selectable_width(self) -> int:
+        """The columns a filter layer scores: the prompt, unless a bounded tail ring lets generated tokens join
+        the selectable context; then it grows each step, and the policy sees every column with the rest masked."""
+        return self.tiers.selectable.shape[1] if self.tail_tokens else self.context_len
+
+    def head_max_buffer(self, layer_idx: int, query: torch.Tensor) -> torch.Tensor | None:
+        """Where the filter layer's decode attention writes the policy's scores, or None (see
+        :meth:`Selector.head_max_buffer`)."""
+        return self.selector.head_max_buffer(query, self.selectable_width())
+
+    def select(
+        self, layer_idx: int, query: torch.Tensor, scaling: float, head_max: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decode: choose the filter layer's segment's tokens and start fetching their rows (``head_max``: the
+        scores the decode attention wrote into :meth:`head_max_buffer`'s buffer, or None)."""
         segment = self.tiers.segments[self.plan.segment_of[layer_idx]]
-        # the selectable context is the prompt, unless a bounded tail ring lets generated tokens join
-        # it: then it grows each step, and the policy sees every column with the rest masked
         selectable = self.tiers.selectable
-        width = selectable.shape[1] if self.tail_tokens else self.context_len
+        width = self.selectable_width()
         keys = self.tiers.layers[layer_idx].key_buffer[:, :, :width]
         indices, _ = self.selector.choose(
             self,
@@ -241,6 +252,7 @@ class OmniKVCache(Cache):
             scaling,
             segment.policy_state,
             segment.window if self.selector.window_size > 1 else None,
+            head_max,
         )
         if not is_recording():
             self.selected_log[-1][layer_idx] = indices.shape[1]

@@ -233,9 +233,12 @@ def make_attention_function(base: str) -> Callable:
         if note.sources is not None:  # a static decode step
             scaling = attention_scaling(module, query, kwargs)
             batch, heads, _, dim = query.shape
-            output = decode_attention(query[:, :, 0], note.sources, scaling)
-            if cache.plan.role(note.layer_idx) is Role.FILTER:
-                cache.select(note.layer_idx, query, scaling)
+            if cache.plan.role(note.layer_idx) is not Role.FILTER:
+                return decode_attention(query[:, :, 0], note.sources, scaling).view(batch, 1, heads, dim), None
+            # a filter layer: the attention also writes the policy's scores where the policy reads them
+            head_max = cache.head_max_buffer(note.layer_idx, query)
+            output = decode_attention(query[:, :, 0], note.sources, scaling, head_max=head_max)
+            cache.select(note.layer_idx, query, scaling, head_max)
             return output.view(batch, 1, heads, dim), None
         return prefill(module, note.layer_idx, cache, query, key, value, attention_mask, kwargs, note.earlier)
 

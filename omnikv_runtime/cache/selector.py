@@ -17,6 +17,7 @@ import torch
 
 from omnikv_runtime.cache.counters import QueryWindow
 from omnikv_runtime.cache.segment import SegmentState
+from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
 from omnikv_runtime.listeners import Listeners
 from omnikv_runtime.policies import SelectionContext, SelectionPolicy
 from omnikv_runtime.transfer import TransferEngine
@@ -45,6 +46,14 @@ class Selector:
     def window_size(self) -> int:
         return self.policy.window_size
 
+    def head_max_buffer(self, query: torch.Tensor, width: int) -> torch.Tensor | None:
+        """Where a filter layer's decode attention writes the scores of the policy (float32 ``[rows, width]``),
+        when the policy reads them (``reads_head_max_logits``) and the attention is the Triton kernel's, which
+        scores the keys while it reads them; else None, and the policy scores the keys itself."""
+        if not (self.policy.reads_head_max_logits and query.is_cuda and TRITON_AVAILABLE):
+            return None
+        return torch.empty(query.shape[0], width, dtype=torch.float32, device=query.device)
+
     def choose(
         self,
         cache: Any,
@@ -58,6 +67,7 @@ class Selector:
         scaling: float,
         state: dict[str, Any],
         window: QueryWindow | None = None,
+        head_max: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, SelectionContext]:
         """One request's selection: sorted indices ``[rows, k]`` and the context the policy saw.
 
@@ -69,6 +79,8 @@ class Selector:
             token_budget: tokens to select (at most ``width``).
             state: the policy's per-request state for this filter layer.
             window: the request's query window, when the policy reads more than the step's query.
+            head_max: ``[rows, width]`` the step's scores from the decode attention (see
+                :meth:`head_max_buffer`), or None.
         """
         if window is not None and window.queries is not None:
             window.push(query, position)
@@ -86,6 +98,7 @@ class Selector:
             state=state,
             head_group=self.head_group,
             rope_inv_freq=self.rope_inv_freq,
+            head_max_logits=head_max,
         )
         indices = self.policy.select(context)
         self.listeners.announce_selection(cache, step, context, indices)

@@ -205,8 +205,16 @@ class SlotCache(Cache):
         leave_note(self, layer_idx, keys, sources)
         return keys, values
 
-    def select(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Each busy slot's selection, made as its request alone would make it, padded to the longest."""
+    def head_max_buffer(self, layer_idx: int, query: torch.Tensor) -> torch.Tensor | None:
+        """Where the filter layer's decode attention writes the policy's scores for every slot's columns, or
+        None (see :meth:`Selector.head_max_buffer`)."""
+        return self.selector.head_max_buffer(query, self.tiers.layers[layer_idx].key_buffer.shape[2])
+
+    def select(
+        self, layer_idx: int, query: torch.Tensor, scaling: float, head_max: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each busy slot's selection, made as its request alone would make it, padded to the longest
+        (``head_max``: the scores the decode attention wrote into :meth:`head_max_buffer`'s buffer, or None)."""
         segment = self.tiers.segments[self.plan.segment_of[layer_idx]]
         keys = self.tiers.layers[layer_idx].key_buffer
         selectable = self.tiers.selectable
@@ -226,6 +234,7 @@ class SlotCache(Cache):
                 scaling,
                 request.states[segment.index],
                 request.windows[segment.index] if request.windows else None,
+                head_max[row : row + 1, : request.context] if head_max is not None else None,
             )
             chosen.append((row, indices))
         width = max((indices.shape[1] for _, indices in chosen), default=1)

@@ -56,21 +56,42 @@ class KVSource:
 
 
 def decode_attention(
-    query: torch.Tensor, sources: list[KVSource], scale: float, out: torch.Tensor | None = None
+    query: torch.Tensor,
+    sources: list[KVSource],
+    scale: float,
+    out: torch.Tensor | None = None,
+    head_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``query`` ``[batch, q_heads, head_dim]`` over the columns of ``sources``.
 
     Query head ``h`` reads KV head ``h // (q_heads // kv_heads)``. A query with no valid column
     gets zeros. Returns ``[batch, q_heads, head_dim]`` in the query's dtype (into ``out`` if given).
+
+    ``head_max`` (float32 ``[batch, width]``, optional) receives a filter layer's scores while the keys are
+    read anyway: for each of the first ``width`` columns of the first source (which must have no index),
+    ``scale`` times the largest ``q·k`` of any query head, and ``-inf`` where the column does not count
+    (masked, past the length, past the source). The OmniKV ``last`` policy's scores, without a second pass
+    over the keys.
     """
     if not 1 <= len(sources) <= 2:
         raise ValueError(f"decode attention takes one or two KV sources, got {len(sources)}")
+    if head_max is not None:
+        _check_head_max(query, sources[0], head_max)
     if query.is_cuda and TRITON_AVAILABLE:
-        return decode_attention_triton(query, sources, scale, multiprocessor_count(query.device), out)
-    result = decode_attention_torch(query, sources, scale)
+        return decode_attention_triton(query, sources, scale, multiprocessor_count(query.device), out, head_max)
+    result = decode_attention_torch(query, sources, scale, head_max)
     if out is None:
         return result
     return out.copy_(result)
+
+
+def _check_head_max(query: torch.Tensor, first: KVSource, head_max: torch.Tensor) -> None:
+    if first.index is not None:
+        raise ValueError("head_max scores the first source's own columns: it cannot have an index")
+    if head_max.dtype != torch.float32 or head_max.dim() != 2 or head_max.shape[0] != query.shape[0]:
+        raise ValueError(f"head_max must be float32 [batch, width], got {head_max.dtype} {tuple(head_max.shape)}")
+    if head_max.shape[1] > first.columns or head_max.stride(1) != 1:
+        raise ValueError(f"head_max of {head_max.shape[1]} columns for a source of {first.columns} (unit stride)")
 
 
 def _source_columns(source: KVSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,7 +110,9 @@ def _source_columns(source: KVSource) -> tuple[torch.Tensor, torch.Tensor, torch
     return keys, values, valid
 
 
-def decode_attention_torch(query: torch.Tensor, sources: list[KVSource], scale: float) -> torch.Tensor:
+def decode_attention_torch(
+    query: torch.Tensor, sources: list[KVSource], scale: float, head_max: torch.Tensor | None = None
+) -> torch.Tensor:
     """The reference implementation: the same function with torch ops, in float32."""
     parts = [_source_columns(source) for source in sources]
     keys = torch.cat([p[0] for p in parts], dim=1).float()
@@ -100,6 +123,8 @@ def decode_attention_torch(query: torch.Tensor, sources: list[KVSource], scale: 
     grouped = query.float().reshape(batch, kv_heads, q_heads // kv_heads, dim)
     logits = torch.einsum("bhgd,bthd->bhgt", grouped, keys) * scale
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if head_max is not None:
+        head_max.copy_(logits[..., : head_max.shape[1]].amax(dim=(1, 2)))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query with nothing to see gets zeros
     output = torch.einsum("bhgt,bthd->bhgd", probs, values)
     return output.reshape(batch, q_heads, dim).to(query.dtype)

@@ -7,7 +7,9 @@ range's normalised output and log-sum-exp; the reduce kernel weights the ranges 
 log-sum-exp. The ranges do not depend on the batch (see :func:`_split_plan`), so neither do a row's
 bits. Lengths, masks and indices are read on the device; columns past a length cost nothing but the
 program's launch. Masked keys and values are loaded as zeros, so unwritten rows (even NaN) never
-reach the output.
+reach the output. For a filter layer the programs of the first source also write the OmniKV ``last``
+policy's scores (``HEAD_MAX``): the largest logit of their query group for each column they read, merged
+over KV heads with an atomic maximum, so the policy need not read the keys a second time.
 """
 
 from __future__ import annotations
@@ -49,9 +51,14 @@ def _attend_range(
     offs_d,
     d_ok,
     qk_scale,
+    g_ok,
+    head_max_base,
+    head_max_columns,
+    scale,
     BLOCK: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HEAD_MAX: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     for start in range(lo, hi, BLOCK):
@@ -65,8 +72,11 @@ def _attend_range(
             ok = ok & (tl.load(mask_base + cols, mask=ok, other=0) != 0)
         load_ok = ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + tokens[:, None] * stride_kt + offs_d[None, :], mask=load_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G_PAD, BLOCK], base-2 logits
-        s = tl.where(ok[None, :], s, float("-inf"))
+        raw = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK]
+        if HEAD_MAX:  # a filter layer's scores: the largest logit of this group's heads, max over KV heads
+            best = tl.max(tl.where(g_ok[:, None], raw, float("-inf")), 0) * scale
+            tl.atomic_max(head_max_base + cols, best, mask=ok & (cols < head_max_columns))
+        s = tl.where(ok[None, :], raw * qk_scale, float("-inf"))  # base-2 logits
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -115,8 +125,12 @@ def _decode_split_kernel(
     b_ib,
     part_out,
     part_lse,
+    head_max,
+    stride_hb,
+    head_max_columns,
     kv_heads,
     head_dim,
+    scale,
     qk_scale,
     chunk_a,
     chunk_b,
@@ -133,6 +147,7 @@ def _decode_split_kernel(
     B_LENGTH: tl.constexpr,
     B_MASK: tl.constexpr,
     B_INDEX: tl.constexpr,
+    HEAD_MAX: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -174,9 +189,14 @@ def _decode_split_kernel(
             offs_d,
             d_ok,
             qk_scale,
+            g_ok,
+            head_max + b * stride_hb,
+            head_max_columns,
+            scale,
             BLOCK,
             A_INDEX,
             A_MASK,
+            HEAD_MAX,
             PRECISION,
         )
     else:
@@ -202,9 +222,14 @@ def _decode_split_kernel(
                 offs_d,
                 d_ok,
                 qk_scale,
+                g_ok,
+                head_max,
+                0,
+                scale,
                 BLOCK,
                 B_INDEX,
                 B_MASK,
+                False,
                 PRECISION,
             )
     seen = l_i > 0.0
@@ -309,8 +334,9 @@ def _source_arguments(source, dummy: torch.Tensor) -> list:
     ]
 
 
-def decode_attention_triton(query, sources, scale: float, multiprocessors: int, out=None):
-    """Launch the split and reduce kernels; see :func:`omnikv_runtime.kernels.decode_attention`."""
+def decode_attention_triton(query, sources, scale: float, multiprocessors: int, out=None, head_max=None):
+    """Launch the split and reduce kernels; see :func:`omnikv_runtime.kernels.decode_attention` (``head_max``:
+    float32 ``[batch, width]``, filled here)."""
     batch, q_heads, head_dim = query.shape
     first = sources[0]
     kv_heads = first.keys.shape[2]
@@ -330,6 +356,8 @@ def decode_attention_triton(query, sources, scale: float, multiprocessors: int, 
     dummy = query  # passed for a missing length, mask or index: never read (the kernel's flags say so)
     a_args = _source_arguments(first, dummy)
     b_args = _source_arguments(second, dummy) if second is not None else a_args
+    if head_max is not None:
+        head_max.fill_(float("-inf"))  # columns no program reaches (hidden, past the length) stay there
     _decode_split_kernel[(rows, splits)](
         query,
         query.stride(0),
@@ -338,8 +366,12 @@ def decode_attention_triton(query, sources, scale: float, multiprocessors: int, 
         *b_args,
         part_out,
         part_lse,
+        head_max if head_max is not None else part_lse,
+        head_max.stride(0) if head_max is not None else 0,
+        head_max.shape[1] if head_max is not None else 0,
         kv_heads,
         head_dim,
+        scale,
         scale * LOG2E,
         chunk_a,
         chunk_b,
@@ -356,6 +388,7 @@ def decode_attention_triton(query, sources, scale: float, multiprocessors: int, 
         B_LENGTH=second is not None and second.length is not None,
         B_MASK=second is not None and second.mask is not None,
         B_INDEX=second is not None and second.index is not None,
+        HEAD_MAX=head_max is not None,
         PRECISION=dot_precision(query.dtype),
         num_warps=TUNING["num_warps"],
         num_stages=TUNING["num_stages"],

@@ -6,7 +6,9 @@ Computed plainly, that materialises ``[batch, heads, tokens]`` float32 logits (1
 at 128K tokens and 32 heads) before reducing them. The Triton kernel reduces over heads in
 registers and writes only ``[batch, tokens]``; each key row is read once for its whole query
 group. Columns at or past ``limit`` (the selectable context, or causality) and columns where
-``valid`` is False score ``-inf``.
+``valid`` is False score ``-inf``. In a decode step on CUDA the filter layer's attention kernel writes
+the same scores while it reads the keys (``decode_attention(..., head_max=...)``); this kernel serves
+where it does not.
 """
 
 from __future__ import annotations
