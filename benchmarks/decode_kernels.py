@@ -5,7 +5,8 @@ One Llama-3-8B layer's geometry (32 query heads, 8 KV heads, head dim 128, bf16)
 - decode attention over a dense layer's buffer (device length + padding mask) by the Triton
   split-K kernel, against SDPA with ``enable_gqa`` and no mask (flash: the fastest torch path);
 - the same over a sparse layer's sources (selected rows through an index, plus a tail ring);
-- the filter layer's fused max-over-heads scores against the torch einsum + amax;
+- the filter layer's fused max-over-heads scores against the torch einsum + amax, and the dense-layer
+  attention that writes those scores as it reads the keys against the two kernels one after the other;
 - the gather of one layer's slice of 2048 selected packed rows from pinned host memory.
 
 GB/s counts the bytes each must read once (KV rows; for the gather, the bytes moved). Times are
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             valid = torch.ones(batch, context + 256, dtype=torch.bool, device=device)
             kv_bytes = 2 * batch * KV_HEADS * context * DIM * 2
             dense = [KVSource(keys.transpose(1, 2), values.transpose(1, 2), length=length, mask=valid)]
-            ms = bench(lambda: decode_attention(query, dense, 0.088))  # noqa: B023
+            ms = ms_dense = bench(lambda: decode_attention(query, dense, 0.088))  # noqa: B023
             if args.sweep:
                 rows.extend(sweep(query, dense, kv_bytes, context, batch))
             q4 = query[:, :, None]
@@ -127,6 +128,19 @@ def main(argv: list[str] | None = None) -> int:
                     "ms": round(fused, 4),
                     "gbps": round(key_bytes / fused / 1e6, 1),
                     "torch_ms": round(plain, 4),
+                }
+            )
+            scores = torch.empty(batch, context, dtype=torch.float32, device=device)
+            both = bench(lambda: decode_attention(query, dense, 0.088, head_max=scores))  # noqa: B023
+            rows.append(
+                {
+                    "context": context,
+                    "batch": batch,
+                    "kernel": "dense-layer attention writing the filter scores (head_max)",
+                    "ms": round(both, 4),
+                    "separate_ms": round(ms_dense + fused, 4),
+                    "over_separate": round(both / (ms_dense + fused), 3),
+                    "over_attention_alone": round(both / ms_dense, 3),
                 }
             )
             del keys, values
