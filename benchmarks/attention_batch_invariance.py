@@ -99,7 +99,7 @@ def batch_split_plan(batch: int):
         if columns == 0:
             return 1, block
         wanted = max(1, math.ceil(kernel.TUNING["programs_per_sm"] * multiprocessors / (batch * kv_heads)))
-        splits = max(1, min(wanted, math.ceil(columns / kernel.MIN_SPLIT_COLUMNS)))
+        splits = max(1, min(wanted, math.ceil(columns / kernel.TUNING["min_split_columns"])))
         chunk = math.ceil(math.ceil(columns / splits) / block) * block
         return math.ceil(columns / chunk), chunk
 

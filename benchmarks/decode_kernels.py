@@ -59,12 +59,31 @@ def sweep(query, sources, kv_bytes: int, context: int, batch: int) -> list[dict]
     return rows
 
 
+def sparse_sweep(query, sources, kv_bytes: int, context: int, batch: int) -> list[dict]:
+    """The sparse-layer attention (a few thousand selected rows) under each smallest range and programs per
+    multiprocessor: its grid is small, so the range size decides how many programs share the card."""
+    defaults = dict(TUNING)
+    rows = []
+    for smallest, per_sm in itertools.product([64, 128, 256], [4, 8, 16]):
+        TUNING.update(min_split_columns=smallest, programs_per_sm=per_sm)
+        ms = bench(lambda: decode_attention(query, sources, 0.088))
+        row = {"context": context, "batch": batch, "kernel": "sparse sweep", **TUNING, "ms": round(ms, 4)}
+        rows.append({**row, "gbps": round(kv_bytes / ms / 1e6, 1)})
+    TUNING.clear()
+    TUNING.update(defaults)
+    best = min(rows, key=lambda r: r["ms"])
+    print("best sparse-layer shape:", json.dumps(best), file=sys.stderr)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--selected", type=int, default=2048)
-    parser.add_argument("--sweep", action="store_true", help="also time the attention kernel's launch shapes")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time the attention kernel's launch shapes (dense and sparse layers)"
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     dtype = torch.bfloat16
@@ -107,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             ms = bench(lambda: decode_attention(query, sparse, 0.088))  # noqa: B023
             sparse_bytes = 2 * batch * KV_HEADS * (k + 64) * DIM * 2
+            if args.sweep:
+                rows.extend(sparse_sweep(query, sparse, sparse_bytes, context, batch))
             rows.append(
                 {
                     "context": context,

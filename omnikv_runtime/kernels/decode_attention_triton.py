@@ -28,8 +28,8 @@ TUNING = {
     "programs_per_sm": 8,  # split programs per multiprocessor one request's grid aims at
     "num_warps": 4,
     "num_stages": 2,
+    "min_split_columns": 256,  # fewer columns per program than this costs more in merging than it gains
 }
-MIN_SPLIT_COLUMNS = 256  # fewer columns per program than this costs more in merging than it gains
 REDUCE_BLOCK = 64  # ranges the merge kernel reads at a time
 LOG2E = 1.4426950408889634
 
@@ -293,7 +293,7 @@ def _split_plan(columns: int, kv_heads: int, multiprocessors: int, block: int) -
     """(splits, columns per split) for one source.
 
     The columns per split depend on the source's columns, the KV heads and the card, never on the batch:
-    the power of two (at least ``MIN_SPLIT_COLUMNS`` and the block) nearest to the columns over the splits that
+    the power of two (at least the block and ``min_split_columns``) nearest to the columns over the splits that
     give one request's KV heads ``programs_per_sm`` programs per multiprocessor (so one request gets 0.7 to 1.4
     times that many). A row is therefore summed in the same ranges, in the same order, whatever else is in the
     batch, and (through the power of two) mostly whatever the buffer's capacity: a request served in a batch
@@ -303,7 +303,7 @@ def _split_plan(columns: int, kv_heads: int, multiprocessors: int, block: int) -
         return 1, block
     wanted = max(1, TUNING["programs_per_sm"] * multiprocessors // kv_heads)  # splits for one request
     exponent = max(0, round(math.log2(columns / wanted))) if columns > wanted else 0
-    chunk = max(block, MIN_SPLIT_COLUMNS, 1 << exponent)
+    chunk = max(block, TUNING["min_split_columns"], 1 << exponent)
     return math.ceil(columns / chunk), chunk
 
 
