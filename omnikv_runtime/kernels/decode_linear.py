@@ -19,14 +19,12 @@ more than 16 rows only where ``batch_invariant`` asks for row-count-independent 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
-from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
+from omnikv_runtime.kernels.triton_support import INTERPRETED, TRITON_AVAILABLE
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_M = 16
 # launch shapes, the fastest of a sweep in CUDA graphs on an H100 at 1 and 4 rows (benchmarks/decode_linear.py):
 # the gated launch reads two weights a step, so it keeps one stage fewer in flight

@@ -16,14 +16,10 @@ order. The torch functions (``*_torch``, used off CUDA) are transformers' expres
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from omnikv_runtime.kernels.triton_support import TRITON_AVAILABLE
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from omnikv_runtime.kernels.triton_support import INTERPRETED, TRITON_AVAILABLE
 
 if TRITON_AVAILABLE:
     import triton

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels on CPU tensors: no libdevice there
 
 
 @functools.cache
