@@ -1,7 +1,8 @@
 """GPU checks of the grouped decode projections (``pytest -m gpu`` on a CUDA machine).
 
 - bf16 at Llama-3-8B's shapes: q/k/v in one launch and the gated gate/up launch are within bf16 rounding of a
-  float32 reference, and row 0 has the same bits alone and among 2 to 16, 64 or 100 rows.
+  float32 reference, and row 0 has the same bits alone and among 2 to 16, 64 or 100 rows; the output and down
+  launches with the residual added equal the product plus the residual as torch adds them, bit for bit.
 - An engine's recorded decode step runs them (the fused layers call them) and gives the greedy tokens of the
   same engine with transformers' own layers (float32, where both are exact to float32 rounding).
 """
@@ -37,6 +38,13 @@ def test_llama3_8b_groups_in_bf16_are_close_to_float32_and_row_invariant():
     products = [(x.float() @ w.float().T).to(torch.bfloat16).float() for w in (gate, up)]
     reference = torch.nn.functional.silu(products[0]).to(torch.bfloat16).float() * products[1]
     torch.testing.assert_close(together[3].float(), reference, rtol=2e-2, atol=2e-2)
+    residual = torch.randn(100, 4096, device="cuda", dtype=torch.bfloat16, generator=generator)
+    output, down = weight(4096, 4096), weight(4096, 14336)
+    for w, into in ((output, x), (down, together[3])):
+        (plain,) = grouped_linear(into, [w])
+        (added,) = grouped_linear(into, [w], residual=residual)
+        assert torch.equal(added, residual + plain)  # bf16: rounded as the separate add rounds
+        assert torch.equal(grouped_linear(into[:1], [w], residual=residual[:1])[0][0], added[0])
 
 
 def test_an_engine_runs_them_in_its_recorded_step_with_transformers_tokens(monkeypatch):

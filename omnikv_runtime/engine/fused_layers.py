@@ -12,7 +12,8 @@ transformers' own. A decode step's projections (one token a row, up to 16 rows o
 :mod:`omnikv_runtime.kernels.decode_linear`: query, key and value in one launch, the output projection,
 gate and up in one launch that writes the SiLU-gated product, the down projection: four launches a layer
 where cuBLAS and the SiLU kernel took eight plus five of cuBLAS's split-K sums (8.5% off the step at 128K
-tokens, H100). Wider decode inputs and prefill chunks go to torch's linear. Those kernels' rows have the
+tokens, H100). The output and down launches also add the residual, so the layer's two residual adds need no
+kernels of their own there. Wider decode inputs and prefill chunks go to torch's linear. Those kernels' rows have the
 same bits whatever the number of rows; with ``generation.batch_invariant`` they take a decode step's rows
 at any count (past 16 rows each weight is read once per 16), and the LM head runs through
 :func:`~omnikv_runtime.kernels.invariant_linear.invariant_linear`, so a request's tokens do not depend on
@@ -205,15 +206,14 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **k
         **extra,
     )
     attended = attended.reshape(*hidden_states.shape[:-1], -1).contiguous()
-    if grouped:
-        (attended,) = grouped_linear(attended, [attention.o_proj.weight])
+    if grouped:  # the residual adds happen in the projections' launches
+        (hidden_states,) = grouped_linear(attended, [attention.o_proj.weight], residual=hidden_states)
     else:
-        attended = _project(self, attention.o_proj, attended)
-    hidden_states = hidden_states + attended
+        hidden_states = hidden_states + _project(self, attention.o_proj, attended)
     norm = self.post_attention_layernorm
     normed = rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
     if grouped:
         gated = gated_linear(normed, mlp.gate_proj.weight, mlp.up_proj.weight)
-        return hidden_states + grouped_linear(gated, [mlp.down_proj.weight])[0]
+        return grouped_linear(gated, [mlp.down_proj.weight], residual=hidden_states)[0]
     gated = silu_mul(_project(self, mlp.gate_proj, normed), _project(self, mlp.up_proj, normed))
     return hidden_states + _project(self, mlp.down_proj, gated)

@@ -48,12 +48,14 @@ if TRITON_AVAILABLE:
         out0_ptr,
         out1_ptr,
         out2_ptr,
+        residual_ptr,
         features0,
         features1,
         features2,
         tiles0,
         tiles01,
         GATED: tl.constexpr,
+        RESIDUAL: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -91,11 +93,21 @@ if TRITON_AVAILABLE:
             denominator = 1.0 + (libdevice.exp(-gate) if PRECISE_EXP else tl.exp(-gate))
             silu = tl.div_rn(gate, denominator).to(dtype).to(tl.float32)
             acc = silu * acc_up.to(dtype).to(tl.float32)
-        target = out_ptr + offs_m[:, None].to(tl.int64) * features + offs_n[None, :]
-        tl.store(target, acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+        place = offs_m[:, None].to(tl.int64) * features + offs_n[None, :]
+        inside = m_ok[:, None] & n_ok[None, :]
+        if RESIDUAL:  # rounded as ``residual + x @ w.T`` is: the product, then the sum
+            added = tl.load(residual_ptr + place, mask=inside, other=0.0).to(tl.float32)
+            acc = acc.to(dtype).to(tl.float32) + added
+        tl.store(out_ptr + place, acc.to(dtype), mask=inside)
 
 
-def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], gated: bool, shape: dict | None) -> list[torch.Tensor]:
+def _launch(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    gated: bool,
+    shape: dict | None,
+    residual: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     shape = {**(GATED_SHAPE if gated else DEFAULT_SHAPE), **(shape or {})}
     *lead, reduction = x.shape
     for weight in weights:
@@ -107,6 +119,8 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], gated: bool, shape
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     rows = flat.shape[0]
+    if residual is not None:
+        residual = _residual_rows(residual, x, rows, weights[0].shape[0])
     outputs = [torch.empty(rows, w.shape[0], dtype=x.dtype, device=x.device) for w in weights[: 1 if gated else 3]]
     block_n = shape["BLOCK_N"]
     tiles = [triton.cdiv(w.shape[0], block_n) for w in weights]
@@ -121,10 +135,12 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], gated: bool, shape
         reduction,
         *padded,
         *padded_out,
+        residual if residual is not None else padded_out[0],
         *features,
         tiles[0],
         tiles[0] + (tiles[1] if len(tiles) > 1 else 0),
         GATED=gated,
+        RESIDUAL=residual is not None,
         BLOCK_M=BLOCK_M,
         BLOCK_N=block_n,
         BLOCK_K=shape["BLOCK_K"],
@@ -136,11 +152,34 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], gated: bool, shape
     return [out.reshape(*lead, out.shape[-1]) for out in outputs]
 
 
-def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], shape: dict | None = None) -> list[torch.Tensor]:
-    """``[x @ w.T for w in weights]`` (one to three bias-free weights of the same input width) in one launch."""
+def _residual_rows(residual: torch.Tensor, x: torch.Tensor, rows: int, features: int) -> torch.Tensor:
+    """The residual as ``[rows, features]`` rows in a row-major block (a copy only where it is not one)."""
+    wanted = (*x.shape[:-1], features)
+    if tuple(residual.shape) != wanted or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(
+            f"a residual of shape {tuple(residual.shape)} ({residual.dtype} on {residual.device}) for an output of "
+            f"{wanted} ({x.dtype} on {x.device})"
+        )
+    return residual.reshape(rows, features).contiguous()
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    shape: dict | None = None,
+    residual: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """``[x @ w.T for w in weights]`` (one to three bias-free weights of the same input width) in one launch.
+
+    ``residual`` (one weight only): return ``residual + x @ w.T`` instead, the product rounded to ``x``'s dtype
+    before the sum as torch rounds the two operations, so a decoder layer's residual add needs no launch of
+    its own.
+    """
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"one to three weights in a group, not {len(weights)}")
-    return _launch(x, weights, gated=False, shape=shape)
+    if residual is not None and len(weights) != 1:
+        raise ValueError(f"a residual is added to one weight's product, not to a group of {len(weights)}")
+    return _launch(x, weights, gated=False, shape=shape, residual=residual)
 
 
 def gated_linear(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, shape: dict | None = None) -> torch.Tensor:
