@@ -72,15 +72,6 @@ class DecodeCounters:
         return [self.prompt, self.steps, self.position, self.length, self.tail_slot, self.tail_count, self.context_len]
 
 
-def write_columns(buffer: torch.Tensor, dim: int, columns: torch.Tensor, values: torch.Tensor) -> None:
-    """``buffer[b, ..., columns[b], ...] = values[b, ...]`` along ``dim``, per batch row (one scatter,
-    no host value). ``values`` has size 1 along ``dim``; ``columns`` is int64 ``[batch]``."""
-    shape = [1] * values.dim()
-    shape[0] = columns.numel()
-    index = columns.view(shape).expand_as(values)
-    buffer.scatter_(dim, index, values)
-
-
 class QueryWindow:
     """The most recent queries of one filter layer (after RoPE), oldest first, and their cache columns.
 

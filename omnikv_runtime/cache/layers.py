@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from omnikv_runtime.cache.counters import DecodeCounters, write_columns
+from omnikv_runtime.cache.counters import DecodeCounters
 from omnikv_runtime.cache.prefill_blocks import EarlierKV
 from omnikv_runtime.cache.segment import SegmentState
 from omnikv_runtime.kernels import KVSource
+from omnikv_runtime.kernels.column_write import write_columns
 from omnikv_runtime.transfer import HostArena
 
 
@@ -128,8 +129,7 @@ class DenseLayerKV(_KVLayerBase):
 
     def write_at(self, key_states: torch.Tensor, value_states: torch.Tensor, position: torch.Tensor) -> None:
         """Decode: store one token per row at column ``position[b]`` (int64 ``[batch]`` on the device)."""
-        write_columns(self.key_buffer, 2, position, key_states)
-        write_columns(self.value_buffer, 2, position, value_states)
+        write_columns(2, position, (self.key_buffer, key_states), (self.value_buffer, value_states))
 
     def decode(
         self, key_states: torch.Tensor, value_states: torch.Tensor, counters: DecodeCounters, valid: torch.Tensor

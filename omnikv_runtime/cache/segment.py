@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from omnikv_runtime.cache.counters import DecodeCounters, QueryWindow, write_columns
+from omnikv_runtime.cache.counters import DecodeCounters, QueryWindow
 from omnikv_runtime.kernels import KVSource
+from omnikv_runtime.kernels.column_write import write_columns
 from omnikv_runtime.layout import Segment
 from omnikv_runtime.transfer import HostArena, HotCache
 
@@ -103,8 +104,8 @@ class SegmentState:
     # one decode step ------------------------------------------------------------------------
     def store_token(self, slot: int, keys: torch.Tensor, values: torch.Tensor, counters: DecodeCounters) -> None:
         """Put sparse layer ``slot``'s new token ``[rows, kv_heads, 1, dim]`` into the tail ring."""
-        write_columns(self.ring[:, :, slot, 0], 1, counters.tail_slot, keys.transpose(1, 2))
-        write_columns(self.ring[:, :, slot, 1], 1, counters.tail_slot, values.transpose(1, 2))
+        ring = (self.ring[:, :, slot, 0], keys.transpose(1, 2)), (self.ring[:, :, slot, 1], values.transpose(1, 2))
+        write_columns(1, counters.tail_slot, *ring)
 
     def write_back(self, counters: DecodeCounters) -> None:
         """Copy the step's packed row (every sparse layer) from the ring to the arena at its column."""
