@@ -31,6 +31,13 @@ def tier_bytes(values: int, element_size: int, head_dim: int, scales: torch.Tens
     return values + values // head_dim * scales.element_size()
 
 
+def fetched_values(staging: torch.Tensor, indices: torch.Tensor, real_rows: int | None) -> int:
+    """Staged elements a gather really fetched: every index's rows, or only ``real_rows`` of them when
+    padding lanes (index -1) keep their staging rows."""
+    per_index = staging.numel() // max(indices.numel(), 1)
+    return per_index * (indices.numel() if real_rows is None else real_rows)
+
+
 class TorchTransferEngine(TransferEngine):
     """Gathers with ``index_select``-style indexing and ``copy_``; synchronous on CPU."""
 
@@ -110,7 +117,7 @@ class TorchTransferEngine(TransferEngine):
                 wanted = (host_indices >= 0).to(staging.device)
                 rows = self._fetch(arena, scales, batch_index, host_indices.clamp(min=0), staging.dtype)
                 staging.copy_(torch.where(wanted.view(*wanted.shape, *[1] * (staging.dim() - 2)), rows, staging))
-            fetched = staging.numel() // max(indices.numel(), 1) * (indices.numel() if real_rows is None else real_rows)
+            fetched = fetched_values(staging, indices, real_rows)
             self.stats.bytes_fetched += tier_bytes(fetched, arena.element_size(), rows.shape[-1], scales)
         else:
             staging.copy_(self._gather_through(hot, arena, scales, indices, batch_index))

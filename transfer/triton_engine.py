@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from omnikv_runtime.transfer.hot_cache import HotCache
-from omnikv_runtime.transfer.torch_engine import TorchTransferEngine, tier_bytes
+from omnikv_runtime.transfer.torch_engine import TorchTransferEngine, fetched_values, tier_bytes
 from omnikv_runtime.transfer.triton_gather import DEFAULT_PROGRAMS, copy_row, gather_rows, scatter_rows
 
 
@@ -171,7 +171,7 @@ class TritonTransferEngine(TorchTransferEngine):
                 )
                 self._events.setdefault((arena.data_ptr(), slot), torch.cuda.Event()).record(self.stream)
         if hot is None:
-            fetched = staging.numel() // max(indices.numel(), 1) * (indices.numel() if real_rows is None else real_rows)
+            fetched = fetched_values(staging, indices, real_rows)
             self.stats.bytes_fetched += tier_bytes(fetched, arena.element_size(), staging.shape[-1], scales)
         self.stats.gathers += 1
 
