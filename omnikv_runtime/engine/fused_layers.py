@@ -7,8 +7,9 @@ step replayed from a CUDA graph the launches cost nothing, but each small kernel
 the GPU for 1-2 µs: over 32 layers that is ~1.8 ms per token, a third of the step's HBM roofline
 at Llama-3-8B geometry. The fused forward computes the same layer with one kernel per RMSNorm, one
 for the rotary embedding of queries and keys together, and one for the SiLU-gated product
-(:mod:`omnikv_runtime.kernels.layer_ops`); the residual adds and the attention function are
-transformers' own. A decode step's projections (one token a row, up to 16 rows on CUDA) run through
+(:mod:`omnikv_runtime.kernels.layer_ops`); the attention function is transformers' own, and so are
+the residual adds where the projections are torch's. A decode step's projections (one token a row, up to
+16 rows on CUDA) run through
 :mod:`omnikv_runtime.kernels.decode_linear`: query, key and value in one launch, the output projection,
 gate and up in one launch that writes the SiLU-gated product, the down projection: four launches a layer
 where cuBLAS and the SiLU kernel took eight plus five of cuBLAS's split-K sums (8.5% off the step at 128K
