@@ -286,13 +286,3 @@ def run_in_triton_interpreter(check: str) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
-
-
-def scattered(buffer: torch.Tensor, dim: int, columns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A copy of ``buffer`` with ``values`` written at each row's column along ``dim`` by torch's ``scatter_``:
-    the reference for the decode step's cache write (its source also runs in the Triton interpreter's child)."""
-    expected = buffer.clone()
-    shape = [1] * values.dim()
-    shape[0] = columns.numel()
-    expected.scatter_(dim, columns.view(shape).expand_as(values), values)
-    return expected

@@ -9,25 +9,25 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from okv_testlib import run_in_triton_interpreter, scattered
+from okv_testlib import run_in_triton_interpreter
 
 from omnikv_runtime.kernels.column_write import write_columns
 
-INTERPRETED = (
-    """
+INTERPRETED = """
 import torch
-from torch import Tensor
 from omnikv_runtime.kernels import column_write
 from omnikv_runtime.kernels.column_write import write_columns
 
 assert column_write._fits_the_kernel  # the kernel path is the one taken below
 torch.manual_seed(0)
-"""
-    + inspect.getsource(scattered).replace("torch.Tensor", "Tensor")
-    + """
+
+def scattered(buffer, dim, columns, values):
+    expected = buffer.clone()
+    shape = [1] * values.dim()
+    shape[0] = columns.numel()
+    expected.scatter_(dim, columns.view(shape).expand_as(values), values)
+    return expected
 
 # a dense layer: [batch, kv_heads, capacity, head_dim], one token a row at its own position
 keys, values = torch.full((3, 4, 50, 24), 7.0), torch.full((3, 4, 50, 24), -7.0)  # poison
@@ -62,7 +62,6 @@ assert torch.equal(outside[:2], torch.full((2, 4, 50, 24), 7.0))
 assert torch.equal(outside[2:], scattered(torch.full((1, 4, 50, 24), 7.0), 2, torch.tensor([3]), new_keys[2:]))
 print("ok")
 """
-)
 
 
 def test_one_launch_writes_keys_and_values_as_scatter_does_under_the_interpreter():

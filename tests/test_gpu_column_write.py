@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from okv_testlib import scattered
 
 from omnikv_runtime.kernels.column_write import _fits_the_kernel, write_columns
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _scattered(buffer, dim, columns, values):
+    expected = buffer.clone()
+    shape = [1] * values.dim()
+    shape[0] = columns.numel()
+    expected.scatter_(dim, columns.view(shape).expand_as(values), values)
+    return expected
 
 
 def test_bf16_writes_equal_scatter_and_replay_in_a_graph():
@@ -26,7 +33,7 @@ def test_bf16_writes_equal_scatter_and_replay_in_a_graph():
     values = torch.full_like(keys, -7.0)
     new_keys, new_values = rand(4, 8, 1, 128), rand(4, 8, 1, 128)
     position = torch.tensor([0, 65_000, 131_071, 12], device="cuda")
-    expected = scattered(keys, 2, position, new_keys), scattered(values, 2, position, new_values)
+    expected = _scattered(keys, 2, position, new_keys), _scattered(values, 2, position, new_values)
     assert _fits_the_kernel(2, position, ((keys, new_keys), (values, new_values)))
     write_columns(2, position, (keys, new_keys), (values, new_values))
     assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
@@ -35,8 +42,8 @@ def test_bf16_writes_equal_scatter_and_replay_in_a_graph():
     slot = torch.tensor([0, 5, 63, 5], device="cuda")
     pairs = ((ring[:, :, 9, 0], new_keys.transpose(1, 2)), (ring[:, :, 9, 1], new_values.transpose(1, 2)))
     expected_ring = ring.clone()
-    expected_ring[:, :, 9, 0] = scattered(ring[:, :, 9, 0], 1, slot, pairs[0][1])
-    expected_ring[:, :, 9, 1] = scattered(ring[:, :, 9, 1], 1, slot, pairs[1][1])
+    expected_ring[:, :, 9, 0] = _scattered(ring[:, :, 9, 0], 1, slot, pairs[0][1])
+    expected_ring[:, :, 9, 1] = _scattered(ring[:, :, 9, 1], 1, slot, pairs[1][1])
     write_columns(1, slot, *pairs)
     assert torch.equal(ring, expected_ring)
 
